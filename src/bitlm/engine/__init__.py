@@ -1,0 +1,1 @@
+"""Running a model: tokenizer and chat template, sampling, prefill/decode steps, generation, streaming."""

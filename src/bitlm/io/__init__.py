@@ -1,0 +1,1 @@
+"""Checkpoints in and out: Hugging Face (hf.py), name tables (names.py)."""

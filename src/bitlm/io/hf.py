@@ -1,0 +1,268 @@
+"""Hugging Face checkpoints in and out: config.json + model.safetensors (+ tokenizer files).
+
+Two on-disk formats of the ternary projections (quantization_config.quantization_mode):
+    offline  packed uint8 [ceil(out/4), in] + weight_scale (1,)   (microsoft/bitnet-b1.58-2B-4T)
+    online   latent float [out, in], quantized here at load        (microsoft/bitnet-b1.58-2B-4T-bf16)
+linear_class "autobitlinear" multiplies weight_scale into the output; the older "bitlinear" stores its
+reciprocal. The format a file holds is read from its config, never guessed from tensor shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..bitlinear import BitLinear, PackedBitLinear
+from ..config import BitNetConfig
+from ..errors import BitlmError
+from ..formats import hf_packed
+from ..model import BitNetForCausalLM, Rotary
+from . import names
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---- locating a model ------------------------------------------------------------------------------
+def resolve(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local model directory, downloading a hub repo id with huggingface_hub when needed."""
+    p = Path(path_or_repo_id).expanduser()
+    if p.is_dir():
+        return p
+    s = str(path_or_repo_id)
+    if p.exists():
+        raise BitlmError(f"{s}: is a file; pass the model directory that holds config.json")
+    if not _REPO_ID.match(s):
+        raise BitlmError(f"{s}: no such model directory (and not a Hugging Face repo id like "
+                         "microsoft/bitnet-b1.58-2B-4T)")
+    import huggingface_hub
+    patterns = ["*.json", "*.safetensors", "*.jinja"]
+    try:  # the local cache first: works offline
+        return Path(huggingface_hub.snapshot_download(s, revision=revision, allow_patterns=patterns,
+                                                      local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(huggingface_hub.snapshot_download(s, revision=revision, allow_patterns=patterns))
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BitlmError(
+            f"could not download {s!r} from the Hugging Face hub ({type(e).__name__}: {reason[:160]}); "
+            f"if you are offline, download it on a connected machine (huggingface-cli download {s} "
+            f"--local-dir DIR) and pass the local directory instead: -m DIR") from None
+
+
+def read_config(path: Path) -> BitNetConfig:
+    f = path / "config.json"
+    if not f.is_file():
+        raise BitlmError(f"{f}: missing; a model directory needs config.json")
+    try:
+        d = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BitlmError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise BitlmError(f"{f}: expected a JSON object")
+    return BitNetConfig.from_hf(d, source=str(f))
+
+
+# ---- reading tensors -------------------------------------------------------------------------------
+class _Tensors:
+    """Tensors of one checkpoint (model.safetensors or shards listed in model.safetensors.index.json)."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise BitlmError(f"{index}: malformed shard index ({e})") from None
+            files = sorted(set(weight_map.values()))
+        elif (path / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        else:
+            raise BitlmError(f"{path}: no model.safetensors (or model.safetensors.index.json) found")
+        self.where: dict[str, Path] = {}
+        self.handles = {}
+        for name in files:
+            f = path / name
+            if not f.is_file():
+                raise BitlmError(f"{f}: missing (listed in the shard index)")
+            try:
+                h = safe_open(str(f), framework="pt")
+                keys = list(h.keys())
+            except Exception as e:
+                raise BitlmError(f"{f}: not a readable safetensors file ({str(e)[:120]}); "
+                                 "it may be truncated: download or save it again") from None
+            self.handles[f] = h
+            for k in keys:
+                self.where[k] = f
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def get(self, key: str, shape: tuple[int, ...] | None = None, kind: str = "float") -> torch.Tensor:
+        if key not in self.where:
+            raise BitlmError(f"checkpoint: tensor {key!r} is missing; the files do not match config.json")
+        f = self.where[key]
+        try:
+            t = self.handles[f].get_tensor(key)
+        except Exception as e:
+            raise BitlmError(f"{f}: tensor {key!r} could not be read ({str(e)[:120]}); "
+                             "the file may be truncated") from None
+        if kind == "float" and not t.is_floating_point():
+            raise BitlmError(f"{f}: tensor {key!r} has dtype {t.dtype}, expected a float dtype")
+        if kind == "uint8" and t.dtype != torch.uint8:
+            raise BitlmError(f"{f}: tensor {key!r} has dtype {t.dtype}, expected torch.uint8 (packed "
+                             "ternary weights, quantization_mode offline)")
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise BitlmError(f"{f}: tensor {key!r} has shape {list(t.shape)}, expected {list(shape)} "
+                             "from config.json")
+        return t
+
+
+def _fill_projection(module, t: _Tensors, prefix: str, out_f: int, in_f: int, cfg: BitNetConfig):
+    if cfg.quantization_mode == "offline":
+        packed = t.get(prefix + ".weight", (hf_packed.packed_rows(out_f), in_f), kind="uint8")
+        scale = t.get(prefix + ".weight_scale", kind="float").float().reshape(-1)
+        if scale.numel() != 1:
+            raise BitlmError(f"checkpoint: tensor {prefix + '.weight_scale'!r} has {scale.numel()} "
+                             "values, expected 1 (one scale per matrix)")
+        if cfg.linear_class == "bitlinear":
+            scale = 1.0 / scale  # the older class stores the reciprocal and divides
+        if int(((packed >> 6) == 3).sum() + ((packed >> 4 & 3) == 3).sum()
+               + ((packed >> 2 & 3) == 3).sum() + ((packed & 3) == 3).sum()):
+            raise BitlmError(f"checkpoint: tensor {prefix + '.weight'!r} holds the 2-bit code 3, which "
+                             "is not ternary; the file is corrupt or not a BitNet packed checkpoint")
+        src = PackedBitLinear(in_f, out_f)
+        src.weight.copy_(packed)
+        src.weight_scale.copy_(scale)
+        if isinstance(module, PackedBitLinear):
+            module.weight.copy_(src.weight)
+            module.weight_scale.copy_(src.weight_scale)
+        else:  # latent (training) or fp twin: start from codes * scale
+            module.weight.copy_(src.to_latent().weight)
+    else:
+        w = t.get(prefix + ".weight", (out_f, in_f), kind="float")
+        if isinstance(module, PackedBitLinear):
+            q = BitLinear(in_f, out_f)
+            q.weight.data = w.float()
+            p = q.to_packed()
+            module.weight.copy_(p.weight)
+            module.weight_scale.copy_(p.weight_scale)
+        else:
+            module.weight.copy_(w)
+
+
+def load(path_or_repo_id, dtype: torch.dtype = torch.float32, linear: str = "packed",
+         revision: str | None = None, tokenizer: bool = True) -> BitNetForCausalLM:
+    """Load a BitNet b1.58 checkpoint (packed or latent) from a directory or a hub repo id.
+
+    linear="packed" gives the inference form; "latent" the training form (latent weights that quantize
+    to the checkpoint's codes); "fp" the full-precision twin initialised from the same weights.
+    """
+    path = resolve(path_or_repo_id, revision)
+    cfg = read_config(path)
+    t = _Tensors(path)
+    with torch.device("meta"):
+        model = BitNetForCausalLM(cfg, linear=linear)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        V, H = cfg.vocab_size, cfg.hidden_size
+        emb = model.model.embed_tokens
+        emb.weight.copy_(t.get(names.EMBED, (V, H)))
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = emb.weight
+        else:
+            model.lm_head.weight.copy_(t.get(names.LM_HEAD, (V, H)))
+        model.model.norm.weight.copy_(t.get(names.FINAL_NORM, (H,)))
+        for i, block in enumerate(model.model.layers):
+            for name, size in names.block_norms(cfg).items():
+                block.get_submodule(name).weight.copy_(t.get(names.layer(i, name) + ".weight", (size,)))
+            for name, (out_f, in_f) in cfg.projection_shapes().items():
+                _fill_projection(block.get_submodule(name), t, names.layer(i, name), out_f, in_f, cfg)
+    model.model.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
+    model.to(dtype)
+    for m in model.modules():  # scales stay float32 whatever the model dtype
+        if isinstance(m, PackedBitLinear):
+            m.weight_scale.data = m.weight_scale.data.float()
+    model.source = {"path": str(path), "format": cfg.quantization_mode}
+    if tokenizer:
+        from ..engine.tokenizer import Tokenizer
+        model.tokenizer = Tokenizer.from_dir(path, cfg)
+    return model
+
+
+# ---- writing --------------------------------------------------------------------------------------
+def save_pretrained(model: BitNetForCausalLM, path) -> None:
+    """Write the Hugging Face packed format (quantization_mode offline), atomically.
+
+    Non-ternary tensors are stored in config.torch_dtype; ternary projections as packed uint8 plus a
+    weight_scale of shape (1,). The directory appears complete or not at all.
+    """
+    from safetensors.torch import save_file
+    if model.linear_kind == "fp":
+        raise BitlmError("save_pretrained: a full-precision ('fp') model has no ternary weights; "
+                         "the BitNet packed format cannot hold it")
+    cfg = model.config.replace(quantization_mode="offline", linear_class="autobitlinear")
+    store = _FLOAT_DTYPES.get(cfg.torch_dtype)
+    if store is None:
+        raise BitlmError(f"save_pretrained: config torch_dtype {cfg.torch_dtype!r} is not one of "
+                         f"{', '.join(_FLOAT_DTYPES)}")
+    tensors: dict[str, torch.Tensor] = {}
+    ternary = dict(model.ternary_layers())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name == names.LM_HEAD and cfg.tie_word_embeddings:
+                continue
+            if name.removesuffix(".weight") not in ternary:
+                tensors[name] = p.detach().to(store).contiguous()
+        for prefix, module in ternary.items():
+            packed = module if isinstance(module, PackedBitLinear) else module.to_packed()
+            tensors[prefix + ".weight"] = packed.weight.contiguous()
+            tensors[prefix + ".weight_scale"] = packed.weight_scale.detach().float().reshape(1).clone()
+    dest = Path(path)
+    _atomic_dir_write(dest, lambda tmp: _write_files(tmp, cfg, tensors, model, save_file))
+
+
+def _write_files(tmp: Path, cfg: BitNetConfig, tensors, model, save_file) -> None:
+    (tmp / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2) + "\n")
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "bitlm_format": "hf-packed"})
+    if model.tokenizer is not None:
+        model.tokenizer.save(tmp)
+
+
+def _atomic_dir_write(dest: Path, write) -> None:
+    """Write into a temporary sibling, then swap it into place; an existing dest survives any failure."""
+    dest = dest.resolve()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        write(tmp)
+        if dest.is_dir():  # keep the files we don't write (README, images, ...), never old weights
+            for f in dest.iterdir():
+                stale = f.name.startswith(("model", "pytorch_model")) or f.suffix in (".safetensors", ".bin")
+                if f.is_file() and not stale and not (tmp / f.name).exists():
+                    shutil.copy2(f, tmp / f.name)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
+        os.chmod(tmp, 0o755)
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            os.rmdir(old)
+            os.rename(dest, old)
+            os.rename(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
