@@ -44,12 +44,15 @@ activations, as `vpdpbusd` wants) and subtract the row sum of x once per output.
 Hugging Face layout
 -------------------
 The packed 2B4T checkpoint stores uint8 [ceil(out / 4), in]; bits 2i..2i+1 (LSB first) of byte
-[r, c] hold the code of row i * ceil(out / 4) + r, column c. `from_hf_packed` converts it.
+[r, c] hold the code of row i * ceil(out / 4) + r, column c (formats/hf_packed.py); `from_hf_packed`
+converts it.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from . import hf_packed
 
 ROWS = 16  # rows per block: one int32 lane per row in a 512-bit register
 COLS = 16  # columns per block: 4 shifts x 4 bytes of one lane
@@ -67,18 +70,19 @@ def packed_shape(n: int, k: int) -> tuple[int, int, int]:
     return np_ // ROWS, kp // COLS, BLOCK_BYTES
 
 
-def _check_codes(codes: np.ndarray) -> np.ndarray:
-    codes = np.asarray(codes)
-    if codes.ndim != 2:
-        raise ValueError(f"codes must be 2-D [N, K], got shape {codes.shape}")
-    if codes.size and (codes.min() < 0 or codes.max() > 2):
-        raise ValueError("codes must be c = w + 1 in {0, 1, 2} (pass ternary weights plus one)")
-    return codes.astype(np.uint8, copy=False)
+def _codes(w: np.ndarray) -> np.ndarray:
+    """ternary int [N, K] in {-1, 0, 1} -> codes uint8 c = w + 1."""
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"i2v: expected a 2-D ternary matrix [N, K], got shape {w.shape}")
+    if w.size and (w.min() < -1 or w.max() > 1):
+        raise ValueError("i2v: weights must be ternary (-1, 0, 1)")
+    return (w.astype(np.int16) + 1).astype(np.uint8)
 
 
-def pack(codes: np.ndarray) -> np.ndarray:
-    """codes uint8/int8 [N, K] in {0, 1, 2} -> packed uint8 [Np/16, Kp/16, 64]."""
-    codes = _check_codes(codes)
+def pack(w: np.ndarray) -> np.ndarray:
+    """Ternary int [N, K] in {-1, 0, 1} -> packed uint8 [Np/16, Kp/16, 64]."""
+    codes = _codes(w)
     n, k = codes.shape
     np_, kp = padded_shape(n, k)
     full = np.full((np_, kp), PAD_CODE, dtype=np.uint8)
@@ -89,39 +93,23 @@ def pack(codes: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(out).reshape(np_ // ROWS, kp // COLS, BLOCK_BYTES)
 
 
-def unpack(packed: np.ndarray, n: int, k: int) -> np.ndarray:
-    """packed uint8 [Np/16, Kp/16, 64] -> codes uint8 [n, k] (padding dropped)."""
+def unpack_codes(packed: np.ndarray, n: int, k: int, padded: bool = False) -> np.ndarray:
+    """packed uint8 [Np/16, Kp/16, 64] -> codes uint8 c = w + 1, [n, k] (or [Np, Kp] if padded)."""
     packed = np.asarray(packed, dtype=np.uint8)
     nb, kb, _ = packed_shape(n, k)
     if packed.shape != (nb, kb, BLOCK_BYTES):
-        raise ValueError(f"packed shape {packed.shape} does not match [{nb}, {kb}, 64] for {n}x{k}")
+        raise ValueError(f"i2v: packed shape {packed.shape} does not match [{nb}, {kb}, 64] for {n}x{k}")
     b = packed.reshape(nb, kb, ROWS, 4)  # [rb, kb, r, j]
     t = np.stack([(b >> (2 * s)) & 3 for s in range(4)], axis=-1)  # [rb, kb, r, j, s]
     full = t.transpose(0, 2, 1, 4, 3).reshape(nb * ROWS, kb * COLS)  # [rb, r, kb, s, j]
-    return np.ascontiguousarray(full[:n, :k])
+    return np.ascontiguousarray(full if padded else full[:n, :k])
 
 
-def hf_unpack(packed: np.ndarray, out_features: int) -> np.ndarray:
-    """Hugging Face packed uint8 [ceil(out/4), in] -> codes uint8 [out, in]."""
-    packed = np.asarray(packed, dtype=np.uint8)
-    q = -(-out_features // 4)
-    if packed.ndim != 2 or packed.shape[0] != q:
-        raise ValueError(f"HF packed weight must be [ceil({out_features}/4)={q}, in], got {packed.shape}")
-    stripes = [(packed >> (2 * i)) & 3 for i in range(4)]  # stripe i = rows i*q .. i*q+q-1
-    return np.concatenate(stripes, axis=0)[:out_features]
-
-
-def hf_pack(codes: np.ndarray) -> np.ndarray:
-    """codes [out, in] -> Hugging Face packed uint8 [ceil(out/4), in] (for tests and writers)."""
-    codes = _check_codes(codes)
-    out, k = codes.shape
-    q = -(-out // 4)
-    full = np.zeros((4 * q, k), dtype=np.uint8)
-    full[:out] = codes
-    s = full.reshape(4, q, k)
-    return s[0] | (s[1] << 2) | (s[2] << 4) | (s[3] << 6)
+def unpack(packed: np.ndarray, n: int, k: int) -> np.ndarray:
+    """packed uint8 [Np/16, Kp/16, 64] -> ternary int8 [n, k] (padding dropped)."""
+    return unpack_codes(packed, n, k).astype(np.int8) - 1
 
 
 def from_hf_packed(packed: np.ndarray, out_features: int) -> np.ndarray:
     """Hugging Face packed uint8 [ceil(out/4), in] -> I2V packed uint8 [Np/16, Kp/16, 64]."""
-    return pack(hf_unpack(packed, out_features))
+    return pack(hf_packed.unpack(packed, out_features))
