@@ -26,30 +26,49 @@ INLINE T512 void store_rows(const i2v_gemm_args *a, int m, int rb, __m512i acc) 
     _mm512_mask_storeu_epi32(a->y + (size_t)m * a->ldy + rb * I2V_ROWS, k, y);
 }
 
-/* Decode (M = 1): NR row blocks streamed side by side share each activation broadcast; two
- * accumulators per row block halve the vpdpbusd dependency chain (latency ~5 cycles). */
+/* Decode (M = 1), memory-bound: keep the ALU work per 64-byte block small (4 and + 4 vpdpbusd, no
+ * shifts). Field s is masked in place, v & (3 << 2s) = 4^s * c, so its vpdpbusd adds 4^s times the
+ * true products into its own accumulator; the factor is shifted out (exactly) at the end.
+ * Bound: |acc3| <= 64 * 2 * 128 * 16 * FLUSH_KB < 2^31 with FLUSH_KB = 4096 blocks (65536 columns);
+ * longer rows flush into a plain int32 total every FLUSH_KB blocks.
+ * NR row blocks streamed side by side share the activation broadcasts. */
+#define FLUSH_KB 4096
+
 INLINE T512 void gemv_rows(const i2v_gemm_args *a, int rb, const int NR) {
     const size_t stride = (size_t)a->Kb * I2V_BLOCK;  /* bytes per row block */
     const uint8_t *w = a->w + rb * stride;
     const int8_t *x = a->x;
-    const __m512i m3 = _mm512_set1_epi8(3);
-    __m512i acc0[4], acc1[4];
+    const __m512i f0 = _mm512_set1_epi8(0x03), f1 = _mm512_set1_epi8(0x0C), f2 = _mm512_set1_epi8(0x30),
+                  f3 = _mm512_set1_epi8((char)0xC0);
+    __m512i total[4];
 #pragma GCC unroll 4
-    for (int r = 0; r < NR; r++) acc0[r] = acc1[r] = _mm512_setzero_si512();
-    for (int kb = 0; kb < a->Kb; kb++) {
-        const int8_t *xk = x + kb * I2V_COLS;
-        __m512i x0 = bcast4(xk), x1 = bcast4(xk + 4), x2 = bcast4(xk + 8), x3 = bcast4(xk + 12);
+    for (int r = 0; r < NR; r++) total[r] = _mm512_setzero_si512();
+    for (int k0 = 0; k0 < a->Kb; k0 += FLUSH_KB) {
+        int k1 = a->Kb - k0 < FLUSH_KB ? a->Kb : k0 + FLUSH_KB;
+        __m512i acc[4][4];
+#pragma GCC unroll 4
+        for (int r = 0; r < NR; r++) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm512_setzero_si512();
+        for (int kb = k0; kb < k1; kb++) {
+            const int8_t *xk = x + kb * I2V_COLS;
+            __m512i x0 = bcast4(xk), x1 = bcast4(xk + 4), x2 = bcast4(xk + 8), x3 = bcast4(xk + 12);
+#pragma GCC unroll 4
+            for (int r = 0; r < NR; r++) {
+                __m512i v = _mm512_loadu_si512((const void *)(w + r * stride + (size_t)kb * I2V_BLOCK));
+                acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], _mm512_and_si512(v, f0), x0);
+                acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], _mm512_and_si512(v, f1), x1);
+                acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], _mm512_and_si512(v, f2), x2);
+                acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], _mm512_and_si512(v, f3), x3);
+            }
+        }
 #pragma GCC unroll 4
         for (int r = 0; r < NR; r++) {
-            __m512i v = _mm512_loadu_si512((const void *)(w + r * stride + (size_t)kb * I2V_BLOCK));
-            acc0[r] = _mm512_dpbusd_epi32(acc0[r], _mm512_and_si512(v, m3), x0);
-            acc1[r] = _mm512_dpbusd_epi32(acc1[r], _mm512_and_si512(_mm512_srli_epi16(v, 2), m3), x1);
-            acc0[r] = _mm512_dpbusd_epi32(acc0[r], _mm512_and_si512(_mm512_srli_epi16(v, 4), m3), x2);
-            acc1[r] = _mm512_dpbusd_epi32(acc1[r], _mm512_and_si512(_mm512_srli_epi16(v, 6), m3), x3);
+            __m512i t = _mm512_add_epi32(acc[r][0], _mm512_srai_epi32(acc[r][1], 2));
+            t = _mm512_add_epi32(t, _mm512_add_epi32(_mm512_srai_epi32(acc[r][2], 4), _mm512_srai_epi32(acc[r][3], 6)));
+            total[r] = _mm512_add_epi32(total[r], t);
         }
     }
 #pragma GCC unroll 4
-    for (int r = 0; r < NR; r++) store_rows(a, 0, rb + r, _mm512_add_epi32(acc0[r], acc1[r]));
+    for (int r = 0; r < NR; r++) store_rows(a, 0, rb + r, total[r]);
 }
 
 /* Prefill (M > 1): a tile of MT activation rows x NR row blocks. Each block is loaded and split

@@ -76,15 +76,20 @@ typedef struct {
     int Nb;
 } gemm_task;
 
-/* part p of np takes a contiguous range of row blocks: each thread streams its own weights */
+/* part p of np takes a contiguous range of row blocks, in units of 4 (the GEMV kernels stream 4
+ * row blocks side by side): each part streams its own stretch of the weights */
 static void gemm_part(void *ctx, int p, int np) {
     const gemm_task *t = (const gemm_task *)ctx;
-    int rb0 = (int)((long)t->Nb * p / np), rb1 = (int)((long)t->Nb * (p + 1) / np);
+    int units = (t->Nb + 3) / 4;
+    int rb0 = 4 * (int)((long)units * p / np), rb1 = 4 * (int)((long)units * (p + 1) / np);
+    if (rb1 > t->Nb) rb1 = t->Nb;
     if (rb0 < rb1) t->fn(&t->a, rb0, rb1);
 }
 
-/* below this many 64-byte blocks of work (M x Nb x Kb) a second thread costs more than it saves */
-#define MIN_BLOCKS_PER_THREAD 256
+/* below this many 64-byte blocks of work (M x Nb x Kb) per part, splitting costs more than it saves;
+ * up to PARTS_PER_THREAD parts per thread let a thread that was descheduled be covered by the others */
+#define MIN_BLOCKS_PER_PART 256
+#define PARTS_PER_THREAD 4
 
 int i2v_gemm(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int K, const uint8_t *w,
              int N, int32_t *y, size_t ldy, int path) {
@@ -121,10 +126,12 @@ int i2v_gemm(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int K, con
     }
     gemm_task t = {{x, ldx, xsum, M, w, Kb, N, y, ldy}, kernel_for(path), Nb};
     long blocks = (long)M * Nb * Kb;
-    int parts = (int)(blocks / MIN_BLOCKS_PER_THREAD);
-    if (parts > Nb) parts = Nb;
-    if (parts > i2v_pool_threads()) parts = i2v_pool_threads();
-    i2v_pool_run(gemm_part, &t, parts < 1 ? 1 : parts);
+    int parts = (int)(blocks / MIN_BLOCKS_PER_PART);
+    int threads = i2v_pool_threads();
+    if (parts > PARTS_PER_THREAD * threads) parts = PARTS_PER_THREAD * threads;
+    if (parts > (Nb + 3) / 4) parts = (Nb + 3) / 4;
+    if (threads == 1 || parts < 1) parts = 1;
+    i2v_pool_run(gemm_part, &t, parts);
     free(xpad);
     free(sums);
     return 0;

@@ -1,7 +1,17 @@
-/* A persistent thread pool. Decode calls a kernel ~210 times per token, each a few tens of
- * microseconds, so waking threads through the kernel per call would cost as much as the work:
- * workers spin on a generation counter for a while (BITLM_SPIN_US, default 1000 us) after each
- * task and only then sleep on a condition variable. The caller runs part 0 itself. */
+/* A persistent thread pool with dynamic work claiming.
+ *
+ * Decode calls a kernel ~210 times per token, each a few tens of microseconds, so waking threads
+ * through the OS on every call would cost as much as the work: workers spin on a generation
+ * counter for a while (BITLM_SPIN_US, default 1000 us) after each task, then sleep on a condition
+ * variable.
+ *
+ * A task is split into parts; thread t (the caller is 0) owns a contiguous range of them, so a
+ * thread keeps streaming the same stretch of the weights call after call (its core's caches stay
+ * warm), and claims them from its own atomic counter. A thread out of parts steals from the
+ * others' counters: if a worker is descheduled (another process busy on its core), the caller
+ * does its parts and the call slows to one-thread speed instead of stalling for a scheduler time
+ * slice. Each counter carries the task's generation in its high 32 bits, so a worker that wakes
+ * late can never claim a part of a newer task with an older one's arguments. */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <sched.h>
@@ -24,14 +34,18 @@
 #endif
 
 static struct {
-    pthread_mutex_t mu;        /* guards sleeping and the task fields' publication to sleepers */
+    pthread_mutex_t mu;        /* guards sleeping */
     pthread_cond_t cv;
     pthread_mutex_t run_mu;    /* one task at a time (callers on several Python threads) */
-    atomic_uint gen;           /* bumped once per task */
-    atomic_int pending;        /* workers yet to finish the current task */
+    atomic_uint gen;           /* bumped once per task; workers wait for a change */
+    struct {
+        atomic_ullong v;       /* (generation << 32) | next part of this thread's range */
+        char pad[56];          /* one cache line per counter */
+    } claim[MAX_THREADS];
+    atomic_int done;           /* parts finished in the current task */
     atomic_int sleepers;
     atomic_int stop;
-    i2v_task_fn fn;
+    i2v_task_fn fn;            /* the current task: written before claim is published */
     void *ctx;
     int nparts;
     int nthreads;              /* including the caller */
@@ -45,14 +59,38 @@ static long now_ns(void) {
     return ts.tv_sec * 1000000000L + ts.tv_nsec;
 }
 
+/* thread t's range of parts: [t * nparts / nthreads, (t + 1) * nparts / nthreads) */
+static int range_begin(int t, int nparts, int nthreads) { return (int)((long)t * nparts / nthreads); }
+
+/* claim and run parts of task g from thread `me`'s range, then from the others', until none are
+ * left (or the task is no longer g) */
+static void run_parts(unsigned g, int me) {
+    int nthreads = P.nthreads;
+    for (int i = 0; i < nthreads; i++) {
+        int t = (me + i) % nthreads;
+        for (;;) {
+            unsigned long long c = atomic_load_explicit(&P.claim[t].v, memory_order_acquire);
+            if ((unsigned)(c >> 32) != g) return;  /* a newer task: this one is over */
+            int nparts = P.nparts;  /* may be a newer task's value, but then the CAS below fails */
+            int part = range_begin(t, nparts, nthreads) + (int)(c & 0xFFFFFFFFu);
+            if (part >= range_begin(t + 1, nparts, nthreads)) break;
+            if (atomic_compare_exchange_weak_explicit(&P.claim[t].v, &c, c + 1, memory_order_acq_rel,
+                                                      memory_order_relaxed)) {
+                P.fn(P.ctx, part, nparts);  /* task g stays live until its every part is done */
+                atomic_fetch_add_explicit(&P.done, 1, memory_order_release);
+            }
+        }
+    }
+}
+
 static void *worker(void *arg) {
-    int me = (int)(intptr_t)arg;  /* part index 1 .. nthreads-1 */
+    int me = (int)(intptr_t)arg;
     unsigned seen = atomic_load(&P.gen);
     for (;;) {
         unsigned g;
         long t0 = 0;
         for (unsigned spins = 0; (g = atomic_load_explicit(&P.gen, memory_order_acquire)) == seen; spins++) {
-            if (atomic_load(&P.stop)) return NULL;
+            if (atomic_load_explicit(&P.stop, memory_order_relaxed)) return NULL;
             if ((spins & 255) == 0) {
                 long t = now_ns();
                 if (t0 == 0) t0 = t;
@@ -70,8 +108,7 @@ static void *worker(void *arg) {
         }
         if (atomic_load(&P.stop)) return NULL;
         seen = g;
-        if (me < P.nparts) P.fn(P.ctx, me, P.nparts);
-        atomic_fetch_sub_explicit(&P.pending, 1, memory_order_release);
+        run_parts(g, me);
     }
 }
 
@@ -103,7 +140,6 @@ static void reset_in_child(void) {
     pthread_mutex_init(&P.mu, NULL);
     pthread_cond_init(&P.cv, NULL);
     pthread_mutex_init(&P.run_mu, NULL);
-    atomic_store(&P.pending, 0);
     atomic_store(&P.sleepers, 0);
     atomic_store(&P.stop, 0);
     P.nthreads = 0;
@@ -140,30 +176,26 @@ int i2v_pool_threads(void) {
 
 void i2v_pool_run(i2v_task_fn fn, void *ctx, int nparts) {
     if (P.nthreads == 0) i2v_pool_set_threads(0);
-    if (nparts <= 1) {
-        fn(ctx, 0, 1);
+    if (nparts <= 1 || P.nthreads <= 1) {
+        for (int p = 0; p < nparts; p++) fn(ctx, p, nparts);
         return;
     }
     pthread_mutex_lock(&P.run_mu);
-    if (nparts > P.nthreads) nparts = P.nthreads;
-    if (nparts <= 1) {
-        pthread_mutex_unlock(&P.run_mu);
-        fn(ctx, 0, 1);
-        return;
-    }
-    int workers = P.nthreads - 1;
+    unsigned g = atomic_load(&P.gen) + 1;
     P.fn = fn;
     P.ctx = ctx;
     P.nparts = nparts;
-    atomic_store(&P.pending, workers);
-    atomic_fetch_add_explicit(&P.gen, 1, memory_order_seq_cst);  /* publishes fn/ctx/nparts */
-    if (atomic_load(&P.sleepers) > 0) {  /* seq_cst: a worker going to sleep either sees the new
-                                            gen or is counted here and gets the broadcast */
+    atomic_store(&P.done, 0);
+    for (int t = 0; t < P.nthreads; t++)
+        atomic_store_explicit(&P.claim[t].v, (unsigned long long)g << 32, memory_order_release);
+    atomic_store(&P.gen, g);  /* seq_cst: a worker going to sleep either sees the new gen or is
+                                 counted in sleepers below and gets the broadcast */
+    if (atomic_load(&P.sleepers) > 0) {
         pthread_mutex_lock(&P.mu);
         pthread_cond_broadcast(&P.cv);
         pthread_mutex_unlock(&P.mu);
     }
-    fn(ctx, 0, nparts);
-    while (atomic_load_explicit(&P.pending, memory_order_acquire) > 0) cpu_relax();
+    run_parts(g, 0);
+    while (atomic_load_explicit(&P.done, memory_order_acquire) < nparts) cpu_relax();
     pthread_mutex_unlock(&P.run_mu);
 }
