@@ -162,7 +162,7 @@ def test_quantize_zero_row(path):
 
 
 def test_torch_fallback_is_exact(monkeypatch):
-    w, x = _case(5, 40, 50, seed=11)
+    w, x = _case(5, 40, 50, seed=11)  # gemm's x; linear's is float below
     packed = kernels.pack(w)
     monkeypatch.setattr(kernels, "_native", None)
     assert not kernels.available()
@@ -170,6 +170,9 @@ def test_torch_fallback_is_exact(monkeypatch):
     xf = torch.randn(3, 50)
     xq, s, xsum = kernels.quantize(xf)
     assert torch.equal(xq, quant.quantize_activations(xf)[0]) and torch.equal(xsum, xq.sum(-1, dtype=torch.int32))
+    y = kernels.linear(xf, packed, 0.5)
+    xq, s = quant.quantize_activations(xf)
+    assert torch.equal(y, (xq.float() @ w.float().t()) * (torch.tensor([0.5]) / s))
 
 
 def test_info_and_threads():
@@ -197,3 +200,19 @@ def test_env_var_forces_path():
     env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(src), env.get("PYTHONPATH", "")])
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "scalar"
+
+
+@pytest.mark.parametrize("shape,out_features", [((1, 2560), 640), ((2, 3, 100), 33), ((7, 48), 16), ((1, 17), 5)])
+def test_linear_equals_packed_bitlinear(path, shape, out_features):
+    from bitlm.bitlinear import PackedBitLinear
+    from bitlm.quant import quantize_weights
+
+    g = torch.Generator().manual_seed(out_features)
+    codes, scale = quantize_weights(torch.randn(out_features, shape[-1], generator=g))
+    layer = PackedBitLinear.from_codes(codes, scale)
+    x = torch.randn(*shape, generator=g) * 3
+    ref = layer(x)  # the pure-torch reference forward, float32
+    packed = kernels.from_hf_packed(layer.weight, out_features)
+    y = kernels.linear(x, packed, layer.weight_scale, path=path)
+    assert y.shape == ref.shape
+    assert torch.equal(y, ref)  # bit for bit: same int sums, same float32 rescale

@@ -7,6 +7,7 @@ cannot load, everything here still works on the pure-torch path, slower, after a
     available() -> bool                 info() -> dict
     set_num_threads(n) -> int           pack(codes) / from_hf_packed(packed, out_features) -> PackedTernary
     gemm(xq, packed) -> int32 [M, N]    quantize(x) -> (xq int8 [M, K], s float32 [M, 1], xsum int32 [M])
+    linear(x, packed, weight_scale) -> float32 [..., N]   (quantize + gemm + rescale, one native call)
 
 Exactness: gemm returns the integer sums xq @ W^T exactly, on every path.
 """
@@ -145,6 +146,29 @@ def gemm(xq: torch.Tensor, packed: PackedTernary, xsum: torch.Tensor | None = No
     return out
 
 
+def linear(x: torch.Tensor, packed: PackedTernary, weight_scale: torch.Tensor | float,
+           path: str | None = None) -> torch.Tensor:
+    """The BitLinear inference forward in one native call: float32 [..., N].
+
+    y = (xq @ W^T) * (weight_scale / s) with (xq, s) = quant.quantize_activations(x): bit for bit what
+    bitlinear.PackedBitLinear computes (in float32), without the intermediate tensors.
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    ws = float(weight_scale)
+    if _native is None:
+        xq, s, xsum = quantize(x2)
+        return (gemm(xq, packed, xsum=xsum).float() * (torch.tensor([ws]) / s)).reshape(*lead, packed.n)
+    x2 = _as_rows(x2 if x2.dtype == torch.float32 else x2.float(), torch.float32, "x")
+    m, k = x2.shape
+    if k != packed.k:
+        raise ValueError(f"linear: x has {k} features, the weights {packed.k}")
+    y = torch.empty(m, packed.n, dtype=torch.float32)
+    _native.linear(x2.data_ptr(), x2.stride(0), m, k, packed.data.data_ptr(), packed.n, ws, y.data_ptr(),
+                   packed.n, _path_index(path))
+    return y.reshape(*lead, packed.n)
+
+
 def quantize(x: torch.Tensor, path: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token absmax int8 (quant.quantize_activations, bit for bit) plus the row sums for gemm.
 
@@ -171,5 +195,5 @@ def read_bandwidth_probe(buf: torch.Tensor) -> int:
     return _native.read_bytes(buf.data_ptr(), buf.numel() * buf.element_size())
 
 
-__all__ = ["PATHS", "PackedTernary", "available", "from_hf_packed", "gemm", "info", "pack", "quantize",
+__all__ = ["PATHS", "PackedTernary", "available", "from_hf_packed", "gemm", "info", "linear", "pack", "quantize",
            "set_num_threads"]

@@ -174,4 +174,20 @@ T512 void i2v_quant_avx512(const float *x, size_t ldx, int M, int K, int8_t *q, 
         qsum[m] = _mm512_reduce_add_epi32(sum);
     }
 }
+
+/* Bandwidth probe: n bytes (a multiple of 256) read as four interleaved sequential streams (one
+ * per quarter), which keeps more hardware-prefetch streams busy than a single one, as the GEMV's
+ * four row blocks side by side do. Four independent xor chains. */
+T512 uint64_t i2v_read_avx512(const uint8_t *p, size_t n) {
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    size_t q = n / 256 * 64;  /* bytes per stream */
+    for (size_t i = 0; i < q; i += 64) {
+        a0 = _mm512_xor_si512(a0, _mm512_loadu_si512((const void *)(p + i)));
+        a1 = _mm512_xor_si512(a1, _mm512_loadu_si512((const void *)(p + q + i)));
+        a2 = _mm512_xor_si512(a2, _mm512_loadu_si512((const void *)(p + 2 * q + i)));
+        a3 = _mm512_xor_si512(a3, _mm512_loadu_si512((const void *)(p + 3 * q + i)));
+    }
+    __m512i a = _mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3));
+    return (uint64_t)_mm512_reduce_or_epi64(a);
+}
 #endif

@@ -91,13 +91,27 @@ static void gemm_part(void *ctx, int p, int np) {
 #define MIN_BLOCKS_PER_PART 256
 #define PARTS_PER_THREAD 4
 
+/* x already zero-padded to whole 16-column blocks (ldx >= 16 * Kb), xsum given */
+static void gemm_padded(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int Kb, const uint8_t *w,
+                        int N, int32_t *y, size_t ldy, int path) {
+    int Nb = (N + I2V_ROWS - 1) / I2V_ROWS;
+    gemm_task t = {{x, ldx, xsum, M, w, Kb, N, y, ldy}, kernel_for(path), Nb};
+    long blocks = (long)M * Nb * Kb;
+    int parts = (int)(blocks / MIN_BLOCKS_PER_PART);
+    int threads = i2v_pool_threads();
+    if (parts > PARTS_PER_THREAD * threads) parts = PARTS_PER_THREAD * threads;
+    if (parts > (Nb + 3) / 4) parts = (Nb + 3) / 4;
+    if (threads == 1 || parts < 1) parts = 1;
+    i2v_pool_run(gemm_part, &t, parts);
+}
+
 int i2v_gemm(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int K, const uint8_t *w,
              int N, int32_t *y, size_t ldy, int path) {
     if (path < 0) path = i2v_best_path();
     if (!i2v_path_supported(path) || M < 0 || K < 0 || N < 0 || ldx < (size_t)K || ldy < (size_t)N)
         return -1;
     if (M == 0 || N == 0) return 0;
-    int Kb = (K + I2V_COLS - 1) / I2V_COLS, Nb = (N + I2V_ROWS - 1) / I2V_ROWS;
+    int Kb = (K + I2V_COLS - 1) / I2V_COLS;
     size_t kp = (size_t)Kb * I2V_COLS;
     int8_t *xpad = NULL;
     int32_t *sums = NULL;
@@ -124,23 +138,14 @@ int i2v_gemm(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int K, con
         }
         xsum = sums;
     }
-    gemm_task t = {{x, ldx, xsum, M, w, Kb, N, y, ldy}, kernel_for(path), Nb};
-    long blocks = (long)M * Nb * Kb;
-    int parts = (int)(blocks / MIN_BLOCKS_PER_PART);
-    int threads = i2v_pool_threads();
-    if (parts > PARTS_PER_THREAD * threads) parts = PARTS_PER_THREAD * threads;
-    if (parts > (Nb + 3) / 4) parts = (Nb + 3) / 4;
-    if (threads == 1 || parts < 1) parts = 1;
-    i2v_pool_run(gemm_part, &t, parts);
+    gemm_padded(x, ldx, xsum, M, Kb, w, N, y, ldy, path);
     free(xpad);
     free(sums);
     return 0;
 }
 
-int i2v_quantize(const float *x, size_t ldx, int M, int K, int8_t *q, size_t ldq, float *scale,
-                 int32_t *qsum, int path) {
-    if (path < 0) path = i2v_best_path();
-    if (!i2v_path_supported(path) || M < 0 || K < 0 || ldx < (size_t)K || ldq < (size_t)K) return -1;
+static void quantize_path(const float *x, size_t ldx, int M, int K, int8_t *q, size_t ldq, float *scale,
+                          int32_t *qsum, int path) {
     switch (path) {
 #if defined(__x86_64__) || defined(__i386__)
     case I2V_PATH_AVX512VNNI: i2v_quant_avx512(x, ldx, M, K, q, ldq, scale, qsum); break;
@@ -148,6 +153,41 @@ int i2v_quantize(const float *x, size_t ldx, int M, int K, int8_t *q, size_t ldq
 #endif
     default: i2v_quant_scalar(x, ldx, M, K, q, ldq, scale, qsum); break;
     }
+}
+
+int i2v_linear(const float *x, size_t ldx, int M, int K, const uint8_t *w, int N, float wscale, float *y,
+               size_t ldy, int path) {
+    if (path < 0) path = i2v_best_path();
+    if (!i2v_path_supported(path) || M < 0 || K < 0 || N < 0 || ldx < (size_t)K || ldy < (size_t)N)
+        return -1;
+    if (M == 0 || N == 0) return 0;
+    int Kb = (K + I2V_COLS - 1) / I2V_COLS;
+    size_t kp = (size_t)Kb * I2V_COLS;
+    /* one scratch: q int8 [M, Kp] | acc int32 [M, N] | s float [M] | qsum int32 [M] */
+    size_t qbytes = ((size_t)M * kp + 63) & ~(size_t)63;
+    char *buf = (char *)malloc(qbytes + (size_t)M * N * 4 + (size_t)M * 8);
+    if (!buf) return -2;
+    int8_t *q = (int8_t *)buf;
+    int32_t *acc = (int32_t *)(buf + qbytes);
+    float *s = (float *)(acc + (size_t)M * N);
+    int32_t *qsum = (int32_t *)(s + M);
+    quantize_path(x, ldx, M, K, q, kp, s, qsum, path);
+    gemm_padded(q, kp, qsum, M, Kb, w, N, acc, (size_t)N, path);
+    for (int m = 0; m < M; m++) {
+        float f = wscale / s[m];  /* the reference: acc * (weight_scale / s), float32 */
+        const int32_t *am = acc + (size_t)m * N;
+        float *ym = y + (size_t)m * ldy;
+        for (int n = 0; n < N; n++) ym[n] = (float)am[n] * f;
+    }
+    free(buf);
+    return 0;
+}
+
+int i2v_quantize(const float *x, size_t ldx, int M, int K, int8_t *q, size_t ldq, float *scale,
+                 int32_t *qsum, int path) {
+    if (path < 0) path = i2v_best_path();
+    if (!i2v_path_supported(path) || M < 0 || K < 0 || ldx < (size_t)K || ldq < (size_t)K) return -1;
+    quantize_path(x, ldx, M, K, q, ldq, scale, qsum, path);
     return 0;
 }
 
@@ -159,10 +199,14 @@ typedef struct {
 
 static void read_part(void *ctx, int part, int np) {
     read_task *t = (read_task *)ctx;
-    size_t lines = t->n / 128;  /* split on 128-byte steps */
-    size_t a = lines * part / np * 128, b = lines * (part + 1) / np * 128;
+    size_t lines = t->n / 256;  /* split on 256-byte steps */
+    size_t a = lines * part / np * 256, b = lines * (part + 1) / np * 256;
     uint64_t acc = 0;
 #if defined(__x86_64__) || defined(__i386__)
+    if (cpu()->have[I2V_PATH_AVX512VNNI]) {
+        t->out[part] = i2v_read_avx512(t->p + a, b - a);
+        return;
+    }
     if (cpu()->have[I2V_PATH_AVX2]) {
         t->out[part] = i2v_read_avx2(t->p + a, b - a);
         return;

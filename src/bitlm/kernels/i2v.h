@@ -56,6 +56,7 @@ void i2v_gemm_avx512vnni(const i2v_gemm_args *a, int rb0, int rb1);
 void i2v_quant_avx512(const float *x, size_t ldx, int M, int K, int8_t *q, size_t ldq,
                       float *scale, int32_t *qsum);
 uint64_t i2v_read_avx2(const uint8_t *p, size_t n);
+uint64_t i2v_read_avx512(const uint8_t *p, size_t n);
 #endif
 
 /* ---- thread pool (pool.c): a persistent pool; the caller runs part 0 itself ---- */
@@ -76,6 +77,10 @@ int i2v_gemm(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int K, con
              int N, int32_t *y, size_t ldy, int path);
 int i2v_quantize(const float *x, size_t ldx, int M, int K, int8_t *q, size_t ldq, float *scale,
                  int32_t *qsum, int path);
+/* The whole BitLinear inference forward, y float32 [M, N] = (xq @ W^T) * (wscale / s) with xq, s
+ * from i2v_quantize: bit for bit what bitlinear.PackedBitLinear computes in float32. */
+int i2v_linear(const float *x, size_t ldx, int M, int K, const uint8_t *w, int N, float wscale, float *y,
+               size_t ldy, int path);
 /* Read n bytes with SIMD loads split over the pool (the bandwidth probe); returns a checksum. */
 uint64_t i2v_read_bytes(const uint8_t *p, size_t n);
 

@@ -49,6 +49,27 @@ static PyObject *py_quantize(PyObject *self, PyObject *const *args, Py_ssize_t n
     Py_RETURN_NONE;
 }
 
+/* linear(x, ldx, M, K, w, N, wscale, y, ldy, path): wscale is a float */
+static PyObject *py_linear(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 10) return PyErr_Format(PyExc_TypeError, "linear expects 10 arguments, got %zd", nargs);
+    long long a[10];
+    for (Py_ssize_t i = 0; i < 10; i++) {
+        if (i == 6) continue;
+        a[i] = PyLong_AsLongLong(args[i]);
+        if (a[i] == -1 && PyErr_Occurred()) return NULL;
+    }
+    double wscale = PyFloat_AsDouble(args[6]);
+    if (wscale == -1.0 && PyErr_Occurred()) return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = i2v_linear(PTR(const float *, a[0]), (size_t)a[1], (int)a[2], (int)a[3], PTR(const uint8_t *, a[4]),
+                    (int)a[5], (float)wscale, PTR(float *, a[7]), (size_t)a[8], (int)a[9]);
+    Py_END_ALLOW_THREADS
+    if (rc == -1) return PyErr_Format(PyExc_ValueError, "i2v_linear: bad arguments or unsupported path %lld", a[9]);
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 /* read_bytes(ptr, n): the bandwidth probe */
 static PyObject *py_read_bytes(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     long long a[2];
@@ -89,6 +110,7 @@ static PyObject *py_path_name(PyObject *self, PyObject *arg) {
 static PyMethodDef methods[] = {
     {"gemm", (PyCFunction)(void (*)(void))py_gemm, METH_FASTCALL, "gemm(x, ldx, xsum, M, K, w, N, y, ldy, path)"},
     {"quantize", (PyCFunction)(void (*)(void))py_quantize, METH_FASTCALL, "quantize(x, ldx, M, K, q, ldq, scale, qsum, path)"},
+    {"linear", (PyCFunction)(void (*)(void))py_linear, METH_FASTCALL, "linear(x, ldx, M, K, w, N, wscale, y, ldy, path)"},
     {"read_bytes", (PyCFunction)(void (*)(void))py_read_bytes, METH_FASTCALL, "read_bytes(ptr, n) -> checksum"},
     {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n) -> threads in use (n <= 0: all CPUs)"},
     {"num_threads", py_num_threads, METH_NOARGS, "threads in the pool"},
