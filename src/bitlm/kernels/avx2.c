@@ -44,6 +44,8 @@ INLINE T256 void store_half(const i2v_gemm_args *a, int m, int rb, int h, __m256
     }
 }
 
+#define PF_DIST 24  /* software prefetch distance in blocks, as in the AVX-512 GEMV */
+
 /* Decode (M = 1): NR row blocks (2 halves each) side by side share the activation broadcasts. */
 INLINE T256 void gemv_rows(const i2v_gemm_args *a, int rb, const int NR) {
     const size_t stride = (size_t)a->Kb * I2V_BLOCK;
@@ -58,6 +60,7 @@ INLINE T256 void gemv_rows(const i2v_gemm_args *a, int rb, const int NR) {
 #pragma GCC unroll 2
         for (int r = 0; r < NR; r++) {
             const uint8_t *blk = w + r * stride + (size_t)kb * I2V_BLOCK;
+            _mm_prefetch((const char *)(blk + PF_DIST * I2V_BLOCK), _MM_HINT_T0);
             acc[r][0] = dot_half(acc[r][0], _mm256_loadu_si256((const __m256i *)blk), m3, ones, x0, x1, x2, x3);
             acc[r][1] = dot_half(acc[r][1], _mm256_loadu_si256((const __m256i *)(blk + 32)), m3, ones, x0, x1, x2, x3);
         }

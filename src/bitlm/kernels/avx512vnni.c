@@ -33,6 +33,11 @@ INLINE T512 void store_rows(const i2v_gemm_args *a, int m, int rb, __m512i acc) 
  * longer rows flush into a plain int32 total every FLUSH_KB blocks.
  * NR row blocks streamed side by side share the activation broadcasts. */
 #define FLUSH_KB 4096
+/* Software prefetch 24 blocks (1.5 KB) ahead in each of the NR streams: decode reads cold weights,
+ * and per-core bandwidth is limited by the lines in flight; measured +10-15% over the hardware
+ * prefetchers alone at the 2B4T shapes (16-32 all similar). Past a stream's end it warms the next
+ * row block; prefetches never fault. */
+#define PF_DIST 24
 
 INLINE T512 void gemv_rows(const i2v_gemm_args *a, int rb, const int NR) {
     const size_t stride = (size_t)a->Kb * I2V_BLOCK;  /* bytes per row block */
@@ -53,7 +58,9 @@ INLINE T512 void gemv_rows(const i2v_gemm_args *a, int rb, const int NR) {
             __m512i x0 = bcast4(xk), x1 = bcast4(xk + 4), x2 = bcast4(xk + 8), x3 = bcast4(xk + 12);
 #pragma GCC unroll 4
             for (int r = 0; r < NR; r++) {
-                __m512i v = _mm512_loadu_si512((const void *)(w + r * stride + (size_t)kb * I2V_BLOCK));
+                const uint8_t *blk = w + r * stride + (size_t)kb * I2V_BLOCK;
+                __m512i v = _mm512_loadu_si512((const void *)blk);
+                _mm_prefetch((const char *)(blk + PF_DIST * I2V_BLOCK), _MM_HINT_T0);
                 acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], _mm512_and_si512(v, f0), x0);
                 acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], _mm512_and_si512(v, f1), x1);
                 acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], _mm512_and_si512(v, f2), x2);
