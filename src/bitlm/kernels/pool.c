@@ -92,6 +92,8 @@ static void *worker(void *arg) {
         for (unsigned spins = 0; (g = atomic_load_explicit(&P.gen, memory_order_acquire)) == seen; spins++) {
             if (atomic_load_explicit(&P.stop, memory_order_relaxed)) return NULL;
             if ((spins & 255) == 0) {
+                sched_yield();  /* every ~20 us: if this core is shared (more threads than free
+                                   cores), let the thread doing the work run */
                 long t = now_ns();
                 if (t0 == 0) t0 = t;
                 else if (t - t0 > P.spin_ns) {
@@ -196,6 +198,9 @@ void i2v_pool_run(i2v_task_fn fn, void *ctx, int nparts) {
         pthread_mutex_unlock(&P.mu);
     }
     run_parts(g, 0);
-    while (atomic_load_explicit(&P.done, memory_order_acquire) < nparts) cpu_relax();
+    for (unsigned spins = 1; atomic_load_explicit(&P.done, memory_order_acquire) < nparts; spins++) {
+        cpu_relax();
+        if ((spins & 255) == 0) sched_yield();  /* a descheduled worker may need this core */
+    }
     pthread_mutex_unlock(&P.run_mu);
 }
