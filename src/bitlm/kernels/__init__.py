@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,8 +28,10 @@ try:
     _LOAD_ERROR: str | None = None
 except ImportError as e:  # not built (no compiler at install time) or built for another Python
     _native = None
-    _LOAD_ERROR = str(e)
-    logging.getLogger("bitlm").warning("bitlm: native kernels unavailable (%s); using the slower pure-torch path", e)
+    _built = any(p.name.startswith("_native.") for p in Path(__file__).parent.iterdir())
+    _LOAD_ERROR = str(e) if _built else "the extension bitlm.kernels._native was not built"
+    logging.getLogger("bitlm").warning("bitlm: native kernels unavailable (%s); using the slower pure-torch path",
+                                       _LOAD_ERROR)
 
 PATHS = ("scalar", "avx2", "avx512vnni")  # indices as in i2v.h
 

@@ -105,11 +105,17 @@ static void gemm_padded(const int8_t *x, size_t ldx, const int32_t *xsum, int M,
     i2v_pool_run(gemm_part, &t, parts);
 }
 
+/* the entry points' common checks: the path to use (path < 0: the best), or -1 if the path is
+ * unsupported or the sizes are inconsistent */
+static int checked_path(int path, int M, int K, int N, size_t ldx, size_t ldy) {
+    if (path < 0) path = i2v_best_path();
+    if (!i2v_path_supported(path) || M < 0 || K < 0 || N < 0 || ldx < (size_t)K || ldy < (size_t)N) return -1;
+    return path;
+}
+
 int i2v_gemm(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int K, const uint8_t *w,
              int N, int32_t *y, size_t ldy, int path) {
-    if (path < 0) path = i2v_best_path();
-    if (!i2v_path_supported(path) || M < 0 || K < 0 || N < 0 || ldx < (size_t)K || ldy < (size_t)N)
-        return -1;
+    if ((path = checked_path(path, M, K, N, ldx, ldy)) < 0) return -1;
     if (M == 0 || N == 0) return 0;
     int Kb = (K + I2V_COLS - 1) / I2V_COLS;
     size_t kp = (size_t)Kb * I2V_COLS;
@@ -157,9 +163,7 @@ static void quantize_path(const float *x, size_t ldx, int M, int K, int8_t *q, s
 
 int i2v_linear(const float *x, size_t ldx, int M, int K, const uint8_t *w, int N, float wscale, float *y,
                size_t ldy, int path) {
-    if (path < 0) path = i2v_best_path();
-    if (!i2v_path_supported(path) || M < 0 || K < 0 || N < 0 || ldx < (size_t)K || ldy < (size_t)N)
-        return -1;
+    if ((path = checked_path(path, M, K, N, ldx, ldy)) < 0) return -1;
     if (M == 0 || N == 0) return 0;
     int Kb = (K + I2V_COLS - 1) / I2V_COLS;
     size_t kp = (size_t)Kb * I2V_COLS;
@@ -185,8 +189,7 @@ int i2v_linear(const float *x, size_t ldx, int M, int K, const uint8_t *w, int N
 
 int i2v_quantize(const float *x, size_t ldx, int M, int K, int8_t *q, size_t ldq, float *scale,
                  int32_t *qsum, int path) {
-    if (path < 0) path = i2v_best_path();
-    if (!i2v_path_supported(path) || M < 0 || K < 0 || ldx < (size_t)K || ldq < (size_t)K) return -1;
+    if ((path = checked_path(path, M, K, 0, ldx, ldq)) < 0 || ldq < (size_t)K) return -1;
     quantize_path(x, ldx, M, K, q, ldq, scale, qsum, path);
     return 0;
 }
