@@ -49,13 +49,15 @@ def _reference(x, w):
     return x.long() @ w.long().t()
 
 
-# M: 1 (decode), odd, one and more AVX-512 tiles of 8 and AVX2 tiles of 4 plus tails.
+# M: 1 (decode), odd, one and more AVX-512 tiles of 8, AVX2 tiles of 4, AMX tiles of 16 plus tails.
 # N: inside one 16-row block, exact blocks, one past, the 4-block GEMV groups plus tails.
 # K: below, at and past one 16-column block.
 SHAPES = [
     (1, 1, 1), (1, 15, 17), (1, 16, 16), (1, 17, 15), (1, 33, 100), (1, 64, 64), (1, 65, 31),
     (1, 100, 333), (1, 129, 48), (1, 640, 2560), (3, 1, 5), (3, 48, 31), (5, 17, 16), (7, 63, 49),
     (8, 32, 32), (9, 20, 17), (12, 50, 64), (17, 81, 47), (20, 16, 100), (33, 65, 129),
+    # AMX from 16 rows: whole and partial 32-row pairs of tiles, 64-column tiles, odd row blocks
+    (16, 16, 64), (32, 32, 128), (31, 48, 65), (50, 33, 600), (64, 100, 200), (97, 16, 1000),
 ]
 
 
@@ -73,14 +75,14 @@ def test_gemm_exact(path, m, n, k):
 @pytest.mark.parametrize("seed", range(12))
 def test_gemm_random_shapes(path, threads, seed):
     rng = np.random.default_rng(seed)
-    m = int(rng.choice([1, 1, 2, 3, 5, 8, 11, 16, 19]))
+    m = int(rng.choice([1, 1, 2, 3, 5, 8, 11, 16, 19, 40]))
     n, k = int(rng.integers(1, 700)), int(rng.integers(1, 1200))
     w, x = _case(m, n, k, seed=seed)
     y = kernels.gemm(x, kernels.pack(w), path=path)
     assert torch.equal(y.long(), _reference(x, w))
 
 
-@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("m", [1, 5, 17])
 @pytest.mark.parametrize("xval,wval", [(-128, 1), (-128, -1), (127, 1), (127, -1)])
 def test_extreme_activations(path, m, xval, wval):
     n, k = 37, 6912  # the 2B4T down_proj input width
@@ -202,7 +204,8 @@ def test_env_var_forces_path():
     assert out.stdout.strip() == "scalar"
 
 
-@pytest.mark.parametrize("shape,out_features", [((1, 2560), 640), ((2, 3, 100), 33), ((7, 48), 16), ((1, 17), 5)])
+@pytest.mark.parametrize("shape,out_features",
+                         [((1, 2560), 640), ((2, 3, 100), 33), ((7, 48), 16), ((1, 17), 5), ((40, 100), 33)])
 def test_linear_equals_packed_bitlinear(path, shape, out_features):
     from bitlm.bitlinear import PackedBitLinear
     from bitlm.quant import quantize_weights

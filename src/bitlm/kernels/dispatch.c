@@ -5,11 +5,11 @@
 
 #include "i2v.h"
 
-static const char *const PATH_NAMES[I2V_NPATHS] = {"scalar", "avx2", "avx512vnni"};
+static const char *const PATH_NAMES[I2V_NPATHS] = {"scalar", "avx2", "avx512vnni", "amx"};
 
 typedef struct {
     int have[I2V_NPATHS];
-    char features[160];
+    char features[192];
     int best;
 } cpu_info;
 
@@ -32,6 +32,8 @@ static cpu_info detect(void) {
     }
     c.have[I2V_PATH_AVX2] = on[0] && on[1];
     c.have[I2V_PATH_AVX512VNNI] = on[2] && on[3] && on[4] && on[5];
+    c.have[I2V_PATH_AMX] = c.have[I2V_PATH_AVX512VNNI] && i2v_amx_init();
+    if (c.have[I2V_PATH_AMX]) strcat(c.features, " amx-int8");
 #elif defined(__aarch64__)
     strcpy(c.features, "neon");
 #endif
@@ -63,6 +65,7 @@ const char *i2v_cpu_features(void) { return cpu()->features; }
 static i2v_kernel_fn kernel_for(int path) {
     switch (path) {
 #if defined(__x86_64__) || defined(__i386__)
+    case I2V_PATH_AMX: return i2v_gemm_amx;
     case I2V_PATH_AVX512VNNI: return i2v_gemm_avx512vnni;
     case I2V_PATH_AVX2: return i2v_gemm_avx2;
 #endif
@@ -91,7 +94,16 @@ static void gemm_part(void *ctx, int p, int np) {
 #define MIN_BLOCKS_PER_PART 256
 #define PARTS_PER_THREAD 4
 
-/* x already zero-padded to whole 16-column blocks (ldx >= 16 * Kb), xsum given */
+/* The activations a path reads: whole 16-column blocks; AMX (from 16 rows) whole tiles of 32 rows
+ * and 64 columns. Padding is zeros, so it adds nothing to any sum. */
+static void pad_geometry(int path, int M, int K, int *mp, size_t *kp) {
+    int amx = path == I2V_PATH_AMX && M >= 16;
+    int cols = amx ? 64 : I2V_COLS;
+    *mp = amx ? (M + 31) / 32 * 32 : M;
+    *kp = (size_t)(K + cols - 1) / cols * cols;
+}
+
+/* x already zero-padded as pad_geometry says (ldx >= 16 * Kb), xsum given */
 static void gemm_padded(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int Kb, const uint8_t *w,
                         int N, int32_t *y, size_t ldy, int path) {
     int Nb = (N + I2V_ROWS - 1) / I2V_ROWS;
@@ -117,14 +129,14 @@ int i2v_gemm(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int K, con
              int N, int32_t *y, size_t ldy, int path) {
     if ((path = checked_path(path, M, K, N, ldx, ldy)) < 0) return -1;
     if (M == 0 || N == 0) return 0;
-    int Kb = (K + I2V_COLS - 1) / I2V_COLS;
-    size_t kp = (size_t)Kb * I2V_COLS;
+    int Kb = (K + I2V_COLS - 1) / I2V_COLS, mp;
+    size_t kp;
+    pad_geometry(path, M, K, &mp, &kp);
     int8_t *xpad = NULL;
     int32_t *sums = NULL;
-    /* kernels read whole 16-column blocks: a ragged K gets a zero-padded copy (M*Kp bytes, small
-     * next to the weights) */
-    if (kp != (size_t)K) {
-        xpad = (int8_t *)calloc((size_t)M, kp);
+    /* a ragged K (or M, for AMX) gets a zero-padded copy: Mp*Kp bytes, small next to the weights */
+    if (kp != (size_t)K || mp != M) {
+        xpad = (int8_t *)calloc((size_t)mp, kp);
         if (!xpad) return -2;
         for (int m = 0; m < M; m++) memcpy(xpad + (size_t)m * kp, x + (size_t)m * ldx, (size_t)K);
         x = xpad;
@@ -154,6 +166,7 @@ static void quantize_path(const float *x, size_t ldx, int M, int K, int8_t *q, s
                           int32_t *qsum, int path) {
     switch (path) {
 #if defined(__x86_64__) || defined(__i386__)
+    case I2V_PATH_AMX:
     case I2V_PATH_AVX512VNNI: i2v_quant_avx512(x, ldx, M, K, q, ldq, scale, qsum); break;
     case I2V_PATH_AVX2: i2v_quant_avx2(x, ldx, M, K, q, ldq, scale, qsum); break;
 #endif
@@ -165,12 +178,14 @@ int i2v_linear(const float *x, size_t ldx, int M, int K, const uint8_t *w, int N
                size_t ldy, int path) {
     if ((path = checked_path(path, M, K, N, ldx, ldy)) < 0) return -1;
     if (M == 0 || N == 0) return 0;
-    int Kb = (K + I2V_COLS - 1) / I2V_COLS;
-    size_t kp = (size_t)Kb * I2V_COLS;
-    /* one scratch: q int8 [M, Kp] | acc int32 [M, N] | s float [M] | qsum int32 [M] */
-    size_t qbytes = ((size_t)M * kp + 63) & ~(size_t)63;
+    int Kb = (K + I2V_COLS - 1) / I2V_COLS, mp;
+    size_t kp;
+    pad_geometry(path, M, K, &mp, &kp);
+    /* one scratch: q int8 [Mp, Kp] | acc int32 [M, N] | s float [M] | qsum int32 [M] */
+    size_t qbytes = ((size_t)mp * kp + 63) & ~(size_t)63;
     char *buf = (char *)malloc(qbytes + (size_t)M * N * 4 + (size_t)M * 8);
     if (!buf) return -2;
+    memset(buf + (size_t)M * kp, 0, (size_t)(mp - M) * kp);  /* AMX's padding rows */
     int8_t *q = (int8_t *)buf;
     int32_t *acc = (int32_t *)(buf + qbytes);
     float *s = (float *)(acc + (size_t)M * N);

@@ -43,7 +43,7 @@ typedef void (*i2v_kernel_fn)(const i2v_gemm_args *a, int rb0, int rb1);
 typedef void (*i2v_quant_fn)(const float *x, size_t ldx, int M, int K, int8_t *q, size_t ldq,
                              float *scale, int32_t *qsum);
 
-enum { I2V_PATH_SCALAR = 0, I2V_PATH_AVX2 = 1, I2V_PATH_AVX512VNNI = 2, I2V_NPATHS = 3 };
+enum { I2V_PATH_SCALAR = 0, I2V_PATH_AVX2 = 1, I2V_PATH_AVX512VNNI = 2, I2V_PATH_AMX = 3, I2V_NPATHS = 4 };
 
 void i2v_gemm_scalar(const i2v_gemm_args *a, int rb0, int rb1);
 void i2v_quant_scalar(const float *x, size_t ldx, int M, int K, int8_t *q, size_t ldq,
@@ -56,8 +56,12 @@ void i2v_gemm_avx512vnni(const i2v_gemm_args *a, int rb0, int rb1);
 void i2v_quant_avx512(const float *x, size_t ldx, int M, int K, int8_t *q, size_t ldq,
                       float *scale, int32_t *qsum);
 uint64_t i2v_read_avx2(const uint8_t *p, size_t n);
+/* AMX: activations zero-padded to [ceil(M/32)*32, ldx >= 64*ceil(Kb/4)] when M >= 16 (i2v_pad_geometry) */
+void i2v_gemm_amx(const i2v_gemm_args *a, int rb0, int rb1);
 uint64_t i2v_read_avx512(const uint8_t *p, size_t n);
 #endif
+
+int i2v_amx_init(void);  /* 1 if the CPU has AMX-INT8 and the OS grants the tile state */
 
 /* ---- thread pool (pool.c): a persistent pool; the caller runs part 0 itself ---- */
 typedef void (*i2v_task_fn)(void *ctx, int part, int nparts);

@@ -1,0 +1,135 @@
+/* AMX-INT8 path for prefill (M >= 16): tdpbsud, a 16x64 tile of signed activations times a 16x64
+ * tile of unsigned codes, 16x16 int32 sums per instruction (16K products).
+ *
+ * The I2V layout is already what the B tile wants: B row kk holds, for each of 16 outputs n, the
+ * 4 codes of columns 4kk..4kk+3 in bytes 4n..4n+3, which is exactly (v >> 2s) & 3 of an I2V block
+ * (lane n = row n, columns 4s..4s+3). So a B tile (64 columns) is four blocks unpacked with shifts
+ * and masks, once per row block and reused by every tile of activation rows.
+ *
+ * Tiles: C00 C01 C10 C11 (tmm0-3) = 2 x 16 activation rows times 2 row blocks; A0 A1 (tmm4-5) are
+ * the two row tiles, B0 B1 (tmm6-7) the two row blocks. The driver pads the activations to whole
+ * 32-row, 64-column tiles with zeros; a missing second row block is unpacked as zero codes.
+ * Below 16 rows the AVX-512 VNNI kernel runs instead. */
+#define _GNU_SOURCE /* syscall() */
+#if defined(__x86_64__) && defined(__linux__)
+#include <cpuid.h>
+#include <immintrin.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "i2v.h"
+
+#define TAMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw")))
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+/* CPUID says AMX-TILE and AMX-INT8, and Linux grants this process the tile state */
+int i2v_amx_init(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    if (!(d & (1u << 24)) || !(d & (1u << 25))) return 0;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* B tiles of row block rb: [Kq/64][16 rows][64 bytes]; blocks past Kb (and a row block past Nb)
+ * are zero codes */
+TAMX static void unpack_b(const i2v_gemm_args *a, int rb, int valid, int nq, uint8_t *dst) {
+    const __m512i m3 = _mm512_set1_epi8(3);
+    const uint8_t *w = a->w + (size_t)rb * a->Kb * I2V_BLOCK;
+    for (int q = 0; q < nq; q++) {
+        for (int i = 0; i < 4; i++) {
+            int kb = 4 * q + i;
+            uint8_t *out = dst + (size_t)q * 1024 + i * 256;
+            if (!valid || kb >= a->Kb) {
+                memset(out, 0, 256);
+                continue;
+            }
+            __m512i v = _mm512_loadu_si512((const void *)(w + (size_t)kb * I2V_BLOCK));
+            _mm512_storeu_si512((void *)out, _mm512_and_si512(v, m3));
+            _mm512_storeu_si512((void *)(out + 64), _mm512_and_si512(_mm512_srli_epi16(v, 2), m3));
+            _mm512_storeu_si512((void *)(out + 128), _mm512_and_si512(_mm512_srli_epi16(v, 4), m3));
+            _mm512_storeu_si512((void *)(out + 192), _mm512_and_si512(_mm512_srli_epi16(v, 6), m3));
+        }
+    }
+}
+
+static void store_tile(const i2v_gemm_args *a, const int32_t *c, int m0, int rb) {
+    for (int i = 0; i < 16 && m0 + i < a->M; i++) {
+        int32_t *ym = a->y + (size_t)(m0 + i) * a->ldy;
+        int32_t off = a->xsum[m0 + i];
+        for (int j = 0; j < 16 && rb * 16 + j < a->N; j++) ym[rb * 16 + j] = c[i * 16 + j] - off;
+    }
+}
+
+/* a->x: [ceil(M/32)*32, ldx] zero-padded, ldx >= 64 * ceil(Kb/4) */
+TAMX void i2v_gemm_amx(const i2v_gemm_args *a, int rb0, int rb1) {
+    if (a->M < 16) {
+        i2v_gemm_avx512vnni(a, rb0, rb1);
+        return;
+    }
+    int nq = (a->Kb + 3) / 4;
+    int mp = (a->M + 31) / 32 * 32;
+    uint8_t *b = (uint8_t *)aligned_alloc(64, (size_t)nq * 2048);
+    int32_t *c = (int32_t *)aligned_alloc(64, 4 * 1024);
+    if (!b || !c) {  /* out of memory: the VNNI kernel needs no scratch */
+        free(b);
+        free(c);
+        i2v_gemm_avx512vnni(a, rb0, rb1);
+        return;
+    }
+    uint8_t *b0 = b, *b1 = b + (size_t)nq * 1024;
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = 16;
+    }
+    _tile_loadconfig(&cfg);
+    for (int rb = rb0; rb < rb1; rb += 2) {
+        unpack_b(a, rb, 1, nq, b0);
+        unpack_b(a, rb + 1, rb + 1 < rb1, nq, b1);
+        for (int m0 = 0; m0 < mp; m0 += 32) {
+            const int8_t *x0 = a->x + (size_t)m0 * a->ldx, *x1 = x0 + 16 * a->ldx;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int q = 0; q < nq; q++) {
+                _tile_loadd(4, x0 + 64 * q, a->ldx);
+                _tile_loadd(5, x1 + 64 * q, a->ldx);
+                _tile_loadd(6, b0 + (size_t)q * 1024, 64);
+                _tile_loadd(7, b1 + (size_t)q * 1024, 64);
+                _tile_dpbsud(0, 4, 6);
+                _tile_dpbsud(1, 4, 7);
+                _tile_dpbsud(2, 5, 6);
+                _tile_dpbsud(3, 5, 7);
+            }
+            _tile_stored(0, c, 64);
+            _tile_stored(1, c + 256, 64);
+            _tile_stored(2, c + 512, 64);
+            _tile_stored(3, c + 768, 64);
+            store_tile(a, c, m0, rb);
+            store_tile(a, c + 512, m0 + 16, rb);
+            if (rb + 1 < rb1) {
+                store_tile(a, c + 256, m0, rb + 1);
+                store_tile(a, c + 768, m0 + 16, rb + 1);
+            }
+        }
+    }
+    _tile_release();
+    free(b);
+    free(c);
+}
+#else
+int i2v_amx_init(void) { return 0; }
+#endif
