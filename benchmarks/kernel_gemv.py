@@ -75,7 +75,7 @@ def time_gemm(mat: kernels.PackedTernary, m: int, path: str, repeats: int) -> fl
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--paths", default=None, help="comma-separated kernel paths (default: the best and avx2)")
+    ap.add_argument("--paths", default=None, help="comma-separated kernel paths (default: all but scalar)")
     ap.add_argument("--pool-mb", type=int, default=2048, help="cold-weight pool per shape (past every cache)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--prefill", type=int, default=128, help="M for one prefill GEMM row per shape (0: skip)")
@@ -84,8 +84,9 @@ def main() -> None:
         raise SystemExit(f"native kernels not available: {kernels.info()['error']}")
     info = kernels.info()
     threads = [int(t) for t in args.threads.split(",")]
-    paths = args.paths.split(",") if args.paths else list(dict.fromkeys([info["path"], "avx2"]))
+    paths = args.paths.split(",") if args.paths else [p for p in info["paths"] if p != "scalar"]
     paths = [p for p in paths if p in info["paths"]]
+    gemv_paths = [p for p in paths if p != "amx"]  # AMX runs the VNNI kernel below 16 rows
     print(f"cpu features: {' '.join(info['cpu_features'])}; paths {info['paths']}; load average "
           f"{os.getloadavg()[0]:.2f}; torch {torch.__version__}, numpy {np.__version__}")
 
@@ -106,7 +107,7 @@ def main() -> None:
         mats = cold_copies(k, n, args.pool_mb << 20)
         for t in threads:
             kernels.set_num_threads(t)
-            for p in paths:
+            for p in gemv_paths:
                 sec = time_gemv(mats, p, args.repeats)
                 per_call[(k, n, t, p)] = sec
                 gbs = mats[0].nbytes / sec / 1e9
@@ -117,7 +118,7 @@ def main() -> None:
     print("\ndecode, all 210 ternary projections of the 2B4T model (no head, no attention):")
     layer_bytes = sum(cnt * kernels.pack(torch.zeros(n, k, dtype=torch.int8)).nbytes for (k, n), cnt in LAYER_MIX.items())
     for t in threads:
-        for p in paths:
+        for p in gemv_paths:
             sec = LAYERS * sum(cnt * per_call[(k, n, t, p)] for (k, n), cnt in LAYER_MIX.items())
             bound = LAYERS * layer_bytes / (bw[t] * 1e9)
             print(f"  {t} thread(s) {p:>11}: {sec * 1e3:6.2f} ms/token for {LAYERS * layer_bytes / 1e6:.0f} MB "
