@@ -50,12 +50,15 @@ def test_llama_cpp_runs_the_export(model256, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
     path = export_gguf(model256, tmp_path / "m.gguf", "tq2_0", "f32")
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
-    ids = model256.tokenizer.encode("To be, or not to be")
+    ids = model256.tokenizer.encode("To be, or not to be, that is the question")
+    assert llm.tokenize(b"To be, or not to be, that is the question", add_bos=True) == ids
     llm.eval(ids)
     theirs = torch.tensor(np.array(llm.scores[: len(ids)]))
     with torch.no_grad():
         ours = model256(torch.tensor([ids]))[0]
-    # llama.cpp quantizes activations per 256-block (q8_K) rather than per token: close, not identical.
-    rel = float((theirs - ours).abs().max() / ours.abs().max())
-    assert rel < 0.05, rel
-    assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.8
+    # llama.cpp quantizes activations per 256-block (q8_K) rather than per token: close, not identical
+    # (seen: 1.5-4% per position, one outlier at 12%). A structural mismatch (RoPE, norms, scales,
+    # GQA, token ids) gives errors of order 100%.
+    rel = (theirs - ours).abs().amax(-1) / ours.abs().amax(-1)
+    assert float(rel.median()) < 0.06 and float(rel.max()) < 0.25, rel
+    assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.9
