@@ -155,3 +155,15 @@ def test_save_is_atomic(tiny_model_dir, tmp_path):
         m.save_pretrained(d)
     assert {f.name: f.read_bytes() for f in d.iterdir()} == before
     assert sorted(os.listdir(tmp_path)) == ["m"]  # no temporary leftovers
+
+
+def test_transformers_reads_the_saved_tokenizer(tiny_model_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    m = bitlm.load(tiny_model_dir)
+    m.save_pretrained(tmp_path / "s")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "s")
+    text = "Shall I compare thee to a summer's day?"
+    assert hf_tok(text)["input_ids"] == m.tokenizer.encode(text)
+    chat = [{"role": "user", "content": "Hi"}]
+    assert hf_tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+        m.tokenizer.apply_chat_template(chat)
