@@ -256,6 +256,25 @@ class BitNetForCausalLM(nn.Module):
         self.linear_kind = "latent"
         return self
 
+    @classmethod
+    def empty(cls, config: BitNetConfig, linear: str = "packed") -> "BitNetForCausalLM":
+        """Allocated but uninitialised (no random init work): for loaders that fill every tensor."""
+        with torch.device("meta"):
+            model = cls(config, linear=linear)
+        model.to_empty(device="cpu")
+        model.model.rotary = Rotary(config.head_dim, config.rope_theta, config.max_position_embeddings)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model
+
+    def to(self, *args, **kwargs):
+        """nn.Module.to, but the ternary scales stay float32 whatever the model dtype."""
+        super().to(*args, **kwargs)
+        for m in self.modules():
+            if isinstance(m, PackedBitLinear):
+                m.weight_scale.data = m.weight_scale.data.float()
+        return self
+
     def save_pretrained(self, path) -> None:
         from .io.hf import save_pretrained
         save_pretrained(self, path)
