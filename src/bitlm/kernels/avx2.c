@@ -57,10 +57,12 @@ INLINE T256 void gemv_rows(const i2v_gemm_args *a, int rb, const int NR) {
     for (int kb = 0; kb < a->Kb; kb++) {
         const int8_t *xk = a->x + kb * I2V_COLS;
         __m256i x0 = bcast4(xk), x1 = bcast4(xk + 4), x2 = bcast4(xk + 8), x3 = bcast4(xk + 12);
+        /* near the end of the rows, prefetch the next group's stream (as in the AVX-512 GEMV) */
+        const size_t pf = PF_DIST * I2V_BLOCK + (kb + PF_DIST >= a->Kb ? (size_t)(NR - 1) * stride : 0);
 #pragma GCC unroll 2
         for (int r = 0; r < NR; r++) {
             const uint8_t *blk = w + r * stride + (size_t)kb * I2V_BLOCK;
-            _mm_prefetch((const char *)(blk + PF_DIST * I2V_BLOCK), _MM_HINT_T0);
+            _mm_prefetch((const char *)(blk + pf), _MM_HINT_T0);
             acc[r][0] = dot_half(acc[r][0], _mm256_loadu_si256((const __m256i *)blk), m3, ones, x0, x1, x2, x3);
             acc[r][1] = dot_half(acc[r][1], _mm256_loadu_si256((const __m256i *)(blk + 32)), m3, ones, x0, x1, x2, x3);
         }

@@ -56,11 +56,14 @@ INLINE T512 void gemv_rows(const i2v_gemm_args *a, int rb, const int NR) {
         for (int kb = k0; kb < k1; kb++) {
             const int8_t *xk = x + kb * I2V_COLS;
             __m512i x0 = bcast4(xk), x1 = bcast4(xk + 4), x2 = bcast4(xk + 8), x3 = bcast4(xk + 12);
+            /* near the end of the rows, prefetch the same stream of the next group of NR row blocks
+             * (NR - 1 row blocks further on) instead of the neighbour's bytes, already read */
+            const size_t pf = PF_DIST * I2V_BLOCK + (kb + PF_DIST >= a->Kb ? (size_t)(NR - 1) * stride : 0);
 #pragma GCC unroll 4
             for (int r = 0; r < NR; r++) {
                 const uint8_t *blk = w + r * stride + (size_t)kb * I2V_BLOCK;
                 __m512i v = _mm512_loadu_si512((const void *)blk);
-                _mm_prefetch((const char *)(blk + PF_DIST * I2V_BLOCK), _MM_HINT_T0);
+                _mm_prefetch((const char *)(blk + pf), _MM_HINT_T0);
                 acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], _mm512_and_si512(v, f0), x0);
                 acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], _mm512_and_si512(v, f1), x1);
                 acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], _mm512_and_si512(v, f2), x2);
