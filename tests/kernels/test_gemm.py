@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bitlm import kernels, quant
-from bitlm.formats import hf_packed
+from bitlm.formats import hf_packed, i2v
 
 if not kernels.available():
     if os.environ.get("BITLM_REQUIRE_NATIVE") == "1":
@@ -138,6 +138,13 @@ def test_from_hf_packed_matches_hf_weights(path):
     assert torch.equal(kernels.gemm(x, packed, path=path).long(), _reference(x, w))
 
 
+@pytest.mark.parametrize("out_features,k", [(1, 1), (5, 17), (16, 16), (17, 31), (90, 77), (640, 2560), (33, 4100)])
+def test_native_hf_conversion_equals_numpy_reference(out_features, k):
+    w = np.random.default_rng(out_features * k).integers(-1, 2, (out_features, k), dtype=np.int8)
+    packed = kernels.from_hf_packed(torch.from_numpy(hf_packed.pack(w)), out_features)
+    np.testing.assert_array_equal(packed.data.numpy(), i2v.pack(w))  # the numpy reference, byte for byte
+
+
 @pytest.mark.parametrize("m,k", [(1, 1), (1, 17), (3, 2563), (2, 6912), (5, 15)])
 @pytest.mark.parametrize("scale", [1e-9, 1.0, 1e4])
 def test_quantize_matches_quant_module(path, m, k, scale):
@@ -172,6 +179,8 @@ def test_torch_fallback_is_exact(monkeypatch):
     xf = torch.randn(3, 50)
     xq, s, xsum = kernels.quantize(xf)
     assert torch.equal(xq, quant.quantize_activations(xf)[0]) and torch.equal(xsum, xq.sum(-1, dtype=torch.int32))
+    hf = torch.from_numpy(hf_packed.pack(w.numpy()))
+    assert torch.equal(kernels.from_hf_packed(hf, 40).data, packed.data)
     y = kernels.linear(xf, packed, 0.5)
     xq, s = quant.quantize_activations(xf)
     assert torch.equal(y, (xq.float() @ w.float().t()) * (torch.tensor([0.5]) / s))

@@ -106,9 +106,22 @@ def pack(codes: torch.Tensor | np.ndarray) -> PackedTernary:
 
 
 def from_hf_packed(packed: torch.Tensor | np.ndarray, out_features: int) -> PackedTernary:
-    """Hugging Face packed uint8 [ceil(out/4), in] (a PackedBitLinear's `weight`) -> PackedTernary."""
-    p = packed.cpu().numpy() if isinstance(packed, torch.Tensor) else np.asarray(packed)
-    return PackedTernary(torch.from_numpy(i2v.from_hf_packed(p, out_features)), out_features, p.shape[1])
+    """Hugging Face packed uint8 [ceil(out/4), in] (a PackedBitLinear's `weight`) -> PackedTernary.
+
+    Native: one pass in C over all threads (the 2B4T model's 210 matrices in well under a second);
+    otherwise formats/i2v.py's numpy reference.
+    """
+    t = packed if isinstance(packed, torch.Tensor) else torch.from_numpy(np.asarray(packed))
+    q, k = t.shape
+    if t.dtype != torch.uint8 or q != hf_packed.packed_rows(out_features):
+        raise ValueError(f"from_hf_packed: expected uint8 [{hf_packed.packed_rows(out_features)}, in], got "
+                         f"{t.dtype} {list(t.shape)}")
+    if _native is None:
+        return PackedTernary(torch.from_numpy(i2v.from_hf_packed(t.cpu().numpy(), out_features)), out_features, k)
+    t = t.cpu().contiguous()
+    data = torch.empty(i2v.packed_shape(out_features, k), dtype=torch.uint8)
+    _native.from_hf(t.data_ptr(), out_features, k, data.data_ptr())
+    return PackedTernary(data, out_features, k)
 
 
 def _as_rows(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:

@@ -85,6 +85,9 @@ int i2v_quantize(const float *x, size_t ldx, int M, int K, int8_t *q, size_t ldq
  * from i2v_quantize: bit for bit what bitlinear.PackedBitLinear computes in float32. */
 int i2v_linear(const float *x, size_t ldx, int M, int K, const uint8_t *w, int N, float wscale, float *y,
                size_t ldy, int path);
+/* Hugging Face packed uint8 [ceil(out/4), in] -> I2V packed uint8 [ceil(out/16), ceil(in/16), 64]
+ * (convert.c; formats/i2v.py's from_hf_packed is the reference). */
+int i2v_from_hf(const uint8_t *hf, int out, int in, uint8_t *dst);
 /* Read n bytes with SIMD loads split over the pool (the bandwidth probe); returns a checksum. */
 uint64_t i2v_read_bytes(const uint8_t *p, size_t n);
 

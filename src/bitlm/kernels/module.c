@@ -70,6 +70,18 @@ static PyObject *py_linear(PyObject *self, PyObject *const *args, Py_ssize_t nar
     Py_RETURN_NONE;
 }
 
+/* from_hf(hf, out, in, dst) */
+static PyObject *py_from_hf(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    long long a[4];
+    if (get_args(args, nargs, 4, a)) return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = i2v_from_hf(PTR(const uint8_t *, a[0]), (int)a[1], (int)a[2], PTR(uint8_t *, a[3]));
+    Py_END_ALLOW_THREADS
+    if (rc) return PyErr_Format(PyExc_ValueError, "i2v_from_hf: bad shape %lld x %lld", a[1], a[2]);
+    Py_RETURN_NONE;
+}
+
 /* read_bytes(ptr, n): the bandwidth probe */
 static PyObject *py_read_bytes(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     long long a[2];
@@ -111,6 +123,7 @@ static PyMethodDef methods[] = {
     {"gemm", (PyCFunction)(void (*)(void))py_gemm, METH_FASTCALL, "gemm(x, ldx, xsum, M, K, w, N, y, ldy, path)"},
     {"quantize", (PyCFunction)(void (*)(void))py_quantize, METH_FASTCALL, "quantize(x, ldx, M, K, q, ldq, scale, qsum, path)"},
     {"linear", (PyCFunction)(void (*)(void))py_linear, METH_FASTCALL, "linear(x, ldx, M, K, w, N, wscale, y, ldy, path)"},
+    {"from_hf", (PyCFunction)(void (*)(void))py_from_hf, METH_FASTCALL, "from_hf(hf, out, in, dst): HF packed -> I2V"},
     {"read_bytes", (PyCFunction)(void (*)(void))py_read_bytes, METH_FASTCALL, "read_bytes(ptr, n) -> checksum"},
     {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n) -> threads in use (n <= 0: all CPUs)"},
     {"num_threads", py_num_threads, METH_NOARGS, "threads in the pool"},
