@@ -115,6 +115,16 @@ def test_threads_give_identical_results(path):
     assert torch.equal(y1.long(), _reference(x, w))
 
 
+def test_cat_stacks_outputs(path):
+    w, x = _case(3, 16 + 32 + 5, 70, seed=9)
+    parts = [kernels.pack(w[:16]), kernels.pack(w[16:48]), kernels.pack(w[48:])]
+    fused = kernels.PackedTernary.cat(parts)
+    assert (fused.n, fused.k) == (53, 70)
+    assert torch.equal(kernels.gemm(x, fused, path=path).long(), _reference(x, w))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        kernels.PackedTernary.cat([parts[2], parts[0]])
+
+
 def test_strided_rows_xsum_and_out(path):
     w, xw = _case(6, 70, 150, seed=3)
     x = xw[:, :100]  # rows with a stride of 150: no copy of the activations

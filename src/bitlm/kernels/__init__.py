@@ -98,6 +98,18 @@ class PackedTernary:
     def gemm(self, xq: torch.Tensor, xsum: torch.Tensor | None = None, path: str | None = None) -> torch.Tensor:
         return gemm(xq, self, xsum=xsum, path=path)
 
+    @classmethod
+    def cat(cls, parts: list["PackedTernary"]) -> "PackedTernary":
+        """Stack matrices of one input width along the outputs (q|k|v, gate|up): one call, one stream.
+
+        Row blocks are whole 16-row units, so every part but the last needs n % 16 == 0.
+        """
+        if not parts or any(p.k != parts[0].k for p in parts):
+            raise ValueError("PackedTernary.cat: parts must share their input width")
+        if any(p.n % i2v.ROWS for p in parts[:-1]):
+            raise ValueError(f"PackedTernary.cat: all but the last part need a multiple of {i2v.ROWS} outputs")
+        return cls(torch.cat([p.data for p in parts]), sum(p.n for p in parts), parts[0].k)
+
 
 def pack(codes: torch.Tensor | np.ndarray) -> PackedTernary:
     """Ternary weights int [N, K] in {-1, 0, 1} (quant.quantize_weights' codes) -> PackedTernary."""

@@ -31,7 +31,7 @@ static cpu_info detect(void) {
         strcat(c.features, F[i]);
     }
     c.have[I2V_PATH_AVX2] = on[0] && on[1];
-    c.have[I2V_PATH_AVX512VNNI] = on[2] && on[3] && on[4] && on[5];
+    c.have[I2V_PATH_AVX512VNNI] = c.have[I2V_PATH_AVX2] && on[2] && on[3] && on[4] && on[5];
     c.have[I2V_PATH_AMX] = c.have[I2V_PATH_AVX512VNNI] && i2v_amx_init();
     if (c.have[I2V_PATH_AMX]) strcat(c.features, " amx-int8");
 #elif defined(__aarch64__)

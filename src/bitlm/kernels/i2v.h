@@ -43,6 +43,9 @@ typedef void (*i2v_kernel_fn)(const i2v_gemm_args *a, int rb0, int rb1);
 typedef void (*i2v_quant_fn)(const float *x, size_t ldx, int M, int K, int8_t *q, size_t ldq,
                              float *scale, int32_t *qsum);
 
+/* Paths are ordered: each needs the instruction sets of those before it (AMX is only enabled with
+ * AVX-512 VNNI, which comes with AVX2), so "path >= I2V_PATH_AVX512VNNI" means VNNI is there.
+ * AMX only changes prefill (M >= 16); below that it runs the AVX-512 VNNI kernel. */
 enum { I2V_PATH_SCALAR = 0, I2V_PATH_AVX2 = 1, I2V_PATH_AVX512VNNI = 2, I2V_PATH_AMX = 3, I2V_NPATHS = 4 };
 
 void i2v_gemm_scalar(const i2v_gemm_args *a, int rb0, int rb1);
