@@ -112,6 +112,11 @@ def main() -> None:
         print(f"read bandwidth, {t} thread(s): {bw[t]:.1f} GB/s (SIMD probe over 2 GB)")
     print(f"read bandwidth, numpy float64 sum over 2 GB (1 thread): {npsum:.1f} GB/s\n")
 
+    tiny = kernels.pack(torch.zeros(16, 16, dtype=torch.int8))
+    xt, yt = torch.zeros(1, 16, dtype=torch.int8), torch.empty(1, 16, dtype=torch.int32)
+    overhead = median_time(lambda: [kernels.gemm(xt, tiny, out=yt) for _ in range(1000)], args.repeats) / 1000
+    print(f"per-call overhead from Python (a 16 x 16 GEMV, included in every row below): {overhead * 1e6:.1f} us\n")
+
     header = (f"{'shape (in->out)':>16} {'MB':>6} {'threads':>7} {'path':>11} {'us/call':>9} {'GB/s':>7} "
               f"{'probe GB/s':>10} {'% of BW':>8}")
     print(header)
