@@ -201,6 +201,7 @@ def test_info_and_threads():
     assert info["available"] and info["path"] in info["paths"] and "scalar" in info["paths"]
     assert kernels.set_num_threads(2) == 2 and kernels.info()["threads"] == 2
     assert kernels.set_num_threads(1) == 1
+    assert kernels.summary().startswith(f"native kernels: {info['path']} ") and "1 threads" in kernels.summary()
     kernels.set_num_threads(0)
 
 
@@ -238,3 +239,42 @@ def test_linear_equals_packed_bitlinear(path, shape, out_features):
     y = kernels.linear(x, packed, layer.weight_scale, path=path)
     assert y.shape == ref.shape
     assert torch.equal(y, ref)  # bit for bit: same int sums, same float32 rescale
+
+
+def test_concurrent_callers_share_the_pool():
+    # several Python threads (the GIL is released in the kernels) calling at once: the pool
+    # serialises tasks; every result must still be exact
+    import threading
+
+    kernels.set_num_threads(2)
+    cases = [_case(m, 300 + 16 * i, 500, seed=i) for i, m in enumerate([1, 3, 1, 20, 1, 7])]
+    refs = [_reference(x, w) for w, x in cases]
+    packed = [kernels.pack(w) for w, _ in cases]
+    bad = []
+
+    def worker(i):
+        for _ in range(20):
+            if not torch.equal(kernels.gemm(cases[i][1], packed[i]).long(), refs[i]):
+                bad.append(i)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    kernels.set_num_threads(0)
+    assert not bad
+
+
+def test_pool_survives_fork():
+    # the pool's workers do not exist in a forked child: it must start its own, not hang
+    import multiprocessing as mp
+
+    kernels.set_num_threads(2)
+    w, x = _case(1, 640, 2560, seed=4)
+    packed = kernels.pack(w)
+    kernels.gemm(x, packed)  # workers running in the parent
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        y = pool.apply_async(kernels.gemm, (x, packed)).get(timeout=60)
+    assert torch.equal(y.long(), _reference(x, w))

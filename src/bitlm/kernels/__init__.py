@@ -4,7 +4,7 @@ The C library (i2v.h, one file per instruction set, dispatch.c, pool.c) is built
 `pip install`; `_native` (module.c) passes it raw pointers from torch's data_ptr(), zero-copy. If it
 cannot load, everything here still works on the pure-torch path, slower, after a one-line warning.
 
-    available() -> bool                 info() -> dict
+    available() -> bool                 info() -> dict          summary() -> str (for `bitlm doctor`)
     set_num_threads(n) -> int           pack(codes) / from_hf_packed(packed, out_features) -> PackedTernary
     gemm(xq, packed) -> int32 [M, N]    quantize(x) -> (xq int8 [M, K], s float32 [M, 1], xsum int32 [M])
     linear(x, packed, weight_scale) -> float32 [..., N]   (quantize + gemm + rescale, one native call)
@@ -63,6 +63,15 @@ def info() -> dict:
         "threads": _native.num_threads(),
         "layout": "i2v",
     }
+
+
+def summary() -> str:
+    """One line for `bitlm doctor`: the kernel path in use, the CPU features found, the threads."""
+    i = info()
+    if not i["available"]:
+        return f"native kernels: not available ({i['error']}); pure-torch path"
+    return (f"native kernels: {i['path']} (supported: {', '.join(i['paths'])}; CPU features: "
+            f"{' '.join(i['cpu_features']) or 'none'}), {i['threads']} threads, layout {i['layout']}")
 
 
 def set_num_threads(n: int) -> int:
@@ -224,4 +233,4 @@ def read_bandwidth_probe(buf: torch.Tensor) -> int:
 
 
 __all__ = ["PATHS", "PackedTernary", "available", "from_hf_packed", "gemm", "info", "linear", "pack", "quantize",
-           "set_num_threads"]
+           "set_num_threads", "summary"]
