@@ -33,7 +33,7 @@ except ImportError as e:  # not built (no compiler at install time) or built for
     logging.getLogger("bitlm").warning("bitlm: native kernels unavailable (%s); using the slower pure-torch path",
                                        _LOAD_ERROR)
 
-PATHS = ("scalar", "avx2", "avx512vnni", "amx")  # indices as in i2v.h
+PATHS = ("scalar", "avx2", "avx512vnni", "amx", "neon")  # indices as in i2v.h
 
 
 def available() -> bool:

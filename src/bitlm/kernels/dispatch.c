@@ -5,7 +5,7 @@
 
 #include "i2v.h"
 
-static const char *const PATH_NAMES[I2V_NPATHS] = {"scalar", "avx2", "avx512vnni", "amx"};
+static const char *const PATH_NAMES[I2V_NPATHS] = {"scalar", "avx2", "avx512vnni", "amx", "neon"};
 
 typedef struct {
     int have[I2V_NPATHS];
@@ -35,7 +35,8 @@ static cpu_info detect(void) {
     c.have[I2V_PATH_AMX] = c.have[I2V_PATH_AVX512VNNI] && i2v_amx_init();
     if (c.have[I2V_PATH_AMX]) strcat(c.features, " amx-int8");
 #elif defined(__aarch64__)
-    strcpy(c.features, "neon");
+    c.have[I2V_PATH_NEON] = i2v_neon_dotprod_supported();
+    strcpy(c.features, c.have[I2V_PATH_NEON] ? "neon dotprod" : "neon");
 #endif
     c.best = I2V_PATH_SCALAR;
     for (int p = 0; p < I2V_NPATHS; p++)
@@ -68,6 +69,9 @@ static i2v_kernel_fn kernel_for(int path) {
     case I2V_PATH_AMX: return i2v_gemm_amx;
     case I2V_PATH_AVX512VNNI: return i2v_gemm_avx512vnni;
     case I2V_PATH_AVX2: return i2v_gemm_avx2;
+#endif
+#if defined(__aarch64__)
+    case I2V_PATH_NEON: return i2v_gemm_neon;
 #endif
     default: return i2v_gemm_scalar;
     }

@@ -43,10 +43,16 @@ typedef void (*i2v_kernel_fn)(const i2v_gemm_args *a, int rb0, int rb1);
 typedef void (*i2v_quant_fn)(const float *x, size_t ldx, int M, int K, int8_t *q, size_t ldq,
                              float *scale, int32_t *qsum);
 
-/* Paths are ordered: each needs the instruction sets of those before it (AMX is only enabled with
- * AVX-512 VNNI, which comes with AVX2), so "path >= I2V_PATH_AVX512VNNI" means VNNI is there.
- * AMX only changes prefill (M >= 16); below that it runs the AVX-512 VNNI kernel. */
-enum { I2V_PATH_SCALAR = 0, I2V_PATH_AVX2 = 1, I2V_PATH_AVX512VNNI = 2, I2V_PATH_AMX = 3, I2V_NPATHS = 4 };
+/* x86 paths need the instruction sets of those before them (AMX is only enabled with AVX-512 VNNI,
+ * which comes with AVX2); AMX only changes prefill (M >= 16), below that it runs the AVX-512 VNNI
+ * kernel, so code of its own that wants VNNI should test i2v_path_has_avx512vnni(path).
+ * NEON is the AArch64 path (with the Armv8.2 dot product). */
+enum { I2V_PATH_SCALAR = 0, I2V_PATH_AVX2 = 1, I2V_PATH_AVX512VNNI = 2, I2V_PATH_AMX = 3, I2V_PATH_NEON = 4,
+       I2V_NPATHS = 5 };
+
+static inline int i2v_path_has_avx512vnni(int path) {
+    return path == I2V_PATH_AVX512VNNI || path == I2V_PATH_AMX;
+}
 
 void i2v_gemm_scalar(const i2v_gemm_args *a, int rb0, int rb1);
 void i2v_quant_scalar(const float *x, size_t ldx, int M, int K, int8_t *q, size_t ldq,
@@ -65,6 +71,10 @@ uint64_t i2v_read_avx512(const uint8_t *p, size_t n);
 #endif
 
 int i2v_amx_init(void);  /* 1 if the CPU has AMX-INT8 and the OS grants the tile state */
+#if defined(__aarch64__)
+void i2v_gemm_neon(const i2v_gemm_args *a, int rb0, int rb1);
+#endif
+int i2v_neon_dotprod_supported(void);  /* 0 off AArch64 */
 
 /* ---- thread pool (pool.c): a persistent pool; the caller runs part 0 itself ---- */
 typedef void (*i2v_task_fn)(void *ctx, int part, int nparts);

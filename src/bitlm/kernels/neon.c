@@ -1,0 +1,56 @@
+/* ARM NEON path (AArch64, with the dot-product extension of Armv8.2, FEAT_DotProd).
+ *
+ * A 128-bit register takes a quarter of an I2V block: bytes 16h..16h+15 = rows 4h..4h+3, lane i
+ * (bytes 4i..4i+3) = row 4h+i. (v >> 2s) & 3 leaves in lane i the codes of columns 4s..4s+3, and
+ * sdot by element (vdotq_laneq_s32) multiplies each lane's 4 bytes with lane s of the 16
+ * activations x[16kb..16kb+15]: exactly the broadcast the layout was drawn for. The codes 0..2 are
+ * valid signed bytes, so the signed dot product is exact. */
+#if defined(__aarch64__) && defined(__GNUC__)
+#include <arm_neon.h>
+#include <string.h>
+#include <sys/auxv.h>
+
+#include "i2v.h"
+
+#define TDOT __attribute__((target("arch=armv8.2-a+dotprod")))
+
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+
+int i2v_neon_dotprod_supported(void) { return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0; }
+
+/* one row block (16 rows) times activation row m; NR = 1 keeps it short: NEON's 32 registers hold
+ * the 4 accumulators, 4 code vectors and the activations of one block */
+TDOT static void row_block(const i2v_gemm_args *a, int m, int rb) {
+    const uint8_t *w = a->w + (size_t)rb * a->Kb * I2V_BLOCK;
+    const int8_t *x = a->x + (size_t)m * a->ldx;
+    const uint8x16_t m3 = vdupq_n_u8(3);
+    int32x4_t acc[4] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)};
+    for (int kb = 0; kb < a->Kb; kb++) {
+        int8x16_t xk = vld1q_s8(x + kb * I2V_COLS);
+        const uint8_t *blk = w + (size_t)kb * I2V_BLOCK;
+        for (int h = 0; h < 4; h++) {
+            uint8x16_t v = vld1q_u8(blk + 16 * h);
+            acc[h] = vdotq_laneq_s32(acc[h], vreinterpretq_s8_u8(vandq_u8(v, m3)), xk, 0);
+            acc[h] = vdotq_laneq_s32(acc[h], vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v, 2), m3)), xk, 1);
+            acc[h] = vdotq_laneq_s32(acc[h], vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v, 4), m3)), xk, 2);
+            acc[h] = vdotq_laneq_s32(acc[h], vreinterpretq_s8_u8(vshrq_n_u8(v, 6)), xk, 3);
+        }
+    }
+    int32_t out[16];
+    int32x4_t off = vdupq_n_s32(a->xsum[m]);
+    for (int h = 0; h < 4; h++) vst1q_s32(out + 4 * h, vsubq_s32(acc[h], off));
+    int nrows = a->N - rb * I2V_ROWS;
+    if (nrows > I2V_ROWS) nrows = I2V_ROWS;
+    memcpy(a->y + (size_t)m * a->ldy + rb * I2V_ROWS, out, (size_t)nrows * sizeof(int32_t));
+}
+
+TDOT void i2v_gemm_neon(const i2v_gemm_args *a, int rb0, int rb1) {
+    /* row block outer: its Kb * 64 bytes stay in cache while every activation row uses them */
+    for (int rb = rb0; rb < rb1; rb++)
+        for (int m = 0; m < a->M; m++) row_block(a, m, rb);
+}
+#else
+int i2v_neon_dotprod_supported(void) { return 0; }
+#endif
