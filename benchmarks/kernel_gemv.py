@@ -7,7 +7,8 @@ Weights are cold, as in decode: each call reads the next of enough copies of the
 read bandwidth: the kernel library's SIMD read probe (same thread count) over the very same pool,
 run alternately with the GEMV passes so that both see the same load from other processes (the
 machine may be shared); "% of BW" is the median of the paired ratios. numpy's float64 sum over
-2 GB is printed for comparison. Time per call is the median over --repeats passes, Python call
+2 GB is printed for comparison. The peer row per shape is torch's bf16 GEMV (F.linear, what a bf16
+transformers model runs) on cold weights the same way. Time per call is the median over --repeats passes, Python call
 overhead included (it is part of every real call). Never imported by the tests.
 """
 
@@ -80,6 +81,22 @@ def time_gemv(big: torch.Tensor, mats: list[kernels.PackedTernary], path: str, r
     return statistics.median(gemv) / len(mats), big.numel() / statistics.median(probe) / 1e9, ratio
 
 
+def time_torch_bf16(k: int, n: int, threads: list[int], pool_bytes: int, repeats: int):
+    """[(threads, seconds per call, bytes per matrix)] for torch.nn.functional.linear in bf16, cold."""
+    w = torch.randn(n, k, dtype=torch.bfloat16)
+    copies = max(2, -(-pool_bytes // (w.numel() * 2)))
+    big = w.reshape(1, -1).expand(copies, -1).contiguous()
+    mats = [big[i].view(n, k) for i in range(copies)]
+    x = torch.randn(1, k, dtype=torch.bfloat16)
+    saved, rows = torch.get_num_threads(), []
+    for t in threads:
+        torch.set_num_threads(t)
+        sec = median_time(lambda: [torch.nn.functional.linear(x, m) for m in mats], repeats) / copies
+        rows.append((t, sec, w.numel() * 2))
+    torch.set_num_threads(saved)
+    return rows
+
+
 def time_gemm(mat: kernels.PackedTernary, m: int, path: str, repeats: int) -> float:
     x = torch.randint(-128, 128, (m, mat.k), dtype=torch.int8)
     return median_time(lambda: kernels.gemm(x, mat, path=path), repeats)
@@ -92,6 +109,7 @@ def main() -> None:
     ap.add_argument("--pool-mb", type=int, default=2048, help="cold-weight pool per shape (past every cache)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--prefill", type=int, default=128, help="M for one prefill GEMM row per shape (0: skip)")
+    ap.add_argument("--no-peer", action="store_true", help="skip the torch bf16 GEMV rows")
     args = ap.parse_args()
     if not kernels.available():
         raise SystemExit(f"native kernels not available: {kernels.info()['error']}")
@@ -133,6 +151,11 @@ def main() -> None:
                 print(f"{f'{k}->{n}':>16} {mats[0].nbytes / 1e6:6.2f} {t:7d} {p:>11} {sec * 1e6:9.1f} {gbs:7.1f} "
                       f"{probe:10.1f} {100 * ratio:7.0f}%")
         del big, mats
+        if not args.no_peer:  # the peer: a bf16 GEMV in torch, what transformers' bf16 model runs
+            for t, sec, nbytes in time_torch_bf16(k, n, threads, args.pool_mb << 20, args.repeats):
+                ours = min(per_call[(k, n, t, p)][0] for p in gemv_paths)
+                print(f"{f'{k}->{n}':>16} {nbytes / 1e6:6.2f} {t:7d} {'torch bf16':>11} {sec * 1e6:9.1f} "
+                      f"{nbytes / sec / 1e9:7.1f} {'':>10} {'':>8}  ({sec / ours:.1f}x our time)")
 
     print("\ndecode, all 210 ternary projections of the 2B4T model (no head, no attention):")
     layer_bytes = sum(cnt * kernels.pack(torch.zeros(n, k, dtype=torch.int8)).nbytes for (k, n), cnt in LAYER_MIX.items())
