@@ -24,10 +24,10 @@ Why: one 64-byte load puts bytes 4r..4r+3, that is 32-bit lane r, under row r. `
 leaves in lane r the four codes of row r at columns 4s .. 4s+3, which is what `vpdpbusd` multiplies
 with the four activation bytes x[4s .. 4s+3] broadcast to every lane. Four shifts of one load give
 16 rows x 16 columns of products, each row summed in its own int32 lane: no horizontal reduction,
-and the activation broadcast is shared by all rows (and by further row blocks). The other kernels read it the same way:
-AVX2 takes 32 bytes (rows 0-7 or 8-15) with `vpmaddubsw`; NEON takes 16 bytes (4 rows) with `sdot` by
-element (lane s of x[0..15]); AMX stacks the 16 shifted vectors of four blocks as one B tile
-(16 rows of 4 columns x 16 outputs, the tile's own VNNI order) for `tdpbsud`.
+and the activation broadcast is shared by all rows (and by further row blocks). The other kernels
+read it the same way: AVX2 takes 32 bytes (rows 0-7 or 8-15) with `vpmaddubsw`; NEON takes 16 bytes
+(4 rows) with `sdot` by element (lane s of x[0..15]); AMX stacks the 16 shifted vectors of four
+blocks as one B tile (16 rows of 4 columns x 16 outputs, the tile's own VNNI order) for `tdpbsud`.
 
 Worked example
 --------------
