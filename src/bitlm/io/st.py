@@ -1,0 +1,95 @@
+"""safetensors without torch: memory-mapped numpy views for reading, a streaming writer.
+
+The file format: an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+data_offsets: [begin, end]}, "__metadata__": {str: str}}, then the tensor bytes. bf16 has no numpy
+dtype, so it is read and written as uint16 bit patterns (names ending the same, dtype "BF16").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BitlmError
+
+_NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64, "I8": np.int8, "U8": np.uint8,
+       "I16": np.int16, "U16": np.uint16, "I32": np.int32, "I64": np.int64, "BOOL": np.bool_}
+_ST = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.float64): "F64",
+       np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.int16): "I16", np.dtype(np.int32): "I32",
+       np.dtype(np.int64): "I64", np.dtype(np.uint16): "U16"}
+_ALIGN = 64  # tensor data starts on 64-byte boundaries: SIMD loads straight from the mapping
+
+
+def read_header(path) -> tuple[dict, int]:
+    """(header dict, offset of the data section)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ValueError("shorter than 8 bytes")
+            (n,) = struct.unpack("<Q", raw)
+            if n > 100 << 20:
+                raise ValueError(f"header length {n} is implausible")
+            header = json.loads(f.read(n))
+        size = path.stat().st_size
+    except (OSError, ValueError) as e:
+        raise BitlmError(f"{path}: not a readable safetensors file ({e})") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise BitlmError(f"{path}: truncated: the header promises {8 + n + end} bytes, the file has {size}; "
+                         "write or download it again")
+    return header, 8 + n
+
+
+def open_arrays(path) -> tuple[dict[str, np.ndarray], dict]:
+    """name -> read-only memory-mapped array (BF16 as uint16), and the __metadata__ dict."""
+    header, start = read_header(path)
+    meta = header.pop("__metadata__", {}) or {}
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    out = {}
+    for name, info in header.items():
+        if info["dtype"] not in _NP:
+            raise BitlmError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        b, e = info["data_offsets"]
+        out[name] = mm[start + b:start + e].view(_NP[info["dtype"]]).reshape(info["shape"])
+    return out, meta
+
+
+def write(path, tensors: dict[str, tuple[str, np.ndarray] | np.ndarray], metadata: dict[str, str]) -> None:
+    """Write tensors (an array, or (dtype name, array) for BF16 bit patterns) atomically, streaming."""
+    path = Path(path)
+    items = []
+    offset = 0
+    for name, v in tensors.items():
+        dt, a = v if isinstance(v, tuple) else (_ST[np.dtype(v.dtype)], v)
+        offset = -(-offset // _ALIGN) * _ALIGN
+        items.append((name, dt, a, offset))
+        offset += a.nbytes
+    header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
+    for name, dt, a, off in items:
+        header[name] = {"dtype": dt, "shape": list(a.shape), "data_offsets": [off, off + a.nbytes]}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % _ALIGN)  # the data section starts aligned too
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            pos = 0
+            for name, dt, a, off in items:
+                f.write(b"\0" * (off - pos))
+                f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
+                pos = off + a.nbytes
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
