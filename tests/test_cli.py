@@ -1,6 +1,7 @@
 """The `bitlm` command, as a subprocess (python -m bitlm) and in process (main(argv)): output checked
 against the library and against sizes computed here from the files; bad input gives exit 2 and one line."""
 
+import io
 import json
 import os
 import re
@@ -59,7 +60,7 @@ def test_generate_sampling_flags_stop_strings_and_stdin(tiny_model_dir, model, c
     assert main(argv + ["--stop", "\x00nowhere", stop]) == 0
     assert capsys.readouterr().out == cut + "\n"
 
-    monkeypatch.setattr(sys, "stdin", __import__("io").StringIO(PROMPT))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(PROMPT))
     assert main(["generate", "-m", str(tiny_model_dir), "-p", "-", "-n", "30", "--temperature", "0.9",
                  "--top-k", "20", "--top-p", "0.8", "--seed", "5", "--stats"]) == 0
     out, err = capsys.readouterr()
@@ -96,7 +97,7 @@ def test_chat_two_turns_reset_and_eof(tiny_model_dir, model):
 
 
 def test_chat_keeps_history_between_turns(tiny_model_dir, model, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("hello\n\nhi again\n/quit\nnever read\n"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n\nhi again\n/quit\nnever read\n"))
     assert main(["chat", "-m", str(tiny_model_dir), "-n", "6", "--temperature", "0"]) == 0
     session = ChatSession(model, max_new_tokens=6, temperature=0)
     first, second = session.reply("hello"), session.reply("hi again")
@@ -149,23 +150,6 @@ def test_info_counts_and_bytes(tiny_model_dir, model, capsys):
     for k in ("ternary weights", "ternary scales", "embedding", "norms", "total"):
         assert re.search(rf"^  {k} +{nbytes[k]:,} ", text, re.M), k
     assert re.search(r"^  hidden_size +64$", text, re.M)
-
-
-def test_info_latent_untied_checkpoint(tmp_path, tiny_tokenizer_dir):
-    """A latent (online) checkpoint with an untied head: float weights, counted and sized from the file."""
-    cfg = bitlm.preset("tiny", tie_word_embeddings=False, quantization_mode="online", torch_dtype="bfloat16")
-    m = bitlm.BitNetForCausalLM(cfg, linear="latent")
-    tensors = {k: v.to(torch.bfloat16) for k, v in m.state_dict().items()}
-    tmp_path.mkdir(exist_ok=True)
-    save_file(tensors, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf()))
-    info = bitlm.io.summary.describe(tmp_path)
-    shapes = {k: v.numel() for k, v in load_file(tmp_path / "model.safetensors").items()}
-    assert info["format"]["quantization_mode"] == "online"
-    assert info["bytes"]["head"] == 2 * shapes["lm_head.weight"] == 2 * 512 * 64
-    assert info["bytes"]["ternary weights"] == 2 * info["parameters"]["ternary"]  # bf16: 16 bits per weight
-    assert info["parameters"]["head"] == 512 * 64
-    assert bitlm.load(tmp_path, tokenizer=False).config.tie_word_embeddings is False
 
 
 # ---- bad input: exit 2, one line, no traceback -----------------------------------------------------

@@ -230,3 +230,9 @@ def test_chat_error_leaves_the_history_unchanged(model):
     assert chat.messages == before
     assert chat.reply("hello again")  # and the session still works
     assert len(chat.messages) == 4
+
+
+def test_chat_needs_a_chat_template(model, monkeypatch):
+    monkeypatch.setattr(model.tokenizer, "chat_template", None)
+    with pytest.raises(BitlmError, match="no chat template"):
+        ChatSession(model)

@@ -276,6 +276,9 @@ class ChatSession:
     def __init__(self, model, system: str | None = None, **options):
         self.model = model
         self.tokenizer = _require_tokenizer(model, "chat")
+        if not self.tokenizer.chat_template:
+            raise BitlmError("this model has no chat template (tokenizer_config.json chat_template); "
+                             "use plain generation (`bitlm generate`) instead")
         self.system = system
         self.options = options
         self.cache = model.new_cache()
