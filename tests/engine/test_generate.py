@@ -53,11 +53,11 @@ def test_greedy_equals_naive_loop(model):
 def test_seeded_sampling_equals_naive_loop_and_repeats(model):
     prompt = model.tokenizer.encode("Shall I compare thee")
     opts = dict(temperature=1.3, top_k=50, top_p=0.9, seed=11, stop_token_ids=[])
-    a = list(generate(model, prompt, max_new_tokens=20, **opts))
+    a = list(generate(model, prompt, max_new_tokens=12, **opts))
     p = SamplingParams(1.3, 50, 0.9, 11)
-    assert a == naive(model, prompt, 20, p, p.generator())
-    assert a == list(generate(model, prompt, max_new_tokens=20, **opts))
-    assert a != list(generate(model, prompt, max_new_tokens=20, **{**opts, "seed": 12}))
+    assert a == naive(model, prompt, 12, p, p.generator())
+    assert a == list(generate(model, prompt, max_new_tokens=12, **opts))
+    assert a != list(generate(model, prompt, max_new_tokens=12, **{**opts, "seed": 12}))
 
 
 def test_prompt_as_tensor_and_model_method(model):
@@ -88,7 +88,7 @@ def test_max_new_tokens(model):
 
 def test_stop_tokens(model):
     prompt = model.tokenizer.encode("Now is the winter")
-    ref = naive(model, prompt, 30)
+    ref = list(generate(model, prompt, max_new_tokens=30, **GREEDY))  # == naive (test above)
     k = next(i for i in range(3, 30) if ref[i] not in ref[:i])  # a token first produced at step k
     tokens, reason = finish(generate(model, prompt, max_new_tokens=30, temperature=0, stop_token_ids=[ref[k]]))
     assert (tokens, reason) == (ref[:k], "stop")  # the stop token itself is not yielded
@@ -122,7 +122,7 @@ def test_default_stop_tokens_are_eos_and_eot(model, monkeypatch):
 def test_stop_strings_are_trimmed_and_never_emitted(model):
     tok = model.tokenizer
     prompt = "To be, or not to be"
-    ref = naive(model, tok.encode(prompt), 40)
+    ref = list(generate(model, tok.encode(prompt), max_new_tokens=40, **GREEDY))
     text = tok.decode(ref)
     # a stop string that first appears well inside the text, spanning more than one character
     start = next(i for i in range(8, len(text) - 3) if text.find(text[i:i + 3]) == i and text[i:i + 3].strip())
