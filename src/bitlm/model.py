@@ -234,6 +234,17 @@ class BitNetForCausalLM(nn.Module):
             h = h[:, -logits_to_keep:]
         return self.lm_head(h)
 
+    # ---- generation (bitlm.engine.generate) --------------------------------------------------------
+    def generate(self, prompt, **kwargs) -> str:
+        """The text continuation of `prompt` (a string or token ids); options as for engine.generate."""
+        from .engine.generate import generate_text
+        return generate_text(self, prompt, **kwargs)
+
+    def chat(self, system: str | None = None, **kwargs):
+        """A multi-turn ChatSession through the chat template; options as for engine.generate."""
+        from .engine.generate import ChatSession
+        return ChatSession(self, system=system, **kwargs)
+
     # ---- conversions between the forms ------------------------------------------------------------
     def ternary_layers(self):
         """(name, module) of every ternary projection."""
