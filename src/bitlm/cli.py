@@ -3,6 +3,8 @@
     bitlm generate -m MODEL -p PROMPT [-n N] [sampling flags] [--stop STR ...] [--ignore-eos] [-t THREADS]
     bitlm chat -m MODEL [--system S] [sampling flags]
     bitlm info [MODEL] [--json]
+    bitlm bench (-m MODEL | --shape NAME) [-t THREADS] [-p N_PROMPT] [-n N_GEN] [-r REPS] [--json]
+    bitlm doctor
 
 A BitlmError (bad input, a bad file, a missing model) prints one line `bitlm: error: ...` and exits 2;
 Ctrl-C exits 130 without a traceback.
@@ -14,6 +16,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import os
 import sys
 
 from .errors import BitlmError
@@ -45,10 +48,30 @@ def set_threads(n: int | None) -> None:
     importlib.import_module(f"{__package__}.kernels").set_num_threads(n)
 
 
+def native_available() -> bool:
+    if importlib.util.find_spec(f"{__package__}.kernels._native") is None:
+        return False
+    return importlib.import_module(f"{__package__}.kernels").available()
+
+
 def load_model(args):
-    import bitlm
+    """The model on the runtime asked for: "native" (the C forward, the default where it is built) or
+    "torch" (the reference model)."""
     set_threads(args.threads)
-    model = bitlm.load(resolve_model_arg(args.model))
+    source = resolve_model_arg(args.model)
+    runtime = args.runtime
+    if runtime == "auto":
+        runtime = "native" if native_available() else "torch"
+    if runtime == "native":
+        if not native_available():
+            raise BitlmError("--runtime native: the native kernels are not built in this install; "
+                             "run `bitlm doctor`, or use --runtime torch")
+        from .engine.native import NativeLM
+        from .io.native import load_native
+        model = NativeLM(load_native(source, head=args.head, max_len=args.ctx_size))
+    else:
+        import bitlm
+        model = bitlm.load(source)
     if model.tokenizer is None:
         raise BitlmError(f"{args.model}: no tokenizer.json next to the weights; `bitlm {args.command}` needs one")
     return model
@@ -134,6 +157,87 @@ def cmd_chat(args) -> int:
             report_stats(stream, sys.stderr)
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
+    return values
+
+
+def cmd_bench(args) -> int:
+    import time
+
+    from .engine import bench
+    from .io.native import load_native, open_native
+    if not native_available():
+        raise BitlmError("bitlm bench measures the native runtime, which is not built in this install "
+                         "(see `bitlm doctor`)")
+    if bool(args.model) == bool(args.shape):
+        raise BitlmError("bitlm bench: give exactly one of -m MODEL or --shape NAME (e.g. --shape 2b4t)")
+    longest = max(args.n_prompt) + max(args.n_gen) + 1
+    t0 = time.perf_counter()
+    if args.shape:
+        path = bench.synthetic_native_file(args.shape, args.head)
+        made = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        nm = open_native(path, max_len=longest)
+        nm.source = {"file": str(path)}
+    else:
+        nm = load_native(args.model, head=args.head, max_len=longest)
+        made = 0.0
+    load_s = time.perf_counter() - t0
+    records = []
+    for threads in args.threads:
+        for n_prompt in args.n_prompt:
+            records += bench.run(nm, threads, n_prompt, 0, args.repetitions)
+        for n_gen in args.n_gen:
+            records += bench.run(nm, threads, 0, n_gen, args.repetitions)
+    rss = bench.peak_rss_bytes()
+    for r in records:
+        r["load_s"], r["peak_rss_bytes"] = load_s, rss
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return 0
+    if made > 1:
+        print(f"(made the random {args.shape} model file in {made:.0f} s, once: {nm.source['file']})")
+    size = records[0]["model_size"] / 2**30 if records else 0
+    print(f"| model | size | params | backend | threads | test | t/s |")
+    print("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
+    for r in records:
+        test = f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}"
+        print(f"| {r['model_type']} | {size:.2f} GiB | {r['model_n_params'] / 1e9:.2f} B | native | {r['n_threads']} "
+              f"| {test} | {r['avg_ts']:.2f} ± {r['stddev_ts']:.2f} |")
+    print(f"\nload {load_s:.2f} s, peak RSS {rss / 1e9:.3f} GB")
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    import platform
+
+    from . import __version__
+    print(f"bitlm {__version__}, Python {platform.python_version()}, {platform.system()} {platform.machine()}")
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        cpu = platform.processor() or "?"
+    print(f"cpu: {cpu}, {os.cpu_count()} logical CPUs")
+    if importlib.util.find_spec(f"{__package__}.kernels") is None:
+        print("native kernels: not part of this install")
+        return 0
+    info = importlib.import_module(f"{__package__}.kernels").info()
+    if not info["available"]:
+        print(f"native kernels: NOT available ({info.get('error')}); the pure-torch path is used")
+        return 0
+    print(f"cpu features: {' '.join(info['cpu_features']) or '-'}")
+    print(f"kernel paths: {', '.join(info['paths'])}; in use: {info['path']}")
+    print(f"threads: {info['threads']}")
+    return 0
+
+
 def cmd_info(args) -> int:
     from .io.summary import describe, format_summary
     info = describe(resolve_model_arg(args.model_pos or args.model))
@@ -150,7 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("-m", "--model", help="model directory or Hugging Face repo id")
-    model.add_argument("-t", "--threads", type=int, help="CPU threads (default: torch's choice)")
+    model.add_argument("-t", "--threads", type=int, help="CPU threads (default: all)")
+    model.add_argument("--runtime", choices=("auto", "native", "torch"), default="auto",
+                       help="native: the C forward (default where built); torch: the reference model")
+    model.add_argument("--head", choices=("q8", "bf16", "f32"), default="q8",
+                       help="native runtime: output head format (default q8: int8 rows, per-row scale)")
+    model.add_argument("-c", "--ctx-size", type=int, help="native runtime: context to allocate (default: the model's)")
 
     sampling = argparse.ArgumentParser(add_help=False)
     g = sampling.add_argument_group("sampling")
@@ -179,6 +288,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=cmd_info)
+
+    p = sub.add_parser("bench", help="prompt and generation speed, load time, peak memory (llama-bench style)",
+                       description="Measure the native runtime: pp (prompt processing) and tg (generation) "
+                                   "tokens/s, the median of -r repetitions, load time and peak RSS.")
+    p.add_argument("-m", "--model", help="model directory or Hugging Face repo id")
+    p.add_argument("--shape", help="a random model of a preset's shape instead (e.g. 2b4t); no download")
+    p.add_argument("-t", "--threads", type=_int_list, default=[os.cpu_count() or 1], help="threads, e.g. 1,2")
+    p.add_argument("-p", "--n-prompt", type=_int_list, default=[512], help="prompt lengths (default 512)")
+    p.add_argument("-n", "--n-gen", type=_int_list, default=[128], help="tokens to generate (default 128)")
+    p.add_argument("-r", "--repetitions", type=int, default=5, help="runs per test (default 5)")
+    p.add_argument("--head", choices=("q8", "bf16", "f32"), default="q8", help="output head format")
+    p.add_argument("--json", action="store_true", help="print llama-bench's JSON records")
+    p.set_defaults(run=cmd_bench)
+
+    p = sub.add_parser("doctor", help="CPU features and the kernel path in use")
+    p.set_defaults(run=cmd_doctor)
     return parser
 
 

@@ -220,3 +220,51 @@ class NativeModel:
             self.n.forward(self._handle, t.ctypes.data, t.shape[0], self.pos, out.ctypes.data, 0, 1)
             self.pos += t.shape[0]
         return out
+
+
+class NativeCache:
+    """The KV cache of a NativeModel seen through the KVCache interface the generation engine uses.
+    A NativeModel owns one cache, so one conversation at a time."""
+
+    def __init__(self, nm: NativeModel, max_len: int | None = None):
+        self.nm = nm
+        self.max_len = min(max_len or nm.max_len, nm.max_len)
+        nm.reset()
+
+    @property
+    def length(self) -> int:
+        return self.nm.pos
+
+    def reset(self) -> None:
+        self.nm.reset()
+
+    def truncate(self, length: int) -> None:
+        self.nm.truncate(length)
+
+
+class NativeLM:
+    """A NativeModel that answers like BitNetForCausalLM (call on ids, new_cache, config, tokenizer),
+    so generate(), stream_text() and ChatSession run on the native runtime unchanged."""
+
+    device = "cpu"
+
+    def __init__(self, nm: NativeModel):
+        self.nm = nm
+        self.config = nm.config
+        self.tokenizer = nm.tokenizer
+        self.source = getattr(nm, "source", None)
+
+    def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> NativeCache:
+        if batch_size != 1:
+            raise BitlmError("the native runtime runs one sequence at a time (batch size 1)")
+        return NativeCache(self.nm, max_len)
+
+    def __call__(self, input_ids, cache: NativeCache | None = None, logits_to_keep: int = 0):
+        import torch
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise BitlmError("the native runtime runs one sequence at a time: input_ids must be (1, T)")
+        if cache is None:  # a stateless call: run from position 0
+            self.nm.reset()
+        T = input_ids.shape[1]
+        n_out = T if not logits_to_keep else min(logits_to_keep, T)
+        return torch.from_numpy(self.nm.forward(input_ids[0].numpy(), n_out)).unsqueeze(0)

@@ -61,13 +61,27 @@ def open_arrays(path) -> tuple[dict[str, np.ndarray], dict]:
     return out, meta
 
 
-def write(path, tensors: dict[str, tuple[str, np.ndarray] | np.ndarray], metadata: dict[str, str]) -> None:
-    """Write tensors (an array, or (dtype name, array) for BF16 bit patterns) atomically, streaming."""
+class Lazy:
+    """A tensor made only when it is written (shape and dtype known up front): big files are written
+    one tensor in memory at a time."""
+
+    def __init__(self, shape, dtype, make, st_dtype: str | None = None):
+        self.shape, self.dtype, self.make = tuple(shape), np.dtype(dtype), make
+        self.st_dtype = st_dtype or _ST[self.dtype]
+        self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
+
+
+def write(path, tensors: dict, metadata: dict[str, str]) -> None:
+    """Write tensors atomically, streaming. A value is an array, (dtype name, array) for BF16 bit
+    patterns stored as uint16, or a Lazy."""
     path = Path(path)
     items = []
     offset = 0
     for name, v in tensors.items():
-        dt, a = v if isinstance(v, tuple) else (_ST[np.dtype(v.dtype)], v)
+        if isinstance(v, Lazy):
+            dt, a = v.st_dtype, v
+        else:
+            dt, a = v if isinstance(v, tuple) else (_ST[np.dtype(v.dtype)], v)
         offset = -(-offset // _ALIGN) * _ALIGN
         items.append((name, dt, a, offset))
         offset += a.nbytes
@@ -85,6 +99,11 @@ def write(path, tensors: dict[str, tuple[str, np.ndarray] | np.ndarray], metadat
             pos = 0
             for name, dt, a, off in items:
                 f.write(b"\0" * (off - pos))
+                if isinstance(a, Lazy):
+                    made = np.asarray(a.make(), dtype=a.dtype)
+                    if made.shape != a.shape:
+                        raise ValueError(f"{name}: made {made.shape}, declared {a.shape}")
+                    a = made
                 f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
                 pos = off + a.nbytes
         os.chmod(tmp, 0o644)
