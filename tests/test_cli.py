@@ -34,6 +34,16 @@ def run_cli(*args, stdin: str = "", env: dict | None = None):
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
+    """The library's model on the runtime the CLI picks by default (native, int8 head, where built)."""
+    from bitlm.cli import native_available
+    if native_available():
+        from bitlm.engine.native import NativeLM
+        return NativeLM(bitlm.load_native(tiny_model_dir, head="q8"))
+    return bitlm.load(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def torch_model(tiny_model_dir):
     return bitlm.load(tiny_model_dir)
 
 
@@ -129,8 +139,8 @@ def expected_sizes(model_dir: Path, model) -> tuple[dict, dict]:
     return params, {**nbytes, "total": f.stat().st_size}
 
 
-def test_info_counts_and_bytes(tiny_model_dir, model, capsys):
-    params, nbytes = expected_sizes(tiny_model_dir, model)
+def test_info_counts_and_bytes(tiny_model_dir, torch_model, capsys):
+    params, nbytes = expected_sizes(tiny_model_dir, torch_model)
     assert nbytes["ternary weights"] * 4 == params["ternary"]  # 2 bits per weight
     assert main(["info", str(tiny_model_dir), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -238,6 +248,7 @@ def test_ctrl_c_exits_130_quietly(tiny_model_dir, capsys, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(bitlm, "load", interrupted)
+    monkeypatch.setattr(bitlm.io.native, "load_native", interrupted)
     assert main(["generate", "-m", str(tiny_model_dir), "-p", "hi"]) == 130
     assert "Traceback" not in capsys.readouterr().err
 

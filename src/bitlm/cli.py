@@ -172,11 +172,11 @@ def cmd_bench(args) -> int:
 
     from .engine import bench
     from .io.native import load_native, open_native
+    if bool(args.model) == bool(args.shape):
+        raise BitlmError("bitlm bench: give exactly one of -m MODEL or --shape NAME (e.g. --shape 2b4t)")
     if not native_available():
         raise BitlmError("bitlm bench measures the native runtime, which is not built in this install "
                          "(see `bitlm doctor`)")
-    if bool(args.model) == bool(args.shape):
-        raise BitlmError("bitlm bench: give exactly one of -m MODEL or --shape NAME (e.g. --shape 2b4t)")
     longest = max(args.n_prompt) + max(args.n_gen) + 1
     t0 = time.perf_counter()
     if args.shape:

@@ -23,6 +23,7 @@ _ST = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.flo
        np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.int16): "I16", np.dtype(np.int32): "I32",
        np.dtype(np.int64): "I64", np.dtype(np.uint16): "U16"}
 _ALIGN = 64  # tensor data starts on 64-byte boundaries: SIMD loads straight from the mapping
+PAD = "__pad"  # names of the padding tensors that keep them there (skipped by open_arrays)
 
 
 def read_header(path) -> tuple[dict, int]:
@@ -54,6 +55,8 @@ def open_arrays(path) -> tuple[dict[str, np.ndarray], dict]:
     mm = np.memmap(path, dtype=np.uint8, mode="r")
     out = {}
     for name, info in header.items():
+        if name.startswith(PAD):
+            continue
         if info["dtype"] not in _NP:
             raise BitlmError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
         b, e = info["data_offsets"]
@@ -82,7 +85,10 @@ def write(path, tensors: dict, metadata: dict[str, str]) -> None:
             dt, a = v.st_dtype, v
         else:
             dt, a = v if isinstance(v, tuple) else (_ST[np.dtype(v.dtype)], v)
-        offset = -(-offset // _ALIGN) * _ALIGN
+        gap = -offset % _ALIGN
+        if gap:  # safetensors allows no holes: an explicit padding tensor keeps the next one aligned
+            items.append((f"{PAD}{len(items)}", "U8", np.zeros(gap, np.uint8), offset))
+            offset += gap
         items.append((name, dt, a, offset))
         offset += a.nbytes
     header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
