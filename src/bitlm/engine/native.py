@@ -268,3 +268,13 @@ class NativeLM:
         T = input_ids.shape[1]
         n_out = T if not logits_to_keep else min(logits_to_keep, T)
         return torch.from_numpy(self.nm.forward(input_ids[0].numpy(), n_out)).unsqueeze(0)
+
+
+PROFILE_PHASES = ("embed", "norm+quantize", "q/k/v", "rope+kv store", "attention", "o", "gate/up",
+                  "relu2/silu", "down", "residual", "head")
+
+
+def profile(nm: NativeModel, enable: bool | None = None, reset: bool = False) -> dict[str, float]:
+    """Seconds spent per phase of the forward since the last reset (bitnet.h BN_PROF_*)."""
+    ns = nm.n.profile(nm._handle, -1 if enable is None else int(enable), int(reset))
+    return {name: v / 1e9 for name, v in zip(PROFILE_PHASES, ns)}

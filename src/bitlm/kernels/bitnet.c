@@ -6,9 +6,11 @@
  *
  * The float loops are compiled for several instruction sets (target_clones) and picked at load
  * time; the ternary products are the I2V kernels; the int8 head uses AVX-512 VNNI where present. */
+#define _POSIX_C_SOURCE 199309L /* clock_gettime under -std=c11 */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "bitnet.h"
 #include "i2v.h"
@@ -39,7 +41,31 @@ struct bn_model {
     const float *head_scale;
     const int32_t *head_rowsum;
     bn_layer *layers;
+    int profiling;
+    int64_t prof[BN_NPROF];
 };
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* charge the time since *t to phase ph (when profiling), and restart the clock */
+#define LAP(ph)                                                                            \
+    do {                                                                                   \
+        if (m->profiling) {                                                                \
+            int64_t t1_ = now_ns();                                                        \
+            ((bn_model *)m)->prof[ph] += t1_ - tlap;                                       \
+            tlap = t1_;                                                                    \
+        }                                                                                  \
+    } while (0)
+
+void bn_profile(bn_model *m, int enable, int64_t *out, int reset) {
+    if (out) memcpy(out, m->prof, sizeof m->prof);
+    if (reset) memset(m->prof, 0, sizeof m->prof);
+    if (enable >= 0) m->profiling = enable;
+}
 
 enum { P_Q, P_K, P_V, P_O, P_GATE, P_UP, P_DOWN };
 
@@ -333,6 +359,7 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
     int8_t *q8 = TAKE(int8_t, n_q8);
 #undef TAKE
     int rc = 0;
+    int64_t tlap = m->profiling ? now_ns() : 0;
     /* embedding */
     for (int t = 0; t < T; t++) {
         float *xt = x + (size_t)t * H;
@@ -342,14 +369,17 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
             for (int i = 0; i < H; i++) xt[i] = bf16_to_f32(((const uint16_t *)m->embed)[(size_t)tokens[t] * H + i]);
     }
     size_t ldqkv = (size_t)(qn + 2 * kvn);
+    LAP(BN_PROF_EMBED);
     for (int l = 0; l < m->L && !rc; l++) {
         const bn_layer *y = &m->layers[l];
         /* attention */
         for (int t = 0; t < T; t++) rmsnorm(x + (size_t)t * H, y->attn_norm, xn + (size_t)t * H, H, m->eps);
         if ((rc = i2v_quantize(xn, (size_t)H, T, H, q8, kpad(H), s, qsum, m->path))) break;
+        LAP(BN_PROF_NORM_QUANT);
         if ((rc = project(m, &y->proj[P_Q], q8, kpad(H), s, qsum, T, acc, qkv, ldqkv))) break;
         if ((rc = project(m, &y->proj[P_K], q8, kpad(H), s, qsum, T, acc, qkv + qn, ldqkv))) break;
         if ((rc = project(m, &y->proj[P_V], q8, kpad(H), s, qsum, T, acc, qkv + qn + kvn, ldqkv))) break;
+        LAP(BN_PROF_QKV);
         for (int t = 0; t < T; t++) {
             int ps = pos + t;
             float *qt = qkv + (size_t)t * ldqkv, *kt = qt + qn, *vt = kt + kvn;
@@ -363,26 +393,37 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
         }
         /* gather q contiguously for the attention task */
         for (int t = 0; t < T; t++) memcpy(xn + (size_t)t * qn, qkv + (size_t)t * ldqkv, sizeof(float) * qn);
+        LAP(BN_PROF_ROPE_KV);
         attn_task at = {m, y, xn, att, scores, T, pos};
         i2v_pool_run(attn_part, &at, attn_parts);
+        LAP(BN_PROF_ATTN);
         for (int t = 0; t < T; t++) rmsnorm(att + (size_t)t * qn, y->attn_sub_norm, xn + (size_t)t * qn, qn, m->eps);
         if ((rc = i2v_quantize(xn, (size_t)qn, T, qn, q8, kpad(qn), s, qsum, m->path))) break;
+        LAP(BN_PROF_NORM_QUANT);
         if ((rc = project(m, &y->proj[P_O], q8, kpad(qn), s, qsum, T, acc, att, (size_t)H))) break;
+        LAP(BN_PROF_O);
         for (size_t i = 0; i < n_x; i++) x[i] += att[i];
+        LAP(BN_PROF_RESIDUAL);
         /* feed-forward */
         for (int t = 0; t < T; t++) rmsnorm(x + (size_t)t * H, y->ffn_norm, xn + (size_t)t * H, H, m->eps);
         if ((rc = i2v_quantize(xn, (size_t)H, T, H, q8, kpad(H), s, qsum, m->path))) break;
+        LAP(BN_PROF_NORM_QUANT);
         if ((rc = project(m, &y->proj[P_GATE], q8, kpad(H), s, qsum, T, acc, g, (size_t)I))) break;
         if ((rc = project(m, &y->proj[P_UP], q8, kpad(H), s, qsum, T, acc, u, (size_t)I))) break;
+        LAP(BN_PROF_GATE_UP);
         for (size_t i = 0; i < n_g; i++) {
             float a = g[i];
             a = m->act == 0 ? (a > 0.0f ? a * a : 0.0f) : a / (1.0f + expf(-a));
             g[i] = a * u[i];
         }
+        LAP(BN_PROF_ACT);
         for (int t = 0; t < T; t++) rmsnorm(g + (size_t)t * I, y->ffn_sub_norm, xn + (size_t)t * I, I, m->eps);
         if ((rc = i2v_quantize(xn, (size_t)I, T, I, q8, kpad(I), s, qsum, m->path))) break;
+        LAP(BN_PROF_NORM_QUANT);
         if ((rc = project(m, &y->proj[P_DOWN], q8, kpad(I), s, qsum, T, acc, att, (size_t)H))) break;
+        LAP(BN_PROF_DOWN);
         for (size_t i = 0; i < n_x; i++) x[i] += att[i];
+        LAP(BN_PROF_RESIDUAL);
     }
     if (!rc && hidden_out)
         for (int t = 0; t < T; t++) rmsnorm(x + (size_t)t * H, m->final_norm, hidden_out + (size_t)t * H, H, m->eps);
@@ -402,6 +443,7 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
             }
         }
         if (!rc) i2v_pool_run(head_part, &ht, 4 * threads);
+        LAP(BN_PROF_HEAD);
     }
     free(buf);
     return rc;

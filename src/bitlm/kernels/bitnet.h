@@ -42,6 +42,12 @@ void bn_model_free(bn_model *m);
  * arguments (positions past max_len, token ids out of range), -2 when out of memory. */
 int bn_forward(const bn_model *m, const int32_t *tokens, int T, int pos, float *logits, int n_out);
 
+/* Per-phase wall time, for the decode breakdown: phases BN_PROF_*, nanoseconds summed over calls
+ * since the last reset. Timing costs ~20 ns per phase boundary; off unless enabled. */
+enum { BN_PROF_EMBED, BN_PROF_NORM_QUANT, BN_PROF_QKV, BN_PROF_ROPE_KV, BN_PROF_ATTN, BN_PROF_O,
+       BN_PROF_GATE_UP, BN_PROF_ACT, BN_PROF_DOWN, BN_PROF_RESIDUAL, BN_PROF_HEAD, BN_NPROF };
+void bn_profile(bn_model *m, int enable, int64_t *out /* [BN_NPROF] or NULL */, int reset);
+
 /* Final hidden states instead of logits: float32 [T, hidden] (for tests and embeddings). */
 int bn_forward_hidden(const bn_model *m, const int32_t *tokens, int T, int pos, float *hidden);
 

@@ -141,7 +141,23 @@ static PyObject *py_forward(PyObject *self, PyObject *const *args, Py_ssize_t na
     Py_RETURN_NONE;
 }
 
+/* profile(model, enable, reset) -> tuple of BN_NPROF nanosecond totals; enable < 0 leaves it as is */
+static PyObject *py_profile(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) return PyErr_Format(PyExc_TypeError, "profile expects 3 arguments, got %zd", nargs);
+    bn_model *m = (bn_model *)PyCapsule_GetPointer(args[0], "bitlm.bn_model");
+    if (!m) return NULL;
+    long long a[3];
+    if (get_args(args + 1, nargs - 1, 2, a + 1)) return NULL;
+    int64_t out[BN_NPROF];
+    bn_profile(m, (int)a[1], out, (int)a[2]);
+    PyObject *t = PyTuple_New(BN_NPROF);
+    if (!t) return NULL;
+    for (int i = 0; i < BN_NPROF; i++) PyTuple_SET_ITEM(t, i, PyLong_FromLongLong(out[i]));
+    return t;
+}
+
 static PyMethodDef methods[] = {
+    {"profile", (PyCFunction)(void (*)(void))py_profile, METH_FASTCALL, "profile(model, enable, reset) -> ns per phase"},
     {"model_new", (PyCFunction)(void (*)(void))py_model_new, METH_FASTCALL, "model_new(ints, nints, flts, nflts) -> model"},
     {"forward", (PyCFunction)(void (*)(void))py_forward, METH_FASTCALL, "forward(model, tokens, T, pos, out, n_out, hidden)"},
     {"gemm", (PyCFunction)(void (*)(void))py_gemm, METH_FASTCALL, "gemm(x, ldx, xsum, M, K, w, N, y, ldy, path)"},
