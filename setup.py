@@ -11,7 +11,8 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 KDIR = os.path.join("src", "bitlm", "kernels")
-SOURCES = ["module.c", "dispatch.c", "pool.c", "scalar.c", "avx2.c", "avx512vnni.c", "amx.c", "neon.c", "convert.c"]
+SOURCES = ["module.c", "dispatch.c", "pool.c", "scalar.c", "avx2.c", "avx512vnni.c", "amx.c", "neon.c", "convert.c",
+           "bitnet.c"]
 
 
 class OptionalBuildExt(build_ext):
@@ -40,7 +41,7 @@ unix = os.name != "nt"
 ext = Extension(
     "bitlm.kernels._native",
     sources=[os.path.join(KDIR, s) for s in SOURCES],
-    depends=[os.path.join(KDIR, "i2v.h")],
+    depends=[os.path.join(KDIR, h) for h in ("i2v.h", "bitnet.h")],
     extra_compile_args=["-O3", "-std=c11", "-Wall", "-fno-strict-aliasing"] if unix else ["/O2"],
     extra_link_args=["-lpthread", "-lm"] if unix else [],
 )

@@ -17,6 +17,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 from helpers import BITNET_CHAT_TEMPLATE, make_tiny_model_dir, train_tiny_tokenizer  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _native_cache(tmp_path_factory):
+    """Converted native files go to a temporary cache, shared by the in-process and subprocess runs."""
+    os.environ["BITLM_CACHE"] = str(tmp_path_factory.mktemp("bitlm-cache"))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

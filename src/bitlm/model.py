@@ -44,16 +44,22 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def rope_tables(head_dim: int, theta: float, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin float32 (max_len, head_dim) for Llama's rotate-half RoPE (computed as transformers does)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * inv_freq[None, :]  # (L, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (L, hd)
+    return emb.cos(), emb.sin()
+
+
 class Rotary(nn.Module):
     """RoPE tables for positions [0, max_len), Llama's rotate-half convention."""
 
     def __init__(self, head_dim: int, theta: float, max_len: int):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * inv_freq[None, :]  # (L, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (L, hd)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        cos, sin = rope_tables(head_dim, theta, max_len)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, start: int, length: int, dtype: torch.dtype):
         return self.cos[start:start + length].to(dtype), self.sin[start:start + length].to(dtype)
@@ -227,6 +233,17 @@ class BitNetForCausalLM(nn.Module):
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return self.lm_head(h)
+
+    # ---- generation (bitlm.engine.generate) --------------------------------------------------------
+    def generate(self, prompt, **kwargs) -> str:
+        """The text continuation of `prompt` (a string or token ids); options as for engine.generate."""
+        from .engine.generate import generate_text
+        return generate_text(self, prompt, **kwargs)
+
+    def chat(self, system: str | None = None, **kwargs):
+        """A multi-turn ChatSession through the chat template; options as for engine.generate."""
+        from .engine.generate import ChatSession
+        return ChatSession(self, system=system, **kwargs)
 
     # ---- conversions between the forms ------------------------------------------------------------
     def ternary_layers(self):

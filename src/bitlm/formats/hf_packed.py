@@ -16,7 +16,6 @@ itself only reads the format when out % 4 == 0).
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 VALUES_PER_BYTE = 4
 
@@ -55,8 +54,10 @@ def unpack(packed: np.ndarray, out_features: int) -> np.ndarray:
     return codes.astype(np.int8) - 1
 
 
-def unpack_torch(packed: torch.Tensor, out_features: int, dtype=torch.float32) -> torch.Tensor:
-    """The same as unpack, in torch (used on the reference compute path)."""
+def unpack_torch(packed, out_features: int, dtype=None):
+    """The same as unpack, in torch (used on the reference compute path): a tensor of `dtype`."""
+    import torch
+    dtype = dtype or torch.float32
     shifts = torch.arange(0, 2 * VALUES_PER_BYTE, 2, dtype=torch.uint8, device=packed.device)
     codes = (packed.unsqueeze(0) >> shifts.view(-1, 1, 1)) & 3  # [4, R, in]
     codes = codes.reshape(-1, packed.shape[-1])[:out_features]

@@ -53,11 +53,15 @@ def resolve(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> 
     try:
         return Path(huggingface_hub.snapshot_download(s, revision=revision, allow_patterns=patterns))
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if huggingface_hub.is_offline_mode():
+            reason = "HF_HUB_OFFLINE is set and it is not in the local cache"
+        else:  # the first sentence of the hub's message
+            first = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
+            reason = f"{type(e).__name__}: {first[:160]}" if first else type(e).__name__
         raise BitlmError(
-            f"could not download {s!r} from the Hugging Face hub ({type(e).__name__}: {reason[:160]}); "
-            f"if you are offline, download it on a connected machine (huggingface-cli download {s} "
-            f"--local-dir DIR) and pass the local directory instead: -m DIR") from None
+            f"could not download {s!r} from the Hugging Face hub ({reason}); download it on a connected "
+            f"machine (hf download {s} --local-dir DIR) and pass the local directory instead "
+            "(-m DIR, or bitlm.load(DIR))") from None
 
 
 def read_config(path: Path) -> BitNetConfig:
@@ -74,28 +78,33 @@ def read_config(path: Path) -> BitNetConfig:
 
 
 # ---- reading tensors -------------------------------------------------------------------------------
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: model.safetensors, or the shards its index lists."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise BitlmError(f"{index}: malformed shard index ({e})") from None
+        files = [path / name for name in sorted(set(weight_map.values()))]
+    elif (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    else:
+        raise BitlmError(f"{path}: no model.safetensors (or model.safetensors.index.json) found")
+    for f in files:
+        if not f.is_file():
+            raise BitlmError(f"{f}: missing (listed in the shard index)")
+    return files
+
+
 class _Tensors:
     """Tensors of one checkpoint (model.safetensors or shards listed in model.safetensors.index.json)."""
 
     def __init__(self, path: Path):
         from safetensors import safe_open
-        index = path / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise BitlmError(f"{index}: malformed shard index ({e})") from None
-            files = sorted(set(weight_map.values()))
-        elif (path / "model.safetensors").is_file():
-            files = ["model.safetensors"]
-        else:
-            raise BitlmError(f"{path}: no model.safetensors (or model.safetensors.index.json) found")
         self.where: dict[str, Path] = {}
         self.handles = {}
-        for name in files:
-            f = path / name
-            if not f.is_file():
-                raise BitlmError(f"{f}: missing (listed in the shard index)")
+        for f in weight_files(path):
             try:
                 h = safe_open(str(f), framework="pt")
                 keys = list(h.keys())

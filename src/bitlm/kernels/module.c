@@ -5,6 +5,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "bitnet.h"
 #include "i2v.h"
 
 static int get_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, long long *out) {
@@ -119,7 +120,58 @@ static PyObject *py_path_name(PyObject *self, PyObject *arg) {
     return PyUnicode_FromString(i2v_path_name((int)p));
 }
 
+/* ---- the whole-model forward (bitnet.h) ---- */
+static void model_capsule_free(PyObject *cap) {
+    bn_model_free((bn_model *)PyCapsule_GetPointer(cap, "bitlm.bn_model"));
+}
+
+/* model_new(ints_ptr, nints, flts_ptr, nflts) -> capsule */
+static PyObject *py_model_new(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    long long a[4];
+    if (get_args(args, nargs, 4, a)) return NULL;
+    bn_model *m = bn_model_new(PTR(const int64_t *, a[0]), (int)a[1], PTR(const double *, a[2]), (int)a[3]);
+    if (!m) return PyErr_Format(PyExc_ValueError, "bn_model_new: inconsistent model descriptor");
+    return PyCapsule_New(m, "bitlm.bn_model", model_capsule_free);
+}
+
+/* forward(model, tokens_ptr, T, pos, out_ptr, n_out, hidden): logits [n_out, V], or hidden [T, H] */
+static PyObject *py_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 7) return PyErr_Format(PyExc_TypeError, "forward expects 7 arguments, got %zd", nargs);
+    bn_model *m = (bn_model *)PyCapsule_GetPointer(args[0], "bitlm.bn_model");
+    if (!m) return NULL;
+    long long a[7];
+    if (get_args(args + 1, nargs - 1, 6, a + 1)) return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    if (a[6])
+        rc = bn_forward_hidden(m, PTR(const int32_t *, a[1]), (int)a[2], (int)a[3], PTR(float *, a[4]));
+    else
+        rc = bn_forward(m, PTR(const int32_t *, a[1]), (int)a[2], (int)a[3], PTR(float *, a[4]), (int)a[5]);
+    Py_END_ALLOW_THREADS
+    if (rc == -1) return PyErr_Format(PyExc_ValueError, "bn_forward: positions past the cache or token ids out of range");
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* profile(model, enable, reset) -> tuple of BN_NPROF nanosecond totals; enable < 0 leaves it as is */
+static PyObject *py_profile(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) return PyErr_Format(PyExc_TypeError, "profile expects 3 arguments, got %zd", nargs);
+    bn_model *m = (bn_model *)PyCapsule_GetPointer(args[0], "bitlm.bn_model");
+    if (!m) return NULL;
+    long long a[3];
+    if (get_args(args + 1, nargs - 1, 2, a + 1)) return NULL;
+    int64_t out[BN_NPROF];
+    bn_profile(m, (int)a[1], out, (int)a[2]);
+    PyObject *t = PyTuple_New(BN_NPROF);
+    if (!t) return NULL;
+    for (int i = 0; i < BN_NPROF; i++) PyTuple_SET_ITEM(t, i, PyLong_FromLongLong(out[i]));
+    return t;
+}
+
 static PyMethodDef methods[] = {
+    {"profile", (PyCFunction)(void (*)(void))py_profile, METH_FASTCALL, "profile(model, enable, reset) -> ns per phase"},
+    {"model_new", (PyCFunction)(void (*)(void))py_model_new, METH_FASTCALL, "model_new(ints, nints, flts, nflts) -> model"},
+    {"forward", (PyCFunction)(void (*)(void))py_forward, METH_FASTCALL, "forward(model, tokens, T, pos, out, n_out, hidden)"},
     {"gemm", (PyCFunction)(void (*)(void))py_gemm, METH_FASTCALL, "gemm(x, ldx, xsum, M, K, w, N, y, ldy, path)"},
     {"quantize", (PyCFunction)(void (*)(void))py_quantize, METH_FASTCALL, "quantize(x, ldx, M, K, q, ldq, scale, qsum, path)"},
     {"linear", (PyCFunction)(void (*)(void))py_linear, METH_FASTCALL, "linear(x, ldx, M, K, w, N, wscale, y, ldy, path)"},

@@ -1,0 +1,341 @@
+"""The `bitlm` command: subcommands that call the library.
+
+    bitlm generate -m MODEL -p PROMPT [-n N] [sampling flags] [--stop STR ...] [--ignore-eos] [-t THREADS]
+    bitlm chat -m MODEL [--system S] [sampling flags]
+    bitlm info [MODEL] [--json]
+    bitlm bench (-m MODEL | --shape NAME) [-t THREADS] [-p N_PROMPT] [-n N_GEN] [-r REPS] [--json]
+    bitlm doctor
+
+A BitlmError (bad input, a bad file, a missing model) prints one line `bitlm: error: ...` and exits 2;
+Ctrl-C exits 130 without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import sys
+
+from .errors import BitlmError
+
+PROG = "bitlm"
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def resolve_model_arg(arg: str | None) -> str:
+    """The model to use: the -m argument (a directory or a hub repo id). The one place a default model
+    will plug in."""
+    if arg:
+        return arg
+    raise BitlmError("no model given: pass -m MODEL (a model directory or a Hugging Face repo id such as "
+                     "microsoft/bitnet-b1.58-2B-4T)")
+
+
+def set_threads(n: int | None) -> None:
+    """Threads for torch and, when the native kernels are built in, for their pool."""
+    if n is None:
+        return
+    if n < 1:
+        raise BitlmError(f"-t/--threads must be at least 1, got {n}")
+    import torch
+    torch.set_num_threads(n)
+    if importlib.util.find_spec(f"{__package__}.kernels") is None:  # a build without native kernels
+        return
+    importlib.import_module(f"{__package__}.kernels").set_num_threads(n)
+
+
+def native_available() -> bool:
+    if importlib.util.find_spec(f"{__package__}.kernels._native") is None:
+        return False
+    return importlib.import_module(f"{__package__}.kernels").available()
+
+
+def load_model(args):
+    """The model on the runtime asked for: "native" (the C forward, the default where it is built) or
+    "torch" (the reference model)."""
+    set_threads(args.threads)
+    source = resolve_model_arg(args.model)
+    runtime = args.runtime
+    if runtime == "auto":
+        runtime = "native" if native_available() else "torch"
+    if runtime == "native":
+        if not native_available():
+            raise BitlmError("--runtime native: the native kernels are not built in this install; "
+                             "run `bitlm doctor`, or use --runtime torch")
+        from .engine.native import NativeLM
+        from .io.native import load_native
+        model = NativeLM(load_native(source, head=args.head, max_len=args.ctx_size))
+    else:
+        import bitlm
+        model = bitlm.load(source)
+    if model.tokenizer is None:
+        raise BitlmError(f"{args.model}: no tokenizer.json next to the weights; `bitlm {args.command}` needs one")
+    return model
+
+
+def sampling_options(args) -> dict:
+    return dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, seed=args.seed, stop_strings=args.stop or (), ignore_eos=args.ignore_eos)
+
+
+def write_stream(stream, out) -> None:
+    for piece in stream:
+        out.write(piece)
+        out.flush()
+
+
+def report_stats(stream, err) -> None:
+    s = stream.stats()
+    rate = f"{s['decode_tokens_per_s']:.1f} tokens/s" if s.get("decode_tokens_per_s") else "n/a"
+    err.write(f"[prompt {s['prompt_tokens']} tokens, prefill {s['prefill_s'] * 1000:.0f} ms; "
+              f"{s['new_tokens']} new tokens, decode {rate}; finished: {s['finish_reason']}]\n")
+
+
+# ---- subcommands ---------------------------------------------------------------------------------
+def cmd_generate(args) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    model = load_model(args)
+    from .engine.generate import stream_text
+    stream = stream_text(model, prompt, **sampling_options(args))
+    write_stream(stream, sys.stdout)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if stream.finish_reason == "context":
+        sys.stderr.write(f"{PROG}: note: stopped at the context length ({model.config.max_position_embeddings} "
+                         "tokens)\n")
+    if args.stats:
+        report_stats(stream, sys.stderr)
+    return 0
+
+
+CHAT_HELP = "Type a message and press Enter. /reset starts over, /quit or Ctrl-D exits."
+
+
+def cmd_chat(args) -> int:
+    model = load_model(args)
+    from .engine.generate import ChatSession
+    session = ChatSession(model, system=args.system, **sampling_options(args))
+    interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        print(CHAT_HELP)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            if interactive:
+                print()
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            return 0
+        if text == "/reset":
+            session.reset()
+            print("(conversation cleared)")
+            continue
+        if text.startswith("/") and text.split()[0] in ("/help", "/?"):
+            print(CHAT_HELP)
+            continue
+        try:
+            stream = session.send(line)
+            write_stream(stream, sys.stdout)
+        except BitlmError as e:  # e.g. the conversation outgrew the context: say so and carry on
+            print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        if args.stats:
+            report_stats(stream, sys.stderr)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
+    return values
+
+
+def cmd_bench(args) -> int:
+    import time
+
+    from .engine import bench
+    from .io.native import load_native, open_native
+    if bool(args.model) == bool(args.shape):
+        raise BitlmError("bitlm bench: give exactly one of -m MODEL or --shape NAME (e.g. --shape 2b4t)")
+    if not native_available():
+        raise BitlmError("bitlm bench measures the native runtime, which is not built in this install "
+                         "(see `bitlm doctor`)")
+    longest = max(args.n_prompt) + max(args.n_gen) + 1
+    t0 = time.perf_counter()
+    if args.shape:
+        path = bench.synthetic_native_file(args.shape, args.head)
+        made = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        nm = open_native(path, max_len=longest)
+        nm.source = {"file": str(path)}
+    else:
+        nm = load_native(args.model, head=args.head, max_len=longest)
+        made = 0.0
+    load_s = time.perf_counter() - t0
+    records = []
+    for threads in args.threads:
+        for n_prompt in args.n_prompt:
+            records += bench.run(nm, threads, n_prompt, 0, args.repetitions)
+        for n_gen in args.n_gen:
+            records += bench.run(nm, threads, 0, n_gen, args.repetitions)
+    rss = bench.peak_rss_bytes()
+    for r in records:
+        r["load_s"], r["peak_rss_bytes"] = load_s, rss
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return 0
+    if made > 1:
+        print(f"(made the random {args.shape} model file in {made:.0f} s, once: {nm.source['file']})")
+    size = records[0]["model_size"] / 2**30 if records else 0
+    print(f"| model | size | params | backend | threads | test | t/s |")
+    print("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
+    for r in records:
+        test = f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}"
+        print(f"| {r['model_type']} | {size:.2f} GiB | {r['model_n_params'] / 1e9:.2f} B | native | {r['n_threads']} "
+              f"| {test} | {r['avg_ts']:.2f} ± {r['stddev_ts']:.2f} |")
+    print(f"\nload {load_s:.2f} s, peak RSS {rss / 1e9:.3f} GB")
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    import platform
+
+    from . import __version__
+    print(f"bitlm {__version__}, Python {platform.python_version()}, {platform.system()} {platform.machine()}")
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        cpu = platform.processor() or "?"
+    print(f"cpu: {cpu}, {os.cpu_count()} logical CPUs")
+    if importlib.util.find_spec(f"{__package__}.kernels") is None:
+        print("native kernels: not part of this install")
+        return 0
+    info = importlib.import_module(f"{__package__}.kernels").info()
+    if not info["available"]:
+        print(f"native kernels: NOT available ({info.get('error')}); the pure-torch path is used")
+        return 0
+    print(f"cpu features: {' '.join(info['cpu_features']) or '-'}")
+    print(f"kernel paths: {', '.join(info['paths'])}; in use: {info['path']}")
+    print(f"threads: {info['threads']}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .io.summary import describe, format_summary
+    info = describe(resolve_model_arg(args.model_pos or args.model))
+    print(json.dumps(info, indent=2) if args.json else format_summary(info))
+    return 0
+
+
+# ---- the parser ----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="BitNet b1.58 ternary language models.")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("-m", "--model", help="model directory or Hugging Face repo id")
+    model.add_argument("-t", "--threads", type=int, help="CPU threads (default: all)")
+    model.add_argument("--runtime", choices=("auto", "native", "torch"), default="auto",
+                       help="native: the C forward (default where built); torch: the reference model")
+    model.add_argument("--head", choices=("q8", "bf16", "f32"), default="q8",
+                       help="native runtime: output head format (default q8: int8 rows, per-row scale)")
+    model.add_argument("-c", "--ctx-size", type=int, help="native runtime: context to allocate (default: the model's)")
+
+    sampling = argparse.ArgumentParser(add_help=False)
+    g = sampling.add_argument_group("sampling")
+    g.add_argument("-n", "--max-tokens", type=int, default=256, help="most new tokens per reply (default 256)")
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens, 0 = off (default 40)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass, 1 = off (default 0.95)")
+    g.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+    g.add_argument("--stop", nargs="+", metavar="STR", help="stop at any of these strings (not printed)")
+    g.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-text tokens")
+    g.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
+
+    p = sub.add_parser("generate", parents=[model, sampling], help="continue a prompt, streaming to stdout",
+                       description="Continue PROMPT and stream the continuation to stdout.")
+    p.add_argument("-p", "--prompt", required=True, help="the prompt text ('-' reads it from stdin)")
+    p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("chat", parents=[model, sampling], help="interactive multi-turn chat",
+                       description="Chat through the model's chat template. " + CHAT_HELP)
+    p.add_argument("--system", help="a system message")
+    p.set_defaults(run=cmd_chat)
+
+    p = sub.add_parser("info", help="config, parameter counts, bytes on disk, format",
+                       description="Describe a checkpoint from its config.json and safetensors headers.")
+    p.add_argument("model_pos", nargs="?", metavar="MODEL", help="model directory or Hugging Face repo id")
+    p.add_argument("-m", "--model", help=argparse.SUPPRESS)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=cmd_info)
+
+    p = sub.add_parser("bench", help="prompt and generation speed, load time, peak memory (llama-bench style)",
+                       description="Measure the native runtime: pp (prompt processing) and tg (generation) "
+                                   "tokens/s, the median of -r repetitions, load time and peak RSS.")
+    p.add_argument("-m", "--model", help="model directory or Hugging Face repo id")
+    p.add_argument("--shape", help="a random model of a preset's shape instead (e.g. 2b4t); no download")
+    p.add_argument("-t", "--threads", type=_int_list, default=[os.cpu_count() or 1], help="threads, e.g. 1,2")
+    p.add_argument("-p", "--n-prompt", type=_int_list, default=[512], help="prompt lengths (default 512)")
+    p.add_argument("-n", "--n-gen", type=_int_list, default=[128], help="tokens to generate (default 128)")
+    p.add_argument("-r", "--repetitions", type=int, default=5, help="runs per test (default 5)")
+    p.add_argument("--head", choices=("q8", "bf16", "f32"), default="q8", help="output head format")
+    p.add_argument("--json", action="store_true", help="print llama-bench's JSON records")
+    p.set_defaults(run=cmd_bench)
+
+    p = sub.add_parser("doctor", help="CPU features and the kernel path in use")
+    p.set_defaults(run=cmd_doctor)
+    return parser
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split("\n")).strip() or type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse has printed usage and its one-line error (or the help)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    try:
+        return args.run(args)
+    except BitlmError as e:
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `bitlm generate ... | head -c 100`
+        _silence_stdout()
+        return 0
+
+
+def _silence_stdout() -> None:
+    import os
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

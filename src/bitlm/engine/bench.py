@@ -1,0 +1,125 @@
+"""`bitlm bench`: prompt processing and generation speed, load time and peak memory, llama-bench style.
+
+Runs on the native runtime only (that is what is being measured) and imports no torch, so the peak
+resident memory it reports is the model's, not a framework's. `--shape NAME` benchmarks a random model of
+a preset's shape (e.g. 2b4t), written once as a native file in the cache and then loaded like any other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..formats import i2v
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def synthetic_native_file(shape: str, head: str = "q8", seed: int = 0) -> Path:
+    """A native file of random weights shaped like preset `shape` (made once, streamed to disk)."""
+    from ..config import preset
+    from ..io import st
+    from ..io.native import FORMAT, cache_dir
+    from .native import NORMS, PROJS, f32_to_bf16, head_arrays
+    cfg = preset(shape)
+    path = cache_dir() / f"random-{shape}-{head}-seed{seed}.safetensors"
+    if path.exists():
+        return path
+    rng = np.random.default_rng(seed)
+    V, H = cfg.vocab_size, cfg.hidden_size
+    tensors: dict = {}
+
+    def embed_rows():
+        return f32_to_bf16(rng.standard_normal((V, H), dtype=np.float32))
+
+    tensors["embed"] = st.Lazy((V, H), np.uint16, embed_rows, "BF16")
+    tensors["final_norm"] = np.ones(H, np.float32)
+    tensors["scales"] = (rng.random((cfg.num_hidden_layers, len(PROJS)), dtype=np.float32) + 0.5)
+    norm_sizes = dict(zip(NORMS, (H, H, cfg.q_size, cfg.intermediate_size)))
+    shapes = cfg.projection_shapes()
+    for l in range(cfg.num_hidden_layers):
+        for n in NORMS:
+            tensors[f"{l}.{n}"] = np.ones(norm_sizes[n], np.float32)
+        for name in PROJS:
+            n_out, n_in = shapes[name]
+            tensors[f"{l}.{name}"] = st.Lazy(
+                i2v.packed_shape(n_out, n_in), np.uint8,
+                lambda n_out=n_out, n_in=n_in: i2v.pack(rng.integers(-1, 2, (n_out, n_in), dtype=np.int8)))
+    if head == "q8":  # int8 rows made directly: quantizing 328M random floats would only cost time
+        made = {}
+
+        def q8_rows():
+            made["q8"] = rng.integers(-127, 128, (V, H), dtype=np.int8)
+            return made["q8"]
+
+        tensors["head.q8"] = st.Lazy((V, H), np.int8, q8_rows)  # written before its row sums
+        tensors["head.scale"] = np.full(V, 1 / 127, np.float32)
+        tensors["head.rowsum"] = st.Lazy((V,), np.int32, lambda: made.pop("q8").sum(axis=1, dtype=np.int32))
+    else:
+        tensors.update(head_arrays(rng.standard_normal((V, H), dtype=np.float32), head))
+    meta = {"bitlm_format": FORMAT, "config": json.dumps(cfg.to_hf()), "head": head, "synthetic": f"seed {seed}"}
+    st.write(path, tensors, meta)
+    return path
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def run(nm, threads: int, n_prompt: int, n_gen: int, reps: int, seed: int = 0) -> list[dict]:
+    """llama-bench's two tests: pp<n_prompt> (one batch) and tg<n_gen> (one token at a time from an
+    empty context, each next token the argmax of the last logits); one warm-up run of each first."""
+    from ..kernels import set_num_threads
+    set_num_threads(threads)
+    rng = np.random.default_rng(seed)
+    V = nm.config.vocab_size
+    records = []
+    if n_prompt:
+        prompt = rng.integers(0, V, n_prompt, dtype=np.int32)
+
+        def pp():
+            nm.reset()
+            nm.forward(prompt, n_out=1)
+
+        pp()
+        times = [_timed(pp) for _ in range(reps)]
+        records.append(_record(nm, threads, n_prompt, 0, [n_prompt / t for t in times]))
+    if n_gen:
+        def tg():
+            nm.reset()
+            tok = int(rng.integers(0, V))
+            for _ in range(n_gen):
+                tok = int(nm.forward([tok], n_out=1)[0].argmax())
+
+        tg()
+        times = [_timed(tg) for _ in range(reps)]
+        records.append(_record(nm, threads, 0, n_gen, [n_gen / t for t in times]))
+    return records
+
+
+def _record(nm, threads, n_prompt, n_gen, samples) -> dict:
+    sizes = nm.nbytes
+    return {
+        "build_commit": os.environ.get("BITLM_COMMIT", ""),
+        "model_filename": getattr(nm, "source", {}).get("file", ""),
+        "model_type": f"bitnet {nm.config.num_hidden_layers}L {nm.config.hidden_size}H ternary, head {nm.head_format}",
+        "model_size": sizes["ternary"] + sizes["head"] + sizes["embedding"] + sizes["norms"],
+        "model_n_params": nm.config.num_parameters()["total"],
+        "n_threads": threads,
+        "n_prompt": n_prompt,
+        "n_gen": n_gen,
+        "avg_ts": statistics.mean(samples),
+        "stddev_ts": statistics.stdev(samples) if len(samples) > 1 else 0.0,
+        "median_ts": statistics.median(samples),
+        "samples_ts": samples,
+    }

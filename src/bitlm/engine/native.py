@@ -1,0 +1,280 @@
+"""The native runtime: the whole forward pass in C (kernels/bitnet.c) on numpy arrays.
+
+A NativeModel holds every weight as a numpy array (I2V-packed ternary projections, float norms, the
+embedding, the head in the chosen format) plus its own KV cache, and hands the C core their pointers
+once. Each step is then one call: `forward(tokens, n_out)` runs the tokens at the next positions and
+returns the logits of the last n_out of them. torch is not needed here: the arrays come either from a
+converted file, memory-mapped (bitlm.io.native), or from a torch model (`from_model`).
+
+The arrays, by name (the same names in the converted file):
+    embed                      float32 or bf16 bits (uint16) [vocab, hidden]
+    final_norm                 float32 [hidden]
+    scales                     float32 [layers, 7]   weight scales of q k v o gate up down
+    L.<norm>                   float32, for the four norms of block L
+    L.<proj>                   uint8 I2V-packed ternary weights (formats/i2v.py)
+    head                       head rows [vocab, hidden] (f32 / bf16 heads; absent when tied)
+    head.q8, head.scale, head.rowsum   int8 rows, float32 row scales, int32 row sums (q8 head)
+
+Head formats: "f32" (exact), "bf16" (rows as the checkpoint stores them), "q8" (int8 rows with a float
+scale per row: half the bytes of bf16, read by AVX-512 VNNI).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import BitlmError
+from ..formats import i2v
+
+HEADS = ("f32", "bf16", "q8")
+NORMS = ("input_layernorm", "post_attention_layernorm", "self_attn.attn_sub_norm", "mlp.ffn_sub_norm")
+PROJS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+_F32, _BF16, _Q8 = 0, 1, 2
+_NI = 19  # bitnet.h: BN_NI
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """Round to nearest even, as torch's .bfloat16() does (finite values)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def quantize_head_rows(e: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """int8 rows with one float32 scale per row (absmax), and the row sums the VNNI trick needs."""
+    e = np.asarray(e, dtype=np.float32)
+    amax = np.abs(e).max(axis=1)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(e / scale[:, None]), -127, 127).astype(np.int8)
+    return q, scale, q.sum(axis=1, dtype=np.int32)
+
+
+def head_arrays(rows: np.ndarray, head_format: str) -> dict[str, np.ndarray]:
+    """The head entries of the array dict from its rows (float32 or bf16 bits)."""
+    if head_format not in HEADS:
+        raise BitlmError(f"head format {head_format!r} is not one of {', '.join(HEADS)}")
+    full = rows if rows.dtype == np.float32 else bf16_to_f32(rows)
+    if head_format == "q8":
+        q, s, rs = quantize_head_rows(full)
+        return {"head.q8": q, "head.scale": s, "head.rowsum": rs}
+    if head_format == "f32":
+        return {"head": np.ascontiguousarray(full)}
+    return {"head": rows if rows.dtype == np.uint16 else f32_to_bf16(rows)}
+
+
+def arrays_from_model(model, head_format: str = "q8") -> dict[str, np.ndarray]:
+    """The array dict of a packed torch BitNetForCausalLM (copies, in the native layouts)."""
+    import torch
+
+    from ..bitlinear import PackedBitLinear
+
+    def np_float(t):
+        t = t.detach()
+        return t.view(torch.int16).numpy().view(np.uint16).copy() if t.dtype == torch.bfloat16 else t.float().numpy()
+
+    a = {"embed": np_float(model.model.embed_tokens.weight),
+         "final_norm": model.model.norm.weight.detach().float().numpy()}
+    scales = np.zeros((model.config.num_hidden_layers, len(PROJS)), np.float32)
+    for l, block in enumerate(model.model.layers):
+        for name in NORMS:
+            a[f"{l}.{name}"] = block.get_submodule(name).weight.detach().float().numpy()
+        for j, name in enumerate(PROJS):
+            m = block.get_submodule(name)
+            if not isinstance(m, PackedBitLinear):
+                raise BitlmError("native runtime: convert the model to its packed form first (to_packed())")
+            a[f"{l}.{name}"] = i2v.from_hf_packed(m.weight.numpy(), m.out_features)
+            scales[l, j] = float(m.weight_scale)
+    a["scales"] = scales
+    rows = a["embed"] if model.config.tie_word_embeddings else np_float(model.lm_head.weight)
+    a.update(head_arrays(rows, head_format))
+    return a
+
+
+def rope_tables(head_dim: int, theta: float, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin float32 [max_len, head_dim], rotate-half convention (model.rope_tables without torch)."""
+    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    inv_freq = (np.float32(1.0) / np.power(np.float32(theta), exponent)).astype(np.float32)
+    freqs = np.arange(max_len, dtype=np.float32)[:, None] * inv_freq[None, :]
+    emb = np.concatenate([freqs, freqs], axis=-1)
+    return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
+
+
+def _native():
+    from ..kernels import _native as n  # raises ImportError when the library was not built
+    return n
+
+
+class NativeModel:
+    def __init__(self, config, arrays: dict[str, np.ndarray], max_len: int | None = None):
+        c = self.config = config
+        self.n = _native()
+        self.arrays = arrays  # the C side points into these: they live as long as the model
+        self.max_len = min(max_len or c.max_position_embeddings, c.max_position_embeddings)
+        self.pos = 0
+        self.tokenizer = None
+        if "head.q8" in arrays:
+            self.head_format = "q8"
+        elif "head" in arrays:
+            self.head_format = "f32" if arrays["head"].dtype == np.float32 else "bf16"
+        else:
+            raise BitlmError("native runtime: no head arrays (head or head.q8)")
+
+        def get(name, dtype, shape):
+            if name not in arrays:
+                raise BitlmError(f"native model: array {name!r} is missing")
+            x = arrays[name]
+            if x.dtype != dtype or tuple(x.shape) != tuple(shape) or not x.flags.c_contiguous:
+                raise BitlmError(f"native model: array {name!r} is {x.dtype} {list(x.shape)}, expected "
+                                 f"contiguous {np.dtype(dtype)} {list(shape)}")
+            return x.ctypes.data
+
+        V, H = c.vocab_size, c.hidden_size
+        emb = arrays.get("embed")
+        emb_kind = _F32 if emb is not None and emb.dtype == np.float32 else _BF16
+        embed_ptr = get("embed", np.float32 if emb_kind == _F32 else np.uint16, (V, H))
+        if self.head_format == "q8":
+            head_ptrs = (get("head.q8", np.int8, (V, H)), get("head.scale", np.float32, (V,)),
+                         get("head.rowsum", np.int32, (V,)))
+            head_kind = _Q8
+        else:
+            head_kind = _F32 if self.head_format == "f32" else _BF16
+            head_ptrs = (get("head", np.float32 if head_kind == _F32 else np.uint16, (V, H)), 0, 0)
+        cos, sin = self._rope = rope_tables(c.head_dim, c.rope_theta, self.max_len)
+        ints = [c.num_hidden_layers, H, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads,
+                c.head_dim, V, self.max_len, 0 if c.hidden_act == "relu2" else 1, cos.ctypes.data, sin.ctypes.data,
+                get("final_norm", np.float32, (H,)), embed_ptr, emb_kind, head_kind, *head_ptrs, -1]
+        assert len(ints) == _NI
+        scales = arrays["scales"]
+        if scales.shape != (c.num_hidden_layers, len(PROJS)):
+            raise BitlmError(f"native model: scales has shape {list(scales.shape)}")
+        flts = [c.rms_norm_eps]
+        norm_sizes = dict(zip(NORMS, (H, H, c.q_size, c.intermediate_size)))
+        kv_shape = (c.num_key_value_heads, self.max_len, c.head_dim)
+        self.k_cache = [np.zeros(kv_shape, np.float32) for _ in range(c.num_hidden_layers)]
+        self.v_cache = [np.zeros(kv_shape, np.float32) for _ in range(c.num_hidden_layers)]
+        shapes = c.projection_shapes()
+        for l in range(c.num_hidden_layers):
+            ints += [get(f"{l}.{n}", np.float32, (norm_sizes[n],)) for n in NORMS]
+            for j, name in enumerate(PROJS):
+                ints.append(get(f"{l}.{name}", np.uint8, i2v.packed_shape(*shapes[name])))
+                flts.append(float(scales[l, j]))
+            ints += [self.k_cache[l].ctypes.data, self.v_cache[l].ctypes.data]
+        self._ints = np.array(ints, dtype=np.int64)
+        self._flts = np.array(flts, dtype=np.float64)
+        self._handle = self.n.model_new(self._ints.ctypes.data, len(self._ints), self._flts.ctypes.data,
+                                        len(self._flts))
+
+    @classmethod
+    def from_model(cls, model, head: str = "q8", max_len: int | None = None) -> "NativeModel":
+        """From a packed torch BitNetForCausalLM (its weights are copied into the native layouts)."""
+        nm = cls(model.config, arrays_from_model(model, head), max_len=max_len)
+        nm.tokenizer = model.tokenizer
+        return nm
+
+    @property
+    def nbytes(self) -> dict[str, int]:
+        """Bytes held per component (memory-mapped arrays count as their file size)."""
+        out = {"ternary": 0, "norms": 0, "embedding": 0, "head": 0, "kv_cache": 0}
+        for k, v in self.arrays.items():
+            kind = ("head" if k.startswith("head") else "embedding" if k == "embed" else
+                    "ternary" if k.endswith("_proj") or k == "scales" else "norms")
+            out[kind] += v.nbytes
+        out["kv_cache"] = sum(a.nbytes for a in self.k_cache + self.v_cache)
+        return out
+
+    # ---- running -----------------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.pos = 0
+
+    def truncate(self, length: int) -> None:
+        self.pos = min(self.pos, length)
+
+    def _tokens(self, tokens) -> np.ndarray:
+        t = np.ascontiguousarray(np.asarray(tokens, dtype=np.int32).reshape(-1))
+        if self.pos + t.shape[0] > self.max_len:
+            raise BitlmError(f"sequence of {self.pos + t.shape[0]} tokens exceeds the context length "
+                             f"{self.max_len}; shorten the prompt or lower max_new_tokens")
+        if t.shape[0] and (t.min() < 0 or t.max() >= self.config.vocab_size):
+            raise BitlmError(f"token id out of range [0, {self.config.vocab_size})")
+        return t
+
+    def forward(self, tokens, n_out: int = 1) -> np.ndarray:
+        """Run `tokens` at positions pos, pos+1, ...; float32 logits [n_out, vocab] of the last n_out."""
+        t = self._tokens(tokens)
+        n_out = min(n_out, t.shape[0])
+        out = np.empty((n_out, self.config.vocab_size), dtype=np.float32)
+        if t.shape[0]:
+            self.n.forward(self._handle, t.ctypes.data, t.shape[0], self.pos, out.ctypes.data, n_out, 0)
+            self.pos += t.shape[0]
+        return out
+
+    def hidden(self, tokens) -> np.ndarray:
+        """Final-norm hidden states float32 [T, hidden] (advances the cache like forward)."""
+        t = self._tokens(tokens)
+        out = np.empty((t.shape[0], self.config.hidden_size), dtype=np.float32)
+        if t.shape[0]:
+            self.n.forward(self._handle, t.ctypes.data, t.shape[0], self.pos, out.ctypes.data, 0, 1)
+            self.pos += t.shape[0]
+        return out
+
+
+class NativeCache:
+    """The KV cache of a NativeModel seen through the KVCache interface the generation engine uses.
+    A NativeModel owns one cache, so one conversation at a time."""
+
+    def __init__(self, nm: NativeModel, max_len: int | None = None):
+        self.nm = nm
+        self.max_len = min(max_len or nm.max_len, nm.max_len)
+        nm.reset()
+
+    @property
+    def length(self) -> int:
+        return self.nm.pos
+
+    def reset(self) -> None:
+        self.nm.reset()
+
+    def truncate(self, length: int) -> None:
+        self.nm.truncate(length)
+
+
+class NativeLM:
+    """A NativeModel that answers like BitNetForCausalLM (call on ids, new_cache, config, tokenizer),
+    so generate(), stream_text() and ChatSession run on the native runtime unchanged."""
+
+    device = "cpu"
+
+    def __init__(self, nm: NativeModel):
+        self.nm = nm
+        self.config = nm.config
+        self.tokenizer = nm.tokenizer
+        self.source = getattr(nm, "source", None)
+
+    def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> NativeCache:
+        if batch_size != 1:
+            raise BitlmError("the native runtime runs one sequence at a time (batch size 1)")
+        return NativeCache(self.nm, max_len)
+
+    def __call__(self, input_ids, cache: NativeCache | None = None, logits_to_keep: int = 0):
+        import torch
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise BitlmError("the native runtime runs one sequence at a time: input_ids must be (1, T)")
+        if cache is None:  # a stateless call: run from position 0
+            self.nm.reset()
+        T = input_ids.shape[1]
+        n_out = T if not logits_to_keep else min(logits_to_keep, T)
+        return torch.from_numpy(self.nm.forward(input_ids[0].numpy(), n_out)).unsqueeze(0)
+
+
+PROFILE_PHASES = ("embed", "norm+quantize", "q/k/v", "rope+kv store", "attention", "o", "gate/up",
+                  "relu2/silu", "down", "residual", "head")
+
+
+def profile(nm: NativeModel, enable: bool | None = None, reset: bool = False) -> dict[str, float]:
+    """Seconds spent per phase of the forward since the last reset (bitnet.h BN_PROF_*)."""
+    ns = nm.n.profile(nm._handle, -1 if enable is None else int(enable), int(reset))
+    return {name: v / 1e9 for name, v in zip(PROFILE_PHASES, ns)}

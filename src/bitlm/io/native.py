@@ -1,0 +1,87 @@
+"""bitlm's own file for the native runtime: every array in its kernel layout, memory-mapped at load.
+
+A Hugging Face checkpoint is converted once (I2V-packed projections, the head in the chosen format)
+into one safetensors file, cached under ~/.cache/bitlm/native (or $BITLM_CACHE); later loads map it
+and touch no weight until the first forward, so loading takes well under a second and resident memory
+stays near the bytes actually read. The file says what it holds in its metadata:
+    bitlm_format  "native-v1"
+    config        the Hugging Face config.json (JSON)
+    head          "f32" | "bf16" | "q8"
+Array names and layouts: engine/native.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..config import BitNetConfig
+from ..errors import BitlmError
+from . import st
+
+FORMAT = "native-v1"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BITLM_CACHE") or Path.home() / ".cache" / "bitlm") / "native"
+
+
+def cache_path(model_dir: Path, head: str) -> Path:
+    """A file name that changes whenever the checkpoint's weight files or the options change."""
+    from .hf import weight_files
+    h = hashlib.sha256(f"{FORMAT}|{head}|{model_dir.resolve()}".encode())
+    for f in sorted(weight_files(model_dir)) + [model_dir / "config.json"]:
+        s = f.stat()
+        h.update(f"|{f.name}:{s.st_size}:{s.st_mtime_ns}".encode())
+    return cache_dir() / f"{model_dir.resolve().name}-{head}-{h.hexdigest()[:16]}.safetensors"
+
+
+def convert(model_dir, dest, head: str = "q8") -> Path:
+    """Write the native file of a Hugging Face checkpoint directory (atomically)."""
+    import torch
+
+    from ..engine.native import arrays_from_model
+    from .hf import load, read_config
+    cfg = read_config(Path(model_dir))
+    dtype = torch.bfloat16 if cfg.torch_dtype == "bfloat16" else torch.float32
+    model = load(model_dir, dtype=dtype, tokenizer=False)
+    save(arrays_from_model(model, head), model.config, dest, head)
+    return Path(dest)
+
+
+def save(arrays: dict[str, np.ndarray], config: BitNetConfig, dest, head: str) -> None:
+    bf16 = {"embed", "head"}  # uint16 arrays there are bf16 bit patterns
+    tensors = {k: ("BF16", v) if k in bf16 and v.dtype == np.uint16 else v for k, v in arrays.items()}
+    st.write(dest, tensors, {"bitlm_format": FORMAT, "config": json.dumps(config.to_hf()), "head": head})
+
+
+def open_native(path, max_len: int | None = None):
+    """A NativeModel over the memory-mapped file."""
+    from ..engine.native import NativeModel
+    arrays, meta = st.open_arrays(path)
+    if meta.get("bitlm_format") != FORMAT:
+        raise BitlmError(f"{path}: not a bitlm native file of format {FORMAT} "
+                         f"(found {meta.get('bitlm_format')!r}); convert the checkpoint again")
+    try:
+        config = BitNetConfig.from_hf(json.loads(meta["config"]), source=f"{path} (metadata)")
+    except (KeyError, json.JSONDecodeError) as e:
+        raise BitlmError(f"{path}: metadata has no readable config ({e})") from None
+    return NativeModel(config, arrays, max_len=max_len)
+
+
+def load_native(path_or_repo_id, head: str = "q8", max_len: int | None = None, revision: str | None = None):
+    """A Hugging Face checkpoint (directory or repo id) on the native runtime, converting it once."""
+    from ..engine.tokenizer import Tokenizer
+    from .hf import read_config, resolve
+    model_dir = resolve(path_or_repo_id, revision)
+    dest = cache_path(model_dir, head)
+    if not dest.exists():
+        convert(model_dir, dest, head)
+    nm = open_native(dest, max_len=max_len)
+    nm.tokenizer = Tokenizer.from_dir(model_dir, read_config(model_dir))
+    nm.source = {"path": str(model_dir), "format": "native", "file": str(dest)}
+    return nm

@@ -1,0 +1,120 @@
+"""safetensors without torch: memory-mapped numpy views for reading, a streaming writer.
+
+The file format: an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+data_offsets: [begin, end]}, "__metadata__": {str: str}}, then the tensor bytes. bf16 has no numpy
+dtype, so it is read and written as uint16 bit patterns (names ending the same, dtype "BF16").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BitlmError
+
+_NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64, "I8": np.int8, "U8": np.uint8,
+       "I16": np.int16, "U16": np.uint16, "I32": np.int32, "I64": np.int64, "BOOL": np.bool_}
+_ST = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.float64): "F64",
+       np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.int16): "I16", np.dtype(np.int32): "I32",
+       np.dtype(np.int64): "I64", np.dtype(np.uint16): "U16"}
+_ALIGN = 64  # tensor data starts on 64-byte boundaries: SIMD loads straight from the mapping
+PAD = "__pad"  # names of the padding tensors that keep them there (skipped by open_arrays)
+
+
+def read_header(path) -> tuple[dict, int]:
+    """(header dict, offset of the data section)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ValueError("shorter than 8 bytes")
+            (n,) = struct.unpack("<Q", raw)
+            if n > 100 << 20:
+                raise ValueError(f"header length {n} is implausible")
+            header = json.loads(f.read(n))
+        size = path.stat().st_size
+    except (OSError, ValueError) as e:
+        raise BitlmError(f"{path}: not a readable safetensors file ({e})") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise BitlmError(f"{path}: truncated: the header promises {8 + n + end} bytes, the file has {size}; "
+                         "write or download it again")
+    return header, 8 + n
+
+
+def open_arrays(path) -> tuple[dict[str, np.ndarray], dict]:
+    """name -> read-only memory-mapped array (BF16 as uint16), and the __metadata__ dict."""
+    header, start = read_header(path)
+    meta = header.pop("__metadata__", {}) or {}
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    out = {}
+    for name, info in header.items():
+        if name.startswith(PAD):
+            continue
+        if info["dtype"] not in _NP:
+            raise BitlmError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        b, e = info["data_offsets"]
+        out[name] = mm[start + b:start + e].view(_NP[info["dtype"]]).reshape(info["shape"])
+    return out, meta
+
+
+class Lazy:
+    """A tensor made only when it is written (shape and dtype known up front): big files are written
+    one tensor in memory at a time."""
+
+    def __init__(self, shape, dtype, make, st_dtype: str | None = None):
+        self.shape, self.dtype, self.make = tuple(shape), np.dtype(dtype), make
+        self.st_dtype = st_dtype or _ST[self.dtype]
+        self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
+
+
+def write(path, tensors: dict, metadata: dict[str, str]) -> None:
+    """Write tensors atomically, streaming. A value is an array, (dtype name, array) for BF16 bit
+    patterns stored as uint16, or a Lazy."""
+    path = Path(path)
+    items = []
+    offset = 0
+    for name, v in tensors.items():
+        if isinstance(v, Lazy):
+            dt, a = v.st_dtype, v
+        else:
+            dt, a = v if isinstance(v, tuple) else (_ST[np.dtype(v.dtype)], v)
+        gap = -offset % _ALIGN
+        if gap:  # safetensors allows no holes: an explicit padding tensor keeps the next one aligned
+            items.append((f"{PAD}{len(items)}", "U8", np.zeros(gap, np.uint8), offset))
+            offset += gap
+        items.append((name, dt, a, offset))
+        offset += a.nbytes
+    header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
+    for name, dt, a, off in items:
+        header[name] = {"dtype": dt, "shape": list(a.shape), "data_offsets": [off, off + a.nbytes]}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % _ALIGN)  # the data section starts aligned too
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            pos = 0
+            for name, dt, a, off in items:
+                f.write(b"\0" * (off - pos))
+                if isinstance(a, Lazy):
+                    made = np.asarray(a.make(), dtype=a.dtype)
+                    if made.shape != a.shape:
+                        raise ValueError(f"{name}: made {made.shape}, declared {a.shape}")
+                    a = made
+                f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
+                pos = off + a.nbytes
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,87 @@
+"""bitlm's native file: torch-free safetensors I/O, conversion, memory-mapped loading, the cache key."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import bitlm
+from bitlm.errors import BitlmError
+from bitlm.io import st
+
+pytestmark = pytest.mark.skipif(not __import__("bitlm.kernels", fromlist=["x"]).available(),
+                                reason="native kernels not built")
+
+
+def test_st_round_trip_with_bf16_and_lazy(tmp_path):
+    from safetensors.torch import load_file
+    x = torch.randn(3, 5)
+    bits = x.bfloat16().view(torch.int16).numpy().view(np.uint16)
+    st.write(tmp_path / "a.safetensors", {
+        "f": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "b": ("BF16", bits),
+        "lazy": st.Lazy((4,), np.int32, lambda: np.array([1, -2, 3, -4], np.int32)),
+    }, {"k": "v"})
+    arrays, meta = st.open_arrays(tmp_path / "a.safetensors")
+    assert meta == {"k": "v"} and arrays["lazy"].tolist() == [1, -2, 3, -4]
+    assert all(a.ctypes.data % 64 == 0 for a in arrays.values())  # aligned for SIMD loads
+    ref = load_file(tmp_path / "a.safetensors")  # the reference reader agrees, bf16 included
+    assert torch.equal(ref["b"], x.bfloat16()) and torch.equal(ref["f"], torch.arange(6.0).reshape(2, 3))
+
+
+def test_st_truncated_file_is_a_clear_error(tmp_path):
+    st.write(tmp_path / "a.safetensors", {"f": np.zeros(1000, np.float32)}, {})
+    data = (tmp_path / "a.safetensors").read_bytes()
+    (tmp_path / "a.safetensors").write_bytes(data[:-100])
+    with pytest.raises(BitlmError, match="truncated"):
+        st.open_arrays(tmp_path / "a.safetensors")
+
+
+def test_convert_then_map_equals_the_torch_model(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("BITLM_CACHE", str(tmp_path / "cache"))
+    nm = bitlm.load_native(tiny_model_dir, head="f32")
+    assert isinstance(nm.arrays["0.self_attn.q_proj"], np.memmap)  # mapped, not read
+    ref = bitlm.load(tiny_model_dir)
+    ids = torch.randint(0, ref.config.vocab_size, (1, 15))
+    with torch.no_grad():
+        want = ref(ids)[0].numpy()
+    got = nm.forward(ids[0].numpy(), n_out=15)
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
+    assert nm.tokenizer.encode("To be") == ref.tokenizer.encode("To be")
+    files = list((tmp_path / "cache" / "native").iterdir())
+    assert len(files) == 1
+    bitlm.load_native(tiny_model_dir, head="f32")  # cached: no second file
+    assert list((tmp_path / "cache" / "native").iterdir()) == files
+
+
+def test_cache_key_follows_the_checkpoint(tiny_model_dir, tmp_path):
+    import shutil
+    from bitlm.io.native import cache_path
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, d)
+    a = cache_path(d, "q8")
+    assert cache_path(d, "f32") != a
+    bitlm.load(d).save_pretrained(d)  # rewritten weights: a new key
+    assert cache_path(d, "q8") != a
+
+
+def test_foreign_file_is_refused(tmp_path):
+    from bitlm.io.native import open_native
+    st.write(tmp_path / "x.safetensors", {"a": np.zeros(2, np.float32)}, {"format": "pt"})
+    with pytest.raises(BitlmError, match="not a bitlm native file"):
+        open_native(tmp_path / "x.safetensors")
+
+
+def test_native_generation_equals_the_torch_model(tiny_model_dir, tmp_path, monkeypatch):
+    from bitlm.engine.generate import ChatSession, generate_text
+    from bitlm.engine.native import NativeLM
+    monkeypatch.setenv("BITLM_CACHE", str(tmp_path / "cache"))
+    ref = bitlm.load(tiny_model_dir)
+    lm = NativeLM(bitlm.load_native(tiny_model_dir, head="f32"))
+    for prompt in ("To be", "Shall I compare thee"):
+        assert generate_text(lm, prompt, max_new_tokens=25, temperature=0) == \
+            generate_text(ref, prompt, max_new_tokens=25, temperature=0)
+    a, b = ChatSession(ref, temperature=0, max_new_tokens=8), ChatSession(lm, temperature=0, max_new_tokens=8)
+    for turn in ("hello", "and again"):
+        assert a.send(turn).text == b.send(turn).text

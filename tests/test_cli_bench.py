@@ -1,0 +1,48 @@
+"""`bitlm bench` and `bitlm doctor` as a user runs them."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bitlm.cli import main, native_available
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+needs_native = pytest.mark.skipif(not native_available(), reason="native kernels not built")
+
+
+@needs_native
+def test_bench_json_has_llama_bench_fields(tiny_model_dir, capsys):
+    assert main(["bench", "-m", str(tiny_model_dir), "-p", "16,32", "-n", "8", "-r", "2", "-t", "1", "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [(r["n_prompt"], r["n_gen"]) for r in records] == [(16, 0), (32, 0), (0, 8)]
+    for r in records:
+        assert r["n_threads"] == 1 and r["avg_ts"] > 0 and r["stddev_ts"] >= 0 and len(r["samples_ts"]) == 2
+        assert r["peak_rss_bytes"] > 0 and r["load_s"] >= 0
+        assert abs(r["avg_ts"] - sum(r["samples_ts"]) / 2) < 1e-6 * r["avg_ts"]
+
+
+@needs_native
+def test_bench_random_shape_table(capsys):
+    assert main(["bench", "--shape", "tiny", "-p", "8", "-n", "4", "-r", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| pp8 |" in out and "| tg4 |" in out and "peak RSS" in out
+
+
+def test_bench_needs_exactly_one_model_source(capsys):
+    assert main(["bench", "-p", "8"]) == 2
+    assert "exactly one of -m MODEL or --shape" in capsys.readouterr().err
+
+
+def test_doctor_names_the_kernel_path():
+    p = subprocess.run([sys.executable, "-m", "bitlm", "doctor"], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": SRC}, timeout=60)
+    assert p.returncode == 0, p.stderr
+    if native_available():
+        import bitlm.kernels
+        assert f"in use: {bitlm.kernels.info()['path']}" in p.stdout
+    else:
+        assert "NOT available" in p.stdout or "not part of this install" in p.stdout
