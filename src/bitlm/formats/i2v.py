@@ -89,10 +89,13 @@ def pack(w: np.ndarray) -> np.ndarray:
     np_, kp = padded_shape(n, k)
     full = np.full((np_, kp), PAD_CODE, dtype=np.uint8)
     full[:n, :k] = codes
-    # [rb, r, kb, s, j] -> [rb, kb, r, j, s]: byte (r, j) gathers shifts s = 0..3
-    t = full.reshape(np_ // ROWS, ROWS, kp // COLS, 4, 4).transpose(0, 2, 1, 4, 3)
-    out = t[..., 0] | (t[..., 1] << 2) | (t[..., 2] << 4) | (t[..., 3] << 6)
-    return np.ascontiguousarray(out).reshape(np_ // ROWS, kp // COLS, BLOCK_BYTES)
+    # row n, block kb: the 16 codes at columns 4s + j read as four little-endian uint32 (s = 0..3,
+    # byte j of each); OR-ing them at shifts 2s gives bytes j = 0..3 of that row's lane at once
+    u = full.reshape(np_, kp // COLS, 4, 4).view("<u4")[..., 0]  # [Np, Kb, s]
+    lane = u[..., 0] | (u[..., 1] << 2) | (u[..., 2] << 4) | (u[..., 3] << 6)  # [Np, Kb] uint32
+    # lanes of rows 16rb .. 16rb+15 side by side in block (rb, kb): [Nb, 16, Kb] -> [Nb, Kb, 16]
+    blocks = np.ascontiguousarray(lane.reshape(np_ // ROWS, ROWS, kp // COLS).transpose(0, 2, 1))
+    return blocks.astype("<u4", copy=False).view(np.uint8).reshape(np_ // ROWS, kp // COLS, BLOCK_BYTES)
 
 
 def unpack_codes(packed: np.ndarray, n: int, k: int, padded: bool = False) -> np.ndarray:
