@@ -71,6 +71,13 @@ static void store_tile(const i2v_gemm_args *a, const int32_t *c, int m0, int rb)
 }
 
 /* a->x: [ceil(M/32)*32, ldx] zero-padded, ldx >= 64 * ceil(Kb/4) */
+/* Row-block pairs are unpacked a group at a time (up to GROUP_BYTES of B tiles, kept in L2) and
+ * every 32-row tile of activations runs over the whole group before the next: each tile's int32
+ * results then land in contiguous runs of the output rows (GROUP pairs x 128 bytes), instead of
+ * 128-byte pieces scattered over all M rows per pair, which cost write misses once M x N x 4 bytes
+ * outgrows L2 (measured: N = 6912, M = 256 ran at half speed). */
+#define GROUP_BYTES (256 * 1024)
+
 TAMX void i2v_gemm_amx(const i2v_gemm_args *a, int rb0, int rb1) {
     if (a->M < 16) {
         i2v_gemm_avx512vnni(a, rb0, rb1);
@@ -78,7 +85,11 @@ TAMX void i2v_gemm_amx(const i2v_gemm_args *a, int rb0, int rb1) {
     }
     int nq = (a->Kb + 3) / 4;
     int mp = (a->M + 31) / 32 * 32;
-    uint8_t *b = (uint8_t *)aligned_alloc(64, (size_t)nq * 2048);
+    size_t pair_bytes = (size_t)nq * 2048;  /* B tiles of two row blocks */
+    int group = (int)(GROUP_BYTES / pair_bytes);
+    if (group < 1) group = 1;
+    if (group > 16) group = 16;
+    uint8_t *b = (uint8_t *)aligned_alloc(64, pair_bytes * group);
     int32_t *c = (int32_t *)aligned_alloc(64, 4 * 1024);
     if (!b || !c) {  /* out of memory: the VNNI kernel needs no scratch */
         free(b);
@@ -86,7 +97,6 @@ TAMX void i2v_gemm_amx(const i2v_gemm_args *a, int rb0, int rb1) {
         i2v_gemm_avx512vnni(a, rb0, rb1);
         return;
     }
-    uint8_t *b0 = b, *b1 = b + (size_t)nq * 1024;
     tile_config cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
@@ -95,34 +105,41 @@ TAMX void i2v_gemm_amx(const i2v_gemm_args *a, int rb0, int rb1) {
         cfg.rows[t] = 16;
     }
     _tile_loadconfig(&cfg);
-    for (int rb = rb0; rb < rb1; rb += 2) {
-        unpack_b(a, rb, 1, nq, b0);
-        unpack_b(a, rb + 1, rb + 1 < rb1, nq, b1);
+    for (int g0 = rb0; g0 < rb1; g0 += 2 * group) {
+        int g1 = g0 + 2 * group < rb1 ? g0 + 2 * group : rb1;
+        for (int rb = g0; rb < g1; rb += 2) {
+            uint8_t *b0 = b + (size_t)(rb - g0) / 2 * pair_bytes;
+            unpack_b(a, rb, 1, nq, b0);
+            unpack_b(a, rb + 1, rb + 1 < g1, nq, b0 + (size_t)nq * 1024);
+        }
         for (int m0 = 0; m0 < mp; m0 += 32) {
             const int8_t *x0 = a->x + (size_t)m0 * a->ldx, *x1 = x0 + 16 * a->ldx;
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
-            for (int q = 0; q < nq; q++) {
-                _tile_loadd(4, x0 + 64 * q, a->ldx);
-                _tile_loadd(5, x1 + 64 * q, a->ldx);
-                _tile_loadd(6, b0 + (size_t)q * 1024, 64);
-                _tile_loadd(7, b1 + (size_t)q * 1024, 64);
-                _tile_dpbsud(0, 4, 6);
-                _tile_dpbsud(1, 4, 7);
-                _tile_dpbsud(2, 5, 6);
-                _tile_dpbsud(3, 5, 7);
-            }
-            _tile_stored(0, c, 64);
-            _tile_stored(1, c + 256, 64);
-            _tile_stored(2, c + 512, 64);
-            _tile_stored(3, c + 768, 64);
-            store_tile(a, c, m0, rb);
-            store_tile(a, c + 512, m0 + 16, rb);
-            if (rb + 1 < rb1) {
-                store_tile(a, c + 256, m0, rb + 1);
-                store_tile(a, c + 768, m0 + 16, rb + 1);
+            for (int rb = g0; rb < g1; rb += 2) {
+                const uint8_t *b0 = b + (size_t)(rb - g0) / 2 * pair_bytes, *b1 = b0 + (size_t)nq * 1024;
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+                for (int q = 0; q < nq; q++) {
+                    _tile_loadd(4, x0 + 64 * q, a->ldx);
+                    _tile_loadd(5, x1 + 64 * q, a->ldx);
+                    _tile_loadd(6, b0 + (size_t)q * 1024, 64);
+                    _tile_loadd(7, b1 + (size_t)q * 1024, 64);
+                    _tile_dpbsud(0, 4, 6);
+                    _tile_dpbsud(1, 4, 7);
+                    _tile_dpbsud(2, 5, 6);
+                    _tile_dpbsud(3, 5, 7);
+                }
+                _tile_stored(0, c, 64);
+                _tile_stored(1, c + 256, 64);
+                _tile_stored(2, c + 512, 64);
+                _tile_stored(3, c + 768, 64);
+                store_tile(a, c, m0, rb);
+                store_tile(a, c + 512, m0 + 16, rb);
+                if (rb + 1 < g1) {
+                    store_tile(a, c + 256, m0, rb + 1);
+                    store_tile(a, c + 768, m0 + 16, rb + 1);
+                }
             }
         }
     }
