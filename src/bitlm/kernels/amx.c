@@ -89,14 +89,22 @@ TAMX void i2v_gemm_amx(const i2v_gemm_args *a, int rb0, int rb1) {
     int group = (int)(GROUP_BYTES / pair_bytes);
     if (group < 1) group = 1;
     if (group > 16) group = 16;
-    uint8_t *b = (uint8_t *)aligned_alloc(64, pair_bytes * group);
-    int32_t *c = (int32_t *)aligned_alloc(64, 4 * 1024);
-    if (!b || !c) {  /* out of memory: the VNNI kernel needs no scratch */
-        free(b);
-        free(c);
+    /* per-thread scratch, kept between calls (the pool's threads persist): a fresh 256 KB block per
+     * call would be mapped and page-faulted anew each time */
+    static __thread uint8_t *scratch;
+    static __thread size_t scratch_bytes;
+    size_t need = pair_bytes * group + 4096;
+    if (need > scratch_bytes) {
+        free(scratch);
+        scratch = (uint8_t *)aligned_alloc(64, (need + 63) & ~(size_t)63);
+        scratch_bytes = scratch ? need : 0;
+    }
+    if (!scratch) {  /* out of memory: the VNNI kernel needs no scratch */
         i2v_gemm_avx512vnni(a, rb0, rb1);
         return;
     }
+    uint8_t *b = scratch;
+    int32_t *c = (int32_t *)(scratch + pair_bytes * group);  /* 4 C tiles, 4 KB */
     tile_config cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
@@ -144,8 +152,6 @@ TAMX void i2v_gemm_amx(const i2v_gemm_args *a, int rb0, int rb1) {
         }
     }
     _tile_release();
-    free(b);
-    free(c);
 }
 #else
 #include "i2v.h"
