@@ -14,6 +14,7 @@
 #if defined(__x86_64__) && defined(__linux__)
 #include <cpuid.h>
 #include <immintrin.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
@@ -71,6 +72,37 @@ static void store_tile(const i2v_gemm_args *a, const int32_t *c, int m0, int rb)
 }
 
 /* a->x: [ceil(M/32)*32, ldx] zero-padded, ldx >= 64 * ceil(Kb/4) */
+/* Per-thread scratch kept between calls (the pool's threads persist; a fresh 256 KB block per call
+ * would be mapped and page-faulted anew each time), freed when its thread exits. */
+typedef struct {
+    size_t bytes;
+    uint8_t *p;
+} scratch_t;
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+
+static void scratch_free(void *v) {
+    scratch_t *s = (scratch_t *)v;
+    free(s->p);
+    free(s);
+}
+static void scratch_init(void) { pthread_key_create(&scratch_key, scratch_free); }
+
+static uint8_t *thread_scratch(size_t bytes) {
+    pthread_once(&scratch_once, scratch_init);
+    scratch_t *s = (scratch_t *)pthread_getspecific(scratch_key);
+    if (!s) {
+        if (!(s = (scratch_t *)calloc(1, sizeof *s))) return NULL;
+        pthread_setspecific(scratch_key, s);
+    }
+    if (bytes > s->bytes) {
+        free(s->p);
+        s->p = (uint8_t *)aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+        s->bytes = s->p ? bytes : 0;
+    }
+    return s->p;
+}
+
 /* Row-block pairs are unpacked a group at a time (up to GROUP_BYTES of B tiles, kept in L2) and
  * every 32-row tile of activations runs over the whole group before the next: each tile's int32
  * results then land in contiguous runs of the output rows (GROUP pairs x 128 bytes), instead of
@@ -89,16 +121,7 @@ TAMX void i2v_gemm_amx(const i2v_gemm_args *a, int rb0, int rb1) {
     int group = (int)(GROUP_BYTES / pair_bytes);
     if (group < 1) group = 1;
     if (group > 16) group = 16;
-    /* per-thread scratch, kept between calls (the pool's threads persist): a fresh 256 KB block per
-     * call would be mapped and page-faulted anew each time */
-    static __thread uint8_t *scratch;
-    static __thread size_t scratch_bytes;
-    size_t need = pair_bytes * group + 4096;
-    if (need > scratch_bytes) {
-        free(scratch);
-        scratch = (uint8_t *)aligned_alloc(64, (need + 63) & ~(size_t)63);
-        scratch_bytes = scratch ? need : 0;
-    }
+    uint8_t *scratch = thread_scratch(pair_bytes * group + 4096);
     if (!scratch) {  /* out of memory: the VNNI kernel needs no scratch */
         i2v_gemm_avx512vnni(a, rb0, rb1);
         return;
