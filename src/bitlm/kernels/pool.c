@@ -59,6 +59,10 @@ static long now_ns(void) {
     return ts.tv_sec * 1000000000L + ts.tv_nsec;
 }
 
+/* set while this thread runs a part: a task that itself calls i2v_pool_run (a kernel inside a
+ * kernel) runs its parts inline instead of waiting on the pool it is part of */
+static __thread int in_task;
+
 /* thread t's range of parts: [t * nparts / nthreads, (t + 1) * nparts / nthreads) */
 static int range_begin(int t, int nparts, int nthreads) { return (int)((long)t * nparts / nthreads); }
 
@@ -76,7 +80,9 @@ static void run_parts(unsigned g, int me) {
             if (part >= range_begin(t + 1, nparts, nthreads)) break;
             if (atomic_compare_exchange_weak_explicit(&P.claim[t].v, &c, c + 1, memory_order_acq_rel,
                                                       memory_order_relaxed)) {
+                in_task = 1;
                 P.fn(P.ctx, part, nparts);  /* task g stays live until its every part is done */
+                in_task = 0;
                 atomic_fetch_add_explicit(&P.done, 1, memory_order_release);
             }
         }
@@ -178,7 +184,7 @@ int i2v_pool_threads(void) {
 
 void i2v_pool_run(i2v_task_fn fn, void *ctx, int nparts) {
     if (P.nthreads == 0) i2v_pool_set_threads(0);
-    if (nparts <= 1 || P.nthreads <= 1) {
+    if (nparts <= 1 || P.nthreads <= 1 || in_task) {
         for (int p = 0; p < nparts; p++) fn(ctx, p, nparts);
         return;
     }

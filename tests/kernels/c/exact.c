@@ -56,6 +56,37 @@ static int check(int M, int N, int K, int extreme) {
     return bad;
 }
 
+/* a kernel called from inside a pool task must not deadlock on the pool (runs inline) */
+typedef struct {
+    int8_t *x;
+    uint8_t *p;
+    int32_t *y;
+    int bad;
+} nested_ctx;
+
+static void nested_part(void *ctx, int part, int nparts) {
+    nested_ctx *c = (nested_ctx *)ctx;
+    (void)nparts;
+    int32_t y[64];
+    i2v_gemm(c->x, 64, NULL, 1, 64, c->p, 64, y, 64, -1);
+    if (memcmp(y, c->y, sizeof y) != 0) c->bad = 1;
+    (void)part;
+}
+
+static int check_nested(void) {
+    int8_t x[64], w[64 * 64];
+    uint8_t p[4 * 4 * 64];
+    int32_t y[64];
+    for (int i = 0; i < 64; i++) x[i] = (int8_t)(next() & 255);
+    for (int i = 0; i < 64 * 64; i++) w[i] = (int8_t)(next() % 3) - 1;
+    pack(w, 64, 64, p);
+    i2v_gemm(x, 64, NULL, 1, 64, p, 64, y, 64, -1);
+    nested_ctx c = {x, p, y, 0};
+    i2v_pool_run(nested_part, &c, 8);
+    if (c.bad) printf("MISMATCH nested call\n");
+    return c.bad;
+}
+
 int main(void) {
     static const int shapes[][3] = {{1, 1, 1}, {1, 17, 15}, {1, 64, 2560}, {1, 129, 48}, {3, 33, 100},
                                     {8, 16, 16}, {17, 65, 129}, {20, 100, 333}, {33, 48, 64}, {64, 31, 200}};
@@ -66,6 +97,7 @@ int main(void) {
             for (int e = -1; e <= 1; e++) bad |= check(shapes[i][0], shapes[i][1], shapes[i][2], e);
     }
     for (int i = 0; i < 40; i++) bad |= check(1 + next() % 24, 1 + next() % 300, 1 + next() % 700, 0);
+    bad |= check_nested();
     for (int path = 0; path < I2V_NPATHS; path++)
         if (i2v_path_supported(path)) printf("path %s: %s\n", i2v_path_name(path), bad ? "FAILED" : "exact");
     return bad;
