@@ -11,8 +11,8 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 KDIR = os.path.join("src", "bitlm", "kernels")
-SOURCES = ["module.c", "dispatch.c", "pool.c", "scalar.c", "avx2.c", "avx512vnni.c", "amx.c", "neon.c", "convert.c",
-           "bitnet.c"]
+SOURCES = ["module.c", "dispatch.c", "pool.c", "scalar.c", "avx2.c", "avx512vnni.c", "avx512vbmi.c", "amx.c",
+           "neon.c", "convert.c", "bitnet.c"]
 
 
 class OptionalBuildExt(build_ext):

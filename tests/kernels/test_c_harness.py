@@ -12,7 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 KDIR = ROOT / "src" / "bitlm" / "kernels"
-LIBRARY = ["dispatch.c", "pool.c", "scalar.c", "avx2.c", "avx512vnni.c", "amx.c", "neon.c", "convert.c"]
+LIBRARY = ["dispatch.c", "pool.c", "scalar.c", "avx2.c", "avx512vnni.c", "avx512vbmi.c", "amx.c", "neon.c",
+           "convert.c"]
 
 
 def _build_and_run(cc: str, out: Path, runner: list[str], extra: list[str]) -> str:

@@ -285,3 +285,17 @@ def test_pool_survives_fork():
     with ctx.Pool(1) as pool:
         y = pool.apply_async(kernels.gemm, (x, packed)).get(timeout=60)
     assert torch.equal(y.long(), _reference(x, w))
+
+
+@pytest.mark.parametrize("m,v,h", [(1, 1, 1), (1, 5, 64), (1, 17, 100), (2, 33, 2560), (3, 9, 129), (1, 300, 640)])
+def test_q6_gemv_exact(path, m, v, h):
+    from bitlm.formats import q6
+
+    rng = np.random.default_rng(m * 1000 + v + h)
+    q = rng.integers(-31, 32, size=(v, h), dtype=np.int8)
+    x = torch.from_numpy(rng.integers(-128, 128, size=(m, h), dtype=np.int8))
+    packed = torch.from_numpy(q6.pack(q))
+    y = kernels.q6_gemv(x, packed, h, path=path)
+    assert torch.equal(y.long(), x.long() @ torch.from_numpy(q).long().t())
+    ext = torch.full((1, h), -128, dtype=torch.int8)
+    assert torch.equal(kernels.q6_gemv(ext, packed, h, path=path).long(), ext.long() @ torch.from_numpy(q).long().t())

@@ -8,6 +8,7 @@ cannot load, everything here still works on the pure-torch path, slower, after a
     set_num_threads(n) -> int           pack(codes) / from_hf_packed(packed, out_features) -> PackedTernary
     gemm(xq, packed) -> int32 [M, N]    quantize(x) -> (xq int8 [M, K], s float32 [M, 1], xsum int32 [M])
     linear(x, packed, weight_scale) -> float32 [..., N]   (quantize + gemm + rescale, one native call)
+    q6_gemv(xq, packed_q6, h) -> int32 [M, V]             (the 6-bit output head, formats/q6.py)
 
 Exactness: gemm returns the integer sums xq @ W^T exactly, on every path.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..formats import hf_packed, i2v
+from ..formats import hf_packed, i2v, q6
 
 try:
     from . import _native
@@ -206,6 +207,33 @@ def linear(x: torch.Tensor, packed: PackedTernary, weight_scale: torch.Tensor | 
     return y.reshape(*lead, packed.n)
 
 
+def q6_gemv(xq: torch.Tensor, packed: torch.Tensor, h: int, xsum: torch.Tensor | None = None,
+            path: str | None = None) -> torch.Tensor:
+    """Exact int32 [M, V] = xq [M, h] int8 @ q^T for Q6 rows (formats/q6.py: uint8 [V, 48 * ceil(h/64)]).
+
+    The 6-bit output head: logits = result * (row scale / s). AVX-512 VBMI when the CPU has it (on the
+    avx512vnni and amx paths), else the scalar reference.
+    """
+    xq = _as_rows(xq, torch.int8, "xq")
+    m, k = xq.shape
+    hp = q6.padded_cols(h)
+    if k != h or packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != hp // 64 * 48:
+        raise ValueError(f"q6_gemv: xq [M, {h}] int8 and packed uint8 [V, {hp // 64 * 48}] expected")
+    packed = packed.contiguous()
+    v = packed.shape[0]
+    if _native is None:
+        w = torch.from_numpy(q6.unpack(packed.numpy(), h)).float()
+        return (xq.float() @ w.t()).to(torch.int32)  # exact: |partial sums| <= 31 * 128 * h < 2**24
+    if hp != k or xq.stride(0) != k:
+        xp = torch.zeros(m, hp, dtype=torch.int8)
+        xp[:, :k] = xq
+        xq = xp
+    out = torch.empty(m, v, dtype=torch.int32)
+    _native.q6_gemv(packed.data_ptr(), v, h, xq.data_ptr(), xq.stride(0), 0 if xsum is None else xsum.data_ptr(), m,
+                    out.data_ptr(), v, _path_index(path))
+    return out
+
+
 def quantize(x: torch.Tensor, path: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token absmax int8 (quant.quantize_activations, bit for bit) plus the row sums for gemm.
 
@@ -232,5 +260,5 @@ def read_bandwidth_probe(buf: torch.Tensor) -> int:
     return _native.read_bytes(buf.data_ptr(), buf.numel() * buf.element_size())
 
 
-__all__ = ["PATHS", "PackedTernary", "available", "from_hf_packed", "gemm", "info", "linear", "pack", "quantize",
-           "set_num_threads", "summary"]
+__all__ = ["PATHS", "PackedTernary", "available", "from_hf_packed", "gemm", "info", "linear", "pack", "q6_gemv",
+           "quantize", "set_num_threads", "summary"]

@@ -9,6 +9,7 @@ static const char *const PATH_NAMES[I2V_NPATHS] = {"scalar", "avx2", "avx512vnni
 
 typedef struct {
     int have[I2V_NPATHS];
+    int vbmi;  /* AVX-512 VBMI (vpermb, vpmultishiftqb) for the Q6 head kernel */
     char features[192];
     int best;
 } cpu_info;
@@ -33,6 +34,8 @@ static cpu_info detect(void) {
     c.have[I2V_PATH_AVX2] = on[0] && on[1];
     c.have[I2V_PATH_AVX512VNNI] = c.have[I2V_PATH_AVX2] && on[2] && on[3] && on[4] && on[5];
     c.have[I2V_PATH_AMX] = c.have[I2V_PATH_AVX512VNNI] && i2v_amx_init();
+    c.vbmi = c.have[I2V_PATH_AVX512VNNI] && __builtin_cpu_supports("avx512vbmi");
+    if (c.vbmi) strcat(c.features, " avx512vbmi");
     if (c.have[I2V_PATH_AMX]) strcat(c.features, " amx-int8");
 #elif defined(__aarch64__)
     c.have[I2V_PATH_NEON] = i2v_neon_dotprod_supported();
@@ -210,6 +213,46 @@ int i2v_quantize(const float *x, size_t ldx, int M, int K, int8_t *q, size_t ldq
                  int32_t *qsum, int path) {
     if ((path = checked_path(path, M, K, 0, ldx, ldq)) < 0 || ldq < (size_t)K) return -1;
     quantize_path(x, ldx, M, K, q, ldq, scale, qsum, path);
+    return 0;
+}
+
+int i2v_has_avx512vbmi(void) { return cpu()->vbmi; }
+
+typedef struct {
+    i2v_q6_args a;
+    i2v_q6_fn fn;
+} q6_task;
+
+static void q6_part(void *ctx, int p, int np) {
+    const q6_task *t = (const q6_task *)ctx;
+    int v0 = (int)((long)t->a.V * p / np), v1 = (int)((long)t->a.V * (p + 1) / np);
+    if (v0 < v1) t->fn(&t->a, v0, v1);
+}
+
+int i2v_q6_gemv(const uint8_t *w, int V, int H, const int8_t *x, size_t ldx, const int32_t *xsum, int M,
+                int32_t *out, size_t ldo, int path) {
+    size_t hp = (size_t)(H + 63) / 64 * 64;
+    if ((path = checked_path(path, M, H, V, ldx, ldo)) < 0 || ldx < hp) return -1;
+    if (M == 0 || V == 0) return 0;
+    int32_t *sums = NULL;
+    if (!xsum) {
+        if (!(sums = (int32_t *)malloc((size_t)M * sizeof(int32_t)))) return -2;
+        for (int m = 0; m < M; m++) {
+            int32_t s = 0;
+            for (int h = 0; h < H; h++) s += x[(size_t)m * ldx + h];
+            sums[m] = s;
+        }
+        xsum = sums;
+    }
+    q6_task t = {{w, V, H, x, ldx, xsum, M, out, ldo}, i2v_q6_scalar};
+#if defined(__x86_64__) || defined(__i386__)
+    if (i2v_path_has_avx512vnni(path) && cpu()->vbmi) t.fn = i2v_q6_avx512vbmi;
+#endif
+    long work = (long)V * (long)(hp / 64) * M;  /* 48-byte groups */
+    int threads = i2v_pool_threads();
+    int parts = work < 4096 || threads == 1 ? 1 : PARTS_PER_THREAD * threads;
+    i2v_pool_run(q6_part, &t, parts);
+    free(sums);
     return 0;
 }
 

@@ -47,6 +47,22 @@ typedef void (*i2v_quant_fn)(const float *x, size_t ldx, int M, int K, int8_t *q
  * which comes with AVX2); AMX only changes prefill (M >= 16), below that it runs the AVX-512 VNNI
  * kernel, so code of its own that wants VNNI should test i2v_path_has_avx512vnni(path).
  * NEON is the AArch64 path (with the Armv8.2 dot product). */
+/* Q6 rows (formats/q6.py: 6-bit codes u = q + 32, 64 columns in 48 bytes, rows of 48 * ceil(H/64)
+ * bytes) times int8 activations: out[m, v] = sum_h x[m, h] * q[v, h], exact int32. */
+typedef struct {
+    const uint8_t *w;     /* [V, 48 * ceil(H/64)] */
+    int V, H;
+    const int8_t *x;      /* [M, ldx >= 64 * ceil(H/64)] int8, zero past H */
+    size_t ldx;
+    const int32_t *xsum;  /* [M] */
+    int M;
+    int32_t *out;         /* [M, ldo >= V] */
+    size_t ldo;
+} i2v_q6_args;
+
+typedef void (*i2v_q6_fn)(const i2v_q6_args *a, int v0, int v1);  /* rows v0 .. v1-1 */
+void i2v_q6_scalar(const i2v_q6_args *a, int v0, int v1);
+
 enum { I2V_PATH_SCALAR = 0, I2V_PATH_AVX2 = 1, I2V_PATH_AVX512VNNI = 2, I2V_PATH_AMX = 3, I2V_PATH_NEON = 4,
        I2V_NPATHS = 5 };
 
@@ -68,6 +84,7 @@ uint64_t i2v_read_avx2(const uint8_t *p, size_t n);
 /* AMX: activations zero-padded to [ceil(M/32)*32, ldx >= 64*ceil(Kb/4)] when M >= 16 (i2v_pad_geometry) */
 void i2v_gemm_amx(const i2v_gemm_args *a, int rb0, int rb1);
 uint64_t i2v_read_avx512(const uint8_t *p, size_t n);
+void i2v_q6_avx512vbmi(const i2v_q6_args *a, int v0, int v1);
 #endif
 
 int i2v_amx_init(void);  /* 1 if the CPU has AMX-INT8 and the OS grants the tile state */
@@ -101,6 +118,12 @@ int i2v_linear(const float *x, size_t ldx, int M, int K, const uint8_t *w, int N
 /* Hugging Face packed uint8 [ceil(out/4), in] -> I2V packed uint8 [ceil(out/16), ceil(in/16), 64]
  * (convert.c; formats/i2v.py's from_hf_packed is the reference). */
 int i2v_from_hf(const uint8_t *hf, int out, int in, uint8_t *dst);
+/* Q6 rows times int8 activations (see i2v_q6_args), rows split over the pool. AVX-512 VBMI when
+ * the CPU has it and path is AVX-512 VNNI or AMX (or < 0), else the scalar reference. x must be
+ * readable and zero up to 64 * ceil(H/64) columns. xsum may be NULL. */
+int i2v_q6_gemv(const uint8_t *w, int V, int H, const int8_t *x, size_t ldx, const int32_t *xsum, int M,
+                int32_t *out, size_t ldo, int path);
+int i2v_has_avx512vbmi(void);
 /* Read n bytes with SIMD loads split over the pool (the bandwidth probe); returns a checksum. */
 uint64_t i2v_read_bytes(const uint8_t *p, size_t n);
 

@@ -71,6 +71,20 @@ static PyObject *py_linear(PyObject *self, PyObject *const *args, Py_ssize_t nar
     Py_RETURN_NONE;
 }
 
+/* q6_gemv(w, V, H, x, ldx, xsum or 0, M, out, ldo, path) */
+static PyObject *py_q6_gemv(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    long long a[10];
+    if (get_args(args, nargs, 10, a)) return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = i2v_q6_gemv(PTR(const uint8_t *, a[0]), (int)a[1], (int)a[2], PTR(const int8_t *, a[3]), (size_t)a[4],
+                     PTR(const int32_t *, a[5]), (int)a[6], PTR(int32_t *, a[7]), (size_t)a[8], (int)a[9]);
+    Py_END_ALLOW_THREADS
+    if (rc == -1) return PyErr_Format(PyExc_ValueError, "i2v_q6_gemv: bad arguments or unsupported path %lld", a[9]);
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 /* from_hf(hf, out, in, dst) */
 static PyObject *py_from_hf(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     long long a[4];
@@ -175,6 +189,7 @@ static PyMethodDef methods[] = {
     {"gemm", (PyCFunction)(void (*)(void))py_gemm, METH_FASTCALL, "gemm(x, ldx, xsum, M, K, w, N, y, ldy, path)"},
     {"quantize", (PyCFunction)(void (*)(void))py_quantize, METH_FASTCALL, "quantize(x, ldx, M, K, q, ldq, scale, qsum, path)"},
     {"linear", (PyCFunction)(void (*)(void))py_linear, METH_FASTCALL, "linear(x, ldx, M, K, w, N, wscale, y, ldy, path)"},
+    {"q6_gemv", (PyCFunction)(void (*)(void))py_q6_gemv, METH_FASTCALL, "q6_gemv(w, V, H, x, ldx, xsum, M, out, ldo, path)"},
     {"from_hf", (PyCFunction)(void (*)(void))py_from_hf, METH_FASTCALL, "from_hf(hf, out, in, dst): HF packed -> I2V"},
     {"read_bytes", (PyCFunction)(void (*)(void))py_read_bytes, METH_FASTCALL, "read_bytes(ptr, n) -> checksum"},
     {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n) -> threads in use (n <= 0: all CPUs)"},

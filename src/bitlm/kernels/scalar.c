@@ -47,3 +47,23 @@ void i2v_quant_scalar(const float *x, size_t ldx, int M, int K, int8_t *q, size_
         qsum[m] = sum;
     }
 }
+
+/* Q6 rows: walks each 48-byte group as 8 little-endian 6-byte pieces of 8 codes, as the VBMI kernel */
+void i2v_q6_scalar(const i2v_q6_args *a, int v0, int v1) {
+    int ng = (a->H + 63) / 64;
+    for (int m = 0; m < a->M; m++) {
+        const int8_t *x = a->x + (size_t)m * a->ldx;
+        for (int v = v0; v < v1; v++) {
+            const uint8_t *row = a->w + (size_t)v * ng * 48;
+            int32_t acc = 0;
+            for (int g = 0; g < ng; g++)
+                for (int L = 0; L < 8; L++) {
+                    const uint8_t *b = row + g * 48 + 6 * L;
+                    uint64_t piece = 0;
+                    for (int i = 0; i < 6; i++) piece |= (uint64_t)b[i] << (8 * i);
+                    for (int j = 0; j < 8; j++) acc += (int32_t)((piece >> (6 * j)) & 63) * x[64 * g + 8 * L + j];
+                }
+            a->out[(size_t)m * a->ldo + v] = acc - 32 * a->xsum[m];
+        }
+    }
+}
