@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from bitlm import kernels
+from bitlm.formats import q6
 
 # (in -> out): q and o, k and v, gate and up, down
 SHAPES_2B4T = [(2560, 2560), (2560, 640), (2560, 6912), (6912, 2560)]
@@ -79,6 +80,33 @@ def time_gemv(big: torch.Tensor, mats: list[kernels.PackedTernary], path: str, r
         gemv.append(t2 - t1)
     ratio = statistics.median(p / g for p, g in zip(probe, gemv))
     return statistics.median(gemv) / len(mats), big.numel() / statistics.median(probe) / 1e9, ratio
+
+
+def q6_head_copies(pool_bytes: int, v: int = 128256, h: int = 2560) -> torch.Tensor:
+    """Copies of a random Q6 head [copies, v, 48 * h / 64] filling about pool_bytes."""
+    q = np.random.default_rng(0).integers(-31, 32, size=(v // 16, h), dtype=np.int8)
+    one = np.tile(q6.pack(q), (16, 1))
+    copies = max(2, -(-pool_bytes // one.nbytes))
+    return torch.from_numpy(np.ascontiguousarray(np.broadcast_to(one, (copies,) + one.shape)))
+
+
+def time_q6(head: torch.Tensor, repeats: int) -> tuple[float, float, float]:
+    """(seconds per head GEMV, probe GB/s, median paired probe/GEMV ratio), as time_gemv."""
+    h = head.shape[2] // 48 * 64
+    x = torch.randint(-128, 128, (1, h), dtype=torch.int8)
+    kernels.q6_gemv(x, head[0], h)
+    gemv, probe = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        kernels.read_bandwidth_probe(head)
+        t1 = time.perf_counter()
+        for c in range(head.shape[0]):
+            kernels.q6_gemv(x, head[c], h)
+        t2 = time.perf_counter()
+        probe.append(t1 - t0)
+        gemv.append(t2 - t1)
+    ratio = statistics.median(p / g for p, g in zip(probe, gemv))
+    return statistics.median(gemv) / head.shape[0], head.numel() / statistics.median(probe) / 1e9, ratio
 
 
 def time_torch_bf16(k: int, n: int, threads: list[int], pool_bytes: int, repeats: int):
@@ -166,6 +194,15 @@ def main() -> None:
             bound = LAYERS * sum(cnt * per_call[(k, n, t, p)][1] for (k, n), cnt in LAYER_MIX.items())
             print(f"  {t} thread(s) {p:>11}: {sec * 1e3:6.2f} ms/token for {LAYERS * layer_bytes / 1e6:.0f} MB "
                   f"(paired bound {bound * 1e3:.2f} ms: {100 * bound / sec:.0f}% of the bandwidth bound)")
+
+    print("\noutput head 128256 x 2560 in Q6 rows (formats/q6.py, 246 MB), cold, paired with the probe:")
+    head = q6_head_copies(args.pool_mb << 20)
+    for t in threads:
+        kernels.set_num_threads(t)
+        sec, probe, ratio = time_q6(head, args.repeats)
+        print(f"  {t} thread(s): {sec * 1e3:6.2f} ms/token, {head[0].numel() / sec / 1e9:5.1f} GB/s "
+              f"(probe {probe:.1f} GB/s): {100 * ratio:.0f}% of the bandwidth bound")
+    del head
 
     if args.prefill:
         print(f"\nprefill GEMM, M = {args.prefill} (weights warm), GOPS = 2*M*N*K / time:")

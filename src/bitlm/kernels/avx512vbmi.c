@@ -36,10 +36,12 @@ INLINE TVBMI void q6_rows(const i2v_q6_args *a, int m, int v0, const int NR) {
     for (int r = 0; r < NR; r++) acc[r] = _mm512_setzero_si512();
     for (int g = 0; g < ng; g++) {
         __m512i xv = _mm512_loadu_si512((const void *)(x + 64 * g));
+        /* near a row's end, prefetch the same row of the next group of NR (NR - 1 rows further) */
+        const size_t pf = Q6_PF * 48 + (g + Q6_PF >= ng ? (size_t)(NR - 1) * row_bytes : 0);
 #pragma GCC unroll 4
         for (int r = 0; r < NR; r++) {
             const uint8_t *p = w + r * row_bytes + (size_t)g * 48;
-            _mm_prefetch((const char *)(p + Q6_PF * 48), _MM_HINT_T0);
+            _mm_prefetch((const char *)(p + pf), _MM_HINT_T0);
             acc[r] = _mm512_dpbusd_epi32(acc[r], q6_codes(p, spread, shifts, m63), xv);
         }
     }
