@@ -56,6 +56,43 @@ static int check(int M, int N, int K, int extreme) {
     return bad;
 }
 
+/* Q6 rows as documented (formats/q6.py): column 64g + 8L + j at bits 6j of the little-endian 6-byte
+ * piece L of group g, code q + 32; padding columns code 32 */
+static int check_q6(int M, int V, int H) {
+    int ng = (H + 63) / 64, hp = 64 * ng;
+    int8_t *q = malloc((size_t)V * H), *x = calloc((size_t)M, hp);
+    uint8_t *p = calloc((size_t)V, (size_t)ng * 48);
+    int32_t *ref = malloc((size_t)M * V * 4), *y = malloc((size_t)M * V * 4);
+    for (size_t i = 0; i < (size_t)V * H; i++) q[i] = (int8_t)(next() % 63) - 31;
+    for (int m = 0; m < M; m++)
+        for (int h = 0; h < H; h++) x[(size_t)m * hp + h] = (int8_t)(next() & 255);
+    for (int v = 0; v < V; v++)
+        for (int c = 0; c < hp; c++) {
+            uint64_t code = (uint64_t)((c < H ? q[(size_t)v * H + c] : 0) + 32);
+            int g = c / 64, L = (c % 64) / 8, j = c % 8;
+            size_t bit = (size_t)v * ng * 48 * 8 + ((size_t)g * 48 + 6 * L) * 8 + 6 * j;
+            for (int b = 0; b < 6; b++)
+                if (code >> b & 1) p[(bit + b) / 8] |= (uint8_t)(1u << ((bit + b) % 8));
+        }
+    for (int m = 0; m < M; m++)
+        for (int v = 0; v < V; v++) {
+            int32_t s = 0;
+            for (int h = 0; h < H; h++) s += x[(size_t)m * hp + h] * q[(size_t)v * H + h];
+            ref[(size_t)m * V + v] = s;
+        }
+    int bad = 0;
+    for (int path = 0; path < I2V_NPATHS; path++) {
+        if (!i2v_path_supported(path)) continue;
+        if (i2v_q6_gemv(p, V, H, x, (size_t)hp, NULL, M, y, (size_t)V, path) != 0 ||
+            memcmp(y, ref, (size_t)M * V * 4) != 0) {
+            printf("MISMATCH q6 path %s M %d V %d H %d\n", i2v_path_name(path), M, V, H);
+            bad = 1;
+        }
+    }
+    free(q), free(x), free(p), free(ref), free(y);
+    return bad;
+}
+
 /* a kernel called from inside a pool task must not deadlock on the pool (runs inline) */
 typedef struct {
     int8_t *x;
@@ -98,6 +135,7 @@ int main(void) {
     }
     for (int i = 0; i < 40; i++) bad |= check(1 + next() % 24, 1 + next() % 300, 1 + next() % 700, 0);
     bad |= check_nested();
+    bad |= check_q6(1, 1, 1) | check_q6(1, 37, 100) | check_q6(2, 301, 640) | check_q6(3, 8, 2560);
     for (int path = 0; path < I2V_NPATHS; path++)
         if (i2v_path_supported(path)) printf("path %s: %s\n", i2v_path_name(path), bad ? "FAILED" : "exact");
     return bad;
