@@ -22,6 +22,14 @@ static int get_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, lo
 
 #define PTR(T, v) ((T)(uintptr_t)(v))
 
+/* the end of a kernel call: 0 -> None, -1 -> ValueError (bad sizes or a path this CPU lacks),
+ * anything else -> MemoryError */
+static PyObject *result(int rc, const char *what, long long path) {
+    if (rc == 0) Py_RETURN_NONE;
+    if (rc == -1) return PyErr_Format(PyExc_ValueError, "%s: bad arguments or unsupported path %lld", what, path);
+    return PyErr_NoMemory();
+}
+
 /* gemm(x, ldx, xsum or 0, M, K, w, N, y, ldy, path) */
 static PyObject *py_gemm(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     long long a[10];
@@ -32,9 +40,7 @@ static PyObject *py_gemm(PyObject *self, PyObject *const *args, Py_ssize_t nargs
                   (int)a[4], PTR(const uint8_t *, a[5]), (int)a[6], PTR(int32_t *, a[7]), (size_t)a[8],
                   (int)a[9]);
     Py_END_ALLOW_THREADS
-    if (rc == -1) return PyErr_Format(PyExc_ValueError, "i2v_gemm: bad arguments or unsupported path %lld", a[9]);
-    if (rc) return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    return result(rc, "i2v_gemm", a[9]);
 }
 
 /* quantize(x, ldx, M, K, q, ldq, scale, qsum, path) */
@@ -46,8 +52,7 @@ static PyObject *py_quantize(PyObject *self, PyObject *const *args, Py_ssize_t n
     rc = i2v_quantize(PTR(const float *, a[0]), (size_t)a[1], (int)a[2], (int)a[3], PTR(int8_t *, a[4]),
                       (size_t)a[5], PTR(float *, a[6]), PTR(int32_t *, a[7]), (int)a[8]);
     Py_END_ALLOW_THREADS
-    if (rc) return PyErr_Format(PyExc_ValueError, "i2v_quantize: bad arguments or unsupported path %lld", a[8]);
-    Py_RETURN_NONE;
+    return result(rc, "i2v_quantize", a[8]);
 }
 
 /* linear(x, ldx, M, K, w, N, wscale, y, ldy, path): wscale is a float */
@@ -66,9 +71,7 @@ static PyObject *py_linear(PyObject *self, PyObject *const *args, Py_ssize_t nar
     rc = i2v_linear(PTR(const float *, a[0]), (size_t)a[1], (int)a[2], (int)a[3], PTR(const uint8_t *, a[4]),
                     (int)a[5], (float)wscale, PTR(float *, a[7]), (size_t)a[8], (int)a[9]);
     Py_END_ALLOW_THREADS
-    if (rc == -1) return PyErr_Format(PyExc_ValueError, "i2v_linear: bad arguments or unsupported path %lld", a[9]);
-    if (rc) return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    return result(rc, "i2v_linear", a[9]);
 }
 
 /* q6_gemv(w, V, H, x, ldx, xsum or 0, M, out, ldo, path) */
@@ -80,9 +83,7 @@ static PyObject *py_q6_gemv(PyObject *self, PyObject *const *args, Py_ssize_t na
     rc = i2v_q6_gemv(PTR(const uint8_t *, a[0]), (int)a[1], (int)a[2], PTR(const int8_t *, a[3]), (size_t)a[4],
                      PTR(const int32_t *, a[5]), (int)a[6], PTR(int32_t *, a[7]), (size_t)a[8], (int)a[9]);
     Py_END_ALLOW_THREADS
-    if (rc == -1) return PyErr_Format(PyExc_ValueError, "i2v_q6_gemv: bad arguments or unsupported path %lld", a[9]);
-    if (rc) return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    return result(rc, "i2v_q6_gemv", a[9]);
 }
 
 /* from_hf(hf, out, in, dst) */
