@@ -59,7 +59,7 @@ def save(arrays: dict[str, np.ndarray], config: BitNetConfig, dest, head: str) -
     st.write(dest, tensors, {"bitlm_format": FORMAT, "config": json.dumps(config.to_hf()), "head": head})
 
 
-def open_native(path, max_len: int | None = None):
+def open_native(path, max_len: int | None = None, kv: str = "f16"):
     """A NativeModel over the memory-mapped file."""
     from ..engine.native import NativeModel
     arrays, meta = st.open_arrays(path)
@@ -70,10 +70,11 @@ def open_native(path, max_len: int | None = None):
         config = BitNetConfig.from_hf(json.loads(meta["config"]), source=f"{path} (metadata)")
     except (KeyError, json.JSONDecodeError) as e:
         raise BitlmError(f"{path}: metadata has no readable config ({e})") from None
-    return NativeModel(config, arrays, max_len=max_len)
+    return NativeModel(config, arrays, max_len=max_len, kv=kv)
 
 
-def load_native(path_or_repo_id, head: str = "q8", max_len: int | None = None, revision: str | None = None):
+def load_native(path_or_repo_id, head: str = "q8", max_len: int | None = None, revision: str | None = None,
+                kv: str = "f16"):
     """A Hugging Face checkpoint (directory or repo id) on the native runtime, converting it once."""
     from ..engine.tokenizer import Tokenizer
     from .hf import read_config, resolve
@@ -81,7 +82,7 @@ def load_native(path_or_repo_id, head: str = "q8", max_len: int | None = None, r
     dest = cache_path(model_dir, head)
     if not dest.exists():
         convert(model_dir, dest, head)
-    nm = open_native(dest, max_len=max_len)
+    nm = open_native(dest, max_len=max_len, kv=kv)
     nm.tokenizer = Tokenizer.from_dir(model_dir, read_config(model_dir))
     nm.source = {"path": str(model_dir), "format": "native", "file": str(dest)}
     return nm
