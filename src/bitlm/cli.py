@@ -204,7 +204,7 @@ def cmd_bench(args) -> int:
     if made > 1:
         print(f"(made the random {args.shape} model file in {made:.0f} s, once: {nm.source['file']})")
     size = records[0]["model_size"] / 2**30 if records else 0
-    print(f"| model | size | params | backend | threads | test | t/s |")
+    print("| model | size | params | backend | threads | test | t/s |")
     print("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
     for r in records:
         test = f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}"

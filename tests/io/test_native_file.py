@@ -1,6 +1,5 @@
 """bitlm's native file: torch-free safetensors I/O, conversion, memory-mapped loading, the cache key."""
 
-import json
 
 import numpy as np
 import pytest
