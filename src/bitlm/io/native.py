@@ -98,8 +98,8 @@ def to_torch(arrays: dict[str, np.ndarray], config: BitNetConfig, dtype=None):
     from ..model import BitNetForCausalLM
     dtype = dtype or torch.float32
 
-    def tensor(a):
-        return torch.from_numpy(np.ascontiguousarray(bf16_to_f32(a) if a.dtype == np.uint16 else a, dtype=np.float32))
+    def tensor(a):  # a writable float32 copy (the arrays may be read-only mappings)
+        return torch.from_numpy(np.array(bf16_to_f32(a) if a.dtype == np.uint16 else a, dtype=np.float32))
 
     model = BitNetForCausalLM.empty(config, linear="packed")
     shapes = config.projection_shapes()
