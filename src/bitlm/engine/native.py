@@ -31,7 +31,8 @@ NORMS = ("input_layernorm", "post_attention_layernorm", "self_attn.attn_sub_norm
 PROJS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _F32, _BF16, _Q8 = 0, 1, 2
-_NI = 19  # bitnet.h: BN_NI
+_NI = 20  # bitnet.h: BN_NI
+KV_KINDS = {"f32": (np.float32, 0), "f16": (np.float16, 3)}  # bitnet.h BN_F32, BN_F16
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
@@ -109,8 +110,12 @@ def _native():
 
 
 class NativeModel:
-    def __init__(self, config, arrays: dict[str, np.ndarray], max_len: int | None = None):
+    def __init__(self, config, arrays: dict[str, np.ndarray], max_len: int | None = None, kv: str = "f16"):
+        """kv: the KV cache's element type, "f16" (half the bytes, as llama.cpp keeps it) or "f32"."""
+        if kv not in KV_KINDS:
+            raise BitlmError(f"KV cache type {kv!r} is not one of {', '.join(KV_KINDS)}")
         c = self.config = config
+        self.kv = kv
         self.n = _native()
         self.arrays = arrays  # the C side points into these: they live as long as the model
         self.max_len = min(max_len or c.max_position_embeddings, c.max_position_embeddings)
@@ -146,7 +151,8 @@ class NativeModel:
         cos, sin = self._rope = rope_tables(c.head_dim, c.rope_theta, self.max_len)
         ints = [c.num_hidden_layers, H, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads,
                 c.head_dim, V, self.max_len, 0 if c.hidden_act == "relu2" else 1, cos.ctypes.data, sin.ctypes.data,
-                get("final_norm", np.float32, (H,)), embed_ptr, emb_kind, head_kind, *head_ptrs, -1]
+                get("final_norm", np.float32, (H,)), embed_ptr, emb_kind, head_kind, *head_ptrs, -1,
+                KV_KINDS[kv][1]]
         assert len(ints) == _NI
         scales = arrays["scales"]
         if scales.shape != (c.num_hidden_layers, len(PROJS)):
@@ -154,8 +160,8 @@ class NativeModel:
         flts = [c.rms_norm_eps]
         norm_sizes = dict(zip(NORMS, (H, H, c.q_size, c.intermediate_size)))
         kv_shape = (c.num_key_value_heads, self.max_len, c.head_dim)
-        self.k_cache = [np.zeros(kv_shape, np.float32) for _ in range(c.num_hidden_layers)]
-        self.v_cache = [np.zeros(kv_shape, np.float32) for _ in range(c.num_hidden_layers)]
+        self.k_cache = [np.zeros(kv_shape, KV_KINDS[kv][0]) for _ in range(c.num_hidden_layers)]
+        self.v_cache = [np.zeros(kv_shape, KV_KINDS[kv][0]) for _ in range(c.num_hidden_layers)]
         shapes = c.projection_shapes()
         for l in range(c.num_hidden_layers):
             ints += [get(f"{l}.{n}", np.float32, (norm_sizes[n],)) for n in NORMS]
@@ -169,9 +175,9 @@ class NativeModel:
                                         len(self._flts))
 
     @classmethod
-    def from_model(cls, model, head: str = "q8", max_len: int | None = None) -> "NativeModel":
+    def from_model(cls, model, head: str = "q8", max_len: int | None = None, kv: str = "f16") -> "NativeModel":
         """From a packed torch BitNetForCausalLM (its weights are copied into the native layouts)."""
-        nm = cls(model.config, arrays_from_model(model, head), max_len=max_len)
+        nm = cls(model.config, arrays_from_model(model, head), max_len=max_len, kv=kv)
         nm.tokenizer = model.tokenizer
         return nm
 

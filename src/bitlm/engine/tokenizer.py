@@ -7,24 +7,13 @@ import json
 from pathlib import Path
 
 from ..errors import BitlmError
+from ..io.files import read_json_object
 
 
 def _token_str(v):
     if isinstance(v, dict):
         return v.get("content")
     return v
-
-
-def _read_json(f: Path) -> dict:
-    if not f.is_file():
-        return {}
-    try:
-        d = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BitlmError(f"{f}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise BitlmError(f"{f}: expected a JSON object")
-    return d
 
 
 class Tokenizer:
@@ -65,7 +54,7 @@ class Tokenizer:
         path = Path(path)
         if not (path / "tokenizer.json").is_file():
             return None
-        tcfg = _read_json(path / "tokenizer_config.json")
+        tcfg = read_json_object(path / "tokenizer_config.json", missing_ok=True)
         template = tcfg.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
@@ -73,8 +62,8 @@ class Tokenizer:
         if (path / "chat_template.jinja").is_file():
             template = (path / "chat_template.jinja").read_text()
         return cls.from_file(path / "tokenizer.json", tokenizer_config=tcfg,
-                             generation_config=_read_json(path / "generation_config.json"),
-                             special_tokens_map=_read_json(path / "special_tokens_map.json"),
+                             generation_config=read_json_object(path / "generation_config.json", missing_ok=True),
+                             special_tokens_map=read_json_object(path / "special_tokens_map.json", missing_ok=True),
                              chat_template=template,
                              eos_token_ids=config.eos_token_ids if config is not None else None)
 

@@ -14,8 +14,6 @@ What llama.cpp does differently (it is a peer, not a clone):
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,7 @@ import torch
 from ..bitlinear import PackedBitLinear
 from ..errors import BitlmError
 from ..model import BitNetForCausalLM
+from .files import atomic_file
 
 # HF names (within a block) -> GGUF names
 BLOCK_TENSORS = {
@@ -138,11 +137,8 @@ def export_gguf(model: BitNetForCausalLM, path, ternary_type: str = "tq2_0", emb
         raise BitlmError("GGUF export: convert the model to its packed form first (model.to_packed())")
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        w = gguf.GGUFWriter(tmp, "bitnet")
+    with atomic_file(path) as tmp:
+        w = gguf.GGUFWriter(str(tmp), "bitnet")
         w.add_name(Path(model.source["path"]).name if model.source else "bitlm-model")
         w.add_context_length(cfg.max_position_embeddings)
         w.add_embedding_length(cfg.hidden_size)
@@ -176,10 +172,4 @@ def export_gguf(model: BitNetForCausalLM, path, ternary_type: str = "tq2_0", emb
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,6 +22,7 @@ from ..errors import BitlmError
 from ..formats import hf_packed
 from ..model import BitNetForCausalLM
 from . import names
+from .files import atomic_dir_write, read_json_object
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja")
@@ -68,13 +67,7 @@ def read_config(path: Path) -> BitNetConfig:
     f = path / "config.json"
     if not f.is_file():
         raise BitlmError(f"{f}: missing; a model directory needs config.json")
-    try:
-        d = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BitlmError(f"{f}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise BitlmError(f"{f}: expected a JSON object")
-    return BitNetConfig.from_hf(d, source=str(f))
+    return BitNetConfig.from_hf(read_json_object(f), source=str(f))
 
 
 # ---- reading tensors -------------------------------------------------------------------------------
@@ -231,7 +224,7 @@ def save_pretrained(model: BitNetForCausalLM, path) -> None:
             tensors[prefix + ".weight"] = packed.weight.contiguous()
             tensors[prefix + ".weight_scale"] = packed.weight_scale.detach().float().reshape(1).clone()
     dest = Path(path)
-    _atomic_dir_write(dest, lambda tmp: _write_files(tmp, cfg, tensors, model, save_file))
+    atomic_dir_write(dest, lambda tmp: _write_files(tmp, cfg, tensors, model, save_file))
 
 
 def _write_files(tmp: Path, cfg: BitNetConfig, tensors, model, save_file) -> None:
@@ -239,31 +232,3 @@ def _write_files(tmp: Path, cfg: BitNetConfig, tensors, model, save_file) -> Non
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "bitlm_format": "hf-packed"})
     if model.tokenizer is not None:
         model.tokenizer.save(tmp)
-
-
-def _atomic_dir_write(dest: Path, write) -> None:
-    """Write into a temporary sibling, then swap it into place; an existing dest survives any failure."""
-    dest = dest.resolve()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        write(tmp)
-        if dest.is_dir():  # keep the files we don't write (README, images, ...), never old weights
-            for f in dest.iterdir():
-                stale = f.name.startswith(("model", "pytorch_model")) or f.suffix in (".safetensors", ".bin")
-                if f.is_file() and not stale and not (tmp / f.name).exists():
-                    shutil.copy2(f, tmp / f.name)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        os.chmod(tmp, 0o755)
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-            os.rmdir(old)
-            os.rename(dest, old)
-            os.rename(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

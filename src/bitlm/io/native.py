@@ -59,7 +59,7 @@ def save(arrays: dict[str, np.ndarray], config: BitNetConfig, dest, head: str) -
     st.write(dest, tensors, {"bitlm_format": FORMAT, "config": json.dumps(config.to_hf()), "head": head})
 
 
-def open_native(path, max_len: int | None = None):
+def open_native(path, max_len: int | None = None, kv: str = "f16"):
     """A NativeModel over the memory-mapped file."""
     from ..engine.native import NativeModel
     arrays, meta = st.open_arrays(path)
@@ -70,10 +70,11 @@ def open_native(path, max_len: int | None = None):
         config = BitNetConfig.from_hf(json.loads(meta["config"]), source=f"{path} (metadata)")
     except (KeyError, json.JSONDecodeError) as e:
         raise BitlmError(f"{path}: metadata has no readable config ({e})") from None
-    return NativeModel(config, arrays, max_len=max_len)
+    return NativeModel(config, arrays, max_len=max_len, kv=kv)
 
 
-def load_native(path_or_repo_id, head: str = "q8", max_len: int | None = None, revision: str | None = None):
+def load_native(path_or_repo_id, head: str = "q8", max_len: int | None = None, revision: str | None = None,
+                kv: str = "f16"):
     """A Hugging Face checkpoint (directory or repo id) on the native runtime, converting it once."""
     from ..engine.tokenizer import Tokenizer
     from .hf import read_config, resolve
@@ -81,7 +82,41 @@ def load_native(path_or_repo_id, head: str = "q8", max_len: int | None = None, r
     dest = cache_path(model_dir, head)
     if not dest.exists():
         convert(model_dir, dest, head)
-    nm = open_native(dest, max_len=max_len)
+    nm = open_native(dest, max_len=max_len, kv=kv)
     nm.tokenizer = Tokenizer.from_dir(model_dir, read_config(model_dir))
     nm.source = {"path": str(model_dir), "format": "native", "file": str(dest)}
     return nm
+
+
+def to_torch(arrays: dict[str, np.ndarray], config: BitNetConfig, dtype=None):
+    """The packed torch model holding the same weights as a native array dict (the head comes from
+    the embedding when tied, else from f32/bf16 head rows; a q8-only untied head cannot go back)."""
+    import torch
+
+    from ..engine.native import NORMS, PROJS, bf16_to_f32
+    from ..formats import hf_packed, i2v
+    from ..model import BitNetForCausalLM
+    dtype = dtype or torch.float32
+
+    def tensor(a):  # a writable float32 copy (the arrays may be read-only mappings)
+        return torch.from_numpy(np.array(bf16_to_f32(a) if a.dtype == np.uint16 else a, dtype=np.float32))
+
+    model = BitNetForCausalLM.empty(config, linear="packed")
+    shapes = config.projection_shapes()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(tensor(arrays["embed"]))
+        if not config.tie_word_embeddings:
+            if "head" not in arrays:
+                raise BitlmError("to_torch: an untied int8 (q8) head cannot be turned back into float rows")
+            model.lm_head.weight.copy_(tensor(arrays["head"]))
+        model.model.norm.weight.copy_(tensor(arrays["final_norm"]))
+        for l, block in enumerate(model.model.layers):
+            for name in NORMS:
+                block.get_submodule(name).weight.copy_(tensor(arrays[f"{l}.{name}"]))
+            for j, name in enumerate(PROJS):
+                n_out, n_in = shapes[name]
+                m = block.get_submodule(name)
+                codes = i2v.unpack(np.asarray(arrays[f"{l}.{name}"]), n_out, n_in)
+                m.weight.copy_(torch.from_numpy(hf_packed.pack(codes)))
+                m.weight_scale.fill_(float(arrays["scales"][l, j]))
+    return model.to(dtype)

@@ -8,14 +8,13 @@ dtype, so it is read and written as uint16 bit patterns (names ending the same, 
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import BitlmError
+from .files import atomic_file
 
 _NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64, "I8": np.int8, "U8": np.uint8,
        "I16": np.int16, "U16": np.uint16, "I32": np.int32, "I64": np.int64, "BOOL": np.bool_}
@@ -96,25 +95,16 @@ def write(path, tensors: dict, metadata: dict[str, str]) -> None:
         header[name] = {"dtype": dt, "shape": list(a.shape), "data_offsets": [off, off + a.nbytes]}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % _ALIGN)  # the data section starts aligned too
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            pos = 0
-            for name, dt, a, off in items:
-                f.write(b"\0" * (off - pos))
-                if isinstance(a, Lazy):
-                    made = np.asarray(a.make(), dtype=a.dtype)
-                    if made.shape != a.shape:
-                        raise ValueError(f"{name}: made {made.shape}, declared {a.shape}")
-                    a = made
-                f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
-                pos = off + a.nbytes
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        pos = 0
+        for name, dt, a, off in items:
+            f.write(b"\0" * (off - pos))
+            if isinstance(a, Lazy):
+                made = np.asarray(a.make(), dtype=a.dtype)
+                if made.shape != a.shape:
+                    raise ValueError(f"{name}: made {made.shape}, declared {a.shape}")
+                a = made
+            f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
+            pos = off + a.nbytes

@@ -21,6 +21,10 @@
 #define VEC
 #endif
 
+typedef float (*dot_fn)(const float *, const float *, int);
+static dot_fn pick_dot(int path);
+static void pick_cvt(int path, void (**h2f)(const void *, void *, int), void (**f2h)(const void *, void *, int));
+
 typedef struct {
     const uint8_t *w;
     int N, K;
@@ -30,17 +34,20 @@ typedef struct {
 typedef struct {
     const float *attn_norm, *ffn_norm, *attn_sub_norm, *ffn_sub_norm;
     bn_linear proj[7]; /* q k v o gate up down */
-    float *kc, *vc;    /* [kv_heads, max_len, head_dim] */
+    void *kc, *vc;     /* [kv_heads, max_len, head_dim], float32 or float16 (BN_I_KV_KIND) */
 } bn_layer;
 
 struct bn_model {
-    int L, H, I, nh, nkv, hd, V, max_len, act, embed_kind, head_kind, path;
+    int L, H, I, nh, nkv, hd, V, max_len, act, embed_kind, head_kind, path, kv_f16;
     float eps;
     const float *cos, *sin, *final_norm;
     const void *embed, *head;
     const float *head_scale;
     const int32_t *head_rowsum;
     bn_layer *layers;
+    dot_fn dot;
+    void (*h2f)(const void *, void *, int);
+    void (*f2h)(const void *, void *, int);
     int profiling;
     int64_t prof[BN_NPROF];
 };
@@ -89,7 +96,10 @@ bn_model *bn_model_new(const int64_t *ints, int nints, const double *flts, int n
     m->embed_kind = (int)ints[BN_I_EMBED_KIND];
     m->head_kind = (int)ints[BN_I_HEAD_KIND];
     m->path = (int)ints[BN_I_PATH];
+    m->kv_f16 = (int)ints[BN_I_KV_KIND] == BN_F16;
     m->eps = (float)flts[0];
+    m->dot = pick_dot(m->path < 0 ? i2v_best_path() : m->path);
+    pick_cvt(m->path < 0 ? i2v_best_path() : m->path, &m->h2f, &m->f2h);
     m->cos = PTR(const float *, ints[BN_I_ROPE_COS]);
     m->sin = PTR(const float *, ints[BN_I_ROPE_SIN]);
     m->final_norm = PTR(const float *, ints[BN_I_FINAL_NORM]);
@@ -98,7 +108,7 @@ bn_model *bn_model_new(const int64_t *ints, int nints, const double *flts, int n
     m->head_scale = PTR(const float *, ints[BN_I_HEAD_SCALE]);
     m->head_rowsum = PTR(const int32_t *, ints[BN_I_HEAD_ROWSUM]);
     if (m->H <= 0 || m->I <= 0 || m->nh <= 0 || m->nkv <= 0 || m->nh % m->nkv || m->hd <= 0 || m->hd % 2 ||
-        m->V <= 0 || m->max_len <= 0 || m->act < 0 || m->act > 1 || m->embed_kind < 0 || m->embed_kind > 1 ||
+        m->V <= 0 || m->max_len <= 0 || m->hd > 1024 || (ints[BN_I_KV_KIND] != BN_F32 && ints[BN_I_KV_KIND] != BN_F16) || m->act < 0 || m->act > 1 || m->embed_kind < 0 || m->embed_kind > 1 ||
         m->head_kind < 0 || m->head_kind > 2 || (m->head_kind == BN_Q8 && (!m->head_scale || !m->head_rowsum)) ||
         !m->embed || !m->head || !m->cos || !m->sin || !m->final_norm) {
         free(m);
@@ -124,8 +134,8 @@ bn_model *bn_model_new(const int64_t *ints, int nints, const double *flts, int n
             y->proj[j].K = shapes[j][1];
             y->proj[j].scale = (float)flts[1 + 7 * l + j];
         }
-        y->kc = PTR(float *, li[BN_L_KCACHE]);
-        y->vc = PTR(float *, li[BN_L_VCACHE]);
+        y->kc = PTR(void *, li[BN_L_KCACHE]);
+        y->vc = PTR(void *, li[BN_L_VCACHE]);
     }
     return m;
 }
@@ -136,18 +146,130 @@ void bn_model_free(bn_model *m) {
     free(m);
 }
 
-/* ---- float helpers (vectorised per instruction set) ----------------------------------------- */
-VEC static void rmsnorm(const float *x, const float *w, float *out, int n, float eps) {
-    float ss = 0.0f;
-    for (int i = 0; i < n; i++) ss += x[i] * x[i];
-    float r = 1.0f / sqrtf(ss / (float)n + eps);
-    for (int i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
+/* ---- float helpers ---------------------------------------------------------------------------
+ * A float sum is not vectorised by the compiler without -ffast-math (it may not reorder the
+ * additions), so the dot product is written per instruction set with independent accumulators and
+ * picked once at model creation; loops without a reduction are left to target_clones. */
+static float dot_scalar(const float *a, const float *b, int n) {
+    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+    int i = 0;
+    for (; i + 4 <= n; i += 4) {
+        s0 += a[i] * b[i];
+        s1 += a[i + 1] * b[i + 1];
+        s2 += a[i + 2] * b[i + 2];
+        s3 += a[i + 3] * b[i + 3];
+    }
+    for (; i < n; i++) s0 += a[i] * b[i];
+    return (s0 + s1) + (s2 + s3);
 }
 
-VEC static float dot(const float *a, const float *b, int n) {
-    float s = 0.0f;
-    for (int i = 0; i < n; i++) s += a[i] * b[i];
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#include <immintrin.h>
+__attribute__((target("avx512f"))) static float dot_avx512(const float *a, const float *b, int n) {
+    __m512 c0 = _mm512_setzero_ps(), c1 = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        c0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), c0);
+        c1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), c1);
+    }
+    if (i + 16 <= n) {
+        c0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), c0);
+        i += 16;
+    }
+    if (i < n) {
+        __mmask16 k = (__mmask16)((1u << (n - i)) - 1);
+        c1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + i), _mm512_maskz_loadu_ps(k, b + i), c1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(c0, c1));
+}
+
+__attribute__((target("avx2,fma"))) static float dot_avx2(const float *a, const float *b, int n) {
+    __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        c0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), c0);
+        c1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), c1);
+    }
+    __m256 c = _mm256_add_ps(c0, c1);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(c), _mm256_extractf128_ps(c, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    float s = _mm_cvtss_f32(h);
+    for (; i < n; i++) s += a[i] * b[i];
     return s;
+}
+#endif
+
+static dot_fn pick_dot(int path) {
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+    if (path == I2V_PATH_AVX512VNNI) return dot_avx512;
+    if (path == I2V_PATH_AVX2) return dot_avx2;
+#endif
+    (void)path;
+    return dot_scalar;
+}
+
+/* float16 <-> float32 for the KV cache (round to nearest even) */
+typedef void (*cvt_fn)(const void *, void *, int);
+
+static void h2f_scalar(const void *src, void *dst, int n) {
+    const _Float16 *h = (const _Float16 *)src;
+    for (int i = 0; i < n; i++) ((float *)dst)[i] = (float)h[i];
+}
+
+static void f2h_scalar(const void *src, void *dst, int n) {
+    for (int i = 0; i < n; i++) ((_Float16 *)dst)[i] = (_Float16)((const float *)src)[i];
+}
+
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+__attribute__((target("avx512f"))) static void h2f_avx512(const void *src, void *dst, int n) {
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps((float *)dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)src + i))));
+    h2f_scalar((const uint16_t *)src + i, (float *)dst + i, n - i);
+}
+
+__attribute__((target("avx512f"))) static void f2h_avx512(const void *src, void *dst, int n) {
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i *)((uint16_t *)dst + i),
+                            _mm512_cvtps_ph(_mm512_loadu_ps((const float *)src + i), _MM_FROUND_TO_NEAREST_INT));
+    f2h_scalar((const float *)src + i, (uint16_t *)dst + i, n - i);
+}
+
+__attribute__((target("avx2,f16c"))) static void h2f_avx2(const void *src, void *dst, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps((float *)dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)src + i))));
+    h2f_scalar((const uint16_t *)src + i, (float *)dst + i, n - i);
+}
+
+__attribute__((target("avx2,f16c"))) static void f2h_avx2(const void *src, void *dst, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)((uint16_t *)dst + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps((const float *)src + i), _MM_FROUND_TO_NEAREST_INT));
+    f2h_scalar((const float *)src + i, (uint16_t *)dst + i, n - i);
+}
+#endif
+
+static void pick_cvt(int path, cvt_fn *h2f, cvt_fn *f2h) {
+    *h2f = h2f_scalar;
+    *f2h = f2h_scalar;
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+    if (path == I2V_PATH_AVX512VNNI) {
+        *h2f = h2f_avx512;
+        *f2h = f2h_avx512;
+    } else if (path == I2V_PATH_AVX2 && __builtin_cpu_supports("f16c")) {
+        *h2f = h2f_avx2;
+        *f2h = f2h_avx2;
+    }
+#endif
+}
+
+static void rmsnorm(dot_fn dot, const float *x, const float *w, float *out, int n, float eps) {
+    float r = 1.0f / sqrtf(dot(x, x, n) / (float)n + eps);
+    for (int i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
 }
 
 VEC static void axpy(float *y, float a, const float *x, int n) {
@@ -195,43 +317,53 @@ static void rope(float *v, const float *cos, const float *sin, int hd) {
     }
 }
 
-/* ---- attention: one part = a range of (token, head) pairs ------------------------------------ */
+/* ---- attention: one part = a range of (token, kv head) pairs --------------------------------
+ * The q heads that share a kv head (grouped-query attention) are done together, so each cached key
+ * and value row is read (and converted from float16) once for the whole group. */
 typedef struct {
     const bn_model *m;
     const bn_layer *y;
     const float *q; /* [T, nh*hd] */
     float *out;     /* [T, nh*hd] */
-    float *scores;  /* [nparts, max_len] */
+    float *scores;  /* [nparts, group, max_len] */
     int T, pos;
 } attn_task;
+
+static const float *kv_row(const bn_model *m, const void *base, int kvh, int j, float *tmp) {
+    size_t off = ((size_t)kvh * m->max_len + j) * m->hd;
+    if (!m->kv_f16) return (const float *)base + off;
+    m->h2f((const uint16_t *)base + off, tmp, m->hd);
+    return tmp;
+}
 
 static void attn_part(void *ctx, int part, int np) {
     const attn_task *a = (const attn_task *)ctx;
     const bn_model *m = a->m;
-    int total = a->T * m->nh, group = m->nh / m->nkv, hd = m->hd;
+    int total = a->T * m->nkv, group = m->nh / m->nkv, hd = m->hd;
     long i0 = (long)total * part / np, i1 = (long)total * (part + 1) / np;
-    float *sc = a->scores + (size_t)part * m->max_len;
-    float scale = 1.0f / sqrtf((float)hd);
+    float *sc = a->scores + (size_t)part * group * m->max_len;
+    float scale = 1.0f / sqrtf((float)hd), tmp[1024];
     for (long i = i0; i < i1; i++) {
-        int t = (int)(i / m->nh), h = (int)(i % m->nh), kvh = h / group;
+        int t = (int)(i / m->nkv), kvh = (int)(i % m->nkv);
         int n = a->pos + t + 1; /* keys 0 .. pos + t */
-        const float *q = a->q + (size_t)t * m->nh * hd + (size_t)h * hd;
-        const float *K = a->y->kc + (size_t)kvh * m->max_len * hd;
-        const float *Vv = a->y->vc + (size_t)kvh * m->max_len * hd;
-        float mx = -INFINITY;
+        const float *q = a->q + (size_t)t * m->nh * hd + (size_t)kvh * group * hd; /* group rows */
+        float *o = a->out + (size_t)t * m->nh * hd + (size_t)kvh * group * hd;
         for (int j = 0; j < n; j++) {
-            sc[j] = dot(q, K + (size_t)j * hd, hd) * scale;
-            if (sc[j] > mx) mx = sc[j];
+            const float *k = kv_row(m, a->y->kc, kvh, j, tmp);
+            for (int r = 0; r < group; r++) sc[(size_t)r * m->max_len + j] = m->dot(q + (size_t)r * hd, k, hd) * scale;
         }
-        float sum = 0.0f;
+        for (int r = 0; r < group; r++) {
+            float *sr = sc + (size_t)r * m->max_len, mx = -INFINITY, sum = 0.0f;
+            for (int j = 0; j < n; j++) mx = sr[j] > mx ? sr[j] : mx;
+            for (int j = 0; j < n; j++) sum += (sr[j] = expf(sr[j] - mx));
+            float inv = 1.0f / sum;
+            for (int j = 0; j < n; j++) sr[j] *= inv;
+        }
+        memset(o, 0, sizeof(float) * group * hd);
         for (int j = 0; j < n; j++) {
-            sc[j] = expf(sc[j] - mx);
-            sum += sc[j];
+            const float *v = kv_row(m, a->y->vc, kvh, j, tmp);
+            for (int r = 0; r < group; r++) axpy(o + (size_t)r * hd, sc[(size_t)r * m->max_len + j], v, hd);
         }
-        float *o = a->out + (size_t)t * m->nh * hd + (size_t)h * hd;
-        memset(o, 0, sizeof(float) * hd);
-        float inv = 1.0f / sum;
-        for (int j = 0; j < n; j++) axpy(o, sc[j] * inv, Vv + (size_t)j * hd, hd);
     }
 }
 
@@ -325,7 +457,7 @@ static void head_part(void *ctx, int part, int np) {
         const float *h = a->h + (size_t)t * m->H;
         float *lg = a->logits + (size_t)t * m->V;
         for (int v = v0; v < v1; v++)
-            lg[v] = m->head_kind == BN_F32 ? dot((const float *)m->head + (size_t)v * m->H, h, m->H)
+            lg[v] = m->head_kind == BN_F32 ? m->dot((const float *)m->head + (size_t)v * m->H, h, m->H)
                                            : dot_bf16((const uint16_t *)m->head + (size_t)v * m->H, h, m->H);
     }
 }
@@ -343,18 +475,19 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
     if (qn > wide) wide = qn;
     size_t kp = kpad(wide);
     int threads = i2v_pool_threads();
-    int attn_parts = T * m->nh < 4 * threads ? T * m->nh : 4 * threads;
+    int group = m->nh / m->nkv;
+    int attn_parts = T * m->nkv < 4 * threads ? T * m->nkv : 4 * threads;
     /* scratch, one allocation */
     size_t n_x = (size_t)T * H, n_xn = (size_t)T * wide, n_q8 = (size_t)T * kp, n_acc = (size_t)T * wide;
     size_t n_qkv = (size_t)T * (qn + 2 * kvn), n_att = (size_t)T * (qn > H ? qn : H), n_g = (size_t)T * I;
     size_t bytes = 4 * (n_x + n_xn + n_acc + n_qkv + n_att + 2 * n_g + 2 * (size_t)T) + n_q8 +
-                   4 * (size_t)attn_parts * m->max_len + 64 * 8;
+                   4 * (size_t)attn_parts * group * m->max_len + 64 * 8;
     char *buf = (char *)malloc(bytes);
     if (!buf) return -2;
     char *p = buf;
 #define TAKE(T_, n_) ((T_ *)(p = (char *)(((uintptr_t)(p) + 63) & ~(uintptr_t)63), p += (n_) * sizeof(T_), p - (n_) * sizeof(T_)))
     float *x = TAKE(float, n_x), *xn = TAKE(float, n_xn), *qkv = TAKE(float, n_qkv), *att = TAKE(float, n_att);
-    float *g = TAKE(float, n_g), *u = TAKE(float, n_g), *s = TAKE(float, T), *scores = TAKE(float, (size_t)attn_parts * m->max_len);
+    float *g = TAKE(float, n_g), *u = TAKE(float, n_g), *s = TAKE(float, T), *scores = TAKE(float, (size_t)attn_parts * group * m->max_len);
     int32_t *acc = TAKE(int32_t, n_acc), *qsum = TAKE(int32_t, T);
     int8_t *q8 = TAKE(int8_t, n_q8);
 #undef TAKE
@@ -373,7 +506,7 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
     for (int l = 0; l < m->L && !rc; l++) {
         const bn_layer *y = &m->layers[l];
         /* attention */
-        for (int t = 0; t < T; t++) rmsnorm(x + (size_t)t * H, y->attn_norm, xn + (size_t)t * H, H, m->eps);
+        for (int t = 0; t < T; t++) rmsnorm(m->dot, x + (size_t)t * H, y->attn_norm, xn + (size_t)t * H, H, m->eps);
         if ((rc = i2v_quantize(xn, (size_t)H, T, H, q8, kpad(H), s, qsum, m->path))) break;
         LAP(BN_PROF_NORM_QUANT);
         if ((rc = project(m, &y->proj[P_Q], q8, kpad(H), s, qsum, T, acc, qkv, ldqkv))) break;
@@ -387,8 +520,14 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
             for (int h = 0; h < m->nh; h++) rope(qt + (size_t)h * hd, c, sn, hd);
             for (int h = 0; h < m->nkv; h++) {
                 rope(kt + (size_t)h * hd, c, sn, hd);
-                memcpy(y->kc + ((size_t)h * m->max_len + ps) * hd, kt + (size_t)h * hd, sizeof(float) * hd);
-                memcpy(y->vc + ((size_t)h * m->max_len + ps) * hd, vt + (size_t)h * hd, sizeof(float) * hd);
+                size_t off = ((size_t)h * m->max_len + ps) * hd;
+                if (m->kv_f16) {
+                    m->f2h(kt + (size_t)h * hd, (uint16_t *)y->kc + off, hd);
+                    m->f2h(vt + (size_t)h * hd, (uint16_t *)y->vc + off, hd);
+                } else {
+                    memcpy((float *)y->kc + off, kt + (size_t)h * hd, sizeof(float) * hd);
+                    memcpy((float *)y->vc + off, vt + (size_t)h * hd, sizeof(float) * hd);
+                }
             }
         }
         /* gather q contiguously for the attention task */
@@ -397,7 +536,7 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
         attn_task at = {m, y, xn, att, scores, T, pos};
         i2v_pool_run(attn_part, &at, attn_parts);
         LAP(BN_PROF_ATTN);
-        for (int t = 0; t < T; t++) rmsnorm(att + (size_t)t * qn, y->attn_sub_norm, xn + (size_t)t * qn, qn, m->eps);
+        for (int t = 0; t < T; t++) rmsnorm(m->dot, att + (size_t)t * qn, y->attn_sub_norm, xn + (size_t)t * qn, qn, m->eps);
         if ((rc = i2v_quantize(xn, (size_t)qn, T, qn, q8, kpad(qn), s, qsum, m->path))) break;
         LAP(BN_PROF_NORM_QUANT);
         if ((rc = project(m, &y->proj[P_O], q8, kpad(qn), s, qsum, T, acc, att, (size_t)H))) break;
@@ -405,7 +544,7 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
         for (size_t i = 0; i < n_x; i++) x[i] += att[i];
         LAP(BN_PROF_RESIDUAL);
         /* feed-forward */
-        for (int t = 0; t < T; t++) rmsnorm(x + (size_t)t * H, y->ffn_norm, xn + (size_t)t * H, H, m->eps);
+        for (int t = 0; t < T; t++) rmsnorm(m->dot, x + (size_t)t * H, y->ffn_norm, xn + (size_t)t * H, H, m->eps);
         if ((rc = i2v_quantize(xn, (size_t)H, T, H, q8, kpad(H), s, qsum, m->path))) break;
         LAP(BN_PROF_NORM_QUANT);
         if ((rc = project(m, &y->proj[P_GATE], q8, kpad(H), s, qsum, T, acc, g, (size_t)I))) break;
@@ -417,7 +556,7 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
             g[i] = a * u[i];
         }
         LAP(BN_PROF_ACT);
-        for (int t = 0; t < T; t++) rmsnorm(g + (size_t)t * I, y->ffn_sub_norm, xn + (size_t)t * I, I, m->eps);
+        for (int t = 0; t < T; t++) rmsnorm(m->dot, g + (size_t)t * I, y->ffn_sub_norm, xn + (size_t)t * I, I, m->eps);
         if ((rc = i2v_quantize(xn, (size_t)I, T, I, q8, kpad(I), s, qsum, m->path))) break;
         LAP(BN_PROF_NORM_QUANT);
         if ((rc = project(m, &y->proj[P_DOWN], q8, kpad(I), s, qsum, T, acc, att, (size_t)H))) break;
@@ -426,10 +565,10 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
         LAP(BN_PROF_RESIDUAL);
     }
     if (!rc && hidden_out)
-        for (int t = 0; t < T; t++) rmsnorm(x + (size_t)t * H, m->final_norm, hidden_out + (size_t)t * H, H, m->eps);
+        for (int t = 0; t < T; t++) rmsnorm(m->dot, x + (size_t)t * H, m->final_norm, hidden_out + (size_t)t * H, H, m->eps);
     if (!rc && logits && n_out > 0) {
         int t0 = T - n_out;
-        for (int t = 0; t < n_out; t++) rmsnorm(x + (size_t)(t0 + t) * H, m->final_norm, xn + (size_t)t * H, H, m->eps);
+        for (int t = 0; t < n_out; t++) rmsnorm(m->dot, x + (size_t)(t0 + t) * H, m->final_norm, xn + (size_t)t * H, H, m->eps);
         head_task ht = {m, xn, NULL, NULL, 0, logits, n_out};
         if (m->head_kind == BN_Q8) {
             /* per-token int8 activations, shifted to unsigned for vpdpbusd; the shift is undone with

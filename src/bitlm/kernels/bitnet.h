@@ -23,13 +23,14 @@ enum {
     BN_I_HEAD, BN_I_HEAD_SCALE, BN_I_HEAD_ROWSUM, /* rows [vocab, hidden]; for BN_Q8: float32 [vocab]
                                                      row scales and int32 [vocab] row sums */
     BN_I_PATH,                          /* kernel path, -1 = best */
+    BN_I_KV_KIND,                       /* KV cache element: BN_F32 or BN_F16 */
     BN_NI
 };
 enum { BN_L_ATTN_NORM, BN_L_FFN_NORM, BN_L_ATTN_SUB_NORM, BN_L_FFN_SUB_NORM,
        BN_L_Q, BN_L_K, BN_L_V, BN_L_O, BN_L_GATE, BN_L_UP, BN_L_DOWN, /* I2V packed weights */
-       BN_L_KCACHE, BN_L_VCACHE,        /* float32 [kv_heads, max_len, head_dim] */
+       BN_L_KCACHE, BN_L_VCACHE,        /* [kv_heads, max_len, head_dim], BN_I_KV_KIND elements */
        BN_NL };
-enum { BN_F32 = 0, BN_BF16 = 1, BN_Q8 = 2 };
+enum { BN_F32 = 0, BN_BF16 = 1, BN_Q8 = 2, BN_F16 = 3 };
 
 typedef struct bn_model bn_model;
 
