@@ -247,6 +247,7 @@ int i2v_q6_gemv(const uint8_t *w, int V, int H, const int8_t *x, size_t ldx, con
     q6_task t = {{w, V, H, x, ldx, xsum, M, out, ldo}, i2v_q6_scalar};
 #if defined(__x86_64__) || defined(__i386__)
     if (i2v_path_has_avx512vnni(path) && cpu()->vbmi) t.fn = i2v_q6_avx512vbmi;
+    else if (path == I2V_PATH_AVX2 || i2v_path_has_avx512vnni(path)) t.fn = i2v_q6_avx2;
 #endif
     long work = (long)V * (long)(hp / 64) * M;  /* 48-byte groups */
     int threads = i2v_pool_threads();

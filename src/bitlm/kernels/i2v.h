@@ -85,6 +85,7 @@ uint64_t i2v_read_avx2(const uint8_t *p, size_t n);
 void i2v_gemm_amx(const i2v_gemm_args *a, int rb0, int rb1);
 uint64_t i2v_read_avx512(const uint8_t *p, size_t n);
 void i2v_q6_avx512vbmi(const i2v_q6_args *a, int v0, int v1);
+void i2v_q6_avx2(const i2v_q6_args *a, int v0, int v1);
 #endif
 
 int i2v_amx_init(void);  /* 1 if the CPU has AMX-INT8 and the OS grants the tile state */
@@ -119,7 +120,8 @@ int i2v_linear(const float *x, size_t ldx, int M, int K, const uint8_t *w, int N
  * (convert.c; formats/i2v.py's from_hf_packed is the reference). */
 int i2v_from_hf(const uint8_t *hf, int out, int in, uint8_t *dst);
 /* Q6 rows times int8 activations (see i2v_q6_args), rows split over the pool. AVX-512 VBMI when
- * the CPU has it and path is AVX-512 VNNI or AMX (or < 0), else the scalar reference. x must be
+ * the CPU has it and path is AVX-512 VNNI or AMX (or < 0); else AVX2 on the x86 paths; else the
+ * scalar reference. x must be
  * readable and zero up to 64 * ceil(H/64) columns. xsum may be NULL. */
 int i2v_q6_gemv(const uint8_t *w, int V, int H, const int8_t *x, size_t ldx, const int32_t *xsum, int M,
                 int32_t *out, size_t ldo, int path);
