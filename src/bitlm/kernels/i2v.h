@@ -10,6 +10,9 @@
  * Every kernel computes, for the row blocks [rb0, rb1),
  *     y[m, n] = sum_k x[m, k] * c[n, k] - xsum[m]      (= sum_k x[m, k] * w[n, k], exact int32)
  * for m < M and n < N. |y| <= 128 * 2 * K fits int32 for any K below 8 million.
+ *
+ * Also here: the per-token activation quantizer, the HF -> I2V converter, the Q6 output-head rows
+ * (formats/q6.py), the thread pool and a bandwidth probe.
  */
 #ifndef BITLM_I2V_H
 #define BITLM_I2V_H
@@ -35,18 +38,6 @@ typedef struct {
 
 typedef void (*i2v_kernel_fn)(const i2v_gemm_args *a, int rb0, int rb1);
 
-/* Per-token absmax int8 quantizer (REFERENCE.md): s = 127 / max(max|x|, 1e-5),
- * q = clamp(round_half_even(x * s), -128, 127), s computed as torch does (reciprocal(max) * 127), so
- * q and s equal quant.quantize_activations bit for bit; also the row sum of q for the offset trick.
- * x float32 [M, K] (row stride ldx elements) -> q int8 [M, ldq] with q[m, K..ldq) = 0,
- * scale float32 [M] (= s; dequantize by dividing), qsum int32 [M]. */
-typedef void (*i2v_quant_fn)(const float *x, size_t ldx, int M, int K, int8_t *q, size_t ldq,
-                             float *scale, int32_t *qsum);
-
-/* x86 paths need the instruction sets of those before them (AMX is only enabled with AVX-512 VNNI,
- * which comes with AVX2); AMX only changes prefill (M >= 16), below that it runs the AVX-512 VNNI
- * kernel, so code of its own that wants VNNI should test i2v_path_has_avx512vnni(path).
- * NEON is the AArch64 path (with the Armv8.2 dot product). */
 /* Q6 rows (formats/q6.py: 6-bit codes u = q + 32, 64 columns in 48 bytes, rows of 48 * ceil(H/64)
  * bytes) times int8 activations: out[m, v] = sum_h x[m, h] * q[v, h], exact int32. */
 typedef struct {
@@ -63,6 +54,10 @@ typedef struct {
 typedef void (*i2v_q6_fn)(const i2v_q6_args *a, int v0, int v1);  /* rows v0 .. v1-1 */
 void i2v_q6_scalar(const i2v_q6_args *a, int v0, int v1);
 
+/* x86 paths need the instruction sets of those before them (AMX is only enabled with AVX-512 VNNI,
+ * which comes with AVX2); AMX only changes prefill (M >= 16), below that it runs the AVX-512 VNNI
+ * kernel, so code of its own that wants VNNI should test i2v_path_has_avx512vnni(path).
+ * NEON is the AArch64 path (with the Armv8.2 dot product). */
 enum { I2V_PATH_SCALAR = 0, I2V_PATH_AVX2 = 1, I2V_PATH_AVX512VNNI = 2, I2V_PATH_AMX = 3, I2V_PATH_NEON = 4,
        I2V_NPATHS = 5 };
 
@@ -70,6 +65,11 @@ static inline int i2v_path_has_avx512vnni(int path) {
     return path == I2V_PATH_AVX512VNNI || path == I2V_PATH_AMX;
 }
 
+/* Per-token absmax int8 quantizers (REFERENCE.md): s = 127 / max(max|x|, 1e-5),
+ * q = clamp(round_half_even(x * s), -128, 127), s computed as torch does (reciprocal(max) * 127), so
+ * q and s equal quant.quantize_activations bit for bit; also the row sum of q for the offset trick.
+ * x float32 [M, K] (row stride ldx elements) -> q int8 [M, ldq] with q[m, K..ldq) = 0,
+ * scale float32 [M] (= s; dequantize by dividing), qsum int32 [M]. */
 void i2v_gemm_scalar(const i2v_gemm_args *a, int rb0, int rb1);
 void i2v_quant_scalar(const float *x, size_t ldx, int M, int K, int8_t *q, size_t ldq,
                       float *scale, int32_t *qsum);
