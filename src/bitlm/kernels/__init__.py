@@ -1,5 +1,8 @@
 """Native ternary x int8 kernels on the I2V layout (formats/i2v.py), and their thin binding.
 
+torch is imported inside the functions that take tensors, never at import: the native runtime
+(engine/native.py) loads `_native` through this package and must stay torch-free.
+
 The C library (i2v.h, one file per instruction set, dispatch.c, pool.c) is built by setup.py during
 `pip install`; `_native` (module.c) passes it raw pointers from torch's data_ptr(), zero-copy. If it
 cannot load, everything here still works on the pure-torch path, slower, after a one-line warning.
@@ -18,11 +21,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ..formats import hf_packed, i2v, q6
+
+if TYPE_CHECKING:
+    import torch
 
 try:
     from . import _native
@@ -53,6 +59,7 @@ def _path_index(path: str | int | None) -> int:
 
 def info() -> dict:
     """What `bitlm doctor` prints: CPU features found, the kernel path in use, threads."""
+    import torch
     if _native is None:
         return {"available": False, "error": _LOAD_ERROR, "path": "torch", "paths": [], "threads": torch.get_num_threads(),
                 "cpu_features": [], "layout": "i2v"}
@@ -77,6 +84,7 @@ def summary() -> str:
 
 def set_num_threads(n: int) -> int:
     """Threads of the kernel pool (n <= 0: one per available CPU); returns the number in use."""
+    import torch
     return _native.set_num_threads(int(n)) if _native is not None else torch.get_num_threads()
 
 
@@ -90,6 +98,7 @@ class PackedTernary:
     _dense: torch.Tensor | None = field(default=None, repr=False)  # torch fallback: float32 [n, k]
 
     def __post_init__(self):
+        import torch
         want = i2v.packed_shape(self.n, self.k)
         if tuple(self.data.shape) != want or self.data.dtype != torch.uint8:
             raise ValueError(f"PackedTernary: data must be uint8 {list(want)}, got {self.data.dtype} "
@@ -103,17 +112,19 @@ class PackedTernary:
 
     def codes(self) -> torch.Tensor:
         """The ternary weights int8 [n, k] in {-1, 0, 1}."""
+        import torch
         return torch.from_numpy(i2v.unpack(self.data.numpy(), self.n, self.k))
 
     def gemm(self, xq: torch.Tensor, xsum: torch.Tensor | None = None, path: str | None = None) -> torch.Tensor:
         return gemm(xq, self, xsum=xsum, path=path)
 
     @classmethod
-    def cat(cls, parts: list["PackedTernary"]) -> "PackedTernary":
+    def cat(cls, parts: list[PackedTernary]) -> PackedTernary:
         """Stack matrices of one input width along the outputs (q|k|v, gate|up): one call, one stream.
 
         Row blocks are whole 16-row units, so every part but the last needs n % 16 == 0.
         """
+        import torch
         if not parts or any(p.k != parts[0].k for p in parts):
             raise ValueError("PackedTernary.cat: parts must share their input width")
         if any(p.n % i2v.ROWS for p in parts[:-1]):
@@ -123,6 +134,7 @@ class PackedTernary:
 
 def pack(codes: torch.Tensor | np.ndarray) -> PackedTernary:
     """Ternary weights int [N, K] in {-1, 0, 1} (quant.quantize_weights' codes) -> PackedTernary."""
+    import torch
     w = codes.cpu().numpy() if isinstance(codes, torch.Tensor) else np.asarray(codes)
     return PackedTernary(torch.from_numpy(i2v.pack(w)), w.shape[0], w.shape[1])
 
@@ -133,6 +145,7 @@ def from_hf_packed(packed: torch.Tensor | np.ndarray, out_features: int) -> Pack
     Native: one pass in C over all threads (the 2B4T model's 210 matrices in well under a second);
     otherwise formats/i2v.py's numpy reference.
     """
+    import torch
     t = packed if isinstance(packed, torch.Tensor) else torch.from_numpy(np.asarray(packed))
     q, k = t.shape
     if t.dtype != torch.uint8 or q != hf_packed.packed_rows(out_features):
@@ -159,6 +172,7 @@ def gemm(xq: torch.Tensor, packed: PackedTernary, xsum: torch.Tensor | None = No
     xsum (int32 [M], the row sums of xq, as quantize returns them) saves one pass over xq; path forces
     one of PATHS (tests, benchmarks); out (int32 [M, N], rows contiguous) is written in place.
     """
+    import torch
     xq = _as_rows(xq, torch.int8, "xq")
     m, k = xq.shape
     if k != packed.k:
@@ -191,6 +205,7 @@ def linear(x: torch.Tensor, packed: PackedTernary, weight_scale: torch.Tensor | 
     y = (xq @ W^T) * (weight_scale / s) with (xq, s) = quant.quantize_activations(x): bit for bit what
     bitlinear.PackedBitLinear computes (in float32), without the intermediate tensors.
     """
+    import torch
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     ws = float(weight_scale)
@@ -214,6 +229,7 @@ def q6_gemv(xq: torch.Tensor, packed: torch.Tensor, h: int, xsum: torch.Tensor |
     The 6-bit output head: logits = result * (row scale / s). AVX-512 VBMI when the CPU has it (on the
     avx512vnni and amx paths), else the scalar reference.
     """
+    import torch
     xq = _as_rows(xq, torch.int8, "xq")
     m, k = xq.shape
     hp = q6.padded_cols(h)
@@ -239,6 +255,7 @@ def quantize(x: torch.Tensor, path: str | None = None) -> tuple[torch.Tensor, to
 
     x float [M, K] -> (xq int8 [M, K], s float32 [M, 1] with x ~ xq / s, xsum int32 [M]).
     """
+    import torch
     if _native is None:
         from .. import quant
         xq, s = quant.quantize_activations(x)
