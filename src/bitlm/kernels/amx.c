@@ -10,7 +10,9 @@
  * the two row tiles, B0 B1 (tmm6-7) the two row blocks. The driver pads the activations to whole
  * 32-row, 64-column tiles with zeros; a missing second row block is unpacked as zero codes.
  * Below 16 rows the AVX-512 VNNI kernel runs instead. */
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE /* syscall() */
+#endif
 #if defined(__x86_64__) && defined(__linux__)
 #include <cpuid.h>
 #include <immintrin.h>

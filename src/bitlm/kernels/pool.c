@@ -12,7 +12,9 @@
  * does its parts and the call slows to one-thread speed instead of stalling for a scheduler time
  * slice. Each counter carries the task's generation in its high 32 bits, so a worker that wakes
  * late can never claim a part of a newer task with an older one's arguments. */
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
