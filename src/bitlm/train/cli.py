@@ -67,6 +67,7 @@ def _common(p: argparse.ArgumentParser, task: str) -> None:
                    help="dtype of the non-ternary tensors of the saved model (default float32)")
     g.add_argument("--distributed", choices=("ddp", "fsdp"), help="under torchrun: DDP (default) or FSDP2")
     g.add_argument("--device", help="auto (default), cpu or cuda")
+    g.add_argument("--threads", type=int, help="torch CPU threads per process (default: torch's choice)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     g.add_argument("--no-plot", dest="plot", action="store_false", default=None)
     p.set_defaults(func=_runner(task))

@@ -64,6 +64,7 @@ class TrainConfig:
     seed: int = 0
     distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard)
     device: str = "auto"
+    threads: int | None = None  # torch CPU threads (None: torch's default)
 
     def __post_init__(self):
         if isinstance(self.data, str):

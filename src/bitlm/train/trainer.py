@@ -125,6 +125,8 @@ class _Stop:
 
 def run(cfg: TrainConfig) -> dict:
     """Train as `cfg` says; returns a summary (steps done, last losses, where things were written)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     d = distributed.setup(cfg.device)
     try:
         return _run(cfg, d)
