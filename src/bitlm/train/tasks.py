@@ -84,7 +84,7 @@ class SFTTask:
         nll, n = losses.token_nll(model, ids, mask)
         return nll, {"nll": nll.detach(), "tokens": n}
 
-    summarize = PretrainTask.summarize
+    summarize = staticmethod(PretrainTask.summarize)
 
 
 class DPOTask:
