@@ -246,7 +246,7 @@ def _run(cfg: TrainConfig, d: distributed.Dist) -> dict:
                 log.write({"split": "train", **last})
             progress.update(last)
             if task.n_val and (step % cfg.eval_every == 0 or step == steps):
-                val = evaluate(trained, task, per_rank, cfg.eval_batches, d)
+                val = evaluate(trained, task, cfg.batch_size, per_rank, cfg.eval_batches, d)
                 if val:
                     log.write({"split": "val", "step": step, **val})
                     progress.note(f"step {step}: val loss {val['loss']:.4f}" +
@@ -283,22 +283,25 @@ def _to(batch, device):
 
 
 @torch.no_grad()
-def evaluate(model, task, per_rank: int, max_batches: int, d: distributed.Dist) -> dict:
-    """Validation statistics over the first max_batches global batches of the held-out rows (all of them
-    when fewer); every rank runs the same number of forward passes (FSDP2 needs that)."""
-    n = min(task.n_val, max_batches * per_rank * d.world)
-    n -= n % d.world
+def evaluate(model, task, batch_size: int, per_rank: int, max_batches: int, d: distributed.Dist) -> dict:
+    """Validation statistics over the first max_batches global batches of held-out rows (all of them when
+    fewer): the same rows whatever the number of processes. Rank r takes rows r, r + world, ...; every rank
+    runs the same number of forward passes (FSDP2 needs that), a rank out of rows re-reads row 0 and
+    discards the result."""
+    n = min(task.n_val, max_batches * batch_size)
     if n == 0:
         return {}
     rows = list(range(d.rank, n, d.world))
+    passes = math.ceil(math.ceil(n / d.world) / per_rank)
     model.eval()
     sums: dict = {}
-    for i in range(0, len(rows), per_rank):
-        _, stats = task.compute(model, _to(task.val_batch(rows[i:i + per_rank]), d.device))
+    for i in range(passes):
+        chunk = rows[i * per_rank:(i + 1) * per_rank]
+        _, stats = task.compute(model, _to(task.val_batch(chunk or [0]), d.device))
         for k, v in stats.items():
-            sums[k] = sums.get(k, 0.0) + v.double().cpu()
+            sums[k] = sums.get(k, 0.0) + (v.double().cpu() if chunk else 0.0)
     model.train()
-    return task.summarize({k: distributed.all_sum(v) for k, v in sums.items()})
+    return task.summarize({k: distributed.all_sum(torch.as_tensor(v, dtype=torch.float64)) for k, v in sums.items()})
 
 
 def _save_final(trained, optimizer, config, linear: str, tok, model_dir: Path, d) -> None:
