@@ -15,6 +15,20 @@ RENAMES = {"layers": "num_hidden_layers", "heads": "num_attention_heads", "kv_he
            "act": "hidden_act"}
 
 
+OPTIMISATION_FLAGS = [
+    ("--lr", float, "peak learning rate of stage one (default 1.5e-3)"),
+    ("--lr-stage1-end", float, "stage one decays (cosine) to this (default 8e-4)"),
+    ("--lr-stage2", float, "the cooldown starts here (default 5e-4)"),
+    ("--lr-final", float, "the cooldown ends here (default 0)"),
+    ("--warmup-steps", int, "linear learning-rate warm-up (default 0)"),
+    ("--stage1-fraction", float, "share of the steps in stage one (default 0.5)"),
+    ("--weight-decay", float, "peak of the stage-one cosine weight decay (default 0.1)"),
+    ("--grad-clip", float, "max gradient norm, 0 = off (default 1.0)"),
+    ("--quant-warmup", int, "ramp quantization in over N steps: lambda = min(step / N, 1) "
+                            "(fine-tuning; default 0)"),
+]
+
+
 def _common(p: argparse.ArgumentParser, task: str) -> None:
     g = p.add_argument_group("data and model")
     g.add_argument("--config", help="YAML or TOML file of options (keys are the flag names)")
@@ -41,16 +55,8 @@ def _common(p: argparse.ArgumentParser, task: str) -> None:
     g.add_argument("--epochs", type=float, help="passes over the data when --steps is unset (default 1)")
     g.add_argument("--batch-size", type=int, help="global batch in sequences (default 16)")
     g.add_argument("--grad-accum", type=int, help="micro-batches per step (default 1)")
-    g.add_argument("--lr", type=float, help="peak learning rate of stage one (default 1.5e-3)")
-    g.add_argument("--lr-stage1-end", type=float, help="stage one decays (cosine) to this (default 8e-4)")
-    g.add_argument("--lr-stage2", type=float, help="the cooldown starts here (default 5e-4)")
-    g.add_argument("--lr-final", type=float, help="the cooldown ends here (default 0)")
-    g.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up (default 0)")
-    g.add_argument("--stage1-fraction", type=float, help="share of the steps in stage one (default 0.5)")
-    g.add_argument("--weight-decay", type=float, help="peak of the stage-one cosine weight decay (default 0.1)")
-    g.add_argument("--grad-clip", type=float, help="max gradient norm, 0 = off (default 1.0)")
-    g.add_argument("--quant-warmup", type=int, help="ramp quantization in over N steps: "
-                                                    "lambda = min(step / N, 1) (fine-tuning; default 0)")
+    for flag, kind, text in OPTIMISATION_FLAGS:
+        g.add_argument(flag, type=kind, help=text)
     g.add_argument("--seed", type=int)
     if task == "sft":
         g.add_argument("--loss-aggregation", choices=("sum", "mean"), help="over assistant tokens (default sum)")

@@ -12,6 +12,7 @@ to 0 at its end, then 0 for all of stage two (the cooldown trains without decay)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -21,13 +22,18 @@ from ..errors import BitlmError
 @dataclass
 class Schedule:
     total_steps: int
-    lr: float = 1.5e-3
-    lr_stage1_end: float = 8e-4
-    lr_stage2: float = 5e-4
-    lr_final: float = 0.0
-    warmup_steps: int = 0
-    stage1_fraction: float = 0.5
-    weight_decay: float = 0.1
+    lr: float
+    lr_stage1_end: float
+    lr_stage2: float
+    lr_final: float
+    warmup_steps: int
+    stage1_fraction: float
+    weight_decay: float  # the peak; the defaults of all these live in train.config.TrainConfig
+
+    @classmethod
+    def from_config(cls, cfg, total_steps: int) -> "Schedule":
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "total_steps"]
+        return cls(total_steps, **{n: getattr(cfg, n) for n in names})
 
     def __post_init__(self):
         if self.total_steps <= 0:

@@ -56,15 +56,26 @@ class PretrainTask:
         return {"loss": loss, "ppl": _log_ppl(loss)}
 
 
-class SFTTask:
-    name = "sft"
+class _ExampleTask:
+    """Tasks over jsonl examples (encoded by `load`), padded per batch with the EOS id."""
+    load = None
+    what = "dataset"
 
     def __init__(self, cfg, tok, context: int, main: bool):
-        self.train = data.load_chat(cfg.data, tok, context)
-        self.val = data.load_chat(cfg.val_data, tok, context) if cfg.val_data else []
-        data.check_enough(len(self.train), cfg.batch_size, "SFT dataset")
+        self.train = self.load(cfg.data, tok, context)
+        self.val = self.load(cfg.val_data, tok, context) if cfg.val_data else []
+        data.check_enough(len(self.train), cfg.batch_size, self.what)
         self.n_train, self.n_val = len(self.train), len(self.val)
         self.pad = tok.token_to_id(tok.eos_token) if tok.eos_token else 0
+
+
+class SFTTask(_ExampleTask):
+    name = "sft"
+    load = staticmethod(data.load_chat)
+    what = "SFT dataset"
+
+    def __init__(self, cfg, tok, context: int, main: bool):
+        super().__init__(cfg, tok, context, main)
         self.mean = cfg.loss_aggregation == "mean"  # "sum": the objective is the plain token sum
 
     def train_batch(self, rows):
@@ -87,16 +98,14 @@ class SFTTask:
     summarize = staticmethod(PretrainTask.summarize)
 
 
-class DPOTask:
+class DPOTask(_ExampleTask):
     name = "dpo"
     mean = True
+    load = staticmethod(data.load_preferences)
+    what = "DPO dataset"
 
     def __init__(self, cfg, tok, context: int, main: bool):
-        self.train = data.load_preferences(cfg.data, tok, context)
-        self.val = data.load_preferences(cfg.val_data, tok, context) if cfg.val_data else []
-        data.check_enough(len(self.train), cfg.batch_size, "DPO dataset")
-        self.n_train, self.n_val = len(self.train), len(self.val)
-        self.pad = tok.token_to_id(tok.eos_token) if tok.eos_token else 0
+        super().__init__(cfg, tok, context, main)
         self.beta = cfg.beta
         self.reference = None  # the frozen starting model, set by the trainer
 

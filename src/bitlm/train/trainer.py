@@ -161,8 +161,7 @@ def _run(cfg: TrainConfig, d: distributed.Dist) -> dict:
         raise BitlmError(f"--batch-size {cfg.batch_size} is not a multiple of --grad-accum {cfg.grad_accum} "
                          f"x {d.world} processes")
     steps = cfg.steps or math.ceil((cfg.epochs or 1.0) * task.n_train / cfg.batch_size)
-    sched = Schedule(steps, cfg.lr, cfg.lr_stage1_end, cfg.lr_stage2, cfg.lr_final, cfg.warmup_steps,
-                     cfg.stage1_fraction, cfg.weight_decay)
+    sched = Schedule.from_config(cfg, steps)
 
     model.to(d.device)
     if cfg.task == "dpo":  # the frozen reference: the starting model
