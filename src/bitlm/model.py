@@ -44,16 +44,22 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def rope_tables(head_dim: int, theta: float, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin float32 (max_len, head_dim) for Llama's rotate-half RoPE (computed as transformers does)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * inv_freq[None, :]  # (L, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (L, hd)
+    return emb.cos(), emb.sin()
+
+
 class Rotary(nn.Module):
     """RoPE tables for positions [0, max_len), Llama's rotate-half convention."""
 
     def __init__(self, head_dim: int, theta: float, max_len: int):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * inv_freq[None, :]  # (L, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (L, hd)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        cos, sin = rope_tables(head_dim, theta, max_len)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, start: int, length: int, dtype: torch.dtype):
         return self.cos[start:start + length].to(dtype), self.sin[start:start + length].to(dtype)
@@ -254,6 +260,25 @@ class BitNetForCausalLM(nn.Module):
             if isinstance(module, PackedBitLinear):
                 self.set_submodule(name, module.to_latent())
         self.linear_kind = "latent"
+        return self
+
+    @classmethod
+    def empty(cls, config: BitNetConfig, linear: str = "packed") -> "BitNetForCausalLM":
+        """Allocated but uninitialised (no random init work): for loaders that fill every tensor."""
+        with torch.device("meta"):
+            model = cls(config, linear=linear)
+        model.to_empty(device="cpu")
+        model.model.rotary = Rotary(config.head_dim, config.rope_theta, config.max_position_embeddings)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model
+
+    def to(self, *args, **kwargs):
+        """nn.Module.to, but the ternary scales stay float32 whatever the model dtype."""
+        super().to(*args, **kwargs)
+        for m in self.modules():
+            if isinstance(m, PackedBitLinear):
+                m.weight_scale.data = m.weight_scale.data.float()
         return self
 
     def save_pretrained(self, path) -> None:

@@ -22,7 +22,7 @@ from ..bitlinear import BitLinear, PackedBitLinear
 from ..config import BitNetConfig
 from ..errors import BitlmError
 from ..formats import hf_packed
-from ..model import BitNetForCausalLM, Rotary
+from ..model import BitNetForCausalLM
 from . import names
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -172,16 +172,12 @@ def load(path_or_repo_id, dtype: torch.dtype = torch.float32, linear: str = "pac
     path = resolve(path_or_repo_id, revision)
     cfg = read_config(path)
     t = _Tensors(path)
-    with torch.device("meta"):
-        model = BitNetForCausalLM(cfg, linear=linear)
-    model.to_empty(device="cpu")
+    model = BitNetForCausalLM.empty(cfg, linear=linear)
     with torch.no_grad():
         V, H = cfg.vocab_size, cfg.hidden_size
         emb = model.model.embed_tokens
         emb.weight.copy_(t.get(names.EMBED, (V, H)))
-        if cfg.tie_word_embeddings:
-            model.lm_head.weight = emb.weight
-        else:
+        if not cfg.tie_word_embeddings:
             model.lm_head.weight.copy_(t.get(names.LM_HEAD, (V, H)))
         model.model.norm.weight.copy_(t.get(names.FINAL_NORM, (H,)))
         for i, block in enumerate(model.model.layers):
@@ -189,11 +185,7 @@ def load(path_or_repo_id, dtype: torch.dtype = torch.float32, linear: str = "pac
                 block.get_submodule(name).weight.copy_(t.get(names.layer(i, name) + ".weight", (size,)))
             for name, (out_f, in_f) in cfg.projection_shapes().items():
                 _fill_projection(block.get_submodule(name), t, names.layer(i, name), out_f, in_f, cfg)
-    model.model.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
     model.to(dtype)
-    for m in model.modules():  # scales stay float32 whatever the model dtype
-        if isinstance(m, PackedBitLinear):
-            m.weight_scale.data = m.weight_scale.data.float()
     model.source = {"path": str(path), "format": cfg.quantization_mode}
     if tokenizer:
         from ..engine.tokenizer import Tokenizer

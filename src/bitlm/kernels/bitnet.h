@@ -1,0 +1,48 @@
+/* The whole BitNet b1.58 forward pass in C, on the I2V ternary kernels (i2v.h).
+ *
+ * Plain C on raw pointers: Python describes a model once (bn_model_new) with pointers into arrays it
+ * keeps alive (memory-mapped weights, the KV cache), then calls bn_forward per step. No torch.
+ *
+ * Descriptor layout (all int64; pointers as integers, floats as float64 in a second array):
+ *   ints[0..BN_NI)    config and global pointers, indexed by the BN_I_* names below
+ *   ints[BN_NI + 13*l + j]   layer l, j = BN_L_* below
+ *   flts[0] = rms_norm_eps, flts[1 + 7*l + j] = weight scale of projection j (q k v o gate up down)
+ */
+#ifndef BITLM_BITNET_H
+#define BITLM_BITNET_H
+
+#include <stdint.h>
+
+enum {
+    BN_I_LAYERS, BN_I_HIDDEN, BN_I_INTER, BN_I_HEADS, BN_I_KV_HEADS, BN_I_HEAD_DIM, BN_I_VOCAB,
+    BN_I_MAX_LEN, BN_I_ACT,             /* 0 relu2, 1 silu */
+    BN_I_ROPE_COS, BN_I_ROPE_SIN,       /* float32 [max_len, head_dim] */
+    BN_I_FINAL_NORM,                    /* float32 [hidden] */
+    BN_I_EMBED, BN_I_EMBED_KIND,        /* [vocab, hidden], kind BN_F32 or BN_BF16 */
+    BN_I_HEAD_KIND,                     /* BN_F32, BN_BF16 (rows as stored) or BN_Q8 (int8 rows) */
+    BN_I_HEAD, BN_I_HEAD_SCALE, BN_I_HEAD_ROWSUM, /* rows [vocab, hidden]; for BN_Q8: float32 [vocab]
+                                                     row scales and int32 [vocab] row sums */
+    BN_I_PATH,                          /* kernel path, -1 = best */
+    BN_NI
+};
+enum { BN_L_ATTN_NORM, BN_L_FFN_NORM, BN_L_ATTN_SUB_NORM, BN_L_FFN_SUB_NORM,
+       BN_L_Q, BN_L_K, BN_L_V, BN_L_O, BN_L_GATE, BN_L_UP, BN_L_DOWN, /* I2V packed weights */
+       BN_L_KCACHE, BN_L_VCACHE,        /* float32 [kv_heads, max_len, head_dim] */
+       BN_NL };
+enum { BN_F32 = 0, BN_BF16 = 1, BN_Q8 = 2 };
+
+typedef struct bn_model bn_model;
+
+/* A model from its descriptor, or NULL (bad sizes or out of memory). */
+bn_model *bn_model_new(const int64_t *ints, int nints, const double *flts, int nflts);
+void bn_model_free(bn_model *m);
+
+/* Run T tokens at positions pos .. pos+T-1 (their keys and values are written to the cache);
+ * logits float32 [n_out, vocab] of the last n_out positions (n_out in 0..T). Returns 0, -1 for bad
+ * arguments (positions past max_len, token ids out of range), -2 when out of memory. */
+int bn_forward(const bn_model *m, const int32_t *tokens, int T, int pos, float *logits, int n_out);
+
+/* Final hidden states instead of logits: float32 [T, hidden] (for tests and embeddings). */
+int bn_forward_hidden(const bn_model *m, const int32_t *tokens, int T, int pos, float *hidden);
+
+#endif

@@ -1,0 +1,237 @@
+/* Run-time choice of the kernel path from the CPU's features, and the drivers that pad the
+ * activations, split the row blocks over the thread pool and call the chosen kernel. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "i2v.h"
+
+static const char *const PATH_NAMES[I2V_NPATHS] = {"scalar", "avx2", "avx512vnni"};
+
+typedef struct {
+    int have[I2V_NPATHS];
+    char features[160];
+    int best;
+} cpu_info;
+
+static cpu_info detect(void) {
+    cpu_info c;
+    memset(&c, 0, sizeof c);
+    c.have[I2V_PATH_SCALAR] = 1;
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+    /* __builtin_cpu_supports also checks that the OS saves the ymm/zmm state (XCR0) */
+    __builtin_cpu_init();
+    static const char *const F[] = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni"};
+    int on[6] = {
+        __builtin_cpu_supports("avx2"), __builtin_cpu_supports("fma"),
+        __builtin_cpu_supports("avx512f"), __builtin_cpu_supports("avx512bw"),
+        __builtin_cpu_supports("avx512vl"), __builtin_cpu_supports("avx512vnni")};
+    for (int i = 0; i < 6; i++) {
+        if (!on[i]) continue;
+        if (c.features[0]) strcat(c.features, " ");
+        strcat(c.features, F[i]);
+    }
+    c.have[I2V_PATH_AVX2] = on[0] && on[1];
+    c.have[I2V_PATH_AVX512VNNI] = on[2] && on[3] && on[4] && on[5];
+#elif defined(__aarch64__)
+    strcpy(c.features, "neon");
+#endif
+    c.best = I2V_PATH_SCALAR;
+    for (int p = 0; p < I2V_NPATHS; p++)
+        if (c.have[p]) c.best = p;
+    const char *env = getenv("BITLM_KERNEL");  /* force a path (tests, benchmarks) */
+    if (env)
+        for (int p = 0; p < I2V_NPATHS; p++)
+            if (strcmp(env, PATH_NAMES[p]) == 0 && c.have[p]) c.best = p;
+    return c;
+}
+
+static const cpu_info *cpu(void) {
+    static cpu_info info;
+    static int done = 0;  /* detection is idempotent, so a benign race at most repeats it */
+    if (!done) {
+        info = detect();
+        done = 1;
+    }
+    return &info;
+}
+
+int i2v_best_path(void) { return cpu()->best; }
+int i2v_path_supported(int path) { return path >= 0 && path < I2V_NPATHS && cpu()->have[path]; }
+const char *i2v_path_name(int path) { return path >= 0 && path < I2V_NPATHS ? PATH_NAMES[path] : "?"; }
+const char *i2v_cpu_features(void) { return cpu()->features; }
+
+static i2v_kernel_fn kernel_for(int path) {
+    switch (path) {
+#if defined(__x86_64__) || defined(__i386__)
+    case I2V_PATH_AVX512VNNI: return i2v_gemm_avx512vnni;
+    case I2V_PATH_AVX2: return i2v_gemm_avx2;
+#endif
+    default: return i2v_gemm_scalar;
+    }
+}
+
+typedef struct {
+    i2v_gemm_args a;
+    i2v_kernel_fn fn;
+    int Nb;
+} gemm_task;
+
+/* part p of np takes a contiguous range of row blocks, in units of 4 (the GEMV kernels stream 4
+ * row blocks side by side): each part streams its own stretch of the weights */
+static void gemm_part(void *ctx, int p, int np) {
+    const gemm_task *t = (const gemm_task *)ctx;
+    int units = (t->Nb + 3) / 4;
+    int rb0 = 4 * (int)((long)units * p / np), rb1 = 4 * (int)((long)units * (p + 1) / np);
+    if (rb1 > t->Nb) rb1 = t->Nb;
+    if (rb0 < rb1) t->fn(&t->a, rb0, rb1);
+}
+
+/* below this many 64-byte blocks of work (M x Nb x Kb) per part, splitting costs more than it saves;
+ * up to PARTS_PER_THREAD parts per thread let a thread that was descheduled be covered by the others */
+#define MIN_BLOCKS_PER_PART 256
+#define PARTS_PER_THREAD 4
+
+/* x already zero-padded to whole 16-column blocks (ldx >= 16 * Kb), xsum given */
+static void gemm_padded(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int Kb, const uint8_t *w,
+                        int N, int32_t *y, size_t ldy, int path) {
+    int Nb = (N + I2V_ROWS - 1) / I2V_ROWS;
+    gemm_task t = {{x, ldx, xsum, M, w, Kb, N, y, ldy}, kernel_for(path), Nb};
+    long blocks = (long)M * Nb * Kb;
+    int parts = (int)(blocks / MIN_BLOCKS_PER_PART);
+    int threads = i2v_pool_threads();
+    if (parts > PARTS_PER_THREAD * threads) parts = PARTS_PER_THREAD * threads;
+    if (parts > (Nb + 3) / 4) parts = (Nb + 3) / 4;
+    if (threads == 1 || parts < 1) parts = 1;
+    i2v_pool_run(gemm_part, &t, parts);
+}
+
+/* the entry points' common checks: the path to use (path < 0: the best), or -1 if the path is
+ * unsupported or the sizes are inconsistent */
+static int checked_path(int path, int M, int K, int N, size_t ldx, size_t ldy) {
+    if (path < 0) path = i2v_best_path();
+    if (!i2v_path_supported(path) || M < 0 || K < 0 || N < 0 || ldx < (size_t)K || ldy < (size_t)N) return -1;
+    return path;
+}
+
+int i2v_gemm(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int K, const uint8_t *w,
+             int N, int32_t *y, size_t ldy, int path) {
+    if ((path = checked_path(path, M, K, N, ldx, ldy)) < 0) return -1;
+    if (M == 0 || N == 0) return 0;
+    int Kb = (K + I2V_COLS - 1) / I2V_COLS;
+    size_t kp = (size_t)Kb * I2V_COLS;
+    int8_t *xpad = NULL;
+    int32_t *sums = NULL;
+    /* kernels read whole 16-column blocks: a ragged K gets a zero-padded copy (M*Kp bytes, small
+     * next to the weights) */
+    if (kp != (size_t)K) {
+        xpad = (int8_t *)calloc((size_t)M, kp);
+        if (!xpad) return -2;
+        for (int m = 0; m < M; m++) memcpy(xpad + (size_t)m * kp, x + (size_t)m * ldx, (size_t)K);
+        x = xpad;
+        ldx = kp;
+    }
+    if (!xsum) {
+        sums = (int32_t *)malloc((size_t)M * sizeof(int32_t));
+        if (!sums) {
+            free(xpad);
+            return -2;
+        }
+        for (int m = 0; m < M; m++) {
+            int32_t s = 0;
+            const int8_t *xm = x + (size_t)m * ldx;
+            for (int k = 0; k < K; k++) s += xm[k];
+            sums[m] = s;
+        }
+        xsum = sums;
+    }
+    gemm_padded(x, ldx, xsum, M, Kb, w, N, y, ldy, path);
+    free(xpad);
+    free(sums);
+    return 0;
+}
+
+static void quantize_path(const float *x, size_t ldx, int M, int K, int8_t *q, size_t ldq, float *scale,
+                          int32_t *qsum, int path) {
+    switch (path) {
+#if defined(__x86_64__) || defined(__i386__)
+    case I2V_PATH_AVX512VNNI: i2v_quant_avx512(x, ldx, M, K, q, ldq, scale, qsum); break;
+    case I2V_PATH_AVX2: i2v_quant_avx2(x, ldx, M, K, q, ldq, scale, qsum); break;
+#endif
+    default: i2v_quant_scalar(x, ldx, M, K, q, ldq, scale, qsum); break;
+    }
+}
+
+int i2v_linear(const float *x, size_t ldx, int M, int K, const uint8_t *w, int N, float wscale, float *y,
+               size_t ldy, int path) {
+    if ((path = checked_path(path, M, K, N, ldx, ldy)) < 0) return -1;
+    if (M == 0 || N == 0) return 0;
+    int Kb = (K + I2V_COLS - 1) / I2V_COLS;
+    size_t kp = (size_t)Kb * I2V_COLS;
+    /* one scratch: q int8 [M, Kp] | acc int32 [M, N] | s float [M] | qsum int32 [M] */
+    size_t qbytes = ((size_t)M * kp + 63) & ~(size_t)63;
+    char *buf = (char *)malloc(qbytes + (size_t)M * N * 4 + (size_t)M * 8);
+    if (!buf) return -2;
+    int8_t *q = (int8_t *)buf;
+    int32_t *acc = (int32_t *)(buf + qbytes);
+    float *s = (float *)(acc + (size_t)M * N);
+    int32_t *qsum = (int32_t *)(s + M);
+    quantize_path(x, ldx, M, K, q, kp, s, qsum, path);
+    gemm_padded(q, kp, qsum, M, Kb, w, N, acc, (size_t)N, path);
+    for (int m = 0; m < M; m++) {
+        float f = wscale / s[m];  /* the reference: acc * (weight_scale / s), float32 */
+        const int32_t *am = acc + (size_t)m * N;
+        float *ym = y + (size_t)m * ldy;
+        for (int n = 0; n < N; n++) ym[n] = (float)am[n] * f;
+    }
+    free(buf);
+    return 0;
+}
+
+int i2v_quantize(const float *x, size_t ldx, int M, int K, int8_t *q, size_t ldq, float *scale,
+                 int32_t *qsum, int path) {
+    if ((path = checked_path(path, M, K, 0, ldx, ldq)) < 0 || ldq < (size_t)K) return -1;
+    quantize_path(x, ldx, M, K, q, ldq, scale, qsum, path);
+    return 0;
+}
+
+typedef struct {
+    const uint8_t *p;
+    size_t n;
+    uint64_t out[256];
+} read_task;
+
+static void read_part(void *ctx, int part, int np) {
+    read_task *t = (read_task *)ctx;
+    size_t lines = t->n / 256;  /* split on 256-byte steps */
+    size_t a = lines * part / np * 256, b = lines * (part + 1) / np * 256;
+    uint64_t acc = 0;
+#if defined(__x86_64__) || defined(__i386__)
+    if (cpu()->have[I2V_PATH_AVX512VNNI]) {
+        t->out[part] = i2v_read_avx512(t->p + a, b - a);
+        return;
+    }
+    if (cpu()->have[I2V_PATH_AVX2]) {
+        t->out[part] = i2v_read_avx2(t->p + a, b - a);
+        return;
+    }
+#endif
+    for (size_t i = a; i + 8 <= b; i += 8) {
+        uint64_t v;
+        memcpy(&v, t->p + i, 8);
+        acc ^= v;
+    }
+    t->out[part] = acc;
+}
+
+uint64_t i2v_read_bytes(const uint8_t *p, size_t n) {
+    read_task t;
+    t.p = p;
+    t.n = n;
+    int parts = i2v_pool_threads();
+    if (parts > 256) parts = 256;
+    memset(t.out, 0, sizeof t.out);
+    i2v_pool_run(read_part, &t, parts);
+    uint64_t acc = 0;
+    for (int i = 0; i < parts; i++) acc ^= t.out[i];
+    return acc;
+}

@@ -1,0 +1,169 @@
+/* The thin CPython binding of the kernel library: every argument is a plain integer (pointers
+ * come from torch's data_ptr() on the Python side), so this file knows nothing of torch and
+ * a call costs a few hundred nanoseconds (METH_FASTCALL, no argument tuples). The GIL is
+ * released around the kernels. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "bitnet.h"
+#include "i2v.h"
+
+static int get_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, long long *out) {
+    if (nargs != want) {
+        PyErr_Format(PyExc_TypeError, "expected %zd integer arguments, got %zd", want, nargs);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < want; i++) {
+        out[i] = PyLong_AsLongLong(args[i]);
+        if (out[i] == -1 && PyErr_Occurred()) return -1;
+    }
+    return 0;
+}
+
+#define PTR(T, v) ((T)(uintptr_t)(v))
+
+/* gemm(x, ldx, xsum or 0, M, K, w, N, y, ldy, path) */
+static PyObject *py_gemm(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    long long a[10];
+    if (get_args(args, nargs, 10, a)) return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = i2v_gemm(PTR(const int8_t *, a[0]), (size_t)a[1], PTR(const int32_t *, a[2]), (int)a[3],
+                  (int)a[4], PTR(const uint8_t *, a[5]), (int)a[6], PTR(int32_t *, a[7]), (size_t)a[8],
+                  (int)a[9]);
+    Py_END_ALLOW_THREADS
+    if (rc == -1) return PyErr_Format(PyExc_ValueError, "i2v_gemm: bad arguments or unsupported path %lld", a[9]);
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* quantize(x, ldx, M, K, q, ldq, scale, qsum, path) */
+static PyObject *py_quantize(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    long long a[9];
+    if (get_args(args, nargs, 9, a)) return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = i2v_quantize(PTR(const float *, a[0]), (size_t)a[1], (int)a[2], (int)a[3], PTR(int8_t *, a[4]),
+                      (size_t)a[5], PTR(float *, a[6]), PTR(int32_t *, a[7]), (int)a[8]);
+    Py_END_ALLOW_THREADS
+    if (rc) return PyErr_Format(PyExc_ValueError, "i2v_quantize: bad arguments or unsupported path %lld", a[8]);
+    Py_RETURN_NONE;
+}
+
+/* linear(x, ldx, M, K, w, N, wscale, y, ldy, path): wscale is a float */
+static PyObject *py_linear(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 10) return PyErr_Format(PyExc_TypeError, "linear expects 10 arguments, got %zd", nargs);
+    long long a[10];
+    for (Py_ssize_t i = 0; i < 10; i++) {
+        if (i == 6) continue;
+        a[i] = PyLong_AsLongLong(args[i]);
+        if (a[i] == -1 && PyErr_Occurred()) return NULL;
+    }
+    double wscale = PyFloat_AsDouble(args[6]);
+    if (wscale == -1.0 && PyErr_Occurred()) return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = i2v_linear(PTR(const float *, a[0]), (size_t)a[1], (int)a[2], (int)a[3], PTR(const uint8_t *, a[4]),
+                    (int)a[5], (float)wscale, PTR(float *, a[7]), (size_t)a[8], (int)a[9]);
+    Py_END_ALLOW_THREADS
+    if (rc == -1) return PyErr_Format(PyExc_ValueError, "i2v_linear: bad arguments or unsupported path %lld", a[9]);
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* read_bytes(ptr, n): the bandwidth probe */
+static PyObject *py_read_bytes(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    long long a[2];
+    if (get_args(args, nargs, 2, a)) return NULL;
+    uint64_t r;
+    Py_BEGIN_ALLOW_THREADS
+    r = i2v_read_bytes(PTR(const uint8_t *, a[0]), (size_t)a[1]);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromUnsignedLongLong(r);
+}
+
+static PyObject *py_set_num_threads(PyObject *self, PyObject *arg) {
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    int got;
+    Py_BEGIN_ALLOW_THREADS
+    got = i2v_pool_set_threads((int)n);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(got);
+}
+
+static PyObject *py_num_threads(PyObject *self, PyObject *unused) { return PyLong_FromLong(i2v_pool_threads()); }
+static PyObject *py_best_path(PyObject *self, PyObject *unused) { return PyLong_FromLong(i2v_best_path()); }
+static PyObject *py_cpu_features(PyObject *self, PyObject *unused) { return PyUnicode_FromString(i2v_cpu_features()); }
+
+static PyObject *py_path_supported(PyObject *self, PyObject *arg) {
+    long p = PyLong_AsLong(arg);
+    if (p == -1 && PyErr_Occurred()) return NULL;
+    return PyBool_FromLong(i2v_path_supported((int)p));
+}
+
+static PyObject *py_path_name(PyObject *self, PyObject *arg) {
+    long p = PyLong_AsLong(arg);
+    if (p == -1 && PyErr_Occurred()) return NULL;
+    return PyUnicode_FromString(i2v_path_name((int)p));
+}
+
+/* ---- the whole-model forward (bitnet.h) ---- */
+static void model_capsule_free(PyObject *cap) {
+    bn_model_free((bn_model *)PyCapsule_GetPointer(cap, "bitlm.bn_model"));
+}
+
+/* model_new(ints_ptr, nints, flts_ptr, nflts) -> capsule */
+static PyObject *py_model_new(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    long long a[4];
+    if (get_args(args, nargs, 4, a)) return NULL;
+    bn_model *m = bn_model_new(PTR(const int64_t *, a[0]), (int)a[1], PTR(const double *, a[2]), (int)a[3]);
+    if (!m) return PyErr_Format(PyExc_ValueError, "bn_model_new: inconsistent model descriptor");
+    return PyCapsule_New(m, "bitlm.bn_model", model_capsule_free);
+}
+
+/* forward(model, tokens_ptr, T, pos, out_ptr, n_out, hidden): logits [n_out, V], or hidden [T, H] */
+static PyObject *py_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 7) return PyErr_Format(PyExc_TypeError, "forward expects 7 arguments, got %zd", nargs);
+    bn_model *m = (bn_model *)PyCapsule_GetPointer(args[0], "bitlm.bn_model");
+    if (!m) return NULL;
+    long long a[7];
+    if (get_args(args + 1, nargs - 1, 6, a + 1)) return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    if (a[6])
+        rc = bn_forward_hidden(m, PTR(const int32_t *, a[1]), (int)a[2], (int)a[3], PTR(float *, a[4]));
+    else
+        rc = bn_forward(m, PTR(const int32_t *, a[1]), (int)a[2], (int)a[3], PTR(float *, a[4]), (int)a[5]);
+    Py_END_ALLOW_THREADS
+    if (rc == -1) return PyErr_Format(PyExc_ValueError, "bn_forward: positions past the cache or token ids out of range");
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"model_new", (PyCFunction)(void (*)(void))py_model_new, METH_FASTCALL, "model_new(ints, nints, flts, nflts) -> model"},
+    {"forward", (PyCFunction)(void (*)(void))py_forward, METH_FASTCALL, "forward(model, tokens, T, pos, out, n_out, hidden)"},
+    {"gemm", (PyCFunction)(void (*)(void))py_gemm, METH_FASTCALL, "gemm(x, ldx, xsum, M, K, w, N, y, ldy, path)"},
+    {"quantize", (PyCFunction)(void (*)(void))py_quantize, METH_FASTCALL, "quantize(x, ldx, M, K, q, ldq, scale, qsum, path)"},
+    {"linear", (PyCFunction)(void (*)(void))py_linear, METH_FASTCALL, "linear(x, ldx, M, K, w, N, wscale, y, ldy, path)"},
+    {"read_bytes", (PyCFunction)(void (*)(void))py_read_bytes, METH_FASTCALL, "read_bytes(ptr, n) -> checksum"},
+    {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n) -> threads in use (n <= 0: all CPUs)"},
+    {"num_threads", py_num_threads, METH_NOARGS, "threads in the pool"},
+    {"best_path", py_best_path, METH_NOARGS, "index of the default kernel path"},
+    {"path_supported", py_path_supported, METH_O, "whether this CPU runs the path"},
+    {"path_name", py_path_name, METH_O, "name of a path index"},
+    {"cpu_features", py_cpu_features, METH_NOARGS, "CPU features the dispatcher looked at"},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_native", "bitlm I2V ternary kernels (C)", -1, methods};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    PyObject *m = PyModule_Create(&moduledef);
+    if (!m) return NULL;
+    if (PyModule_AddIntConstant(m, "NPATHS", I2V_NPATHS) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,49 @@
+/* Scalar reference: walks the I2V layout exactly as the SIMD kernels do (block by block, byte
+ * 4r+j, shift s), so a layout bug shows up here too. Also the portable fallback and baseline. */
+#include <math.h>
+
+#include "i2v.h"
+
+void i2v_gemm_scalar(const i2v_gemm_args *a, int rb0, int rb1) {
+    for (int rb = rb0; rb < rb1; rb++) {
+        const uint8_t *wrb = a->w + (size_t)rb * a->Kb * I2V_BLOCK;  /* [Kb, 64] of this row block */
+        int nrows = a->N - rb * I2V_ROWS;
+        if (nrows > I2V_ROWS) nrows = I2V_ROWS;
+        for (int m = 0; m < a->M; m++) {
+            const int8_t *xm = a->x + (size_t)m * a->ldx;
+            int32_t acc[I2V_ROWS] = {0};  /* lane r = row 16rb + r, as in a zmm accumulator */
+            for (int kb = 0; kb < a->Kb; kb++) {
+                const uint8_t *blk = wrb + (size_t)kb * I2V_BLOCK;
+                const int8_t *xk = xm + kb * I2V_COLS;
+                for (int b = 0; b < I2V_BLOCK; b++) {
+                    int r = b >> 2, j = b & 3;
+                    for (int s = 0; s < 4; s++) acc[r] += ((blk[b] >> (2 * s)) & 3) * xk[4 * s + j];
+                }
+            }
+            int32_t *ym = a->y + (size_t)m * a->ldy + rb * I2V_ROWS;
+            for (int r = 0; r < nrows; r++) ym[r] = acc[r] - a->xsum[m];
+        }
+    }
+}
+
+void i2v_quant_scalar(const float *x, size_t ldx, int M, int K, int8_t *q, size_t ldq,
+                      float *scale, int32_t *qsum) {
+    for (int m = 0; m < M; m++) {
+        const float *xm = x + (size_t)m * ldx;
+        int8_t *qm = q + (size_t)m * ldq;
+        float amax = 0.0f;
+        for (int k = 0; k < K; k++) amax = fmaxf(amax, fabsf(xm[k]));
+        /* torch evaluates 127 / t as reciprocal(t) * 127: the same two roundings, bit for bit */
+        float s = (1.0f / fmaxf(amax, 1e-5f)) * 127.0f;
+        int32_t sum = 0;
+        for (int k = 0; k < K; k++) {
+            float v = nearbyintf(xm[k] * s);  /* default rounding mode: half to even = torch.round */
+            v = fminf(fmaxf(v, -128.0f), 127.0f);
+            qm[k] = (int8_t)v;
+            sum += (int32_t)v;
+        }
+        for (size_t k = (size_t)K; k < ldq; k++) qm[k] = 0;
+        scale[m] = s;
+        qsum[m] = sum;
+    }
+}
