@@ -114,3 +114,30 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "small.txt"), "--tokenizer", "bpe:300", "--context", "32",
                  "--batch-size", "64", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     assert "training corpus smaller than one batch" in capsys.readouterr().err
+
+
+def test_sigterm_checkpoints_and_stops(corpus_file, tmp_path):
+    """A preempted job (SIGTERM) finishes its step, writes a checkpoint there and exits cleanly."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "bitlm.train", "train", "--data", str(corpus_file),
+                             "--tokenizer", "bpe:320", "--context", "32", "--batch-size", "4", "--steps", "100000",
+                             "--checkpoint-every", "100000", "--eval-every", "100000", "--threads", "1",
+                             "--no-progress", "--out", str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "stopped after" in out
+    last = read_metrics(metrics)[-1]["step"]
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == last >= 3
