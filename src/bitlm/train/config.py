@@ -99,7 +99,14 @@ def read_config_file(path) -> dict:
         raise BitlmError(f"{p}: no such config file")
     try:
         if p.suffix == ".toml":
-            import tomllib
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                try:
+                    import tomli as tomllib
+                except ImportError:
+                    raise BitlmError(f"{p}: reading TOML needs Python 3.11+ or `pip install tomli`; "
+                                     "or use a .yaml config") from None
             d = tomllib.loads(p.read_text())
         elif p.suffix in (".yaml", ".yml"):
             import yaml
