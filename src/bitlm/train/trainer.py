@@ -27,6 +27,7 @@ from ..errors import BitlmError
 from ..model import BitNetForCausalLM
 from . import checkpoint, distributed
 from .config import TrainConfig
+from .data import Sampler
 from .metrics import MetricsLog, Progress, plot_losses
 from .schedule import Schedule
 from .tasks import TASKS, make_tokenizer
@@ -197,7 +198,7 @@ def _run(cfg: TrainConfig, d: distributed.Dist) -> dict:
                                                  "position": step * cfg.batch_size}})
         distributed.barrier()
 
-    sampler = _sampler(task.n_train, cfg.seed)
+    sampler = Sampler(task.n_train, cfg.seed)
     log = MetricsLog(out / "metrics.jsonl", enabled=d.main, keep_until=start if cfg.resume else None)
     progress = Progress(steps, start, enabled=cfg.progress and d.main)
     stop = _Stop()
@@ -218,23 +219,7 @@ def _run(cfg: TrainConfig, d: distributed.Dist) -> dict:
             for m in range(cfg.grad_accum):
                 offset = step * cfg.batch_size + (m * d.world + d.rank) * per_rank
                 micro_batches.append(task.train_batch(sampler.rows(offset, per_rank)))
-            units = distributed.all_sum(torch.tensor(sum(task.units(b) for b in micro_batches), dtype=torch.float64))
-            scale = d.world / max(float(units), 1.0) if task.mean else float(d.world)
-            sums: dict = {}
-            tokens = 0
-            for m, batch in enumerate(micro_batches):
-                batch = _to(batch, d.device)
-                with distributed.sync_grads(trained, m == cfg.grad_accum - 1):
-                    objective, stats = task.compute(trained, batch)
-                    (objective * scale).backward()
-                for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach().double().cpu()
-                tokens += task.input_tokens(batch)
-            gnorm = torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            if hasattr(gnorm, "full_tensor"):
-                gnorm = gnorm.full_tensor()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            sums, tokens, gnorm = train_step(trained, optimizer, task, micro_batches, d, cfg.grad_clip)
             step += 1
             stats = task.summarize({k: distributed.all_sum(v) for k, v in sums.items()})
             tokens = int(distributed.all_sum(torch.tensor(tokens)))
@@ -270,9 +255,31 @@ def _run(cfg: TrainConfig, d: distributed.Dist) -> dict:
             "model": str(model_dir)}
 
 
-def _sampler(n: int, seed: int):
-    from .data import Sampler
-    return Sampler(n, seed)
+def train_step(trained, optimizer, task, micro_batches: list, d: distributed.Dist, grad_clip: float):
+    """One optimizer step over this rank's micro-batches: (summed statistics, input tokens, grad norm).
+
+    The objective of each micro-batch is a sum; scaled by world / (units of the whole global batch) its
+    DDP-averaged gradient adds up to the gradient of the global mean (or, for sum aggregation, of the sum).
+    Gradients are all-reduced only on the last micro-batch.
+    """
+    units = distributed.all_sum(torch.tensor(sum(task.units(b) for b in micro_batches), dtype=torch.float64))
+    scale = d.world / max(float(units), 1.0) if task.mean else float(d.world)
+    sums: dict = {}
+    tokens = 0
+    for m, batch in enumerate(micro_batches):
+        batch = _to(batch, d.device)
+        with distributed.sync_grads(trained, m == len(micro_batches) - 1):
+            objective, stats = task.compute(trained, batch)
+            (objective * scale).backward()
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + v.detach().double().cpu()
+        tokens += task.input_tokens(batch)
+    gnorm = torch.nn.utils.clip_grad_norm_(trained.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor
+        gnorm = gnorm.full_tensor()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sums, tokens, gnorm
 
 
 def _to(batch, device):
