@@ -81,9 +81,12 @@ def _common(p: argparse.ArgumentParser, task: str) -> None:
 
 def _runner(task: str):
     def run_cli(args: argparse.Namespace) -> int:
-        from . import make_config, run
-        skip = {"func", "config", "command", "cmd"}
-        flags = {RENAMES.get(k, k): v for k, v in vars(args).items() if k not in skip}
+        import dataclasses
+
+        from . import TrainConfig, make_config, run
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        # only our own options: the parent parser may add its own (--verbose, ...)
+        flags = {RENAMES.get(k, k): v for k, v in vars(args).items() if RENAMES.get(k, k) in fields}
         cfg = make_config(getattr(args, "config", None), **{**flags, "task": task})
         summary = run(cfg)
         if summary.get("out") and _is_main():
