@@ -20,7 +20,7 @@ from ..errors import BitlmError
 FORMAT = "bitlm-train-checkpoint-1"
 # Config fields that may change between an interrupted run and its resumption without changing the run.
 RESUMABLE_CHANGES = {"resume", "stop_at_step", "progress", "plot", "eval_every", "eval_batches",
-                     "log_every", "checkpoint_every", "out"}
+                     "log_every", "checkpoint_every", "out", "threads", "device", "distributed"}
 
 
 def rng_state() -> dict:

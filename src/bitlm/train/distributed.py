@@ -25,6 +25,7 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # the process group was created here (and is destroyed here)
 
     @property
     def enabled(self) -> bool:
@@ -43,9 +44,10 @@ def setup(device: str | None = None) -> Dist:
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local)
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return Dist(rank, world, local, torch.device(f"cuda:{local}" if use_cuda else "cpu"))
+    return Dist(rank, world, local, torch.device(f"cuda:{local}" if use_cuda else "cpu"), owns)
 
 
 def wrap(model: torch.nn.Module, d: Dist, mode: str = "ddp") -> torch.nn.Module:
@@ -116,6 +118,6 @@ def broadcast_object(obj):
     return box[0]
 
 
-def teardown() -> None:
-    if dist.is_initialized():
+def teardown(d: Dist) -> None:
+    if d.owns_group and dist.is_initialized():
         dist.destroy_process_group()

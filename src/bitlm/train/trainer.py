@@ -132,7 +132,7 @@ def run(cfg: TrainConfig) -> dict:
     try:
         return _run(cfg, d)
     finally:
-        distributed.teardown()
+        distributed.teardown(d)
 
 
 def _run(cfg: TrainConfig, d: distributed.Dist) -> dict:
