@@ -23,7 +23,8 @@ def curve(out):
 def torchrun(corpus, out, mode: str, accum: int = 1, *extra: str) -> str:
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     # --standalone: torchrun binds a free port for its rendezvous itself (no race for a port picked here)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "bitlm.train", "train", "--data", str(corpus),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "bitlm.train", "train", "--data", str(corpus),
            "--tokenizer", "bpe:320", "--context", "32", "--batch-size", "8", "--grad-accum", str(accum),
            "--steps", "6", "--eval-every", "3", "--eval-batches", "2", "--lr", "3e-3", "--lr-stage1-end", "2e-3",
            "--lr-stage2", "1e-3", "--val-fraction", "0.1", "--distributed", mode, "--threads", "1",
