@@ -141,3 +141,11 @@ def test_sigterm_checkpoints_and_stops(corpus_file, tmp_path):
     assert "stopped after" in out
     last = read_metrics(metrics)[-1]["step"]
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == last >= 3
+
+
+def test_bf16_autocast_trains(corpus_file, tmp_path):
+    run(small_run(corpus_file, tmp_path, steps=12, amp="bf16"))
+    train = [loss for _, loss in losses_of(tmp_path)]
+    assert sum(train[-3:]) / 3 < train[0] - 0.5
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
+    assert all(v.dtype == torch.float32 for v in state.values())  # latent weights stay float32

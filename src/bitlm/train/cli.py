@@ -73,6 +73,7 @@ def _common(p: argparse.ArgumentParser, task: str) -> None:
                    help="dtype of the non-ternary tensors of the saved model (default float32)")
     g.add_argument("--distributed", choices=("ddp", "fsdp"), help="under torchrun: DDP (default) or FSDP2")
     g.add_argument("--device", help="auto (default), cpu or cuda")
+    g.add_argument("--amp", choices=("none", "bf16"), help="bf16: autocast the forward pass (default none)")
     g.add_argument("--threads", type=int, help="torch CPU threads per process (default: torch's choice)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     g.add_argument("--no-plot", dest="plot", action="store_false", default=None)

@@ -219,7 +219,7 @@ def _run(cfg: TrainConfig, d: distributed.Dist) -> dict:
             for m in range(cfg.grad_accum):
                 offset = step * cfg.batch_size + (m * d.world + d.rank) * per_rank
                 micro_batches.append(task.train_batch(sampler.rows(offset, per_rank)))
-            sums, tokens, gnorm = train_step(trained, optimizer, task, micro_batches, d, cfg.grad_clip)
+            sums, tokens, gnorm = train_step(trained, optimizer, task, micro_batches, d, cfg.grad_clip, cfg.amp)
             step += 1
             stats = task.summarize({k: distributed.all_sum(v) for k, v in sums.items()})
             tokens = int(distributed.all_sum(torch.tensor(tokens)))
@@ -230,7 +230,7 @@ def _run(cfg: TrainConfig, d: distributed.Dist) -> dict:
                 log.write({"split": "train", **last})
             progress.update(last)
             if task.n_val and (step % cfg.eval_every == 0 or step == steps):
-                val = evaluate(trained, task, cfg.batch_size, per_rank, cfg.eval_batches, d)
+                val = evaluate(trained, task, cfg.batch_size, per_rank, cfg.eval_batches, d, cfg.amp)
                 if val:
                     log.write({"split": "val", "step": step, **val})
                     progress.note(f"step {step}: val loss {val['loss']:.4f}" +
@@ -255,7 +255,14 @@ def _run(cfg: TrainConfig, d: distributed.Dist) -> dict:
             "model": str(model_dir)}
 
 
-def train_step(trained, optimizer, task, micro_batches: list, d: distributed.Dist, grad_clip: float):
+def autocast(device: torch.device, amp: str):
+    """Mixed precision for the forward pass: "bf16" runs matmuls in bfloat16 (the float32 latent weights
+    and the optimizer state stay float32; the quantization statistics are float32 anyway)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+
+
+def train_step(trained, optimizer, task, micro_batches: list, d: distributed.Dist, grad_clip: float,
+               amp: str = "none"):
     """One optimizer step over this rank's micro-batches: (summed statistics, input tokens, grad norm).
 
     The objective of each micro-batch is a sum; scaled by world / (units of the whole global batch) its
@@ -269,7 +276,8 @@ def train_step(trained, optimizer, task, micro_batches: list, d: distributed.Dis
     for m, batch in enumerate(micro_batches):
         batch = _to(batch, d.device)
         with distributed.sync_grads(trained, m == len(micro_batches) - 1):
-            objective, stats = task.compute(trained, batch)
+            with autocast(d.device, amp):
+                objective, stats = task.compute(trained, batch)
             (objective * scale).backward()
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + v.detach().double().cpu()
@@ -289,7 +297,8 @@ def _to(batch, device):
 
 
 @torch.no_grad()
-def evaluate(model, task, batch_size: int, per_rank: int, max_batches: int, d: distributed.Dist) -> dict:
+def evaluate(model, task, batch_size: int, per_rank: int, max_batches: int, d: distributed.Dist,
+             amp: str = "none") -> dict:
     """Validation statistics over the first max_batches global batches of held-out rows (all of them when
     fewer): the same rows whatever the number of processes. Rank r takes rows r, r + world, ...; every rank
     runs the same number of forward passes (FSDP2 needs that), a rank out of rows re-reads row 0 and
@@ -303,7 +312,8 @@ def evaluate(model, task, batch_size: int, per_rank: int, max_batches: int, d: d
     sums: dict = {}
     for i in range(passes):
         chunk = rows[i * per_rank:(i + 1) * per_rank]
-        _, stats = task.compute(model, _to(task.val_batch(chunk or [0]), d.device))
+        with autocast(d.device, amp):
+            _, stats = task.compute(model, _to(task.val_batch(chunk or [0]), d.device))
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + (v.double().cpu() if chunk else 0.0)
     model.train()
