@@ -149,3 +149,24 @@ def test_bf16_autocast_trains(corpus_file, tmp_path):
     assert sum(train[-3:]) / 3 < train[0] - 0.5
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
     assert all(v.dtype == torch.float32 for v in state.values())  # latent weights stay float32
+
+
+def test_cli_trains_on_jsonl_with_a_tokenizer_json(tiny_tokenizer_dir, tmp_path, capsys):
+    from helpers import CORPUS
+
+    from bitlm.train.cli import main
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"body": line}) + "\n" for line in CORPUS.splitlines() * 10))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("context: 32\nbatch-size: 4\nsteps: 3\neval-every: 3\neval-batches: 1\n")
+    assert main(["train", "--config", str(cfg), "--data", str(data), "--text-field", "body", "--tokenizer",
+                 str(tiny_tokenizer_dir / "tokenizer.json"), "--out", str(tmp_path / "o"), "--no-progress",
+                 "--threads", "1"]) == 0
+    assert capsys.readouterr().out.startswith("trained 3 steps; train loss ")
+    from bitlm.engine.tokenizer import Tokenizer
+    source = Tokenizer.from_dir(tiny_tokenizer_dir)
+    model = bitlm.load(tmp_path / "o" / "model")
+    text = "To be, or not to be"
+    assert model.tokenizer.encode(text) == source.encode(text)
+    assert model.config.vocab_size == model.tokenizer.vocab_size == source.vocab_size
+    assert model.tokenizer.chat_template  # the tokenizer.json's own config came along

@@ -137,20 +137,22 @@ def load_tokenizer(spec: str, docs: list[str] | None = None):
 
 
 def encode_documents(tok, docs: list[str]) -> torch.Tensor:
-    """One int64 stream: [bos] + ids + [eos] per document (where the tokenizer has those tokens)."""
+    """One int32 stream (4 bytes a token): [bos] + ids + [eos] per document, where the tokenizer has them."""
+    import numpy as np
     bos = tok.bos_token_id
     eos = tok.token_to_id(tok.eos_token) if tok.eos_token else None
-    stream: list[int] = []
-    for enc in tok.tok.encode_batch(docs, add_special_tokens=False):
-        stream += ([bos] if bos is not None else []) + enc.ids + ([eos] if eos is not None else [])
-    return torch.tensor(stream, dtype=torch.int64)
+    head = [bos] if bos is not None else []
+    tail = [eos] if eos is not None else []
+    parts = [np.asarray(head + enc.ids + tail, dtype=np.int32)
+             for enc in tok.tok.encode_batch(docs, add_special_tokens=False)]
+    return torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32))
 
 
 # ---- pre-training sequences ----------------------------------------------------------------------
 @dataclass
 class TokenSplits:
-    train: torch.Tensor  # (N, T + 1) int64
-    val: torch.Tensor  # (M, T + 1) int64
+    train: torch.Tensor  # (N, T + 1) int32; batches are made int64
+    val: torch.Tensor  # (M, T + 1) int32
 
     @classmethod
     def from_stream(cls, stream: torch.Tensor, context: int, val_fraction: float) -> "TokenSplits":

@@ -35,10 +35,10 @@ class PretrainTask:
         self.stream_tokens = stream.numel()
 
     def train_batch(self, rows):
-        return self.splits.train[rows]
+        return self.splits.train[rows].long()
 
     def val_batch(self, rows):
-        return self.splits.val[rows]
+        return self.splits.val[rows].long()
 
     def units(self, batch) -> float:
         return float(batch[:, 1:].numel())
