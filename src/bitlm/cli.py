@@ -5,6 +5,7 @@
     bitlm info [MODEL] [--json]
     bitlm bench (-m MODEL | --shape NAME) [-t THREADS] [-p N_PROMPT] [-n N_GEN] [-r REPS] [--json]
     bitlm doctor
+    bitlm train | sft | dpo ...   (docs/training.md)
 
 A BitlmError (bad input, a bad file, a missing model) prints one line `bitlm: error: ...` and exits 2;
 Ctrl-C exits 130 without a traceback.
@@ -306,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("doctor", help="CPU features and the kernel path in use")
     p.set_defaults(run=cmd_doctor)
+
+    from .train.cli import add_dpo_parser, add_sft_parser, add_train_parser
+    for add in (add_train_parser, add_sft_parser, add_dpo_parser):
+        add(sub).set_defaults(run=lambda args: args.func(args))
     return parser
 
 

@@ -17,7 +17,8 @@ import torch
 from ..errors import BitlmError
 from ..model import BitNetForCausalLM
 from . import names
-from .hf import _FLOAT_DTYPES, _atomic_dir_write
+from .files import atomic_dir_write
+from .hf import _FLOAT_DTYPES
 
 
 def save_fp(model: BitNetForCausalLM, path) -> None:
@@ -38,4 +39,4 @@ def save_fp(model: BitNetForCausalLM, path) -> None:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "bitlm_format": "fp"})
         if model.tokenizer is not None:
             model.tokenizer.save(tmp)
-    _atomic_dir_write(Path(path), write)
+    atomic_dir_write(Path(path), write)

@@ -202,7 +202,7 @@ __attribute__((target("avx2,fma"))) static float dot_avx2(const float *a, const 
 
 static dot_fn pick_dot(int path) {
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
-    if (path == I2V_PATH_AVX512VNNI) return dot_avx512;
+    if (i2v_path_has_avx512vnni(path)) return dot_avx512;
     if (path == I2V_PATH_AVX2) return dot_avx2;
 #endif
     (void)path;
@@ -257,7 +257,7 @@ static void pick_cvt(int path, cvt_fn *h2f, cvt_fn *f2h) {
     *h2f = h2f_scalar;
     *f2h = f2h_scalar;
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
-    if (path == I2V_PATH_AVX512VNNI) {
+    if (i2v_path_has_avx512vnni(path)) {
         *h2f = h2f_avx512;
         *f2h = f2h_avx512;
     } else if (path == I2V_PATH_AVX2 && __builtin_cpu_supports("f16c")) {
