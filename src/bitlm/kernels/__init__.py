@@ -59,8 +59,8 @@ def _path_index(path: str | int | None) -> int:
 
 def info() -> dict:
     """What `bitlm doctor` prints: CPU features found, the kernel path in use, threads."""
-    import torch
     if _native is None:
+        import torch
         return {"available": False, "error": _LOAD_ERROR, "path": "torch", "paths": [], "threads": torch.get_num_threads(),
                 "cpu_features": [], "layout": "i2v"}
     return {
@@ -84,8 +84,10 @@ def summary() -> str:
 
 def set_num_threads(n: int) -> int:
     """Threads of the kernel pool (n <= 0: one per available CPU); returns the number in use."""
+    if _native is not None:
+        return _native.set_num_threads(int(n))
     import torch
-    return _native.set_num_threads(int(n)) if _native is not None else torch.get_num_threads()
+    return torch.get_num_threads()
 
 
 @dataclass(eq=False)
