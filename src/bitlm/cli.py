@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("-t", "--threads", type=int, help="CPU threads (default: all)")
     model.add_argument("--runtime", choices=("auto", "native", "torch"), default="auto",
                        help="native: the C forward (default where built); torch: the reference model")
-    model.add_argument("--head", choices=("q8", "bf16", "f32"), default="q8",
+    model.add_argument("--head", choices=("q8", "q6", "bf16", "f32"), default="q8",
                        help="native runtime: output head format (default q8: int8 rows, per-row scale)")
     model.add_argument("-c", "--ctx-size", type=int, help="native runtime: context to allocate (default: the model's)")
     model.add_argument("--kv", choices=("f16", "f32"), default="f16", help="native runtime: KV cache type (default f16)")
@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--n-prompt", type=_int_list, default=[512], help="prompt lengths (default 512)")
     p.add_argument("-n", "--n-gen", type=_int_list, default=[128], help="tokens to generate (default 128)")
     p.add_argument("-r", "--repetitions", type=int, default=5, help="runs per test (default 5)")
-    p.add_argument("--head", choices=("q8", "bf16", "f32"), default="q8", help="output head format")
+    p.add_argument("--head", choices=("q8", "q6", "bf16", "f32"), default="q8", help="output head format")
     p.add_argument("--kv", choices=("f16", "f32"), default="f16", help="KV cache type (default f16)")
     p.add_argument("--json", action="store_true", help="print llama-bench's JSON records")
     p.set_defaults(run=cmd_bench)

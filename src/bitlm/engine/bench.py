@@ -59,6 +59,7 @@ def synthetic_native_file(shape: str, head: str = "q8", seed: int = 0) -> Path:
     # the head is tied to the embedding: made from the same rows, in the chosen format
     for name, (shape, dtype) in {"q8": {"head.q8": ((V, H), np.int8), "head.scale": ((V,), np.float32),
                                         "head.rowsum": ((V,), np.int32)},
+                                 "q6": {"head.q6": ((V, -(-H // 64) * 48), np.uint8), "head.scale": ((V,), np.float32)},
                                  "f32": {"head": ((V, H), np.float32)},
                                  "bf16": {"head": ((V, H), np.uint16)}}[head].items():
         def make(name=name):

@@ -14,9 +14,11 @@ The arrays, by name (the same names in the converted file):
     L.<proj>                   uint8 I2V-packed ternary weights (formats/i2v.py)
     head                       head rows [vocab, hidden] (f32 / bf16 heads; absent when tied)
     head.q8, head.scale, head.rowsum   int8 rows, float32 row scales, int32 row sums (q8 head)
+    head.q6, head.scale        6-bit rows (formats/q6.py), float32 row scales (q6 head)
 
 Head formats: "f32" (exact), "bf16" (rows as the checkpoint stores them), "q8" (int8 rows with a float
-scale per row: half the bytes of bf16, read by AVX-512 VNNI).
+scale per row: half the bytes of bf16, read by AVX-512 VNNI), "q6" (6-bit rows, formats/q6.py: 0.75
+bytes a weight, read by AVX-512 VBMI + VNNI).
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ import numpy as np
 from ..errors import BitlmError
 from ..formats import i2v
 
-HEADS = ("f32", "bf16", "q8")
+HEADS = ("f32", "bf16", "q8", "q6")
 NORMS = ("input_layernorm", "post_attention_layernorm", "self_attn.attn_sub_norm", "mlp.ffn_sub_norm")
 PROJS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-_F32, _BF16, _Q8 = 0, 1, 2
+_F32, _BF16, _Q8, _Q6 = 0, 1, 2, 4
 _NI = 20  # bitnet.h: BN_NI
 KV_KINDS = {"f32": (np.float32, 0), "f16": (np.float16, 3)}  # bitnet.h BN_F32, BN_F16
 
@@ -59,6 +61,10 @@ def head_arrays(rows: np.ndarray, head_format: str) -> dict[str, np.ndarray]:
     if head_format not in HEADS:
         raise BitlmError(f"head format {head_format!r} is not one of {', '.join(HEADS)}")
     full = rows if rows.dtype == np.float32 else bf16_to_f32(rows)
+    if head_format == "q6":
+        from ..formats import q6
+        q, scale = q6.quantize(full)
+        return {"head.q6": q6.pack(q), "head.scale": scale}
     if head_format == "q8":
         q, s, rs = quantize_head_rows(full)
         return {"head.q8": q, "head.scale": s, "head.rowsum": rs}
@@ -121,7 +127,9 @@ class NativeModel:
         self.max_len = min(max_len or c.max_position_embeddings, c.max_position_embeddings)
         self.pos = 0
         self.tokenizer = None
-        if "head.q8" in arrays:
+        if "head.q6" in arrays:
+            self.head_format = "q6"
+        elif "head.q8" in arrays:
             self.head_format = "q8"
         elif "head" in arrays:
             self.head_format = "f32" if arrays["head"].dtype == np.float32 else "bf16"
@@ -141,7 +149,12 @@ class NativeModel:
         emb = arrays.get("embed")
         emb_kind = _F32 if emb is not None and emb.dtype == np.float32 else _BF16
         embed_ptr = get("embed", np.float32 if emb_kind == _F32 else np.uint16, (V, H))
-        if self.head_format == "q8":
+        if self.head_format == "q6":
+            from ..formats import q6
+            head_ptrs = (get("head.q6", np.uint8, (V, q6.padded_cols(H) // q6.GROUP * q6.GROUP_BYTES)),
+                         get("head.scale", np.float32, (V,)), 0)
+            head_kind = _Q6
+        elif self.head_format == "q8":
             head_ptrs = (get("head.q8", np.int8, (V, H)), get("head.scale", np.float32, (V,)),
                          get("head.rowsum", np.int32, (V,)))
             head_kind = _Q8

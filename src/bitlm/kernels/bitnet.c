@@ -109,7 +109,8 @@ bn_model *bn_model_new(const int64_t *ints, int nints, const double *flts, int n
     m->head_rowsum = PTR(const int32_t *, ints[BN_I_HEAD_ROWSUM]);
     if (m->H <= 0 || m->I <= 0 || m->nh <= 0 || m->nkv <= 0 || m->nh % m->nkv || m->hd <= 0 || m->hd % 2 ||
         m->V <= 0 || m->max_len <= 0 || m->hd > 1024 || (ints[BN_I_KV_KIND] != BN_F32 && ints[BN_I_KV_KIND] != BN_F16) || m->act < 0 || m->act > 1 || m->embed_kind < 0 || m->embed_kind > 1 ||
-        m->head_kind < 0 || m->head_kind > 2 || (m->head_kind == BN_Q8 && (!m->head_scale || !m->head_rowsum)) ||
+        m->head_kind < 0 || m->head_kind > 4 || m->head_kind == BN_F16 ||
+        (m->head_kind == BN_Q8 && (!m->head_scale || !m->head_rowsum)) || (m->head_kind == BN_Q6 && !m->head_scale) ||
         !m->embed || !m->head || !m->cos || !m->sin || !m->final_norm) {
         free(m);
         return NULL;
@@ -570,6 +571,27 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
         int t0 = T - n_out;
         for (int t = 0; t < n_out; t++) rmsnorm(m->dot, x + (size_t)(t0 + t) * H, m->final_norm, xn + (size_t)t * H, H, m->eps);
         head_task ht = {m, xn, NULL, NULL, 0, logits, n_out};
+        if (m->head_kind == BN_Q6) {
+            /* 6-bit rows (formats/q6.py) times per-token int8 activations, exact int32, then
+             * logits = acc * row_scale / s */
+            size_t ldu = (size_t)((H + 63) / 64) * 64;
+            int8_t *u = (int8_t *)malloc((size_t)n_out * ldu + (size_t)n_out * m->V * 4);
+            if (!u) rc = -2;
+            int32_t *acc6 = u ? (int32_t *)(u + (size_t)n_out * ldu) : NULL;
+            if (!rc && !(rc = i2v_quantize(xn, (size_t)H, n_out, H, u, ldu, s, qsum, m->path)) &&
+                !(rc = i2v_q6_gemv((const uint8_t *)m->head, m->V, H, u, ldu, qsum, n_out, acc6, (size_t)m->V, m->path))) {
+                for (int t = 0; t < n_out; t++) {
+                    float inv = 1.0f / s[t];
+                    const int32_t *a6 = acc6 + (size_t)t * m->V;
+                    float *lg = logits + (size_t)t * m->V;
+                    for (int v = 0; v < m->V; v++) lg[v] = (float)a6[v] * (m->head_scale[v] * inv);
+                }
+            }
+            free(u);
+            LAP(BN_PROF_HEAD);
+            free(buf);
+            return rc;
+        }
         if (m->head_kind == BN_Q8) {
             /* per-token int8 activations, shifted to unsigned for vpdpbusd; the shift is undone with
              * the precomputed row sums */

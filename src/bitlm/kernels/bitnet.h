@@ -19,7 +19,8 @@ enum {
     BN_I_ROPE_COS, BN_I_ROPE_SIN,       /* float32 [max_len, head_dim] */
     BN_I_FINAL_NORM,                    /* float32 [hidden] */
     BN_I_EMBED, BN_I_EMBED_KIND,        /* [vocab, hidden], kind BN_F32 or BN_BF16 */
-    BN_I_HEAD_KIND,                     /* BN_F32, BN_BF16 (rows as stored) or BN_Q8 (int8 rows) */
+    BN_I_HEAD_KIND,                     /* BN_F32, BN_BF16 (rows as stored), BN_Q8 (int8 rows) or
+                                           BN_Q6 (formats/q6.py rows, float32 [vocab] scales) */
     BN_I_HEAD, BN_I_HEAD_SCALE, BN_I_HEAD_ROWSUM, /* rows [vocab, hidden]; for BN_Q8: float32 [vocab]
                                                      row scales and int32 [vocab] row sums */
     BN_I_PATH,                          /* kernel path, -1 = best */
@@ -30,7 +31,7 @@ enum { BN_L_ATTN_NORM, BN_L_FFN_NORM, BN_L_ATTN_SUB_NORM, BN_L_FFN_SUB_NORM,
        BN_L_Q, BN_L_K, BN_L_V, BN_L_O, BN_L_GATE, BN_L_UP, BN_L_DOWN, /* I2V packed weights */
        BN_L_KCACHE, BN_L_VCACHE,        /* [kv_heads, max_len, head_dim], BN_I_KV_KIND elements */
        BN_NL };
-enum { BN_F32 = 0, BN_BF16 = 1, BN_Q8 = 2, BN_F16 = 3 };
+enum { BN_F32 = 0, BN_BF16 = 1, BN_Q8 = 2, BN_F16 = 3, BN_Q6 = 4 };
 
 typedef struct bn_model bn_model;
 
