@@ -73,6 +73,22 @@ class Lazy:
         self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
 
 
+def advise_random(a: np.ndarray) -> None:
+    """Tell the kernel that a mapped array is read at random (rows of an embedding): no read-ahead, so
+    resident memory grows by the rows touched, not by the neighbourhoods the kernel guesses."""
+    import mmap
+    base = a
+    while base is not None and not isinstance(base, np.memmap):
+        base = base.base
+    mm = getattr(base, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_RANDOM"):
+        return
+    start = a.ctypes.data - base.ctypes.data + base.offset  # open_arrays maps the file from byte 0
+    page = mmap.PAGESIZE
+    lo = start // page * page
+    mm.madvise(mmap.MADV_RANDOM, lo, start + a.nbytes - lo)
+
+
 def write(path, tensors: dict, metadata: dict[str, str]) -> None:
     """Write tensors atomically, streaming. A value is an array, (dtype name, array) for BF16 bit
     patterns stored as uint16, or a Lazy."""
