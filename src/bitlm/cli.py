@@ -28,12 +28,12 @@ EXIT_INTERRUPTED = 130
 
 
 def resolve_model_arg(arg: str | None) -> str:
-    """The model to use: the -m argument (a directory or a hub repo id). The one place a default model
-    will plug in."""
+    """The model to use: the -m argument (a directory or a hub repo id), else the bundled Shakespeare
+    model (src/bitlm/data/shakespeare, made by scripts/train_bundled_model.sh)."""
     if arg:
         return arg
-    raise BitlmError("no model given: pass -m MODEL (a model directory or a Hugging Face repo id such as "
-                     "microsoft/bitnet-b1.58-2B-4T)")
+    from .data import bundled_model_dir
+    return str(bundled_model_dir())
 
 
 def set_threads(n: int | None) -> None:
