@@ -45,7 +45,8 @@ def _median_rate(fn, n, reps):
 
 
 def worker_bitlm(paths, threads, pp, tg, reps):
-    cmd = [sys.executable, "-m", "bitlm", "bench", "--shape", "2b4t", "-t", str(threads), "-p",
+    cmd = [sys.executable, "-m", "bitlm", "bench", "--shape", "2b4t", "--head", os.environ.get("BITLM_BENCH_HEAD", "q8"),
+           "-t", str(threads), "-p",
            ",".join(map(str, pp)), "-n", str(tg), "-r", str(reps), "--json"]
     out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     res = {f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}": r["median_ts"] for r in out}
@@ -158,7 +159,8 @@ def bytes_per_token(engine: str) -> int:
     from bitlm.config import preset
     c = preset("2b4t")
     n = c.num_parameters()
-    head = {"bitlm": c.vocab_size * (c.hidden_size + 8),  # int8 row + float scale + int32 row sum
+    bitlm_head = os.environ.get("BITLM_BENCH_HEAD", "q8")
+    head = {"bitlm": c.vocab_size * (c.hidden_size + 8 if bitlm_head == "q8" else -(-c.hidden_size // 64) * 48 + 4),
             "llama.cpp-tq2_0": n["embedding"] * 34 // 32, "llama.cpp-tq1_0": n["embedding"] * 34 // 32,
             "transformers-bf16": n["embedding"] * 2}[engine]
     ternary = {"bitlm": n["ternary"] // 4, "llama.cpp-tq2_0": n["ternary"] * 66 // 256,
@@ -174,6 +176,7 @@ def main(argv=None):
     ap.add_argument("--tg", type=int, default=128)
     ap.add_argument("--tg-transformers", type=int, default=16, help="transformers decodes slowly: fewer tokens")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--bitlm-head", choices=("q8", "q6"), default="q8", help="bitlm's output head format")
     ap.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/bitlm/bench"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -191,7 +194,8 @@ def main(argv=None):
     cache = Path(args.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     paths = prepare(args.engines, cache)
-    env = {**os.environ, "BITLM_BENCH_PATHS": json.dumps({k: str(v) for k, v in paths.items()})}
+    env = {**os.environ, "BITLM_BENCH_PATHS": json.dumps({k: str(v) for k, v in paths.items()}),
+           "BITLM_BENCH_HEAD": args.bitlm_head}
     results = {}
     for t in args.threads:
         for e in args.engines:
