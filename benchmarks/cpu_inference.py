@@ -191,11 +191,11 @@ def main(argv=None):
         print(json.dumps(res))
         return
 
+    os.environ["BITLM_BENCH_HEAD"] = args.bitlm_head  # for the workers and bytes_per_token
     cache = Path(args.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     paths = prepare(args.engines, cache)
-    env = {**os.environ, "BITLM_BENCH_PATHS": json.dumps({k: str(v) for k, v in paths.items()}),
-           "BITLM_BENCH_HEAD": args.bitlm_head}
+    env = {**os.environ, "BITLM_BENCH_PATHS": json.dumps({k: str(v) for k, v in paths.items()})}
     results = {}
     for t in args.threads:
         for e in args.engines:

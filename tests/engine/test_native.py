@@ -118,3 +118,17 @@ def test_context_overflow_and_bad_token_are_clear_errors(model):
     with pytest.raises(BitlmError, match="token id out of range"):
         nm.forward([model.config.vocab_size])
     assert nm.pos == 0  # nothing was consumed
+
+
+def test_micro_batches_give_the_same_logits(model):
+    """A prompt run in micro-batches (bounded scratch memory) equals one batch, for any n_out."""
+    ids = np.arange(29) * 11 % model.config.vocab_size
+    whole = native.NativeModel.from_model(model, head="f32", max_len=64, kv="f32")
+    want = whole.forward(ids, n_out=29)
+    for ubatch, n_out in [(7, 29), (7, 10), (7, 1), (5, 0), (29, 3)]:
+        nm = native.NativeModel.from_model(model, head="f32", max_len=64, kv="f32")
+        nm.ubatch = ubatch
+        got = nm.forward(ids, n_out=n_out)
+        assert got.shape == (n_out, model.config.vocab_size) and nm.pos == 29
+        if n_out:
+            assert_equal_but_rare_flips(got, want[29 - n_out:])

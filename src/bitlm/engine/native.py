@@ -126,6 +126,7 @@ class NativeModel:
         self.arrays = arrays  # the C side points into these: they live as long as the model
         self.max_len = min(max_len or c.max_position_embeddings, c.max_position_embeddings)
         self.pos = 0
+        self.ubatch = 256
         self.tokenizer = None
         if "head.q6" in arrays:
             self.head_format = "q6"
@@ -222,13 +223,21 @@ class NativeModel:
         return t
 
     def forward(self, tokens, n_out: int = 1) -> np.ndarray:
-        """Run `tokens` at positions pos, pos+1, ...; float32 logits [n_out, vocab] of the last n_out."""
+        """Run `tokens` at positions pos, pos+1, ...; float32 logits [n_out, vocab] of the last n_out.
+
+        A long prompt runs in micro-batches of `self.ubatch` tokens (llama.cpp's n_ubatch): the same
+        numbers, with the C forward's scratch memory bounded by the micro-batch, not the prompt."""
         t = self._tokens(tokens)
-        n_out = min(n_out, t.shape[0])
+        T = t.shape[0]
+        n_out = min(n_out, T)
         out = np.empty((n_out, self.config.vocab_size), dtype=np.float32)
-        if t.shape[0]:
-            self.n.forward(self._handle, t.ctypes.data, t.shape[0], self.pos, out.ctypes.data, n_out, 0)
-            self.pos += t.shape[0]
+        for start in range(0, T, self.ubatch):
+            chunk = t[start:start + self.ubatch]
+            end = start + chunk.shape[0]
+            k = max(0, end - max(start, T - n_out))  # how many of this chunk's positions are wanted
+            dst = out[n_out - (T - end) - k:n_out - (T - end)]
+            self.n.forward(self._handle, chunk.ctypes.data, chunk.shape[0], self.pos, dst.ctypes.data if k else 0, k, 0)
+            self.pos += chunk.shape[0]
         return out
 
     def hidden(self, tokens) -> np.ndarray:
