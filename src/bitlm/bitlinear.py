@@ -65,7 +65,6 @@ class PackedBitLinear(nn.Module):
         self.register_buffer("weight", torch.zeros(rows, in_features, dtype=torch.uint8, device=device))
         self.register_buffer("weight_scale", torch.ones(1, dtype=torch.float32, device=device))
         self._codes_cache: torch.Tensor | None = None  # optional float32 [out, in] unpacked codes
-        self.kernel = None  # an optional native kernel (bitlm.kernels) set by the loader
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor | float) -> "PackedBitLinear":
@@ -85,8 +84,6 @@ class PackedBitLinear(nn.Module):
 
     def int_matmul(self, xq: torch.Tensor) -> torch.Tensor:
         """Exact integer sums xq @ Wq^T for int8 xq [M, in]; returned as float32 [M, out] (exact)."""
-        if self.kernel is not None:
-            return self.kernel.gemm(xq).float()
         w = self._codes_cache if self._codes_cache is not None else self.codes(torch.float32)
         if self.in_features <= _EXACT_F32_K:
             return xq.float() @ w.t()

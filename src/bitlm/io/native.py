@@ -63,11 +63,11 @@ def open_native(path, max_len: int | None = None, kv: str = "f16"):
     """A NativeModel over the memory-mapped file."""
     from ..engine.native import NativeModel
     arrays, meta = st.open_arrays(path)
-    if "embed" in arrays:
-        st.advise_random(arrays["embed"])  # one row per token: read-ahead would only inflate memory
     if meta.get("bitlm_format") != FORMAT:
         raise BitlmError(f"{path}: not a bitlm native file of format {FORMAT} "
                          f"(found {meta.get('bitlm_format')!r}); convert the checkpoint again")
+    if "embed" in arrays:
+        st.advise_random(arrays["embed"])  # one row per token: read-ahead would only inflate memory
     try:
         config = BitNetConfig.from_hf(json.loads(meta["config"]), source=f"{path} (metadata)")
     except (KeyError, json.JSONDecodeError) as e:
