@@ -132,3 +132,15 @@ def test_micro_batches_give_the_same_logits(model):
         assert got.shape == (n_out, model.config.vocab_size) and nm.pos == 29
         if n_out:
             assert_equal_but_rare_flips(got, want[29 - n_out:])
+
+
+@pytest.mark.parametrize("head", ["q8", "q6", "f32"])
+def test_every_kernel_path_gives_the_scalar_paths_logits(model, head):
+    """Each SIMD path (ternary products, int8/6-bit head, float loops) against the portable scalar
+    path: integer sums are exact, so only float reduction order differs."""
+    from bitlm import kernels
+    ids = np.arange(11) * 7 % model.config.vocab_size
+    want = native.NativeModel.from_model(model, head=head, max_len=16, kv="f32", path="scalar").forward(ids, n_out=11)
+    for path in kernels.info()["paths"]:
+        got = native.NativeModel.from_model(model, head=head, max_len=16, kv="f32", path=path).forward(ids, n_out=11)
+        assert rel(got, want) < 1e-5, path

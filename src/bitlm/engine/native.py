@@ -115,9 +115,20 @@ def _native():
     return n
 
 
+def _kernel_path(path: str | None) -> int:
+    from ..kernels import _path_index
+    try:
+        return _path_index(path)
+    except ValueError as e:
+        raise BitlmError(str(e)) from None
+
+
 class NativeModel:
-    def __init__(self, config, arrays: dict[str, np.ndarray], max_len: int | None = None, kv: str = "f16"):
-        """kv: the KV cache's element type, "f16" (half the bytes, as llama.cpp keeps it) or "f32"."""
+    def __init__(self, config, arrays: dict[str, np.ndarray], max_len: int | None = None, kv: str = "f16",
+                 path: str | None = None):
+        """kv: the KV cache's element type, "f16" (half the bytes, as llama.cpp keeps it) or "f32".
+        path: the kernel path to run ("scalar", "avx2", ...; bitlm.kernels.info()["paths"]), None for the
+        best this CPU has."""
         if kv not in KV_KINDS:
             raise BitlmError(f"KV cache type {kv!r} is not one of {', '.join(KV_KINDS)}")
         c = self.config = config
@@ -165,7 +176,8 @@ class NativeModel:
         cos, sin = self._rope = rope_tables(c.head_dim, c.rope_theta, self.max_len)
         ints = [c.num_hidden_layers, H, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads,
                 c.head_dim, V, self.max_len, 0 if c.hidden_act == "relu2" else 1, cos.ctypes.data, sin.ctypes.data,
-                get("final_norm", np.float32, (H,)), embed_ptr, emb_kind, head_kind, *head_ptrs, -1,
+                get("final_norm", np.float32, (H,)), embed_ptr, emb_kind, head_kind, *head_ptrs,
+                _kernel_path(path),
                 KV_KINDS[kv][1]]
         assert len(ints) == _NI
         scales = arrays["scales"]
@@ -189,9 +201,10 @@ class NativeModel:
                                         len(self._flts))
 
     @classmethod
-    def from_model(cls, model, head: str = "q8", max_len: int | None = None, kv: str = "f16") -> "NativeModel":
+    def from_model(cls, model, head: str = "q8", max_len: int | None = None, kv: str = "f16",
+                   path: str | None = None) -> "NativeModel":
         """From a packed torch BitNetForCausalLM (its weights are copied into the native layouts)."""
-        nm = cls(model.config, arrays_from_model(model, head), max_len=max_len, kv=kv)
+        nm = cls(model.config, arrays_from_model(model, head), max_len=max_len, kv=kv, path=path)
         nm.tokenizer = model.tokenizer
         return nm
 

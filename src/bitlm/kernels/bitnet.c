@@ -5,7 +5,7 @@
  * float rounding (the integer sums are exact; only float reductions differ in order).
  *
  * The float loops are compiled for several instruction sets (target_clones) and picked at load
- * time; the ternary products are the I2V kernels; the int8 head uses AVX-512 VNNI where present. */
+ * time; the ternary products are the I2V kernels; the int8 head uses AVX-512 VNNI or AVX2 where present. */
 #define _POSIX_C_SOURCE 199309L /* clock_gettime under -std=c11 */
 #include <math.h>
 #include <stdlib.h>
@@ -422,6 +422,50 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void head_q8_vnni(
         }
     }
 }
+
+/* AVX2 has no vpdpbusd, and u * e in vpmaddubsw would saturate: take x = u - 128 back (|x| <= 127,
+ * |e| <= 127) and multiply |e| (unsigned) by x carrying e's sign, at most 2 * 127 * 127 per pair.
+ * Sums are the signed x . e, so no row-sum correction. */
+__attribute__((target("avx2,fma"))) static void head_q8_avx2(const head_task *a, int v0, int v1) {
+    const bn_model *m = a->m;
+    const int8_t *E = (const int8_t *)m->head;
+    int H = m->H, full = H / 32;
+    const __m256i bias = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+    for (int t = 0; t < a->T; t++) {
+        const uint8_t *u = a->u + (size_t)t * a->ldu;
+        float inv = 1.0f / a->s[t];
+        float *lg = a->logits + (size_t)t * m->V;
+        int v = v0;
+        for (; v < v1; v += 4) {
+            int nr = v1 - v < 4 ? v1 - v : 4;
+            const int8_t *e[4];
+            for (int j = 0; j < 4; j++) e[j] = E + (size_t)(v + (j < nr ? j : 0)) * H;
+            __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0;
+            for (int k = 0; k < full; k++) {
+                __m256i x = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(u + 32 * k)), bias);
+                __m256i w0 = _mm256_loadu_si256((const __m256i *)(e[0] + 32 * k));
+                __m256i w1 = _mm256_loadu_si256((const __m256i *)(e[1] + 32 * k));
+                __m256i w2 = _mm256_loadu_si256((const __m256i *)(e[2] + 32 * k));
+                __m256i w3 = _mm256_loadu_si256((const __m256i *)(e[3] + 32 * k));
+                c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w0), _mm256_sign_epi8(x, w0)), ones));
+                c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w1), _mm256_sign_epi8(x, w1)), ones));
+                c2 = _mm256_add_epi32(c2, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w2), _mm256_sign_epi8(x, w2)), ones));
+                c3 = _mm256_add_epi32(c3, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w3), _mm256_sign_epi8(x, w3)), ones));
+            }
+            /* horizontal sums of the four accumulators at once */
+            __m256i s01 = _mm256_hadd_epi32(c0, c1), s23 = _mm256_hadd_epi32(c2, c3);
+            __m256i s = _mm256_hadd_epi32(s01, s23);  /* per 128-bit half: r0 r1 r2 r3 */
+            __m128i r4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+            int32_t r[4];
+            _mm_storeu_si128((__m128i *)r, r4);
+            for (int j = 0; j < nr; j++) {
+                int32_t xtail = 0;  /* the columns past the last whole 32 */
+                for (int k = 32 * full; k < H; k++) xtail += ((int32_t)u[k] - 128) * e[j][k];
+                lg[v + j] = (float)(r[j] + xtail) * (m->head_scale[v + j] * inv);
+            }
+        }
+    }
+}
 #endif
 
 static void head_q8_scalar(const head_task *a, int v0, int v1) {
@@ -448,6 +492,10 @@ static void head_part(void *ctx, int part, int np) {
         int path = m->path < 0 ? i2v_best_path() : m->path;
         if (i2v_path_has_avx512vnni(path)) {  /* AMX too: it implies VNNI */
             head_q8_vnni(a, v0, v1);
+            return;
+        }
+        if (path == I2V_PATH_AVX2) {
+            head_q8_avx2(a, v0, v1);
             return;
         }
 #endif
