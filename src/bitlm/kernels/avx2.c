@@ -74,30 +74,132 @@ INLINE T256 void gemv_rows(const i2v_gemm_args *a, int rb, const int NR) {
     }
 }
 
-/* Prefill (M > 1): MT activation rows x one row block (two halves); 8 accumulators of 16 ymm. */
-INLINE T256 void gemm_tile(const i2v_gemm_args *a, int m0, int rb, const int MT) {
-    const uint8_t *w = a->w + rb * (size_t)a->Kb * I2V_BLOCK;
-    const __m256i m3 = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
-    __m256i acc[4][2];
-#pragma GCC unroll 4
-    for (int m = 0; m < MT; m++) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
-    for (int kb = 0; kb < a->Kb; kb++) {
-        const uint8_t *blk = w + (size_t)kb * I2V_BLOCK;
-#pragma GCC unroll 2
+/* Prefill (M > 1). A row block's codes are unpacked, CHUNK blocks at a time, into 2-bit planes in a
+ * small buffer: plane s of half h of block kb is a ymm of 8 rows x 4 columns (byte 4r + j = row
+ * 8h + r, column 16kb + 4s + j), exactly what vpmaddubsw wants beside a broadcast of 4 activation
+ * bytes. GROUP activation rows then run over the chunk with two int16 accumulators each (one per
+ * half): 12 vpmaddubsw per step for 2 plane loads and GROUP broadcasts, widened to int32 once per
+ * chunk. No int16 overflow: a lane gains at most 2 * 2 * 128 = 512 per step, 4 * CHUNK = 32 steps
+ * per chunk make 16384. */
+#define CHUNK 8    /* blocks per int16 accumulation */
+#define GROUP 6    /* activation rows per register tile: 12 accumulators, 2 planes, 1 broadcast, 1 product */
+#define PANEL 48   /* activation rows whose int32 sums stay in a local buffer (a multiple of GROUP) */
+
+INLINE T256 void unpack_chunk(const uint8_t *blk, int nkb, __m256i *planes) {
+    const __m256i m3 = _mm256_set1_epi8(3);
+    for (int kb = 0; kb < nkb; kb++)
         for (int h = 0; h < 2; h++) {
-            __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 32 * h));
+            __m256i v = _mm256_loadu_si256((const __m256i *)(blk + (size_t)kb * I2V_BLOCK + 32 * h));
+            __m256i *p = planes + 8 * kb + h;  /* step j = 4kb + s at planes[2j + h] */
+            _mm256_store_si256(p, _mm256_and_si256(v, m3));
+            _mm256_store_si256(p + 2, _mm256_and_si256(_mm256_srli_epi16(v, 2), m3));
+            _mm256_store_si256(p + 4, _mm256_and_si256(_mm256_srli_epi16(v, 4), m3));
+            _mm256_store_si256(p + 6, _mm256_and_si256(_mm256_srli_epi16(v, 6), m3));
+        }
+}
+
+/* acc[i][0..16) += the chunk's sums for activation rows x + i * ldx, i < G (x at the chunk's column) */
+INLINE T256 void chunk_group(const int8_t *x, size_t ldx, const __m256i *planes, int nkb, int32_t *acc,
+                             const int G) {
+    __m256i a0[GROUP], a1[GROUP];
 #pragma GCC unroll 4
-            for (int m = 0; m < MT; m++) {
-                const int8_t *xk = a->x + (size_t)(m0 + m) * a->ldx + kb * I2V_COLS;
-                acc[m][h] = dot_half(acc[m][h], v, m3, ones, bcast4(xk), bcast4(xk + 4),
-                                     bcast4(xk + 8), bcast4(xk + 12));
-            }
+    for (int i = 0; i < G; i++) a0[i] = a1[i] = _mm256_setzero_si256();
+#pragma GCC unroll 1  /* one step per iteration: unrolled, the compiler interleaves steps and spills */
+    for (int j = 0; j < 4 * nkb; j++) {
+        __m256i b0 = _mm256_load_si256(planes + 2 * j), b1 = _mm256_load_si256(planes + 2 * j + 1);
+#pragma GCC unroll 4
+        for (int i = 0; i < G; i++) {
+            __m256i xb = bcast4(x + (size_t)i * ldx + 4 * j);
+            a0[i] = _mm256_add_epi16(a0[i], _mm256_maddubs_epi16(b0, xb));
+            a1[i] = _mm256_add_epi16(a1[i], _mm256_maddubs_epi16(b1, xb));
         }
     }
+    const __m256i ones = _mm256_set1_epi16(1);
 #pragma GCC unroll 4
-    for (int m = 0; m < MT; m++) {
-        store_half(a, m0 + m, rb, 0, acc[m][0]);
-        store_half(a, m0 + m, rb, 1, acc[m][1]);
+    for (int i = 0; i < G; i++) {
+        __m256i *r = (__m256i *)(acc + 16 * i);
+        _mm256_store_si256(r, _mm256_add_epi32(_mm256_load_si256(r), _mm256_madd_epi16(a0[i], ones)));
+        _mm256_store_si256(r + 1, _mm256_add_epi32(_mm256_load_si256(r + 1), _mm256_madd_epi16(a1[i], ones)));
+    }
+}
+
+/* The full tile (G = GROUP) in assembly: written in C, the compilers hoist all six broadcasts and
+ * spill accumulators, at half the speed. Rows x0, x0 + ldx, x0 + 2ldx, x3 = x0 + 3ldx, ...; ymm0-11
+ * are the int16 accumulators (row i: ymm 2i for half 0, 2i + 1 for half 1), ymm12/13 the planes,
+ * ymm14 the broadcast, ymm15 the product. At the end the sums are widened into acc[6][16]. */
+#define STEP(xaddr, A0, A1)                                                                          \
+    "vpbroadcastd " xaddr ", %%ymm14\n\t"                                                          \
+    "vpmaddubsw %%ymm14, %%ymm12, %%ymm15\n\t"                                                     \
+    "vpaddw %%ymm15, %%ymm" A0 ", %%ymm" A0 "\n\t"                                                 \
+    "vpmaddubsw %%ymm14, %%ymm13, %%ymm15\n\t"                                                     \
+    "vpaddw %%ymm15, %%ymm" A1 ", %%ymm" A1 "\n\t"
+#define ZERO(A) "vpxor %%ymm" A ", %%ymm" A ", %%ymm" A "\n\t"
+#define WIDEN(A, OFF)                                                                                \
+    "vpmaddwd %%ymm12, %%ymm" A ", %%ymm" A "\n\t"                                                 \
+    "vpaddd " OFF "(%[acc]), %%ymm" A ", %%ymm" A "\n\t"                                           \
+    "vmovdqa %%ymm" A ", " OFF "(%[acc])\n\t"
+
+INLINE T256 void chunk_group6(const int8_t *x, size_t ldx, const __m256i *planes, int nkb, int32_t *acc) {
+    const int8_t *x0 = x, *x3 = x + 3 * ldx;
+    const __m256i *p = planes;
+    long n = 4L * nkb;
+    __asm__ volatile(
+        ZERO("0") ZERO("1") ZERO("2") ZERO("3") ZERO("4") ZERO("5")
+        ZERO("6") ZERO("7") ZERO("8") ZERO("9") ZERO("10") ZERO("11")
+        "1:\n\t"
+        "vmovdqa (%[p]), %%ymm12\n\t"
+        "vmovdqa 32(%[p]), %%ymm13\n\t"
+        STEP("(%[x0])", "0", "1")
+        STEP("(%[x0],%[l],1)", "2", "3")
+        STEP("(%[x0],%[l],2)", "4", "5")
+        STEP("(%[x3])", "6", "7")
+        STEP("(%[x3],%[l],1)", "8", "9")
+        STEP("(%[x3],%[l],2)", "10", "11")
+        "add $64, %[p]\n\t"
+        "add $4, %[x0]\n\t"
+        "add $4, %[x3]\n\t"
+        "dec %[n]\n\t"
+        "jnz 1b\n\t"
+        "vpcmpeqw %%ymm12, %%ymm12, %%ymm12\n\t"
+        "vpsrlw $15, %%ymm12, %%ymm12\n\t"  /* int16 ones */
+        WIDEN("0", "0") WIDEN("1", "32") WIDEN("2", "64") WIDEN("3", "96") WIDEN("4", "128")
+        WIDEN("5", "160") WIDEN("6", "192") WIDEN("7", "224") WIDEN("8", "256") WIDEN("9", "288")
+        WIDEN("10", "320") WIDEN("11", "352")
+        : [p] "+r"(p), [x0] "+r"(x0), [x3] "+r"(x3), [n] "+r"(n)
+        : [l] "r"((long)ldx), [acc] "r"(acc)
+        : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10",
+          "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc", "memory");
+}
+#undef STEP
+#undef ZERO
+#undef WIDEN
+
+INLINE T256 void gemm_block_rows(const i2v_gemm_args *a, int rb) {
+    const uint8_t *w = a->w + rb * (size_t)a->Kb * I2V_BLOCK;
+    __m256i planes[8 * CHUNK];
+    int32_t acc[PANEL * 16] __attribute__((aligned(32)));
+    for (int p0 = 0; p0 < a->M; p0 += PANEL) {
+        int np = a->M - p0 < PANEL ? a->M - p0 : PANEL;
+        memset(acc, 0, sizeof(int32_t) * 16 * (size_t)np);
+        for (int kb0 = 0; kb0 < a->Kb; kb0 += CHUNK) {
+            int nkb = a->Kb - kb0 < CHUNK ? a->Kb - kb0 : CHUNK;
+            unpack_chunk(w + (size_t)kb0 * I2V_BLOCK, nkb, planes);
+            const int8_t *x = a->x + (size_t)p0 * a->ldx + 16 * (size_t)kb0;
+            int i = 0;
+            for (; i + GROUP <= np; i += GROUP) chunk_group6(x + i * a->ldx, a->ldx, planes, nkb, acc + 16 * i);
+            switch (np - i) {
+            case 5: chunk_group(x + i * a->ldx, a->ldx, planes, nkb, acc + 16 * i, 5); break;
+            case 4: chunk_group(x + i * a->ldx, a->ldx, planes, nkb, acc + 16 * i, 4); break;
+            case 3: chunk_group(x + i * a->ldx, a->ldx, planes, nkb, acc + 16 * i, 3); break;
+            case 2: chunk_group(x + i * a->ldx, a->ldx, planes, nkb, acc + 16 * i, 2); break;
+            case 1: chunk_group(x + i * a->ldx, a->ldx, planes, nkb, acc + 16 * i, 1); break;
+            default: break;
+            }
+        }
+        for (int m = 0; m < np; m++) {
+            store_half(a, p0 + m, rb, 0, _mm256_load_si256((const __m256i *)(acc + 16 * m)));
+            store_half(a, p0 + m, rb, 1, _mm256_load_si256((const __m256i *)(acc + 16 * m + 8)));
+        }
     }
 }
 
@@ -108,16 +210,7 @@ T256 void i2v_gemm_avx2(const i2v_gemm_args *a, int rb0, int rb1) {
         for (; rb < rb1; rb++) gemv_rows(a, rb, 1);
         return;
     }
-    for (int rb = rb0; rb < rb1; rb++) {
-        for (int m0 = 0; m0 < a->M; m0 += 4) {
-            switch (a->M - m0 < 4 ? a->M - m0 : 4) {
-            case 4: gemm_tile(a, m0, rb, 4); break;
-            case 3: gemm_tile(a, m0, rb, 3); break;
-            case 2: gemm_tile(a, m0, rb, 2); break;
-            default: gemm_tile(a, m0, rb, 1); break;
-            }
-        }
-    }
+    for (int rb = rb0; rb < rb1; rb++) gemm_block_rows(a, rb);
 }
 
 /* Activation quantizer, 8 floats per step, scalar tail with the same float operations. */
