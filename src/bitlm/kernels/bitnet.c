@@ -396,6 +396,8 @@ typedef struct {
     int T;
 } head_task;
 
+static void head_q8_scalar(const head_task *a, int v0, int v1);
+
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
 #include <immintrin.h>
 /* four rows at a time: acc_r += u (unsigned) * e_r (signed), 64 bytes per step */
@@ -441,50 +443,48 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void head_q8_vnni(
 }
 
 /* AVX2 has no vpdpbusd, and u * e in vpmaddubsw would saturate: take x = u - 128 back (|x| <= 127,
- * |e| <= 127) and multiply |e| (unsigned) by x carrying e's sign, at most 2 * 127 * 127 per pair.
- * Sums are the signed x . e, so no row-sum correction. */
-#define HEAD_PF 1024  /* software prefetch distance, bytes ahead in each row stream */
+ * |e| <= 127) and multiply |x| (unsigned) by e carrying x's sign, at most 2 * 127 * 127 per pair.
+ * Sums are the signed x . e, so no row-sum correction. One row at a time: a single stream reads
+ * faster here than four rows side by side. */
+#define HEAD_PF 1024  /* software prefetch distance, bytes ahead in the row stream */
 __attribute__((target("avx2,fma"))) static void head_q8_avx2(const head_task *a, int v0, int v1) {
     const bn_model *m = a->m;
     const int8_t *E = (const int8_t *)m->head;
     int H = m->H, full = H / 32;
     const __m256i bias = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+    int8_t *xs = (int8_t *)aligned_alloc(32, (size_t)64 * (full + 1));  /* x, then |x|, whole 32s */
+    if (!xs) {
+        head_q8_scalar(a, v0, v1);
+        return;
+    }
     for (int t = 0; t < a->T; t++) {
         const uint8_t *u = a->u + (size_t)t * a->ldu;
+        for (int k = 0; k < full; k++) {
+            __m256i x = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(u + 32 * k)), bias);
+            _mm256_store_si256((__m256i *)(xs + 64 * k), x);
+            _mm256_store_si256((__m256i *)(xs + 64 * k + 32), _mm256_abs_epi8(x));
+        }
         float inv = 1.0f / a->s[t];
         float *lg = a->logits + (size_t)t * m->V;
-        int v = v0;
-        for (; v < v1; v += 4) {
-            int nr = v1 - v < 4 ? v1 - v : 4;
-            const int8_t *e[4];
-            for (int j = 0; j < 4; j++) e[j] = E + (size_t)(v + (j < nr ? j : 0)) * H;
-            __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0;
+        for (int v = v0; v < v1; v++) {
+            const int8_t *e = E + (size_t)v * H;
+            __m256i c = _mm256_setzero_si256();
             for (int k = 0; k < full; k++) {
-                __m256i x = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(u + 32 * k)), bias);
-                if ((k & 1) == 0)  /* rows are contiguous: ahead of each stream lies the rest of the group */
-                    for (int j = 0; j < 4; j++) _mm_prefetch((const char *)(e[j] + 32 * k + HEAD_PF), _MM_HINT_T0);
-                __m256i w0 = _mm256_loadu_si256((const __m256i *)(e[0] + 32 * k));
-                __m256i w1 = _mm256_loadu_si256((const __m256i *)(e[1] + 32 * k));
-                __m256i w2 = _mm256_loadu_si256((const __m256i *)(e[2] + 32 * k));
-                __m256i w3 = _mm256_loadu_si256((const __m256i *)(e[3] + 32 * k));
-                c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w0), _mm256_sign_epi8(x, w0)), ones));
-                c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w1), _mm256_sign_epi8(x, w1)), ones));
-                c2 = _mm256_add_epi32(c2, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w2), _mm256_sign_epi8(x, w2)), ones));
-                c3 = _mm256_add_epi32(c3, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w3), _mm256_sign_epi8(x, w3)), ones));
+                if ((k & 1) == 0) _mm_prefetch((const char *)(e + 32 * k + HEAD_PF), _MM_HINT_T0);
+                __m256i w = _mm256_loadu_si256((const __m256i *)(e + 32 * k));
+                __m256i x = _mm256_load_si256((const __m256i *)(xs + 64 * k));
+                __m256i ax = _mm256_load_si256((const __m256i *)(xs + 64 * k + 32));
+                c = _mm256_add_epi32(c, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w, x)), ones));
             }
-            /* horizontal sums of the four accumulators at once */
-            __m256i s01 = _mm256_hadd_epi32(c0, c1), s23 = _mm256_hadd_epi32(c2, c3);
-            __m256i s = _mm256_hadd_epi32(s01, s23);  /* per 128-bit half: r0 r1 r2 r3 */
-            __m128i r4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-            int32_t r[4];
-            _mm_storeu_si128((__m128i *)r, r4);
-            for (int j = 0; j < nr; j++) {
-                int32_t xtail = 0;  /* the columns past the last whole 32 */
-                for (int k = 32 * full; k < H; k++) xtail += ((int32_t)u[k] - 128) * e[j][k];
-                lg[v + j] = (float)(r[j] + xtail) * (m->head_scale[v + j] * inv);
-            }
+            __m128i q = _mm_add_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+            q = _mm_hadd_epi32(q, q);
+            q = _mm_hadd_epi32(q, q);
+            int32_t acc = _mm_cvtsi128_si32(q);
+            for (int k = 32 * full; k < H; k++) acc += ((int32_t)u[k] - 128) * e[k];
+            lg[v] = (float)acc * (m->head_scale[v] * inv);
         }
     }
+    free(xs);
 }
 #endif
 
