@@ -335,53 +335,95 @@ static void rope(float *v, const float *cos, const float *sin, int hd) {
     }
 }
 
-/* ---- attention: one part = a range of (token, kv head) pairs --------------------------------
- * The q heads that share a kv head (grouped-query attention) are done together, so each cached key
- * and value row is read (and converted from float16) once for the whole group. */
+/* ---- attention: one part = a range of (kv head, token) pairs ---------------------------------
+ * The q heads that share a kv head (grouped-query attention) are done together. With an f16 cache,
+ * a prefill part converts the keys and values its tokens of one kv head need once into its slice of
+ * kvbuf; a decode step (one token) converts rows in small blocks as it goes. */
 typedef struct {
     const bn_model *m;
     const bn_layer *y;
     const float *q; /* [T, nh*hd] */
     float *out;     /* [T, nh*hd] */
     float *scores;  /* [nparts, group, max_len] */
+    float *kvbuf;   /* f16 cache and T > 1: [nparts, 2, pos + T, hd], else NULL */
     int T, pos;
 } attn_task;
 
-static const float *kv_row(const bn_model *m, const void *base, int kvh, int j, float *tmp) {
-    size_t off = ((size_t)kvh * m->max_len + j) * m->hd;
-    if (!m->kv_f16) return (const float *)base + off;
-    m->h2f((const uint16_t *)base + off, tmp, m->hd);
+#define KV_TMP 8192 /* floats of converted rows a decode step holds at a time (hd <= 1024) */
+
+/* rows j0 .. j0 + nb of a cache slice as float32: the slice itself, or converted into tmp */
+static const float *kv_rows(const bn_model *m, const void *slice, int f16, int j0, int nb, float *tmp) {
+    if (!f16) return (const float *)slice + (size_t)j0 * m->hd;
+    m->h2f((const uint16_t *)slice + (size_t)j0 * m->hd, tmp, nb * m->hd);
     return tmp;
+}
+
+/* one (token, kv head) pair against keys K[0..n) and values V[0..n) (cache slices of rows of hd,
+ * float16 if f16) */
+static void attend(const bn_model *m, const float *q, const void *K, const void *V, int f16, int n, float *sc,
+                   float *o) {
+    int group = m->nh / m->nkv, hd = m->hd;
+    float scale = 1.0f / sqrtf((float)hd), tmp[KV_TMP];
+    int blk = KV_TMP / hd;
+    for (int j0 = 0; j0 < n; j0 += blk) {
+        int nb = n - j0 < blk ? n - j0 : blk;
+        const float *k = kv_rows(m, K, f16, j0, nb, tmp);
+        for (int j = 0; j < nb; j++)
+            for (int r = 0; r < group; r++)
+                sc[(size_t)r * m->max_len + j0 + j] = m->dot(q + (size_t)r * hd, k + (size_t)j * hd, hd) * scale;
+    }
+    for (int r = 0; r < group; r++) {
+        float *sr = sc + (size_t)r * m->max_len, mx = -INFINITY, sum = 0.0f;
+        for (int j = 0; j < n; j++) mx = sr[j] > mx ? sr[j] : mx;
+        for (int j = 0; j < n; j++) sum += (sr[j] = expf(sr[j] - mx));
+        float inv = 1.0f / sum;
+        for (int j = 0; j < n; j++) sr[j] *= inv;
+    }
+    memset(o, 0, sizeof(float) * group * hd);
+    for (int j0 = 0; j0 < n; j0 += blk) {
+        int nb = n - j0 < blk ? n - j0 : blk;
+        const float *v = kv_rows(m, V, f16, j0, nb, tmp);
+        for (int j = 0; j < nb; j++)
+            for (int r = 0; r < group; r++)
+                axpy(o + (size_t)r * hd, sc[(size_t)r * m->max_len + j0 + j], v + (size_t)j * hd, hd);
+    }
 }
 
 static void attn_part(void *ctx, int part, int np) {
     const attn_task *a = (const attn_task *)ctx;
     const bn_model *m = a->m;
-    int total = a->T * m->nkv, group = m->nh / m->nkv, hd = m->hd;
-    long i0 = (long)total * part / np, i1 = (long)total * (part + 1) / np;
+    int T = a->T, group = m->nh / m->nkv, hd = m->hd;
+    long total = (long)T * m->nkv, i0 = total * part / np, i1 = total * (part + 1) / np;
     float *sc = a->scores + (size_t)part * group * m->max_len;
-    float scale = 1.0f / sqrtf((float)hd), tmp[1024];
+    size_t cap = (size_t)(a->pos + T) * hd; /* rows of one kv head a part can need */
+    float *kv = a->kvbuf ? a->kvbuf + (size_t)part * 2 * cap : NULL;
+    int kv_head = -1;
     for (long i = i0; i < i1; i++) {
-        int t = (int)(i / m->nkv), kvh = (int)(i % m->nkv);
+        int kvh = (int)(i / T), t = (int)(i % T);
         int n = a->pos + t + 1; /* keys 0 .. pos + t */
-        const float *q = a->q + (size_t)t * m->nh * hd + (size_t)kvh * group * hd; /* group rows */
-        float *o = a->out + (size_t)t * m->nh * hd + (size_t)kvh * group * hd;
-        for (int j = 0; j < n; j++) {
-            const float *k = kv_row(m, a->y->kc, kvh, j, tmp);
-            for (int r = 0; r < group; r++) sc[(size_t)r * m->max_len + j] = m->dot(q + (size_t)r * hd, k, hd) * scale;
+        size_t base = (size_t)kvh * m->max_len * hd;
+        const void *K, *V;
+        int f16 = m->kv_f16;
+        if (!f16) {
+            K = (const float *)a->y->kc + base;
+            V = (const float *)a->y->vc + base;
+        } else if (kv) {
+            if (kvh != kv_head) { /* the rows up to this part's last token of this kv head */
+                long last = i1 - 1 < (long)(kvh + 1) * T - 1 ? i1 - 1 : (long)(kvh + 1) * T - 1;
+                int rows = a->pos + (int)(last - (long)kvh * T) + 1;
+                m->h2f((const uint16_t *)a->y->kc + base, kv, rows * hd);
+                m->h2f((const uint16_t *)a->y->vc + base, kv + cap, rows * hd);
+                kv_head = kvh;
+            }
+            K = kv;
+            V = kv + cap;
+            f16 = 0;
+        } else {
+            K = (const uint16_t *)a->y->kc + base;
+            V = (const uint16_t *)a->y->vc + base;
         }
-        for (int r = 0; r < group; r++) {
-            float *sr = sc + (size_t)r * m->max_len, mx = -INFINITY, sum = 0.0f;
-            for (int j = 0; j < n; j++) mx = sr[j] > mx ? sr[j] : mx;
-            for (int j = 0; j < n; j++) sum += (sr[j] = expf(sr[j] - mx));
-            float inv = 1.0f / sum;
-            for (int j = 0; j < n; j++) sr[j] *= inv;
-        }
-        memset(o, 0, sizeof(float) * group * hd);
-        for (int j = 0; j < n; j++) {
-            const float *v = kv_row(m, a->y->vc, kvh, j, tmp);
-            for (int r = 0; r < group; r++) axpy(o + (size_t)r * hd, sc[(size_t)r * m->max_len + j], v, hd);
-        }
+        size_t off = (size_t)t * m->nh * hd + (size_t)kvh * group * hd; /* the group's q rows */
+        attend(m, a->q + off, K, V, f16, n, sc, a->out + off);
     }
 }
 
@@ -549,14 +591,16 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
     /* scratch, one allocation */
     size_t n_x = (size_t)T * H, n_xn = (size_t)T * wide, n_q8 = (size_t)T * kp, n_acc = (size_t)T * wide;
     size_t n_qkv = (size_t)T * (qn + 2 * kvn), n_att = (size_t)T * (qn > H ? qn : H), n_g = (size_t)T * I;
-    size_t bytes = 4 * (n_x + n_xn + n_acc + n_qkv + n_att + 2 * n_g + 2 * (size_t)T) + n_q8 +
-                   4 * (size_t)attn_parts * group * m->max_len + 64 * 8;
+    size_t n_kvbuf = m->kv_f16 && T > 1 ? (size_t)attn_parts * 2 * (pos + T) * hd : 0;
+    size_t bytes = 4 * (n_x + n_xn + n_acc + n_qkv + n_att + 2 * n_g + 2 * (size_t)T + n_kvbuf) + n_q8 +
+                   4 * (size_t)attn_parts * group * m->max_len + 64 * 9;
     char *buf = (char *)malloc(bytes);
     if (!buf) return -2;
     char *p = buf;
 #define TAKE(T_, n_) ((T_ *)(p = (char *)(((uintptr_t)(p) + 63) & ~(uintptr_t)63), p += (n_) * sizeof(T_), p - (n_) * sizeof(T_)))
     float *x = TAKE(float, n_x), *xn = TAKE(float, n_xn), *qkv = TAKE(float, n_qkv), *att = TAKE(float, n_att);
     float *g = TAKE(float, n_g), *u = TAKE(float, n_g), *s = TAKE(float, T), *scores = TAKE(float, (size_t)attn_parts * group * m->max_len);
+    float *kvbuf = n_kvbuf ? TAKE(float, n_kvbuf) : NULL;
     int32_t *acc = TAKE(int32_t, n_acc), *qsum = TAKE(int32_t, T);
     int8_t *q8 = TAKE(int8_t, n_q8);
 #undef TAKE
@@ -602,7 +646,7 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
         /* gather q contiguously for the attention task */
         for (int t = 0; t < T; t++) memcpy(xn + (size_t)t * qn, qkv + (size_t)t * ldqkv, sizeof(float) * qn);
         LAP(BN_PROF_ROPE_KV);
-        attn_task at = {m, y, xn, att, scores, T, pos};
+        attn_task at = {m, y, xn, att, scores, kvbuf, T, pos};
         i2v_pool_run(attn_part, &at, attn_parts);
         LAP(BN_PROF_ATTN);
         for (int t = 0; t < T; t++) rmsnorm(m->dot, att + (size_t)t * qn, y->attn_sub_norm, xn + (size_t)t * qn, qn, m->eps);
