@@ -313,16 +313,31 @@ static float bf16_to_f32(uint16_t v) {
 }
 
 /* ---- ternary projection: y[t, :] = (q[t] . W^T) * (scale / s[t]) ---------------------------- */
-static int project(const bn_model *m, const bn_linear *p, const int8_t *q, size_t ldq, const float *s,
-                   const int32_t *qsum, int T, int32_t *acc, float *y, size_t ldy) {
-    int rc = i2v_gemm(q, ldq, qsum, T, p->K, p->w, p->N, acc, (size_t)p->N, m->path);
-    if (rc) return rc;
-    for (int t = 0; t < T; t++) {
-        float f = p->scale / s[t];
-        const int32_t *a = acc + (size_t)t * p->N;
-        float *yt = y + (size_t)t * ldy;
-        for (int n = 0; n < p->N; n++) yt[n] = (float)a[n] * f;
+/* projections of one quantized input in one pool run (i2v_gemm_multi), each dequantized with its
+ * weight scale: y_i = acc_i * (scale_i / s), float32 as the reference. acc holds T * sum(N) int32. */
+static int project(const bn_model *m, int n, const bn_linear *const *ps, const int8_t *q, size_t ldq,
+                   const float *s, const int32_t *qsum, int T, int32_t *acc, float *const *ys, const size_t *ldys) {
+    const uint8_t *w[I2V_MAX_MATS];
+    int N[I2V_MAX_MATS];
+    int32_t *y[I2V_MAX_MATS];
+    size_t ldy[I2V_MAX_MATS];
+    int32_t *a = acc;
+    for (int i = 0; i < n; i++) {
+        w[i] = ps[i]->w;
+        N[i] = ps[i]->N;
+        y[i] = a;
+        ldy[i] = (size_t)N[i];
+        a += (size_t)T * N[i];
     }
+    int rc = i2v_gemm_multi(q, ldq, qsum, T, ps[0]->K, n, w, N, y, ldy, m->path);
+    if (rc) return rc;
+    for (int i = 0; i < n; i++)
+        for (int t = 0; t < T; t++) {
+            float f = ps[i]->scale / s[t];
+            const int32_t *at = y[i] + (size_t)t * N[i];
+            float *yt = ys[i] + (size_t)t * ldys[i];
+            for (int j = 0; j < N[i]; j++) yt[j] = (float)at[j] * f;
+        }
     return 0;
 }
 
@@ -589,7 +604,9 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
     int group = m->nh / m->nkv;
     int attn_parts = T * m->nkv < 4 * threads ? T * m->nkv : 4 * threads;
     /* scratch, one allocation */
-    size_t n_x = (size_t)T * H, n_xn = (size_t)T * wide, n_q8 = (size_t)T * kp, n_acc = (size_t)T * wide;
+    size_t outs = (size_t)(qn + 2 * kvn) > 2 * (size_t)I ? (size_t)(qn + 2 * kvn) : 2 * (size_t)I; /* fused outputs */
+    if (outs < (size_t)wide) outs = (size_t)wide;
+    size_t n_x = (size_t)T * H, n_xn = (size_t)T * wide, n_q8 = (size_t)T * kp, n_acc = (size_t)T * outs;
     size_t n_qkv = (size_t)T * (qn + 2 * kvn), n_att = (size_t)T * (qn > H ? qn : H), n_g = (size_t)T * I;
     size_t n_kvbuf = m->kv_f16 && T > 1 ? (size_t)attn_parts * 2 * (pos + T) * hd : 0;
     size_t bytes = 4 * (n_x + n_xn + n_acc + n_qkv + n_att + 2 * n_g + 2 * (size_t)T + n_kvbuf) + n_q8 +
@@ -622,9 +639,12 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
         for (int t = 0; t < T; t++) rmsnorm(m->dot, x + (size_t)t * H, y->attn_norm, xn + (size_t)t * H, H, m->eps);
         if ((rc = i2v_quantize(xn, (size_t)H, T, H, q8, kpad(H), s, qsum, m->path))) break;
         LAP(BN_PROF_NORM_QUANT);
-        if ((rc = project(m, &y->proj[P_Q], q8, kpad(H), s, qsum, T, acc, qkv, ldqkv))) break;
-        if ((rc = project(m, &y->proj[P_K], q8, kpad(H), s, qsum, T, acc, qkv + qn, ldqkv))) break;
-        if ((rc = project(m, &y->proj[P_V], q8, kpad(H), s, qsum, T, acc, qkv + qn + kvn, ldqkv))) break;
+        {
+            const bn_linear *ps[3] = {&y->proj[P_Q], &y->proj[P_K], &y->proj[P_V]};
+            float *ys[3] = {qkv, qkv + qn, qkv + qn + kvn};
+            size_t ld[3] = {ldqkv, ldqkv, ldqkv};
+            if ((rc = project(m, 3, ps, q8, kpad(H), s, qsum, T, acc, ys, ld))) break;
+        }
         LAP(BN_PROF_QKV);
         for (int t = 0; t < T; t++) {
             int ps = pos + t;
@@ -652,7 +672,12 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
         for (int t = 0; t < T; t++) rmsnorm(m->dot, att + (size_t)t * qn, y->attn_sub_norm, xn + (size_t)t * qn, qn, m->eps);
         if ((rc = i2v_quantize(xn, (size_t)qn, T, qn, q8, kpad(qn), s, qsum, m->path))) break;
         LAP(BN_PROF_NORM_QUANT);
-        if ((rc = project(m, &y->proj[P_O], q8, kpad(qn), s, qsum, T, acc, att, (size_t)H))) break;
+        {
+            const bn_linear *ps[1] = {&y->proj[P_O]};
+            float *ys[1] = {att};
+            size_t ld[1] = {(size_t)H};
+            if ((rc = project(m, 1, ps, q8, kpad(qn), s, qsum, T, acc, ys, ld))) break;
+        }
         LAP(BN_PROF_O);
         for (size_t i = 0; i < n_x; i++) x[i] += att[i];
         LAP(BN_PROF_RESIDUAL);
@@ -660,15 +685,24 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
         for (int t = 0; t < T; t++) rmsnorm(m->dot, x + (size_t)t * H, y->ffn_norm, xn + (size_t)t * H, H, m->eps);
         if ((rc = i2v_quantize(xn, (size_t)H, T, H, q8, kpad(H), s, qsum, m->path))) break;
         LAP(BN_PROF_NORM_QUANT);
-        if ((rc = project(m, &y->proj[P_GATE], q8, kpad(H), s, qsum, T, acc, g, (size_t)I))) break;
-        if ((rc = project(m, &y->proj[P_UP], q8, kpad(H), s, qsum, T, acc, u, (size_t)I))) break;
+        {
+            const bn_linear *ps[2] = {&y->proj[P_GATE], &y->proj[P_UP]};
+            float *ys[2] = {g, u};
+            size_t ld[2] = {(size_t)I, (size_t)I};
+            if ((rc = project(m, 2, ps, q8, kpad(H), s, qsum, T, acc, ys, ld))) break;
+        }
         LAP(BN_PROF_GATE_UP);
         gate_act(g, u, n_g, m->act);
         LAP(BN_PROF_ACT);
         for (int t = 0; t < T; t++) rmsnorm(m->dot, g + (size_t)t * I, y->ffn_sub_norm, xn + (size_t)t * I, I, m->eps);
         if ((rc = i2v_quantize(xn, (size_t)I, T, I, q8, kpad(I), s, qsum, m->path))) break;
         LAP(BN_PROF_NORM_QUANT);
-        if ((rc = project(m, &y->proj[P_DOWN], q8, kpad(I), s, qsum, T, acc, att, (size_t)H))) break;
+        {
+            const bn_linear *ps[1] = {&y->proj[P_DOWN]};
+            float *ys[1] = {att};
+            size_t ld[1] = {(size_t)H};
+            if ((rc = project(m, 1, ps, q8, kpad(I), s, qsum, T, acc, ys, ld))) break;
+        }
         LAP(BN_PROF_DOWN);
         for (size_t i = 0; i < n_x; i++) x[i] += att[i];
         LAP(BN_PROF_RESIDUAL);

@@ -80,20 +80,29 @@ static i2v_kernel_fn kernel_for(int path) {
     }
 }
 
+/* One pool run over the row blocks of up to I2V_MAX_MATS matrices that share their input (q, k, v;
+ * gate, up): one synchronisation instead of one per matrix. Part p of np takes a contiguous range of
+ * the matrices' row blocks laid end to end, in units of 4 (the GEMV kernels stream 4 row blocks side
+ * by side), so each part streams its own stretch of the weights. */
 typedef struct {
-    i2v_gemm_args a;
+    i2v_gemm_args a[I2V_MAX_MATS];
+    int first[I2V_MAX_MATS + 1]; /* matrix i owns units first[i] .. first[i+1] */
+    int nmat;
     i2v_kernel_fn fn;
-    int Nb;
 } gemm_task;
 
-/* part p of np takes a contiguous range of row blocks, in units of 4 (the GEMV kernels stream 4
- * row blocks side by side): each part streams its own stretch of the weights */
 static void gemm_part(void *ctx, int p, int np) {
     const gemm_task *t = (const gemm_task *)ctx;
-    int units = (t->Nb + 3) / 4;
-    int rb0 = 4 * (int)((long)units * p / np), rb1 = 4 * (int)((long)units * (p + 1) / np);
-    if (rb1 > t->Nb) rb1 = t->Nb;
-    if (rb0 < rb1) t->fn(&t->a, rb0, rb1);
+    int total = t->first[t->nmat];
+    int u0 = (int)((long)total * p / np), u1 = (int)((long)total * (p + 1) / np);
+    for (int i = 0; i < t->nmat; i++) {
+        int a = u0 > t->first[i] ? u0 : t->first[i], b = u1 < t->first[i + 1] ? u1 : t->first[i + 1];
+        if (a >= b) continue;
+        int Nb = (t->a[i].N + I2V_ROWS - 1) / I2V_ROWS;
+        int rb0 = 4 * (a - t->first[i]), rb1 = 4 * (b - t->first[i]);
+        if (rb1 > Nb) rb1 = Nb;
+        if (rb0 < rb1) t->fn(&t->a[i], rb0, rb1);
+    }
 }
 
 /* below this many 64-byte blocks of work (M x Nb x Kb) per part, splitting costs more than it saves;
@@ -111,15 +120,24 @@ static void pad_geometry(int path, int M, int K, int *mp, size_t *kp) {
 }
 
 /* x already zero-padded as pad_geometry says (ldx >= 16 * Kb), xsum given */
-static void gemm_padded(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int Kb, const uint8_t *w,
-                        int N, int32_t *y, size_t ldy, int path) {
-    int Nb = (N + I2V_ROWS - 1) / I2V_ROWS;
-    gemm_task t = {{x, ldx, xsum, M, w, Kb, N, y, ldy}, kernel_for(path), Nb};
-    long blocks = (long)M * Nb * Kb;
+static void gemm_padded(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int Kb, int nmat,
+                        const uint8_t *const *w, const int *N, int32_t *const *y, const size_t *ldy, int path) {
+    gemm_task t;
+    t.nmat = nmat;
+    t.fn = kernel_for(path);
+    t.first[0] = 0;
+    long blocks = 0;
+    for (int i = 0; i < nmat; i++) {
+        int Nb = (N[i] + I2V_ROWS - 1) / I2V_ROWS;
+        i2v_gemm_args a = {x, ldx, xsum, M, w[i], Kb, N[i], y[i], ldy[i]};
+        t.a[i] = a;
+        t.first[i + 1] = t.first[i] + (Nb + 3) / 4;
+        blocks += (long)M * Nb * Kb;
+    }
     int parts = (int)(blocks / MIN_BLOCKS_PER_PART);
     int threads = i2v_pool_threads();
     if (parts > PARTS_PER_THREAD * threads) parts = PARTS_PER_THREAD * threads;
-    if (parts > (Nb + 3) / 4) parts = (Nb + 3) / 4;
+    if (parts > t.first[nmat]) parts = t.first[nmat];
     if (threads == 1 || parts < 1) parts = 1;
     i2v_pool_run(gemm_part, &t, parts);
 }
@@ -132,10 +150,14 @@ static int checked_path(int path, int M, int K, int N, size_t ldx, size_t ldy) {
     return path;
 }
 
-int i2v_gemm(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int K, const uint8_t *w,
-             int N, int32_t *y, size_t ldy, int path) {
-    if ((path = checked_path(path, M, K, N, ldx, ldy)) < 0) return -1;
-    if (M == 0 || N == 0) return 0;
+int i2v_gemm_multi(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int K, int nmat,
+                   const uint8_t *const *w, const int *N, int32_t *const *y, const size_t *ldy, int path) {
+    if (nmat < 1 || nmat > I2V_MAX_MATS) return -1;
+    int p = path;
+    for (int i = 0; i < nmat; i++)
+        if ((p = checked_path(path, M, K, N[i], ldx, ldy[i])) < 0) return -1;
+    path = p;
+    if (M == 0) return 0;
     int Kb = (K + I2V_COLS - 1) / I2V_COLS, mp;
     size_t kp;
     pad_geometry(path, M, K, &mp, &kp);
@@ -163,10 +185,16 @@ int i2v_gemm(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int K, con
         }
         xsum = sums;
     }
-    gemm_padded(x, ldx, xsum, M, Kb, w, N, y, ldy, path);
+    gemm_padded(x, ldx, xsum, M, Kb, nmat, w, N, y, ldy, path);
     free(xpad);
     free(sums);
     return 0;
+}
+
+int i2v_gemm(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int K, const uint8_t *w,
+             int N, int32_t *y, size_t ldy, int path) {
+    if (N == 0 && M >= 0 && K >= 0) return checked_path(path, M, K, N, ldx, ldy) < 0 ? -1 : 0;
+    return i2v_gemm_multi(x, ldx, xsum, M, K, 1, &w, &N, &y, &ldy, path);
 }
 
 static void quantize_path(const float *x, size_t ldx, int M, int K, int8_t *q, size_t ldq, float *scale,
@@ -198,7 +226,8 @@ int i2v_linear(const float *x, size_t ldx, int M, int K, const uint8_t *w, int N
     float *s = (float *)(acc + (size_t)M * N);
     int32_t *qsum = (int32_t *)(s + M);
     quantize_path(x, ldx, M, K, q, kp, s, qsum, path);
-    gemm_padded(q, kp, qsum, M, Kb, w, N, acc, (size_t)N, path);
+    size_t lda = (size_t)N;
+    gemm_padded(q, kp, qsum, M, Kb, 1, &w, &N, &acc, &lda, path);
     for (int m = 0; m < M; m++) {
         float f = wscale / s[m];  /* the reference: acc * (weight_scale / s), float32 */
         const int32_t *am = acc + (size_t)m * N;

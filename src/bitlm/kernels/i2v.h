@@ -110,6 +110,11 @@ const char *i2v_cpu_features(void);  /* space-separated list of the features tha
  * -2 when out of memory. */
 int i2v_gemm(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int K, const uint8_t *w,
              int N, int32_t *y, size_t ldy, int path);
+/* Several matrices of the same K on one input (q, k, v; gate, up) in one pool run:
+ * y[i][M, N[i]] = x times W[i]^T for i < nmat <= I2V_MAX_MATS. */
+#define I2V_MAX_MATS 4
+int i2v_gemm_multi(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int K, int nmat,
+                   const uint8_t *const *w, const int *N, int32_t *const *y, const size_t *ldy, int path);
 int i2v_quantize(const float *x, size_t ldx, int M, int K, int8_t *q, size_t ldq, float *scale,
                  int32_t *qsum, int path);
 /* The whole BitLinear inference forward, y float32 [M, N] = (xq @ W^T) * (wscale / s) with xq, s
