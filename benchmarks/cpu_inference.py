@@ -23,12 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bitlm.engine.bench import peak_rss_bytes
 
 ENGINES = ("bitlm", "llama.cpp-tq2_0", "llama.cpp-tq1_0", "transformers-bf16")
 
@@ -78,7 +79,7 @@ def worker_llama_cpp(paths, engine, threads, pp, tg, reps):
             tok = (tok * 31 + 7) % 128000  # the cost does not depend on the token
 
     res[f"tg{tg}"] = _median_rate(run_tg, tg, reps)
-    res["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    res["peak_rss_gb"] = peak_rss_bytes() / 1e9
     return res
 
 
@@ -101,7 +102,7 @@ def worker_transformers(paths, threads, pp, tg, reps):
                 past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
 
         res[f"tg{tg}"] = _median_rate(run_tg, tg, reps)
-    res["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    res["peak_rss_gb"] = peak_rss_bytes() / 1e9
     return res
 
 

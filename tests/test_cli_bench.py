@@ -32,6 +32,21 @@ def test_bench_random_shape_table(capsys):
     assert "| pp8 |" in out and "| tg4 |" in out and "peak RSS" in out
 
 
+@needs_native
+def test_bench_profile_breaks_each_token_into_phases(capsys):
+    from bitlm.engine.native import PROFILE_PHASES
+    assert main(["bench", "--shape", "tiny", "-p", "8", "-n", "4", "-r", "1", "-t", "1", "--profile"]) == 0
+    out = capsys.readouterr().out
+    assert "| phase | pp8 | tg4 |" in out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    for phase in PROFILE_PHASES + ("total",):
+        assert phase in rows, phase
+    # every phase that runs a product or the head took time, and the shares add up
+    for phase in ("q/k/v", "gate/up", "down", "head"):
+        assert float(rows[phase].split("|")[3].split()[0]) > 0
+    assert "(100%)" in rows["total"]
+
+
 def test_bench_needs_exactly_one_model_source(capsys):
     assert main(["bench", "-p", "8"]) == 2
     assert "exactly one of -m MODEL or --shape" in capsys.readouterr().err

@@ -3,7 +3,7 @@
     bitlm generate -m MODEL -p PROMPT [-n N] [sampling flags] [--stop STR ...] [--ignore-eos] [-t THREADS]
     bitlm chat -m MODEL [--system S] [sampling flags]
     bitlm info [MODEL] [--json]
-    bitlm bench (-m MODEL | --shape NAME) [-t THREADS] [-p N_PROMPT] [-n N_GEN] [-r REPS] [--json]
+    bitlm bench (-m MODEL | --shape NAME) [-t THREADS] [-p N_PROMPT] [-n N_GEN] [-r REPS] [--json] [--profile]
     bitlm doctor
     bitlm train | sft | dpo ...   (docs/training.md)
 
@@ -212,6 +212,15 @@ def cmd_bench(args) -> int:
         print(f"| {r['model_type']} | {size:.2f} GiB | {r['model_n_params'] / 1e9:.2f} B | native | {r['n_threads']} "
               f"| {test} | {r['avg_ts']:.2f} ± {r['stddev_ts']:.2f} |")
     print(f"\nload {load_s:.2f} s, peak RSS {rss / 1e9:.3f} GB")
+    if args.profile:
+        prof = bench.phase_breakdown(nm, args.threads[-1], max(args.n_prompt), max(args.n_gen))
+        tests = list(prof)
+        print(f"\nms per token by phase ({args.threads[-1]} threads; one profiled run of each test)")
+        print("| phase | " + " | ".join(tests) + " |")
+        print("| --- |" + " ---: |" * len(tests))
+        for phase in prof[tests[0]]:
+            cells = [f"{prof[t][phase]:.3f} ({100 * prof[t][phase] / prof[t]['total']:.0f}%)" for t in tests]
+            print(f"| {phase} | " + " | ".join(cells) + " |")
     return 0
 
 
@@ -303,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", choices=("q8", "q6", "bf16", "f32"), default="q8", help="output head format")
     p.add_argument("--kv", choices=("f16", "f32"), default="f16", help="KV cache type (default f16)")
     p.add_argument("--json", action="store_true", help="print llama-bench's JSON records")
+    p.add_argument("--profile", action="store_true",
+                   help="also print the per-token time of each phase of the forward (norms, products, attention, head)")
     p.set_defaults(run=cmd_bench)
 
     p = sub.add_parser("doctor", help="CPU features and the kernel path in use")

@@ -20,7 +20,17 @@ from ..formats import i2v
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This process's peak resident memory. On Linux VmHWM, the high-water mark of its own address
+    space: ru_maxrss would also carry the peak of the process it was forked from across the exec (a
+    benchmark worker started by a parent that held 6 GB reported 6 GB)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux and BSD report KiB
 
 
 def synthetic_native_file(shape: str, head: str = "q8", seed: int = 0) -> Path:
@@ -125,3 +135,32 @@ def _record(nm, threads, n_prompt, n_gen, samples) -> dict:
         "median_ts": statistics.median(samples),
         "samples_ts": samples,
     }
+
+
+def phase_breakdown(nm, threads: int, n_prompt: int, n_gen: int, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Milliseconds per token in each phase of the C forward (bitnet.h BN_PROF_*), for one profiled
+    pp<n_prompt> batch and one tg<n_gen> run like those of `run`; "total" is their sum."""
+    from ..kernels import set_num_threads
+    from .native import profile
+    set_num_threads(threads)
+    rng = np.random.default_rng(seed)
+    V = nm.config.vocab_size
+    out = {}
+    for name, n, tokens in ((f"pp{n_prompt}", n_prompt, [rng.integers(0, V, n_prompt, dtype=np.int32)]),
+                            (f"tg{n_gen}", n_gen, None)):
+        if not n:
+            continue
+        nm.reset()
+        profile(nm, True, reset=True)
+        if tokens is not None:
+            nm.forward(tokens[0], n_out=1)
+        else:
+            tok = int(rng.integers(0, V))
+            for _ in range(n):
+                tok = int(nm.forward([tok], n_out=1)[0].argmax())
+        phases = profile(nm, False)
+        ms = {k: 1e3 * v / n for k, v in phases.items()}
+        ms["total"] = sum(ms.values())
+        out[name] = ms
+    return out
+
