@@ -8,6 +8,7 @@ dtype, so it is read and written as uint16 bit patterns (names ending the same, 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -87,6 +88,19 @@ def advise_random(a: np.ndarray) -> None:
     page = mmap.PAGESIZE
     lo = start // page * page
     mm.madvise(mmap.MADV_RANDOM, lo, start + a.nbytes - lo)
+    # ...but have the file's pages read into the page cache in the background (not mapped here, so
+    # not resident in this process): a new token's row is then a minor fault, not a disk read
+    # (~0.9 ms per generated token at the 2B4T shape before this).
+    filename = getattr(base, "filename", None)
+    if filename and hasattr(os, "posix_fadvise"):
+        try:
+            fd = os.open(filename, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, lo, start + a.nbytes - lo, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # advice only
 
 
 def write(path, tensors: dict, metadata: dict[str, str]) -> None:
