@@ -287,7 +287,7 @@ T256 void i2v_q6_avx2(const i2v_q6_args *a, int v0, int v1) {
             for (int g = 0; g < ng; g++) {
                 const uint8_t *p = row + (size_t)g * 48;
                 const int16_t *xg = x16 + 64 * g;
-                _mm_prefetch((const char *)(p + 16 * 48), _MM_HINT_T0);
+                _mm_prefetch((const char *)(p + 48 * 48), _MM_HINT_T0);
 #define Q6_CODES(ptr, ix)                                                                              \
     _mm256_srli_epi16(_mm256_mullo_epi16(_mm256_shuffle_epi8(                                          \
         _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(ptr))), ix), mul), 10)
