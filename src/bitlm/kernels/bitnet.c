@@ -268,6 +268,7 @@ static void pick_cvt(int path, cvt_fn *h2f, cvt_fn *f2h) {
 #endif
 }
 
+#define NQ_MAX_PARTS 16
 static void rmsnorm(dot_fn dot, const float *x, const float *w, float *out, int n, float eps) {
     float r = 1.0f / sqrtf(dot(x, x, n) / (float)n + eps);
     for (int i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
@@ -338,6 +339,45 @@ static int project(const bn_model *m, int n, const bn_linear *const *ps, const i
             float *yt = ys[i] + (size_t)t * ldys[i];
             for (int j = 0; j < N[i]; j++) yt[j] = (float)at[j] * f;
         }
+    return 0;
+}
+
+/* RMSNorm then per-token int8 quantization of T rows (in [T, ldin] -> xn [T, n] -> q [T, ldq]),
+ * rows split over the pool when there are several */
+typedef struct {
+    const bn_model *m;
+    const float *in, *w;
+    size_t ldin, ldq;
+    int n, T;
+    float *xn, *s;
+    int8_t *q;
+    int32_t *qsum;
+    int rc[NQ_MAX_PARTS];
+} nq_task;
+
+static void nq_part(void *ctx, int part, int np) {
+    nq_task *a = (nq_task *)ctx;
+    int t0 = (int)((long)a->T * part / np), t1 = (int)((long)a->T * (part + 1) / np);
+    for (int t = t0; t < t1; t++)
+        rmsnorm(a->m->dot, a->in + (size_t)t * a->ldin, a->w, a->xn + (size_t)t * a->n, a->n, a->m->eps);
+    a->rc[part] = t1 > t0 ? i2v_quantize(a->xn + (size_t)t0 * a->n, (size_t)a->n, t1 - t0, a->n,
+                                         a->q + (size_t)t0 * a->ldq, a->ldq, a->s + t0, a->qsum + t0, a->m->path)
+                          : 0;
+}
+
+static int norm_quant(const bn_model *m, const float *in, size_t ldin, const float *w, int n, int T, float *xn,
+                      int8_t *q, size_t ldq, float *s, int32_t *qsum) {
+    nq_task a = {m, in, w, ldin, ldq, n, T, xn, s, q, qsum, {0}};
+    int parts = T < 8 ? 1 : 2 * i2v_pool_threads();
+    if (parts > NQ_MAX_PARTS) parts = NQ_MAX_PARTS;
+    if (parts > T) parts = T;
+    if (parts <= 1) {
+        nq_part(&a, 0, 1);
+        return a.rc[0];
+    }
+    i2v_pool_run(nq_part, &a, parts);
+    for (int p = 0; p < parts; p++)
+        if (a.rc[p]) return a.rc[p];
     return 0;
 }
 
@@ -636,8 +676,7 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
     for (int l = 0; l < m->L && !rc; l++) {
         const bn_layer *y = &m->layers[l];
         /* attention */
-        for (int t = 0; t < T; t++) rmsnorm(m->dot, x + (size_t)t * H, y->attn_norm, xn + (size_t)t * H, H, m->eps);
-        if ((rc = i2v_quantize(xn, (size_t)H, T, H, q8, kpad(H), s, qsum, m->path))) break;
+        if ((rc = norm_quant(m, x, (size_t)H, y->attn_norm, H, T, xn, q8, kpad(H), s, qsum))) break;
         LAP(BN_PROF_NORM_QUANT);
         {
             const bn_linear *ps[3] = {&y->proj[P_Q], &y->proj[P_K], &y->proj[P_V]};
@@ -669,8 +708,7 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
         attn_task at = {m, y, xn, att, scores, kvbuf, T, pos};
         i2v_pool_run(attn_part, &at, attn_parts);
         LAP(BN_PROF_ATTN);
-        for (int t = 0; t < T; t++) rmsnorm(m->dot, att + (size_t)t * qn, y->attn_sub_norm, xn + (size_t)t * qn, qn, m->eps);
-        if ((rc = i2v_quantize(xn, (size_t)qn, T, qn, q8, kpad(qn), s, qsum, m->path))) break;
+        if ((rc = norm_quant(m, att, (size_t)qn, y->attn_sub_norm, qn, T, xn, q8, kpad(qn), s, qsum))) break;
         LAP(BN_PROF_NORM_QUANT);
         {
             const bn_linear *ps[1] = {&y->proj[P_O]};
@@ -682,8 +720,7 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
         for (size_t i = 0; i < n_x; i++) x[i] += att[i];
         LAP(BN_PROF_RESIDUAL);
         /* feed-forward */
-        for (int t = 0; t < T; t++) rmsnorm(m->dot, x + (size_t)t * H, y->ffn_norm, xn + (size_t)t * H, H, m->eps);
-        if ((rc = i2v_quantize(xn, (size_t)H, T, H, q8, kpad(H), s, qsum, m->path))) break;
+        if ((rc = norm_quant(m, x, (size_t)H, y->ffn_norm, H, T, xn, q8, kpad(H), s, qsum))) break;
         LAP(BN_PROF_NORM_QUANT);
         {
             const bn_linear *ps[2] = {&y->proj[P_GATE], &y->proj[P_UP]};
@@ -694,8 +731,7 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
         LAP(BN_PROF_GATE_UP);
         gate_act(g, u, n_g, m->act);
         LAP(BN_PROF_ACT);
-        for (int t = 0; t < T; t++) rmsnorm(m->dot, g + (size_t)t * I, y->ffn_sub_norm, xn + (size_t)t * I, I, m->eps);
-        if ((rc = i2v_quantize(xn, (size_t)I, T, I, q8, kpad(I), s, qsum, m->path))) break;
+        if ((rc = norm_quant(m, g, (size_t)I, y->ffn_sub_norm, I, T, xn, q8, kpad(I), s, qsum))) break;
         LAP(BN_PROF_NORM_QUANT);
         {
             const bn_linear *ps[1] = {&y->proj[P_DOWN]};
