@@ -22,7 +22,10 @@
 #endif
 
 typedef float (*dot_fn)(const float *, const float *, int);
+/* out[r * ldo] = scale * (q_r . k) for the nq rows q_r = q + r * n (the q heads of one kv head) */
+typedef void (*dots_fn)(const float *q, int nq, int n, const float *k, float scale, float *out, size_t ldo);
 static dot_fn pick_dot(int path);
+static dots_fn pick_dots(int path);
 static void pick_cvt(int path, void (**h2f)(const void *, void *, int), void (**f2h)(const void *, void *, int));
 
 typedef struct {
@@ -46,6 +49,7 @@ struct bn_model {
     const int32_t *head_rowsum;
     bn_layer *layers;
     dot_fn dot;
+    dots_fn dots;
     void (*h2f)(const void *, void *, int);
     void (*f2h)(const void *, void *, int);
     int profiling;
@@ -99,6 +103,7 @@ bn_model *bn_model_new(const int64_t *ints, int nints, const double *flts, int n
     m->kv_f16 = (int)ints[BN_I_KV_KIND] == BN_F16;
     m->eps = (float)flts[0];
     m->dot = pick_dot(m->path < 0 ? i2v_best_path() : m->path);
+    m->dots = pick_dots(m->path < 0 ? i2v_best_path() : m->path);
     pick_cvt(m->path < 0 ? i2v_best_path() : m->path, &m->h2f, &m->f2h);
     m->cos = PTR(const float *, ints[BN_I_ROPE_COS]);
     m->sin = PTR(const float *, ints[BN_I_ROPE_SIN]);
@@ -200,6 +205,52 @@ __attribute__((target("avx2,fma"))) static float dot_avx2(const float *a, const 
     return s;
 }
 #endif
+
+static void dots_scalar(const float *q, int nq, int n, const float *k, float scale, float *out, size_t ldo) {
+    for (int r = 0; r < nq; r++) out[(size_t)r * ldo] = dot_scalar(q + (size_t)r * n, k, n) * scale;
+}
+
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+/* four q rows per pass over k: each 8 floats of k loaded once for the four, two accumulators a row */
+__attribute__((target("avx2,fma"))) static void dots_avx2(const float *q, int nq, int n, const float *k, float scale,
+                                                          float *out, size_t ldo) {
+    int n16 = n & ~15;
+    for (int r0 = 0; r0 < nq; r0 += 4) {
+        int nr = nq - r0 < 4 ? nq - r0 : 4;
+        const float *q0 = q + (size_t)r0 * n;
+        const float *qr[4] = {q0, q0 + (nr > 1 ? n : 0), q0 + (nr > 2 ? 2 * n : 0), q0 + (nr > 3 ? 3 * n : 0)};
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0, d0 = a0, d1 = a0;
+        for (int i = 0; i < n16; i += 16) {
+            __m256 k0 = _mm256_loadu_ps(k + i), k1 = _mm256_loadu_ps(k + i + 8);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr[0] + i), k0, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qr[0] + i + 8), k1, a1);
+            b0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr[1] + i), k0, b0);
+            b1 = _mm256_fmadd_ps(_mm256_loadu_ps(qr[1] + i + 8), k1, b1);
+            c0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr[2] + i), k0, c0);
+            c1 = _mm256_fmadd_ps(_mm256_loadu_ps(qr[2] + i + 8), k1, c1);
+            d0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr[3] + i), k0, d0);
+            d1 = _mm256_fmadd_ps(_mm256_loadu_ps(qr[3] + i + 8), k1, d1);
+        }
+        __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(b0, b1)),
+                                  _mm256_hadd_ps(_mm256_add_ps(c0, c1), _mm256_add_ps(d0, d1)));
+        float r4[4];
+        _mm_storeu_ps(r4, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+        for (int r = 0; r < nr; r++) {
+            float t = r4[r];
+            for (int i = n16; i < n; i++) t += qr[r][i] * k[i];
+            out[(size_t)(r0 + r) * ldo] = t * scale;
+        }
+    }
+}
+#endif
+
+static dots_fn pick_dots(int path) {
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+    if (path == I2V_PATH_AVX2 || i2v_path_has_avx512vnni(path)) return dots_avx2;  /* AVX-512 CPUs have AVX2 */
+#endif
+    (void)path;
+    return dots_scalar;
+}
 
 static dot_fn pick_dot(int path) {
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
@@ -423,9 +474,7 @@ static void attend(const bn_model *m, const float *q, const void *K, const void 
     for (int j0 = 0; j0 < n; j0 += blk) {
         int nb = n - j0 < blk ? n - j0 : blk;
         const float *k = kv_rows(m, K, f16, j0, nb, tmp);
-        for (int j = 0; j < nb; j++)
-            for (int r = 0; r < group; r++)
-                sc[(size_t)r * m->max_len + j0 + j] = m->dot(q + (size_t)r * hd, k + (size_t)j * hd, hd) * scale;
+        for (int j = 0; j < nb; j++) m->dots(q, group, hd, k + (size_t)j * hd, scale, sc + j0 + j, (size_t)m->max_len);
     }
     for (int r = 0; r < group; r++) {
         float *sr = sc + (size_t)r * m->max_len, mx = -INFINITY, sum = 0.0f;
