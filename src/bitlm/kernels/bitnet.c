@@ -479,7 +479,10 @@ static void attend(const bn_model *m, const float *q, const void *K, const void 
     for (int r = 0; r < group; r++) {
         float *sr = sc + (size_t)r * m->max_len, mx = -INFINITY, sum = 0.0f;
         for (int j = 0; j < n; j++) mx = sr[j] > mx ? sr[j] : mx;
-        for (int j = 0; j < n; j++) sum += (sr[j] = expf(sr[j] - mx));
+        for (int j = 0; j < n; j++) { /* below -104 expf is 0, reached through libm's slow underflow path */
+            float d = sr[j] - mx;
+            sum += (sr[j] = d < -104.0f ? 0.0f : expf(d));
+        }
         float inv = 1.0f / sum;
         for (int j = 0; j < n; j++) sr[j] *= inv;
     }
