@@ -150,7 +150,7 @@ class NativeModel:
         self.arrays = arrays  # the C side points into these: they live as long as the model
         self.max_len = min(max_len or c.max_position_embeddings, c.max_position_embeddings)
         self.pos = 0
-        self.ubatch = 128  # prompt tokens per C forward: bounds its scratch (~25 MB at 2B4T)
+        self.ubatch = 64  # prompt tokens per C forward: bounds its scratch (~12 MB at 2B4T)
         self.tokenizer = None
         if "head.q6" in arrays:
             self.head_format = "q6"
