@@ -100,23 +100,32 @@ def run(nm, threads: int, n_prompt: int, n_gen: int, reps: int, seed: int = 0) -
         prompt = rng.integers(0, V, n_prompt, dtype=np.int32)
 
         def pp():
-            nm.reset()
-            nm.forward(prompt, n_out=1)
+            _prefill(nm, prompt)
 
         pp()
         times = [_timed(pp) for _ in range(reps)]
         records.append(_record(nm, threads, n_prompt, 0, [n_prompt / t for t in times]))
     if n_gen:
         def tg():
-            nm.reset()
-            tok = int(rng.integers(0, V))
-            for _ in range(n_gen):
-                tok = int(nm.forward([tok], n_out=1)[0].argmax())
+            _generate(nm, int(rng.integers(0, V)), n_gen)
 
         tg()
         times = [_timed(tg) for _ in range(reps)]
         records.append(_record(nm, threads, 0, n_gen, [n_gen / t for t in times]))
     return records
+
+
+def _prefill(nm, prompt) -> None:
+    """llama-bench's pp test: one batch of prompt tokens from an empty context."""
+    nm.reset()
+    nm.forward(prompt, n_out=1)
+
+
+def _generate(nm, tok: int, n: int) -> None:
+    """llama-bench's tg test: n tokens one at a time from an empty context, each the argmax of the last."""
+    nm.reset()
+    for _ in range(n):
+        tok = int(nm.forward([tok], n_out=1)[0].argmax())
 
 
 def _record(nm, threads, n_prompt, n_gen, samples) -> dict:
@@ -145,19 +154,14 @@ def phase_breakdown(nm, threads: int, n_prompt: int, n_gen: int, seed: int = 0) 
     set_num_threads(threads)
     rng = np.random.default_rng(seed)
     V = nm.config.vocab_size
+    prompt = rng.integers(0, V, n_prompt, dtype=np.int32)
     out = {}
-    for name, n, tokens in ((f"pp{n_prompt}", n_prompt, [rng.integers(0, V, n_prompt, dtype=np.int32)]),
-                            (f"tg{n_gen}", n_gen, None)):
+    for name, n, test in ((f"pp{n_prompt}", n_prompt, lambda: _prefill(nm, prompt)),
+                          (f"tg{n_gen}", n_gen, lambda: _generate(nm, int(rng.integers(0, V)), n_gen))):
         if not n:
             continue
-        nm.reset()
         profile(nm, True, reset=True)
-        if tokens is not None:
-            nm.forward(tokens[0], n_out=1)
-        else:
-            tok = int(rng.integers(0, V))
-            for _ in range(n):
-                tok = int(nm.forward([tok], n_out=1)[0].argmax())
+        test()
         phases = profile(nm, False)
         ms = {k: 1e3 * v / n for k, v in phases.items()}
         ms["total"] = sum(ms.values())

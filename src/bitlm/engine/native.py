@@ -120,11 +120,11 @@ def _zeros_small_pages(n: int, shape: tuple, dtype) -> tuple[object, list[np.nda
     pages on large arrays, and a KV cache is written a row per position: each first row of a head
     would make 2 MB resident (the 2B4T cache at 4,096 positions took 180 MB after one token)."""
     import mmap
-    each = -(-int(np.prod(shape)) * np.dtype(dtype).itemsize // 64) * 64
+    count = int(np.prod(shape))
+    each = -(-count * np.dtype(dtype).itemsize // 64) * 64
     buf = mmap.mmap(-1, max(each * n, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_NOHUGEPAGE"):
         buf.madvise(mmap.MADV_NOHUGEPAGE)
-    count = int(np.prod(shape))
     return buf, [np.frombuffer(buf, dtype, count, i * each).reshape(shape) for i in range(n)]
 
 

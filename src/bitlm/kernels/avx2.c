@@ -261,7 +261,7 @@ T256 void i2v_quant_avx2(const float *x, size_t ldx, int M, int K, int8_t *q, si
  * 18-23 of a little-endian 24-bit value u). A 128-bit lane takes 6 bytes (8 codes): vpshufb puts in
  * word j the two bytes holding code j (b0b1, b0b1, b1b2, b1b2 per 3 bytes, where code j sits at
  * bits 0, 6, 4, 10), vpmullw by 2^(10 - that) moves it to bits 10-15 and a shift by 10 brings it
- * down: codes as int16, times int16 activations in vpmaddwd. 20 vector operations per 64 codes,
+ * down: codes as int16, times the int16 activations (a->x16) in vpmaddwd. 20 vector operations per 64 codes,
  * about half the byte-shuffling decode's, so the head is read at memory speed. */
 T256 void i2v_q6_avx2(const i2v_q6_args *a, int v0, int v1) {
     const int ng = (a->H + 63) / 64;
@@ -272,15 +272,8 @@ T256 void i2v_q6_avx2(const i2v_q6_args *a, int v0, int v1) {
     const __m256i idx3 = _mm256_add_epi8(idx, _mm256_set1_epi8(4));
     const __m256i mul = _mm256_setr_epi16(1 << 10, 1 << 4, 1 << 6, 1, 1 << 10, 1 << 4, 1 << 6, 1,
                                           1 << 10, 1 << 4, 1 << 6, 1, 1 << 10, 1 << 4, 1 << 6, 1);
-    int16_t *x16 = (int16_t *)aligned_alloc(32, (size_t)ng * 64 * sizeof(int16_t));
-    if (!x16) {
-        i2v_q6_scalar(a, v0, v1);
-        return;
-    }
     for (int m = 0; m < a->M; m++) {
-        const int8_t *x = a->x + (size_t)m * a->ldx;
-        for (int k = 0; k < 64 * ng; k += 16)
-            _mm256_store_si256((__m256i *)(x16 + k), _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(x + k))));
+        const int16_t *x16 = a->x16 + (size_t)m * 64 * ng;
         for (int v = v0; v < v1; v++) {
             const uint8_t *row = a->w + (size_t)v * row_bytes;
             __m256i acc = _mm256_setzero_si256();
@@ -291,10 +284,10 @@ T256 void i2v_q6_avx2(const i2v_q6_args *a, int v0, int v1) {
 #define Q6_CODES(ptr, ix)                                                                              \
     _mm256_srli_epi16(_mm256_mullo_epi16(_mm256_shuffle_epi8(                                          \
         _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(ptr))), ix), mul), 10)
-                __m256i s = _mm256_madd_epi16(Q6_CODES(p, idx), _mm256_load_si256((const __m256i *)xg));
-                s = _mm256_add_epi32(s, _mm256_madd_epi16(Q6_CODES(p + 12, idx), _mm256_load_si256((const __m256i *)(xg + 16))));
-                s = _mm256_add_epi32(s, _mm256_madd_epi16(Q6_CODES(p + 24, idx), _mm256_load_si256((const __m256i *)(xg + 32))));
-                s = _mm256_add_epi32(s, _mm256_madd_epi16(Q6_CODES(p + 32, idx3), _mm256_load_si256((const __m256i *)(xg + 48))));
+                __m256i s = _mm256_madd_epi16(Q6_CODES(p, idx), _mm256_loadu_si256((const __m256i *)xg));
+                s = _mm256_add_epi32(s, _mm256_madd_epi16(Q6_CODES(p + 12, idx), _mm256_loadu_si256((const __m256i *)(xg + 16))));
+                s = _mm256_add_epi32(s, _mm256_madd_epi16(Q6_CODES(p + 24, idx), _mm256_loadu_si256((const __m256i *)(xg + 32))));
+                s = _mm256_add_epi32(s, _mm256_madd_epi16(Q6_CODES(p + 32, idx3), _mm256_loadu_si256((const __m256i *)(xg + 48))));
 #undef Q6_CODES
                 acc = _mm256_add_epi32(acc, s);
             }
@@ -304,7 +297,6 @@ T256 void i2v_q6_avx2(const i2v_q6_args *a, int v0, int v1) {
             a->out[(size_t)m * a->ldo + v] = _mm_cvtsi128_si32(q) - 32 * a->xsum[m];
         }
     }
-    free(x16);
 }
 
 /* Bandwidth probe: stream n bytes (n a multiple of 128) through four independent xor chains. */

@@ -538,14 +538,14 @@ static void attn_part(void *ctx, int part, int np) {
 typedef struct {
     const bn_model *m;
     const float *h;     /* [T, H] normed hidden states (float heads) */
-    const uint8_t *u;   /* [T, Kp] int8 activations + 128, as unsigned (int8 head) */
+    const uint8_t *u;   /* [T, ldu] int8 activations + 128, as unsigned (int8 head, VNNI and scalar) */
+    const int8_t *x;    /* [T, ldu] the int8 activations themselves (int8 head, AVX2) ... */
+    const int8_t *ax;   /* ... and their magnitudes |x| */
     const float *s;     /* [T] activation scales (int8 head) */
     size_t ldu;
     float *logits;      /* [T, V] */
     int T;
 } head_task;
-
-static void head_q8_scalar(const head_task *a, int v0, int v1);
 
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
 #include <immintrin.h>
@@ -591,28 +591,18 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void head_q8_vnni(
     }
 }
 
-/* AVX2 has no vpdpbusd, and u * e in vpmaddubsw would saturate: take x = u - 128 back (|x| <= 127,
- * |e| <= 127) and multiply |x| (unsigned) by e carrying x's sign, at most 2 * 127 * 127 per pair.
- * Sums are the signed x . e, so no row-sum correction. One row at a time: a single stream reads
- * faster here than four rows side by side. */
+/* AVX2 has no vpdpbusd, and u * e in vpmaddubsw would saturate: multiply |x| (unsigned) by e
+ * carrying x's sign, at most 2 * 127 * 127 per pair (|x|, |e| <= 127). Sums are the signed x . e, so
+ * no row-sum correction. x and |x| come made once per token by the caller. One row at a time: a
+ * single stream reads faster here than four rows side by side. */
 #define HEAD_PF 1024  /* software prefetch distance, bytes ahead in the row stream */
 __attribute__((target("avx2,fma"))) static void head_q8_avx2(const head_task *a, int v0, int v1) {
     const bn_model *m = a->m;
     const int8_t *E = (const int8_t *)m->head;
     int H = m->H, full = H / 32;
-    const __m256i bias = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
-    int8_t *xs = (int8_t *)aligned_alloc(32, (size_t)64 * (full + 1));  /* x, then |x|, whole 32s */
-    if (!xs) {
-        head_q8_scalar(a, v0, v1);
-        return;
-    }
+    const __m256i ones = _mm256_set1_epi16(1);
     for (int t = 0; t < a->T; t++) {
-        const uint8_t *u = a->u + (size_t)t * a->ldu;
-        for (int k = 0; k < full; k++) {
-            __m256i x = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(u + 32 * k)), bias);
-            _mm256_store_si256((__m256i *)(xs + 64 * k), x);
-            _mm256_store_si256((__m256i *)(xs + 64 * k + 32), _mm256_abs_epi8(x));
-        }
+        const int8_t *xt = a->x + (size_t)t * a->ldu, *axt = a->ax + (size_t)t * a->ldu;
         float inv = 1.0f / a->s[t];
         float *lg = a->logits + (size_t)t * m->V;
         for (int v = v0; v < v1; v++) {
@@ -621,19 +611,18 @@ __attribute__((target("avx2,fma"))) static void head_q8_avx2(const head_task *a,
             for (int k = 0; k < full; k++) {
                 if ((k & 1) == 0) _mm_prefetch((const char *)(e + 32 * k + HEAD_PF), _MM_HINT_T0);
                 __m256i w = _mm256_loadu_si256((const __m256i *)(e + 32 * k));
-                __m256i x = _mm256_load_si256((const __m256i *)(xs + 64 * k));
-                __m256i ax = _mm256_load_si256((const __m256i *)(xs + 64 * k + 32));
+                __m256i x = _mm256_loadu_si256((const __m256i *)(xt + 32 * k));
+                __m256i ax = _mm256_loadu_si256((const __m256i *)(axt + 32 * k));
                 c = _mm256_add_epi32(c, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w, x)), ones));
             }
             __m128i q = _mm_add_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
             q = _mm_hadd_epi32(q, q);
             q = _mm_hadd_epi32(q, q);
             int32_t acc = _mm_cvtsi128_si32(q);
-            for (int k = 32 * full; k < H; k++) acc += ((int32_t)u[k] - 128) * e[k];
+            for (int k = 32 * full; k < H; k++) acc += (int32_t)xt[k] * e[k];
             lg[v] = (float)acc * (m->head_scale[v] * inv);
         }
     }
-    free(xs);
 }
 #endif
 
@@ -701,8 +690,10 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
     size_t n_x = (size_t)T * H, n_xn = (size_t)T * wide, n_q8 = (size_t)T * kp, n_acc = (size_t)T * outs;
     size_t n_qkv = (size_t)T * (qn + 2 * kvn), n_att = (size_t)T * (qn > H ? qn : H), n_g = (size_t)T * I;
     size_t n_kvbuf = m->kv_f16 && T > 1 ? (size_t)attn_parts * 2 * (pos + T) * hd : 0;
-    size_t bytes = 4 * (n_x + n_xn + n_acc + n_qkv + n_att + 2 * n_g + 2 * (size_t)T + n_kvbuf) + n_q8 +
-                   4 * (size_t)attn_parts * group * m->max_len + 64 * 9;
+    int head_path = m->path < 0 ? i2v_best_path() : m->path;
+    size_t n_ax = m->head_kind == BN_Q8 && head_path == I2V_PATH_AVX2 ? (size_t)n_out * kpad(H) : 0;
+    size_t bytes = 4 * (n_x + n_xn + n_acc + n_qkv + n_att + 2 * n_g + 2 * (size_t)T + n_kvbuf) + n_q8 + n_ax +
+                   4 * (size_t)attn_parts * group * m->max_len + 64 * 10;
     char *buf = (char *)malloc(bytes);
     if (!buf) return -2;
     char *p = buf;
@@ -711,7 +702,7 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
     float *g = TAKE(float, n_g), *u = TAKE(float, n_g), *s = TAKE(float, T), *scores = TAKE(float, (size_t)attn_parts * group * m->max_len);
     float *kvbuf = n_kvbuf ? TAKE(float, n_kvbuf) : NULL;
     int32_t *acc = TAKE(int32_t, n_acc), *qsum = TAKE(int32_t, T);
-    int8_t *q8 = TAKE(int8_t, n_q8);
+    int8_t *q8 = TAKE(int8_t, n_q8), *ax = n_ax ? TAKE(int8_t, n_ax) : NULL;
 #undef TAKE
     int rc = 0;
     int64_t tlap = m->profiling ? now_ns() : 0;
@@ -800,7 +791,7 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
     if (!rc && logits && n_out > 0) {
         int t0 = T - n_out;
         for (int t = 0; t < n_out; t++) rmsnorm(m->dot, x + (size_t)(t0 + t) * H, m->final_norm, xn + (size_t)t * H, H, m->eps);
-        head_task ht = {m, xn, NULL, NULL, 0, logits, n_out};
+        head_task ht = {m, xn, NULL, NULL, NULL, NULL, 0, logits, n_out};
         if (m->head_kind == BN_Q6) {
             /* 6-bit rows (formats/q6.py) times per-token int8 activations, exact int32, then
              * logits = acc * row_scale / s */
@@ -823,12 +814,18 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
             return rc;
         }
         if (m->head_kind == BN_Q8) {
-            /* per-token int8 activations, shifted to unsigned for vpdpbusd; the shift is undone with
-             * the precomputed row sums */
+            /* per-token int8 activations: with |x| beside them for AVX2, else shifted to unsigned for
+             * vpdpbusd (the shift is undone with the precomputed row sums) */
             size_t ldu = kpad(H);
             if ((rc = i2v_quantize(xn, (size_t)H, n_out, H, q8, ldu, s, qsum, m->path)) == 0) {
-                for (size_t i = 0; i < (size_t)n_out * ldu; i++) ((uint8_t *)q8)[i] = (uint8_t)(q8[i] + 128);
-                ht.u = (const uint8_t *)q8;
+                if (ax) {
+                    for (size_t i = 0; i < n_ax; i++) ax[i] = (int8_t)(q8[i] < 0 ? -q8[i] : q8[i]);
+                    ht.x = q8;
+                    ht.ax = ax;
+                } else {
+                    for (size_t i = 0; i < (size_t)n_out * ldu; i++) ((uint8_t *)q8)[i] = (uint8_t)(q8[i] + 128);
+                    ht.u = (const uint8_t *)q8;
+                }
                 ht.s = s;
                 ht.ldu = ldu;
             }

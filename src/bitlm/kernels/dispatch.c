@@ -193,7 +193,6 @@ int i2v_gemm_multi(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int 
 
 int i2v_gemm(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int K, const uint8_t *w,
              int N, int32_t *y, size_t ldy, int path) {
-    if (N == 0 && M >= 0 && K >= 0) return checked_path(path, M, K, N, ldx, ldy) < 0 ? -1 : 0;
     return i2v_gemm_multi(x, ldx, xsum, M, K, 1, &w, &N, &y, &ldy, path);
 }
 
@@ -273,15 +272,26 @@ int i2v_q6_gemv(const uint8_t *w, int V, int H, const int8_t *x, size_t ldx, con
         }
         xsum = sums;
     }
-    q6_task t = {{w, V, H, x, ldx, xsum, M, out, ldo}, i2v_q6_scalar};
+    q6_task t = {{w, V, H, x, ldx, xsum, M, out, ldo, NULL}, i2v_q6_scalar};
+    int16_t *x16 = NULL;
 #if defined(__x86_64__) || defined(__i386__)
     if (i2v_path_has_avx512vnni(path) && cpu()->vbmi) t.fn = i2v_q6_avx512vbmi;
-    else if (path == I2V_PATH_AVX2 || i2v_path_has_avx512vnni(path)) t.fn = i2v_q6_avx2;
+    else if (path == I2V_PATH_AVX2 || i2v_path_has_avx512vnni(path)) {
+        t.fn = i2v_q6_avx2;  /* it multiplies int16 activations: widen them once, for every part */
+        if (!(x16 = (int16_t *)malloc((size_t)M * hp * sizeof(int16_t)))) {
+            free(sums);
+            return -2;
+        }
+        for (int m = 0; m < M; m++)
+            for (size_t k = 0; k < hp; k++) x16[(size_t)m * hp + k] = x[(size_t)m * ldx + k];
+        t.a.x16 = x16;
+    }
 #endif
     long work = (long)V * (long)(hp / 64) * M;  /* 48-byte groups */
     int threads = i2v_pool_threads();
     int parts = work < 4096 || threads == 1 ? 1 : PARTS_PER_THREAD * threads;
     i2v_pool_run(q6_part, &t, parts);
+    free(x16);
     free(sums);
     return 0;
 }

@@ -49,6 +49,7 @@ typedef struct {
     int M;
     int32_t *out;         /* [M, ldo >= V] */
     size_t ldo;
+    const int16_t *x16;   /* [M, 64 * ceil(H/64)] x widened to int16, made once for the AVX2 kernel */
 } i2v_q6_args;
 
 typedef void (*i2v_q6_fn)(const i2v_q6_args *a, int v0, int v1);  /* rows v0 .. v1-1 */
