@@ -54,6 +54,31 @@ def test_convert_then_map_equals_the_torch_model(tiny_model_dir, tmp_path, monke
     assert list((tmp_path / "cache" / "native").iterdir()) == files
 
 
+def test_file_span_finds_the_bytes_of_a_mapped_tensor(tmp_path):
+    import os
+    e = np.arange(40, dtype=np.uint16).reshape(8, 5)
+    st.write(tmp_path / "a.safetensors", {"first": np.ones(3, np.float32), "embed": ("BF16", e)}, {})
+    arrays, _ = st.open_arrays(tmp_path / "a.safetensors")
+    name, offset = st.file_span(arrays["embed"])
+    with open(name, "rb") as f:
+        assert np.frombuffer(os.pread(f.fileno(), e.nbytes, offset), np.uint16).tolist() == e.ravel().tolist()
+    assert st.file_span(np.array(arrays["embed"])) is None  # a copy is not file-backed
+
+
+def test_embedding_rows_read_from_the_file_equal_the_mapped_rows(tiny_model_dir, tmp_path, monkeypatch):
+    """A mapped model reads embedding rows with pread (they stay out of the resident set); the same
+    arrays copied into memory read them from the pointer. Same numbers, to the bit."""
+    from bitlm.engine.native import NativeModel
+    monkeypatch.setenv("BITLM_CACHE", str(tmp_path / "cache"))
+    nm = bitlm.load_native(tiny_model_dir, head="q8")
+    assert nm._embed_file is not None
+    mem = NativeModel(nm.config, {k: np.array(v) for k, v in nm.arrays.items()})
+    assert mem._embed_file is None
+    ids = np.random.default_rng(0).integers(0, nm.config.vocab_size, 21)
+    assert np.array_equal(nm.forward(ids, n_out=21), mem.forward(ids, n_out=21))
+    assert np.array_equal(nm.forward(ids[:1]), mem.forward(ids[:1]))
+
+
 def test_cache_key_follows_the_checkpoint(tiny_model_dir, tmp_path):
     import shutil
     from bitlm.io.native import cache_path

@@ -33,7 +33,7 @@ NORMS = ("input_layernorm", "post_attention_layernorm", "self_attn.attn_sub_norm
 PROJS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _F32, _BF16, _Q8, _Q6 = 0, 1, 2, 4
-_NI = 20  # bitnet.h: BN_NI
+_NI = 22  # bitnet.h: BN_NI
 KV_KINDS = {"f32": (np.float32, 0), "f16": (np.float16, 3)}  # bitnet.h BN_F32, BN_F16
 
 
@@ -174,6 +174,12 @@ class NativeModel:
         emb = arrays.get("embed")
         emb_kind = _F32 if emb is not None and emb.dtype == np.float32 else _BF16
         embed_ptr = get("embed", np.float32 if emb_kind == _F32 else np.uint16, (V, H))
+        # an embedding mapped from a file is read a row at a time with pread: the rows seen stay in the
+        # page cache, not in this process's resident memory (a long session touches thousands of rows)
+        from ..io.st import file_span
+        span = file_span(emb)
+        self._embed_file = open(span[0], "rb") if span else None
+        embed_fd = (self._embed_file.fileno(), span[1]) if span else (-1, 0)
         if self.head_format == "q6":
             from ..formats import q6
             head_ptrs = (get("head.q6", np.uint8, (V, q6.padded_cols(H) // q6.GROUP * q6.GROUP_BYTES)),
@@ -191,7 +197,7 @@ class NativeModel:
                 c.head_dim, V, self.max_len, 0 if c.hidden_act == "relu2" else 1, cos.ctypes.data, sin.ctypes.data,
                 get("final_norm", np.float32, (H,)), embed_ptr, emb_kind, head_kind, *head_ptrs,
                 _kernel_path(path),
-                KV_KINDS[kv][1]]
+                KV_KINDS[kv][1], *embed_fd]
         assert len(ints) == _NI
         scales = arrays["scales"]
         if scales.shape != (c.num_hidden_layers, len(PROJS)):
@@ -262,16 +268,23 @@ class NativeModel:
             end = start + chunk.shape[0]
             k = max(0, end - max(start, T - n_out))  # how many of this chunk's positions are wanted
             dst = out[n_out - (T - end) - k:n_out - (T - end)]
-            self.n.forward(self._handle, chunk.ctypes.data, chunk.shape[0], self.pos, dst.ctypes.data if k else 0, k, 0)
+            self._run(chunk, dst.ctypes.data if k else 0, k, 0)
             self.pos += chunk.shape[0]
         return out
+
+    def _run(self, tokens: np.ndarray, out_ptr: int, n_out: int, hidden: int) -> None:
+        try:
+            self.n.forward(self._handle, tokens.ctypes.data, tokens.shape[0], self.pos, out_ptr, n_out, hidden)
+        except OSError:
+            raise BitlmError(f"{self._embed_file.name}: an embedding row could not be read (was the file "
+                             "truncated or replaced while in use?); load the model again") from None
 
     def hidden(self, tokens) -> np.ndarray:
         """Final-norm hidden states float32 [T, hidden] (advances the cache like forward)."""
         t = self._tokens(tokens)
         out = np.empty((t.shape[0], self.config.hidden_size), dtype=np.float32)
         if t.shape[0]:
-            self.n.forward(self._handle, t.ctypes.data, t.shape[0], self.pos, out.ctypes.data, 0, 1)
+            self._run(t, out.ctypes.data, 0, 1)
             self.pos += t.shape[0]
         return out
 

@@ -6,11 +6,12 @@
  *
  * The float loops are compiled for several instruction sets (target_clones) and picked at load
  * time; the ternary products are the I2V kernels; the int8 head uses AVX-512 VNNI or AVX2 where present. */
-#define _POSIX_C_SOURCE 199309L /* clock_gettime under -std=c11 */
+#define _POSIX_C_SOURCE 200809L /* clock_gettime and pread under -std=c11 */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "bitnet.h"
 #include "i2v.h"
@@ -41,7 +42,8 @@ typedef struct {
 } bn_layer;
 
 struct bn_model {
-    int L, H, I, nh, nkv, hd, V, max_len, act, embed_kind, head_kind, path, kv_f16;
+    int L, H, I, nh, nkv, hd, V, max_len, act, embed_kind, head_kind, path, kv_f16, embed_fd;
+    int64_t embed_offset;
     float eps;
     const float *cos, *sin, *final_norm;
     const void *embed, *head;
@@ -109,6 +111,8 @@ bn_model *bn_model_new(const int64_t *ints, int nints, const double *flts, int n
     m->sin = PTR(const float *, ints[BN_I_ROPE_SIN]);
     m->final_norm = PTR(const float *, ints[BN_I_FINAL_NORM]);
     m->embed = PTR(const void *, ints[BN_I_EMBED]);
+    m->embed_fd = (int)ints[BN_I_EMBED_FD];
+    m->embed_offset = ints[BN_I_EMBED_OFFSET];
     m->head = PTR(const void *, ints[BN_I_HEAD]);
     m->head_scale = PTR(const float *, ints[BN_I_HEAD_SCALE]);
     m->head_rowsum = PTR(const int32_t *, ints[BN_I_HEAD_ROWSUM]);
@@ -116,7 +120,7 @@ bn_model *bn_model_new(const int64_t *ints, int nints, const double *flts, int n
         m->V <= 0 || m->max_len <= 0 || m->hd > 1024 || (ints[BN_I_KV_KIND] != BN_F32 && ints[BN_I_KV_KIND] != BN_F16) || m->act < 0 || m->act > 1 || m->embed_kind < 0 || m->embed_kind > 1 ||
         m->head_kind < 0 || m->head_kind > 4 || m->head_kind == BN_F16 ||
         (m->head_kind == BN_Q8 && (!m->head_scale || !m->head_rowsum)) || (m->head_kind == BN_Q6 && !m->head_scale) ||
-        !m->embed || !m->head || !m->cos || !m->sin || !m->final_norm) {
+        (!m->embed && m->embed_fd < 0) || m->embed_offset < 0 || !m->head || !m->cos || !m->sin || !m->final_norm) {
         free(m);
         return NULL;
     }
@@ -442,95 +446,92 @@ static void rope(float *v, const float *cos, const float *sin, int hd) {
 }
 
 /* ---- attention: one part = a range of (kv head, token) pairs ---------------------------------
- * The q heads that share a kv head (grouped-query attention) are done together. With an f16 cache,
- * a prefill part converts the keys and values its tokens of one kv head need once into its slice of
- * kvbuf; a decode step (one token) converts rows in small blocks as it goes. */
+ * The q heads that share a kv head (grouped-query attention) are done together, over the keys in
+ * blocks of ATT_BLK with an online softmax (a running maximum and sum per q row; the output rows are
+ * rescaled when the maximum grows). A block of keys and values is converted from f16 once per part
+ * and used by all of the part's tokens, so scratch is a block per part whatever the context length. */
+#define ATT_BLK 64
+
 typedef struct {
     const bn_model *m;
     const bn_layer *y;
     const float *q; /* [T, nh*hd] */
-    float *out;     /* [T, nh*hd] */
-    float *scores;  /* [nparts, group, max_len] */
-    float *kvbuf;   /* f16 cache and T > 1: [nparts, 2, pos + T, hd], else NULL */
+    float *out;     /* [T, nh*hd], accumulated in place */
+    float *stat;    /* [T, nh, 2]: running maximum and sum */
+    float *work;    /* [nparts, group * ATT_BLK + (f16 cache ? 2 * ATT_BLK * hd : 0)] */
+    size_t ldwork;
     int T, pos;
 } attn_task;
 
-#define KV_TMP 8192 /* floats of converted rows a decode step holds at a time (hd <= 1024) */
-
-/* rows j0 .. j0 + nb of a cache slice as float32: the slice itself, or converted into tmp */
-static const float *kv_rows(const bn_model *m, const void *slice, int f16, int j0, int nb, float *tmp) {
-    if (!f16) return (const float *)slice + (size_t)j0 * m->hd;
-    m->h2f((const uint16_t *)slice + (size_t)j0 * m->hd, tmp, nb * m->hd);
-    return tmp;
-}
-
-/* one (token, kv head) pair against keys K[0..n) and values V[0..n) (cache slices of rows of hd,
- * float16 if f16) */
-static void attend(const bn_model *m, const float *q, const void *K, const void *V, int f16, int n, float *sc,
-                   float *o) {
-    int group = m->nh / m->nkv, hd = m->hd;
-    float scale = 1.0f / sqrtf((float)hd), tmp[KV_TMP];
-    int blk = KV_TMP / hd;
-    for (int j0 = 0; j0 < n; j0 += blk) {
-        int nb = n - j0 < blk ? n - j0 : blk;
-        const float *k = kv_rows(m, K, f16, j0, nb, tmp);
-        for (int j = 0; j < nb; j++) m->dots(q, group, hd, k + (size_t)j * hd, scale, sc + j0 + j, (size_t)m->max_len);
-    }
-    for (int r = 0; r < group; r++) {
-        float *sr = sc + (size_t)r * m->max_len, mx = -INFINITY, sum = 0.0f;
-        for (int j = 0; j < n; j++) mx = sr[j] > mx ? sr[j] : mx;
-        for (int j = 0; j < n; j++) { /* below -104 expf is 0, reached through libm's slow underflow path */
-            float d = sr[j] - mx;
-            sum += (sr[j] = d < -104.0f ? 0.0f : expf(d));
+/* tokens ta .. tb (exclusive) of kv head kvh */
+static void attend_span(const attn_task *a, int kvh, int ta, int tb, float *work) {
+    const bn_model *m = a->m;
+    int group = m->nh / m->nkv, hd = m->hd, qn = m->nh * hd;
+    float scale = 1.0f / sqrtf((float)hd);
+    float *sc = work, *kb = work + (size_t)group * ATT_BLK, *vb = kb + (size_t)ATT_BLK * hd;
+    size_t base = (size_t)kvh * m->max_len * hd;
+    for (int t = ta; t < tb; t++) {
+        memset(a->out + (size_t)t * qn + (size_t)kvh * group * hd, 0, sizeof(float) * group * hd);
+        for (int r = 0; r < group; r++) {
+            a->stat[((size_t)t * m->nh + kvh * group + r) * 2] = -INFINITY;
+            a->stat[((size_t)t * m->nh + kvh * group + r) * 2 + 1] = 0.0f;
         }
-        float inv = 1.0f / sum;
-        for (int j = 0; j < n; j++) sr[j] *= inv;
     }
-    memset(o, 0, sizeof(float) * group * hd);
-    for (int j0 = 0; j0 < n; j0 += blk) {
-        int nb = n - j0 < blk ? n - j0 : blk;
-        const float *v = kv_rows(m, V, f16, j0, nb, tmp);
-        for (int j = 0; j < nb; j++)
-            for (int r = 0; r < group; r++)
-                axpy(o + (size_t)r * hd, sc[(size_t)r * m->max_len + j0 + j], v + (size_t)j * hd, hd);
+    int n_all = a->pos + tb; /* keys the last token sees */
+    for (int j0 = 0; j0 < n_all; j0 += ATT_BLK) {
+        int nb = n_all - j0 < ATT_BLK ? n_all - j0 : ATT_BLK;
+        const float *K, *V;
+        if (m->kv_f16) {
+            m->h2f((const uint16_t *)a->y->kc + base + (size_t)j0 * hd, kb, nb * hd);
+            m->h2f((const uint16_t *)a->y->vc + base + (size_t)j0 * hd, vb, nb * hd);
+            K = kb;
+            V = vb;
+        } else {
+            K = (const float *)a->y->kc + base + (size_t)j0 * hd;
+            V = (const float *)a->y->vc + base + (size_t)j0 * hd;
+        }
+        for (int t = ta; t < tb; t++) {
+            int n = a->pos + t + 1 - j0; /* keys 0 .. pos + t, of which this block holds n */
+            if (n <= 0) continue;
+            if (n > nb) n = nb;
+            size_t off = (size_t)t * qn + (size_t)kvh * group * hd; /* the group's q rows */
+            const float *q = a->q + off;
+            float *o = a->out + off, *st = a->stat + ((size_t)t * m->nh + kvh * group) * 2;
+            for (int j = 0; j < n; j++) m->dots(q, group, hd, K + (size_t)j * hd, scale, sc + j, ATT_BLK);
+            for (int r = 0; r < group; r++) {
+                float *sr = sc + (size_t)r * ATT_BLK, mx = st[2 * r], sum = 0.0f;
+                for (int j = 0; j < n; j++) mx = sr[j] > mx ? sr[j] : mx;
+                for (int j = 0; j < n; j++) { /* below -104 expf is 0, reached through libm's slow underflow path */
+                    float d = sr[j] - mx;
+                    sum += (sr[j] = d < -104.0f ? 0.0f : expf(d));
+                }
+                if (mx > st[2 * r]) { /* the maximum grew: rescale what is summed so far */
+                    float d = st[2 * r] - mx, c = d < -104.0f ? 0.0f : expf(d);
+                    st[2 * r + 1] *= c;
+                    for (int i = 0; i < hd; i++) o[(size_t)r * hd + i] *= c;
+                    st[2 * r] = mx;
+                }
+                st[2 * r + 1] += sum;
+            }
+            for (int j = 0; j < n; j++)
+                for (int r = 0; r < group; r++) axpy(o + (size_t)r * hd, sc[(size_t)r * ATT_BLK + j], V + (size_t)j * hd, hd);
+        }
     }
+    for (int t = ta; t < tb; t++)
+        for (int r = 0; r < group; r++) {
+            float inv = 1.0f / a->stat[((size_t)t * m->nh + kvh * group + r) * 2 + 1];
+            float *o = a->out + (size_t)t * qn + (size_t)(kvh * group + r) * hd;
+            for (int i = 0; i < hd; i++) o[i] *= inv;
+        }
 }
 
 static void attn_part(void *ctx, int part, int np) {
     const attn_task *a = (const attn_task *)ctx;
-    const bn_model *m = a->m;
-    int T = a->T, group = m->nh / m->nkv, hd = m->hd;
-    long total = (long)T * m->nkv, i0 = total * part / np, i1 = total * (part + 1) / np;
-    float *sc = a->scores + (size_t)part * group * m->max_len;
-    size_t cap = (size_t)(a->pos + T) * hd; /* rows of one kv head a part can need */
-    float *kv = a->kvbuf ? a->kvbuf + (size_t)part * 2 * cap : NULL;
-    int kv_head = -1;
-    for (long i = i0; i < i1; i++) {
-        int kvh = (int)(i / T), t = (int)(i % T);
-        int n = a->pos + t + 1; /* keys 0 .. pos + t */
-        size_t base = (size_t)kvh * m->max_len * hd;
-        const void *K, *V;
-        int f16 = m->kv_f16;
-        if (!f16) {
-            K = (const float *)a->y->kc + base;
-            V = (const float *)a->y->vc + base;
-        } else if (kv) {
-            if (kvh != kv_head) { /* the rows up to this part's last token of this kv head */
-                long last = i1 - 1 < (long)(kvh + 1) * T - 1 ? i1 - 1 : (long)(kvh + 1) * T - 1;
-                int rows = a->pos + (int)(last - (long)kvh * T) + 1;
-                m->h2f((const uint16_t *)a->y->kc + base, kv, rows * hd);
-                m->h2f((const uint16_t *)a->y->vc + base, kv + cap, rows * hd);
-                kv_head = kvh;
-            }
-            K = kv;
-            V = kv + cap;
-            f16 = 0;
-        } else {
-            K = (const uint16_t *)a->y->kc + base;
-            V = (const uint16_t *)a->y->vc + base;
-        }
-        size_t off = (size_t)t * m->nh * hd + (size_t)kvh * group * hd; /* the group's q rows */
-        attend(m, a->q + off, K, V, f16, n, sc, a->out + off);
+    long T = a->T, total = T * a->m->nkv, i0 = total * part / np, i1 = total * (part + 1) / np;
+    while (i0 < i1) { /* (kv head, token) pairs are kv-head-major: split at kv head boundaries */
+        long kvh = i0 / T, end = (kvh + 1) * T < i1 ? (kvh + 1) * T : i1;
+        attend_span(a, (int)kvh, (int)(i0 - kvh * T), (int)(end - kvh * T), a->work + (size_t)part * a->ldwork);
+        i0 = end;
     }
 }
 
@@ -689,30 +690,43 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
     if (outs < (size_t)wide) outs = (size_t)wide;
     size_t n_x = (size_t)T * H, n_xn = (size_t)T * wide, n_q8 = (size_t)T * kp, n_acc = (size_t)T * outs;
     size_t n_qkv = (size_t)T * (qn + 2 * kvn), n_att = (size_t)T * (qn > H ? qn : H), n_g = (size_t)T * I;
-    size_t n_kvbuf = m->kv_f16 && T > 1 ? (size_t)attn_parts * 2 * (pos + T) * hd : 0;
+    size_t ldwork = (size_t)group * ATT_BLK + (m->kv_f16 ? 2 * (size_t)ATT_BLK * hd : 0);
+    size_t n_work = (size_t)attn_parts * ldwork, n_stat = (size_t)T * m->nh * 2;
     int head_path = m->path < 0 ? i2v_best_path() : m->path;
     size_t n_ax = m->head_kind == BN_Q8 && head_path == I2V_PATH_AVX2 ? (size_t)n_out * kpad(H) : 0;
-    size_t bytes = 4 * (n_x + n_xn + n_acc + n_qkv + n_att + 2 * n_g + 2 * (size_t)T + n_kvbuf) + n_q8 + n_ax +
-                   4 * (size_t)attn_parts * group * m->max_len + 64 * 10;
+    size_t bytes = 4 * (n_x + n_xn + n_acc + n_qkv + n_att + 2 * n_g + 2 * (size_t)T + n_work + n_stat) + n_q8 + n_ax +
+                   64 * 11;
     char *buf = (char *)malloc(bytes);
     if (!buf) return -2;
     char *p = buf;
 #define TAKE(T_, n_) ((T_ *)(p = (char *)(((uintptr_t)(p) + 63) & ~(uintptr_t)63), p += (n_) * sizeof(T_), p - (n_) * sizeof(T_)))
     float *x = TAKE(float, n_x), *xn = TAKE(float, n_xn), *qkv = TAKE(float, n_qkv), *att = TAKE(float, n_att);
-    float *g = TAKE(float, n_g), *u = TAKE(float, n_g), *s = TAKE(float, T), *scores = TAKE(float, (size_t)attn_parts * group * m->max_len);
-    float *kvbuf = n_kvbuf ? TAKE(float, n_kvbuf) : NULL;
+    float *g = TAKE(float, n_g), *u = TAKE(float, n_g), *s = TAKE(float, T);
+    float *work = TAKE(float, n_work), *stat = TAKE(float, n_stat);
     int32_t *acc = TAKE(int32_t, n_acc), *qsum = TAKE(int32_t, T);
     int8_t *q8 = TAKE(int8_t, n_q8), *ax = n_ax ? TAKE(int8_t, n_ax) : NULL;
 #undef TAKE
     int rc = 0;
     int64_t tlap = m->profiling ? now_ns() : 0;
-    /* embedding */
-    for (int t = 0; t < T; t++) {
+    /* embedding: rows from the mapping, or read with pread (bf16 rows by way of xn, unused yet) */
+    for (int t = 0; t < T && !rc; t++) {
         float *xt = x + (size_t)t * H;
-        if (m->embed_kind == BN_F32)
-            memcpy(xt, (const float *)m->embed + (size_t)tokens[t] * H, sizeof(float) * H);
+        size_t row = (size_t)tokens[t] * H;
+        if (m->embed_fd >= 0) {
+            size_t n = (m->embed_kind == BN_F32 ? 4 : 2) * (size_t)H, got = 0;
+            char *dst = m->embed_kind == BN_F32 ? (char *)xt : (char *)xn;
+            while (got < n) {
+                ssize_t r = pread(m->embed_fd, dst + got, n - got, (off_t)(m->embed_offset + row * (n / H) + got));
+                if (r <= 0) break;
+                got += (size_t)r;
+            }
+            if (got < n) rc = -3;
+            else if (m->embed_kind == BN_BF16)
+                for (int i = 0; i < H; i++) xt[i] = bf16_to_f32(((const uint16_t *)dst)[i]);
+        } else if (m->embed_kind == BN_F32)
+            memcpy(xt, (const float *)m->embed + row, sizeof(float) * H);
         else
-            for (int i = 0; i < H; i++) xt[i] = bf16_to_f32(((const uint16_t *)m->embed)[(size_t)tokens[t] * H + i]);
+            for (int i = 0; i < H; i++) xt[i] = bf16_to_f32(((const uint16_t *)m->embed)[row + i]);
     }
     size_t ldqkv = (size_t)(qn + 2 * kvn);
     LAP(BN_PROF_EMBED);
@@ -748,7 +762,7 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
         /* gather q contiguously for the attention task */
         for (int t = 0; t < T; t++) memcpy(xn + (size_t)t * qn, qkv + (size_t)t * ldqkv, sizeof(float) * qn);
         LAP(BN_PROF_ROPE_KV);
-        attn_task at = {m, y, xn, att, scores, kvbuf, T, pos};
+        attn_task at = {m, y, xn, att, stat, work, ldwork, T, pos};
         i2v_pool_run(attn_part, &at, attn_parts);
         LAP(BN_PROF_ATTN);
         if ((rc = norm_quant(m, att, (size_t)qn, y->attn_sub_norm, qn, T, xn, q8, kpad(qn), s, qsum))) break;

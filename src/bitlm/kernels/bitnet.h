@@ -25,6 +25,9 @@ enum {
                                                      row scales and int32 [vocab] row sums */
     BN_I_PATH,                          /* kernel path, -1 = best */
     BN_I_KV_KIND,                       /* KV cache element: BN_F32 or BN_F16 */
+    BN_I_EMBED_FD, BN_I_EMBED_OFFSET,   /* -1, or a file descriptor to read embedding rows from with
+                                           pread, row 0 at byte BN_I_EMBED_OFFSET (the rows then stay
+                                           in the page cache instead of this process's resident set) */
     BN_NI
 };
 enum { BN_L_ATTN_NORM, BN_L_FFN_NORM, BN_L_ATTN_SUB_NORM, BN_L_FFN_SUB_NORM,
@@ -41,7 +44,8 @@ void bn_model_free(bn_model *m);
 
 /* Run T tokens at positions pos .. pos+T-1 (their keys and values are written to the cache);
  * logits float32 [n_out, vocab] of the last n_out positions (n_out in 0..T). Returns 0, -1 for bad
- * arguments (positions past max_len, token ids out of range), -2 when out of memory. */
+ * arguments (positions past max_len, token ids out of range), -2 when out of memory, -3 when an
+ * embedding row could not be read from BN_I_EMBED_FD. */
 int bn_forward(const bn_model *m, const int32_t *tokens, int T, int pos, float *logits, int n_out);
 
 /* Per-phase wall time, for the decode breakdown: phases BN_PROF_*, nanoseconds summed over calls

@@ -164,6 +164,7 @@ static PyObject *py_forward(PyObject *self, PyObject *const *args, Py_ssize_t na
         rc = bn_forward(m, PTR(const int32_t *, a[1]), (int)a[2], (int)a[3], PTR(float *, a[4]), (int)a[5]);
     Py_END_ALLOW_THREADS
     if (rc == -1) return PyErr_Format(PyExc_ValueError, "bn_forward: positions past the cache or token ids out of range");
+    if (rc == -3) return PyErr_Format(PyExc_OSError, "bn_forward: an embedding row could not be read from its file");
     if (rc) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
