@@ -52,6 +52,17 @@ def test_prefill_and_decode_equal_the_reference(model, n):
     assert nm.pos == n
 
 
+def test_rope_tables_filled_as_positions_are_reached(model):
+    nm = native.NativeModel.from_model(model, head="f32", max_len=64, kv="f32")
+    nm.rope_chunk = 5  # a fill per few positions, in the middle of prefills and decode steps
+    ids = torch.randint(0, model.config.vocab_size, (1, 23))
+    with torch.no_grad():
+        ref = model(ids)[0].numpy()
+    got = [nm.forward(ids[0, :12].numpy(), n_out=12)] + [nm.forward(ids[0, i:i + 1].numpy()) for i in range(12, 23)]
+    assert rel(np.concatenate(got), ref) < 1e-5
+    assert nm._rope_filled == 25 and not nm._rope[0][25:].any()  # the rest of the mapping untouched
+
+
 def test_fp16_kv_cache_equals_a_reference_that_rounds_its_cache(model):
     """The torch model with its cached keys and values rounded to float16 is the reference."""
     from bitlm.model import KVCache

@@ -101,11 +101,12 @@ def arrays_from_model(model, head_format: str = "q8") -> dict[str, np.ndarray]:
     return a
 
 
-def rope_tables(head_dim: int, theta: float, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin float32 [max_len, head_dim], rotate-half convention (model.rope_tables without torch)."""
+def rope_tables(head_dim: int, theta: float, max_len: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin float32 [max_len - start, head_dim] for positions start .. max_len - 1, rotate-half
+    convention (model.rope_tables without torch)."""
     exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
     inv_freq = (np.float32(1.0) / np.power(np.float32(theta), exponent)).astype(np.float32)
-    freqs = np.arange(max_len, dtype=np.float32)[:, None] * inv_freq[None, :]
+    freqs = np.arange(start, max_len, dtype=np.float32)[:, None] * inv_freq[None, :]
     emb = np.concatenate([freqs, freqs], axis=-1)
     return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
 
@@ -150,7 +151,7 @@ class NativeModel:
         self.arrays = arrays  # the C side points into these: they live as long as the model
         self.max_len = min(max_len or c.max_position_embeddings, c.max_position_embeddings)
         self.pos = 0
-        self.ubatch = 64  # prompt tokens per C forward: bounds its scratch (~12 MB at 2B4T)
+        self.ubatch = 48  # prompt tokens per C forward (8 register tiles of 6): bounds its scratch (~6 MB at 2B4T)
         self.tokenizer = None
         if "head.q6" in arrays:
             self.head_format = "q6"
@@ -192,7 +193,12 @@ class NativeModel:
         else:
             head_kind = _F32 if self.head_format == "f32" else _BF16
             head_ptrs = (get("head", np.float32 if head_kind == _F32 else np.uint16, (V, H)), 0, 0)
-        cos, sin = self._rope = rope_tables(c.head_dim, c.rope_theta, self.max_len)
+        # RoPE tables for every position, filled as positions are reached (_tokens): untouched pages of
+        # the mapping cost no memory (4 MB at 4,096 positions of the 2B4T shape)
+        self._rope_map, (cos, sin) = _zeros_small_pages(2, (self.max_len, c.head_dim), np.float32)
+        self._rope = (cos, sin)
+        self._rope_filled = 0
+        self.rope_chunk = 256  # positions filled at a time
         ints = [c.num_hidden_layers, H, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads,
                 c.head_dim, V, self.max_len, 0 if c.hidden_act == "relu2" else 1, cos.ctypes.data, sin.ctypes.data,
                 get("final_norm", np.float32, (H,)), embed_ptr, emb_kind, head_kind, *head_ptrs,
@@ -252,6 +258,13 @@ class NativeModel:
                              f"{self.max_len}; shorten the prompt or lower max_new_tokens")
         if t.shape[0] and (t.min() < 0 or t.max() >= self.config.vocab_size):
             raise BitlmError(f"token id out of range [0, {self.config.vocab_size})")
+        if self.pos + t.shape[0] > self._rope_filled:
+            end = min(self.max_len, -(-(self.pos + t.shape[0]) // self.rope_chunk) * self.rope_chunk)
+            c = self.config
+            cos, sin = rope_tables(c.head_dim, c.rope_theta, end, start=self._rope_filled)
+            self._rope[0][self._rope_filled:end] = cos
+            self._rope[1][self._rope_filled:end] = sin
+            self._rope_filled = end
         return t
 
     def forward(self, tokens, n_out: int = 1) -> np.ndarray:

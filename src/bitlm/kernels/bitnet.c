@@ -368,32 +368,37 @@ static float bf16_to_f32(uint16_t v) {
     return f;
 }
 
+/* p[j] = (float)(int32 bits of p[j]) * f, in place (memcpy: the same bytes read as one type and
+ * written as the other without breaking aliasing rules) */
+VEC static void int_to_float_scaled(float *p, int n, float f) {
+    for (int j = 0; j < n; j++) {
+        int32_t v;
+        memcpy(&v, p + j, 4);
+        p[j] = (float)v * f;
+    }
+}
+
 /* ---- ternary projection: y[t, :] = (q[t] . W^T) * (scale / s[t]) ---------------------------- */
 /* projections of one quantized input in one pool run (i2v_gemm_multi), each dequantized with its
- * weight scale: y_i = acc_i * (scale_i / s), float32 as the reference. acc holds T * sum(N) int32. */
+ * weight scale: y_i = acc_i * (scale_i / s), float32 as the reference. The int32 sums are written
+ * into y_i itself and turned into floats in place (same size), so no second buffer is needed. */
 static int project(const bn_model *m, int n, const bn_linear *const *ps, const int8_t *q, size_t ldq,
-                   const float *s, const int32_t *qsum, int T, int32_t *acc, float *const *ys, const size_t *ldys) {
+                   const float *s, const int32_t *qsum, int T, float *const *ys, const size_t *ldys) {
     const uint8_t *w[I2V_MAX_MATS];
     int N[I2V_MAX_MATS];
     int32_t *y[I2V_MAX_MATS];
     size_t ldy[I2V_MAX_MATS];
-    int32_t *a = acc;
     for (int i = 0; i < n; i++) {
         w[i] = ps[i]->w;
         N[i] = ps[i]->N;
-        y[i] = a;
-        ldy[i] = (size_t)N[i];
-        a += (size_t)T * N[i];
+        y[i] = (int32_t *)(void *)ys[i];
+        ldy[i] = ldys[i];
     }
     int rc = i2v_gemm_multi(q, ldq, qsum, T, ps[0]->K, n, w, N, y, ldy, m->path);
     if (rc) return rc;
     for (int i = 0; i < n; i++)
-        for (int t = 0; t < T; t++) {
-            float f = ps[i]->scale / s[t];
-            const int32_t *at = y[i] + (size_t)t * N[i];
-            float *yt = ys[i] + (size_t)t * ldys[i];
-            for (int j = 0; j < N[i]; j++) yt[j] = (float)at[j] * f;
-        }
+        for (int t = 0; t < T; t++)
+            int_to_float_scaled(ys[i] + (size_t)t * ldys[i], N[i], ps[i]->scale / s[t]);
     return 0;
 }
 
@@ -686,15 +691,13 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
     int group = m->nh / m->nkv;
     int attn_parts = T * m->nkv < 4 * threads ? T * m->nkv : 4 * threads;
     /* scratch, one allocation */
-    size_t outs = (size_t)(qn + 2 * kvn) > 2 * (size_t)I ? (size_t)(qn + 2 * kvn) : 2 * (size_t)I; /* fused outputs */
-    if (outs < (size_t)wide) outs = (size_t)wide;
-    size_t n_x = (size_t)T * H, n_xn = (size_t)T * wide, n_q8 = (size_t)T * kp, n_acc = (size_t)T * outs;
+    size_t n_x = (size_t)T * H, n_xn = (size_t)T * wide, n_q8 = (size_t)T * kp;
     size_t n_qkv = (size_t)T * (qn + 2 * kvn), n_att = (size_t)T * (qn > H ? qn : H), n_g = (size_t)T * I;
     size_t ldwork = (size_t)group * ATT_BLK + (m->kv_f16 ? 2 * (size_t)ATT_BLK * hd : 0);
     size_t n_work = (size_t)attn_parts * ldwork, n_stat = (size_t)T * m->nh * 2;
     int head_path = m->path < 0 ? i2v_best_path() : m->path;
     size_t n_ax = m->head_kind == BN_Q8 && head_path == I2V_PATH_AVX2 ? (size_t)n_out * kpad(H) : 0;
-    size_t bytes = 4 * (n_x + n_xn + n_acc + n_qkv + n_att + 2 * n_g + 2 * (size_t)T + n_work + n_stat) + n_q8 + n_ax +
+    size_t bytes = 4 * (n_x + n_xn + n_qkv + n_att + 2 * n_g + 2 * (size_t)T + n_work + n_stat) + n_q8 + n_ax +
                    64 * 11;
     char *buf = (char *)malloc(bytes);
     if (!buf) return -2;
@@ -703,7 +706,7 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
     float *x = TAKE(float, n_x), *xn = TAKE(float, n_xn), *qkv = TAKE(float, n_qkv), *att = TAKE(float, n_att);
     float *g = TAKE(float, n_g), *u = TAKE(float, n_g), *s = TAKE(float, T);
     float *work = TAKE(float, n_work), *stat = TAKE(float, n_stat);
-    int32_t *acc = TAKE(int32_t, n_acc), *qsum = TAKE(int32_t, T);
+    int32_t *qsum = TAKE(int32_t, T);
     int8_t *q8 = TAKE(int8_t, n_q8), *ax = n_ax ? TAKE(int8_t, n_ax) : NULL;
 #undef TAKE
     int rc = 0;
@@ -739,7 +742,7 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
             const bn_linear *ps[3] = {&y->proj[P_Q], &y->proj[P_K], &y->proj[P_V]};
             float *ys[3] = {qkv, qkv + qn, qkv + qn + kvn};
             size_t ld[3] = {ldqkv, ldqkv, ldqkv};
-            if ((rc = project(m, 3, ps, q8, kpad(H), s, qsum, T, acc, ys, ld))) break;
+            if ((rc = project(m, 3, ps, q8, kpad(H), s, qsum, T, ys, ld))) break;
         }
         LAP(BN_PROF_QKV);
         for (int t = 0; t < T; t++) {
@@ -771,7 +774,7 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
             const bn_linear *ps[1] = {&y->proj[P_O]};
             float *ys[1] = {att};
             size_t ld[1] = {(size_t)H};
-            if ((rc = project(m, 1, ps, q8, kpad(qn), s, qsum, T, acc, ys, ld))) break;
+            if ((rc = project(m, 1, ps, q8, kpad(qn), s, qsum, T, ys, ld))) break;
         }
         LAP(BN_PROF_O);
         for (size_t i = 0; i < n_x; i++) x[i] += att[i];
@@ -783,7 +786,7 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
             const bn_linear *ps[2] = {&y->proj[P_GATE], &y->proj[P_UP]};
             float *ys[2] = {g, u};
             size_t ld[2] = {(size_t)I, (size_t)I};
-            if ((rc = project(m, 2, ps, q8, kpad(H), s, qsum, T, acc, ys, ld))) break;
+            if ((rc = project(m, 2, ps, q8, kpad(H), s, qsum, T, ys, ld))) break;
         }
         LAP(BN_PROF_GATE_UP);
         gate_act(g, u, n_g, m->act);
@@ -794,7 +797,7 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
             const bn_linear *ps[1] = {&y->proj[P_DOWN]};
             float *ys[1] = {att};
             size_t ld[1] = {(size_t)H};
-            if ((rc = project(m, 1, ps, q8, kpad(I), s, qsum, T, acc, ys, ld))) break;
+            if ((rc = project(m, 1, ps, q8, kpad(I), s, qsum, T, ys, ld))) break;
         }
         LAP(BN_PROF_DOWN);
         for (size_t i = 0; i < n_x; i++) x[i] += att[i];
