@@ -25,8 +25,13 @@
 typedef float (*dot_fn)(const float *, const float *, int);
 /* out[r * ldo] = scale * (q_r . k) for the nq rows q_r = q + r * n (the q heads of one kv head) */
 typedef void (*dots_fn)(const float *q, int nq, int n, const float *k, float scale, float *out, size_t ldo);
+/* softmax numerators in place, s[j] = exp(s[j] - mx) for j < n; returns their sum */
+typedef float (*expsum_fn)(float *s, int n, float mx);
+/* o_r += sum over j < n of p[r * ldp + j] * v_j, for the nq rows o_r = o + r * hd and v_j = v + j * hd */
+typedef void (*pv_fn)(float *o, int nq, int hd, const float *p, size_t ldp, const float *v, int n);
 static dot_fn pick_dot(int path);
 static dots_fn pick_dots(int path);
+static void pick_attn(int path, expsum_fn *expsum, pv_fn *pv);
 static void pick_cvt(int path, void (**h2f)(const void *, void *, int), void (**f2h)(const void *, void *, int));
 
 typedef struct {
@@ -52,6 +57,8 @@ struct bn_model {
     bn_layer *layers;
     dot_fn dot;
     dots_fn dots;
+    expsum_fn expsum;
+    pv_fn pv;
     void (*h2f)(const void *, void *, int);
     void (*f2h)(const void *, void *, int);
     int profiling;
@@ -106,6 +113,7 @@ bn_model *bn_model_new(const int64_t *ints, int nints, const double *flts, int n
     m->eps = (float)flts[0];
     m->dot = pick_dot(m->path < 0 ? i2v_best_path() : m->path);
     m->dots = pick_dots(m->path < 0 ? i2v_best_path() : m->path);
+    pick_attn(m->path < 0 ? i2v_best_path() : m->path, &m->expsum, &m->pv);
     pick_cvt(m->path < 0 ? i2v_best_path() : m->path, &m->h2f, &m->f2h);
     m->cos = PTR(const float *, ints[BN_I_ROPE_COS]);
     m->sin = PTR(const float *, ints[BN_I_ROPE_SIN]);
@@ -333,6 +341,115 @@ VEC static void axpy(float *y, float a, const float *x, int n) {
     for (int i = 0; i < n; i++) y[i] += a * x[i];
 }
 
+static float expsum_scalar(float *s, int n, float mx) {
+    float sum = 0.0f;
+    for (int j = 0; j < n; j++) { /* below -104 expf is 0, reached through libm's slow underflow path */
+        float d = s[j] - mx;
+        sum += (s[j] = d < -104.0f ? 0.0f : expf(d));
+    }
+    return sum;
+}
+
+static void pv_scalar(float *o, int nq, int hd, const float *p, size_t ldp, const float *v, int n) {
+    for (int j = 0; j < n; j++)
+        for (int r = 0; r < nq; r++) axpy(o + (size_t)r * hd, p[(size_t)r * ldp + j], v + (size_t)j * hd, hd);
+}
+
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+/* exp(x) for x <= 0: Cephes' expf (x = n ln 2 + r, |r| <= ln 2 / 2, a degree-7 polynomial in r, then
+ * 2^n into the exponent), within 2 ulp of expf; 0 below -87.3 where the result would be subnormal */
+__attribute__((target("avx2,fma"))) static inline __m256 exp_nonpos_avx2(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.33654f);
+    __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lo);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
+
+__attribute__((target("avx2,fma"))) static float expsum_avx2(float *s, int n, float mx) {
+    __m256 m8 = _mm256_set1_ps(mx), acc = _mm256_setzero_ps();
+    int j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256 e = exp_nonpos_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + j), m8));
+        _mm256_storeu_ps(s + j, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h) + expsum_scalar(s + j, n - j, mx);
+}
+
+/* four rows of o by 16 columns in registers while the n rows of v stream past: the outputs are
+ * loaded and stored once per block of keys instead of once per key */
+__attribute__((target("avx2,fma"))) static void pv_avx2(float *o, int nq, int hd, const float *p, size_t ldp,
+                                                        const float *v, int n) {
+    int h16 = hd & ~15;
+    for (int r0 = 0; r0 < nq; r0 += 4) {
+        int nr = nq - r0 < 4 ? nq - r0 : 4;
+        /* short groups repeat their first row: the repeats compute and store the same values */
+        const float *p0 = p + (size_t)r0 * ldp, *p1 = p0 + (nr > 1 ? ldp : 0), *p2 = p0 + (nr > 2 ? 2 * ldp : 0),
+                    *p3 = p0 + (nr > 3 ? 3 * ldp : 0);
+        float *o0 = o + (size_t)r0 * hd, *o1 = o0 + (nr > 1 ? hd : 0), *o2 = o0 + (nr > 2 ? 2 * hd : 0),
+              *o3 = o0 + (nr > 3 ? 3 * hd : 0);
+        for (int c = 0; c < h16; c += 16) {
+            __m256 a0 = _mm256_loadu_ps(o0 + c), a1 = _mm256_loadu_ps(o0 + c + 8);
+            __m256 b0 = _mm256_loadu_ps(o1 + c), b1 = _mm256_loadu_ps(o1 + c + 8);
+            __m256 c0 = _mm256_loadu_ps(o2 + c), c1 = _mm256_loadu_ps(o2 + c + 8);
+            __m256 d0 = _mm256_loadu_ps(o3 + c), d1 = _mm256_loadu_ps(o3 + c + 8);
+            for (int j = 0; j < n; j++) {
+                const float *vj = v + (size_t)j * hd + c;
+                __m256 v0 = _mm256_loadu_ps(vj), v1 = _mm256_loadu_ps(vj + 8), w;
+                w = _mm256_broadcast_ss(p0 + j);
+                a0 = _mm256_fmadd_ps(w, v0, a0);
+                a1 = _mm256_fmadd_ps(w, v1, a1);
+                w = _mm256_broadcast_ss(p1 + j);
+                b0 = _mm256_fmadd_ps(w, v0, b0);
+                b1 = _mm256_fmadd_ps(w, v1, b1);
+                w = _mm256_broadcast_ss(p2 + j);
+                c0 = _mm256_fmadd_ps(w, v0, c0);
+                c1 = _mm256_fmadd_ps(w, v1, c1);
+                w = _mm256_broadcast_ss(p3 + j);
+                d0 = _mm256_fmadd_ps(w, v0, d0);
+                d1 = _mm256_fmadd_ps(w, v1, d1);
+            }
+            _mm256_storeu_ps(o3 + c, d0), _mm256_storeu_ps(o3 + c + 8, d1);
+            _mm256_storeu_ps(o2 + c, c0), _mm256_storeu_ps(o2 + c + 8, c1);
+            _mm256_storeu_ps(o1 + c, b0), _mm256_storeu_ps(o1 + c + 8, b1);
+            _mm256_storeu_ps(o0 + c, a0), _mm256_storeu_ps(o0 + c + 8, a1);
+        }
+        for (int r = 0; r < nr; r++)
+            for (int c = h16; c < hd; c++) {
+                float t = o[(size_t)(r0 + r) * hd + c];
+                for (int j = 0; j < n; j++) t += p[(size_t)(r0 + r) * ldp + j] * v[(size_t)j * hd + c];
+                o[(size_t)(r0 + r) * hd + c] = t;
+            }
+    }
+}
+#endif
+
+static void pick_attn(int path, expsum_fn *expsum, pv_fn *pv) {
+    *expsum = expsum_scalar;
+    *pv = pv_scalar;
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+    if (path == I2V_PATH_AVX2 || i2v_path_has_avx512vnni(path)) { /* AVX-512 CPUs have AVX2 */
+        *expsum = expsum_avx2;
+        *pv = pv_avx2;
+    }
+#endif
+}
+
 /* g = act(g) * u. relu2 clears negative inputs with their sign bit, so the loop has no branch (the
  * compilers leave a float compare-and-select as a branch, mispredicted on half the elements) */
 VEC static void gate_act(float *restrict g, const float *restrict u, size_t n, int act) {
@@ -504,12 +621,9 @@ static void attend_span(const attn_task *a, int kvh, int ta, int tb, float *work
             float *o = a->out + off, *st = a->stat + ((size_t)t * m->nh + kvh * group) * 2;
             for (int j = 0; j < n; j++) m->dots(q, group, hd, K + (size_t)j * hd, scale, sc + j, ATT_BLK);
             for (int r = 0; r < group; r++) {
-                float *sr = sc + (size_t)r * ATT_BLK, mx = st[2 * r], sum = 0.0f;
+                float *sr = sc + (size_t)r * ATT_BLK, mx = st[2 * r];
                 for (int j = 0; j < n; j++) mx = sr[j] > mx ? sr[j] : mx;
-                for (int j = 0; j < n; j++) { /* below -104 expf is 0, reached through libm's slow underflow path */
-                    float d = sr[j] - mx;
-                    sum += (sr[j] = d < -104.0f ? 0.0f : expf(d));
-                }
+                float sum = m->expsum(sr, n, mx);
                 if (mx > st[2 * r]) { /* the maximum grew: rescale what is summed so far */
                     float d = st[2 * r] - mx, c = d < -104.0f ? 0.0f : expf(d);
                     st[2 * r + 1] *= c;
@@ -518,8 +632,7 @@ static void attend_span(const attn_task *a, int kvh, int ta, int tb, float *work
                 }
                 st[2 * r + 1] += sum;
             }
-            for (int j = 0; j < n; j++)
-                for (int r = 0; r < group; r++) axpy(o + (size_t)r * hd, sc[(size_t)r * ATT_BLK + j], V + (size_t)j * hd, hd);
+            m->pv(o, group, hd, sc, ATT_BLK, V, n);
         }
     }
     for (int t = ta; t < tb; t++)
