@@ -7,10 +7,12 @@
  * The float loops are compiled for several instruction sets (target_clones) and picked at load
  * time; the ternary products are the I2V kernels; the int8 head uses AVX-512 VNNI or AVX2 where present. */
 #define _POSIX_C_SOURCE 200809L /* clock_gettime and pread under -std=c11 */
+#define _DEFAULT_SOURCE           /* MAP_ANONYMOUS, madvise */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include "bitnet.h"
@@ -63,7 +65,31 @@ struct bn_model {
     void (*f2h)(const void *, void *, int);
     int profiling;
     int64_t prof[BN_NPROF];
+    char *scratch; /* the forward's scratch, kept between calls (grown when a call needs more) */
+    size_t scratch_bytes;
 };
+
+/* A private anonymous mapping on ordinary pages: resident only where it is written, returned to
+ * the system when it is replaced, no malloc heap left holding freed megabytes, no page faults on
+ * every call. */
+static char *scratch_for(bn_model *m, size_t bytes) {
+    if (bytes <= m->scratch_bytes) return m->scratch;
+    if (m->scratch) munmap(m->scratch, m->scratch_bytes);
+    size_t page = 1 << 16;
+    bytes = (bytes + page - 1) / page * page;
+    void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) {
+        m->scratch = NULL;
+        m->scratch_bytes = 0;
+        return NULL;
+    }
+#ifdef MADV_NOHUGEPAGE
+    madvise(p, bytes, MADV_NOHUGEPAGE); /* a huge page would make 2 MB resident for each touch */
+#endif
+    m->scratch = (char *)p;
+    m->scratch_bytes = bytes;
+    return m->scratch;
+}
 
 static int64_t now_ns(void) {
     struct timespec ts;
@@ -160,6 +186,7 @@ bn_model *bn_model_new(const int64_t *ints, int nints, const double *flts, int n
 
 void bn_model_free(bn_model *m) {
     if (!m) return;
+    if (m->scratch) munmap(m->scratch, m->scratch_bytes);
     free(m->layers);
     free(m);
 }
@@ -577,7 +604,8 @@ static void rope(float *v, const float *cos, const float *sin, int hd) {
 typedef struct {
     const bn_model *m;
     const bn_layer *y;
-    const float *q; /* [T, nh*hd] */
+    const float *q; /* [T, ldq]: the q heads first in each row */
+    size_t ldq;
     float *out;     /* [T, nh*hd], accumulated in place */
     float *stat;    /* [T, nh, 2]: running maximum and sum */
     float *work;    /* [nparts, group * ATT_BLK + (f16 cache ? 2 * ATT_BLK * hd : 0)] */
@@ -616,9 +644,9 @@ static void attend_span(const attn_task *a, int kvh, int ta, int tb, float *work
             int n = a->pos + t + 1 - j0; /* keys 0 .. pos + t, of which this block holds n */
             if (n <= 0) continue;
             if (n > nb) n = nb;
-            size_t off = (size_t)t * qn + (size_t)kvh * group * hd; /* the group's q rows */
-            const float *q = a->q + off;
-            float *o = a->out + off, *st = a->stat + ((size_t)t * m->nh + kvh * group) * 2;
+            size_t off = (size_t)kvh * group * hd; /* the group's q rows */
+            const float *q = a->q + (size_t)t * a->ldq + off;
+            float *o = a->out + (size_t)t * qn + off, *st = a->stat + ((size_t)t * m->nh + kvh * group) * 2;
             for (int j = 0; j < n; j++) m->dots(q, group, hd, K + (size_t)j * hd, scale, sc + j, ATT_BLK);
             for (int r = 0; r < group; r++) {
                 float *sr = sc + (size_t)r * ATT_BLK, mx = st[2 * r];
@@ -804,20 +832,23 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
     int group = m->nh / m->nkv;
     int attn_parts = T * m->nkv < 4 * threads ? T * m->nkv : 4 * threads;
     /* scratch, one allocation */
-    size_t n_x = (size_t)T * H, n_xn = (size_t)T * wide, n_q8 = (size_t)T * kp;
-    size_t n_qkv = (size_t)T * (qn + 2 * kvn), n_att = (size_t)T * (qn > H ? qn : H), n_g = (size_t)T * I;
+    size_t ld6 = (size_t)((H + 63) / 64) * 64; /* the 6-bit head's activation rows */
+    size_t n_x = (size_t)T * H, n_xn = (size_t)T * (wide > qn + 2 * kvn ? wide : qn + 2 * kvn), n_q8 = (size_t)T * (kp > ld6 ? kp : ld6);
+    size_t n_att = (size_t)T * (qn > H ? qn : H), n_g = (size_t)T * I;
     size_t ldwork = (size_t)group * ATT_BLK + (m->kv_f16 ? 2 * (size_t)ATT_BLK * hd : 0);
     size_t n_work = (size_t)attn_parts * ldwork, n_stat = (size_t)T * m->nh * 2;
     int head_path = m->path < 0 ? i2v_best_path() : m->path;
     size_t n_ax = m->head_kind == BN_Q8 && head_path == I2V_PATH_AVX2 ? (size_t)n_out * kpad(H) : 0;
-    size_t bytes = 4 * (n_x + n_xn + n_qkv + n_att + 2 * n_g + 2 * (size_t)T + n_work + n_stat) + n_q8 + n_ax +
+    size_t bytes = 4 * (n_x + n_xn + n_att + n_g + 2 * (size_t)T + n_work + n_stat) + n_q8 + n_ax +
                    64 * 11;
-    char *buf = (char *)malloc(bytes);
+    char *buf = scratch_for((bn_model *)m, bytes);
     if (!buf) return -2;
     char *p = buf;
 #define TAKE(T_, n_) ((T_ *)(p = (char *)(((uintptr_t)(p) + 63) & ~(uintptr_t)63), p += (n_) * sizeof(T_), p - (n_) * sizeof(T_)))
-    float *x = TAKE(float, n_x), *xn = TAKE(float, n_xn), *qkv = TAKE(float, n_qkv), *att = TAKE(float, n_att);
-    float *g = TAKE(float, n_g), *u = TAKE(float, n_g), *s = TAKE(float, T);
+    /* xn holds each norm's output only until it is quantized into q8; then it takes q|k|v (attention
+     * reads q from it in place) and the up projection */
+    float *x = TAKE(float, n_x), *xn = TAKE(float, n_xn), *att = TAKE(float, n_att);
+    float *g = TAKE(float, n_g), *s = TAKE(float, T), *qkv = xn, *u = xn;
     float *work = TAKE(float, n_work), *stat = TAKE(float, n_stat);
     int32_t *qsum = TAKE(int32_t, T);
     int8_t *q8 = TAKE(int8_t, n_q8), *ax = n_ax ? TAKE(int8_t, n_ax) : NULL;
@@ -875,10 +906,8 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
                 }
             }
         }
-        /* gather q contiguously for the attention task */
-        for (int t = 0; t < T; t++) memcpy(xn + (size_t)t * qn, qkv + (size_t)t * ldqkv, sizeof(float) * qn);
         LAP(BN_PROF_ROPE_KV);
-        attn_task at = {m, y, xn, att, stat, work, ldwork, T, pos};
+        attn_task at = {m, y, qkv, ldqkv, att, stat, work, ldwork, T, pos};
         i2v_pool_run(attn_part, &at, attn_parts);
         LAP(BN_PROF_ATTN);
         if ((rc = norm_quant(m, att, (size_t)qn, y->attn_sub_norm, qn, T, xn, q8, kpad(qn), s, qsum))) break;
@@ -924,23 +953,21 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
         head_task ht = {m, xn, NULL, NULL, NULL, NULL, 0, logits, n_out};
         if (m->head_kind == BN_Q6) {
             /* 6-bit rows (formats/q6.py) times per-token int8 activations, exact int32, then
-             * logits = acc * row_scale / s */
-            size_t ldu = (size_t)((H + 63) / 64) * 64;
-            int8_t *u = (int8_t *)malloc((size_t)n_out * ldu + (size_t)n_out * m->V * 4);
-            if (!u) rc = -2;
-            int32_t *acc6 = u ? (int32_t *)(u + (size_t)n_out * ldu) : NULL;
-            if (!rc && !(rc = i2v_quantize(xn, (size_t)H, n_out, H, u, ldu, s, qsum, m->path)) &&
-                !(rc = i2v_q6_gemv((const uint8_t *)m->head, m->V, H, u, ldu, qsum, n_out, acc6, (size_t)m->V, m->path))) {
+             * logits = acc * row_scale / s (the int32 sums are written into the logits themselves,
+             * then converted in place) */
+            int32_t *acc6 = (int32_t *)(void *)logits;
+            if (!(rc = i2v_quantize(xn, (size_t)H, n_out, H, q8, ld6, s, qsum, m->path)) &&
+                !(rc = i2v_q6_gemv((const uint8_t *)m->head, m->V, H, q8, ld6, qsum, n_out, acc6, (size_t)m->V, m->path))) {
                 for (int t = 0; t < n_out; t++) {
-                    float inv = 1.0f / s[t];
-                    const int32_t *a6 = acc6 + (size_t)t * m->V;
-                    float *lg = logits + (size_t)t * m->V;
-                    for (int v = 0; v < m->V; v++) lg[v] = (float)a6[v] * (m->head_scale[v] * inv);
+                    float inv = 1.0f / s[t], *lg = logits + (size_t)t * m->V;
+                    for (int v = 0; v < m->V; v++) {
+                        int32_t a;
+                        memcpy(&a, lg + v, 4);
+                        lg[v] = (float)a * (m->head_scale[v] * inv);
+                    }
                 }
             }
-            free(u);
             LAP(BN_PROF_HEAD);
-            free(buf);
             return rc;
         }
         if (m->head_kind == BN_Q8) {
@@ -963,7 +990,6 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
         if (!rc) i2v_pool_run(head_part, &ht, 4 * threads);
         LAP(BN_PROF_HEAD);
     }
-    free(buf);
     return rc;
 }
 
