@@ -438,18 +438,12 @@ __attribute__((target("avx2,fma"))) static void pv_avx2(float *o, int nq, int hd
             for (int j = 0; j < n; j++) {
                 const float *vj = v + (size_t)j * hd + c;
                 __m256 v0 = _mm256_loadu_ps(vj), v1 = _mm256_loadu_ps(vj + 8), w;
-                w = _mm256_broadcast_ss(p0 + j);
-                a0 = _mm256_fmadd_ps(w, v0, a0);
-                a1 = _mm256_fmadd_ps(w, v1, a1);
-                w = _mm256_broadcast_ss(p1 + j);
-                b0 = _mm256_fmadd_ps(w, v0, b0);
-                b1 = _mm256_fmadd_ps(w, v1, b1);
-                w = _mm256_broadcast_ss(p2 + j);
-                c0 = _mm256_fmadd_ps(w, v0, c0);
-                c1 = _mm256_fmadd_ps(w, v1, c1);
-                w = _mm256_broadcast_ss(p3 + j);
-                d0 = _mm256_fmadd_ps(w, v0, d0);
-                d1 = _mm256_fmadd_ps(w, v1, d1);
+#define PV_ROW(pr, lo, hi) (w = _mm256_broadcast_ss(pr + j), lo = _mm256_fmadd_ps(w, v0, lo), hi = _mm256_fmadd_ps(w, v1, hi))
+                PV_ROW(p0, a0, a1);
+                PV_ROW(p1, b0, b1);
+                PV_ROW(p2, c0, c1);
+                PV_ROW(p3, d0, d1);
+#undef PV_ROW
             }
             _mm256_storeu_ps(o3 + c, d0), _mm256_storeu_ps(o3 + c + 8, d1);
             _mm256_storeu_ps(o2 + c, c0), _mm256_storeu_ps(o2 + c + 8, c1);
