@@ -109,3 +109,13 @@ def test_native_generation_equals_the_torch_model(tiny_model_dir, tmp_path, monk
     a, b = ChatSession(ref, temperature=0, max_new_tokens=8), ChatSession(lm, temperature=0, max_new_tokens=8)
     for turn in ("hello", "and again"):
         assert a.send(turn).text == b.send(turn).text
+
+
+def test_cache_key_hash_is_sha256():
+    """The cache key's hash comes from CPython's own sha256 where built (no OpenSSL mapped): the
+    same digests as hashlib's, so existing cache files keep their names."""
+    import hashlib
+    from bitlm.io.native import _sha256
+    h = _sha256(b"bitlm|q8|/models/x")
+    h.update(b"|model.safetensors:123:456")
+    assert h.hexdigest() == hashlib.sha256(b"bitlm|q8|/models/x|model.safetensors:123:456").hexdigest()

@@ -82,6 +82,21 @@ def synthetic_native_file(shape: str, head: str = "q8", seed: int = 0) -> Path:
     return path
 
 
+class _TokenSource:
+    """Random token ids from the standard library's generator: numpy.random imports `secrets`, which
+    maps OpenSSL (3.6 MB resident), and this process's peak memory is meant to be the runtime's."""
+
+    def __init__(self, seed: int, vocab_size: int):
+        import random
+        self.r, self.V = random.Random(seed), vocab_size
+
+    def token(self) -> int:
+        return self.r.randrange(self.V)
+
+    def tokens(self, n: int) -> np.ndarray:
+        return np.array([self.token() for _ in range(n)], dtype=np.int32)
+
+
 def _timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -93,11 +108,10 @@ def run(nm, threads: int, n_prompt: int, n_gen: int, reps: int, seed: int = 0) -
     empty context, each next token the argmax of the last logits); one warm-up run of each first."""
     from ..kernels import set_num_threads
     set_num_threads(threads)
-    rng = np.random.default_rng(seed)
-    V = nm.config.vocab_size
+    rng = _TokenSource(seed, nm.config.vocab_size)
     records = []
     if n_prompt:
-        prompt = rng.integers(0, V, n_prompt, dtype=np.int32)
+        prompt = rng.tokens(n_prompt)
 
         def pp():
             _prefill(nm, prompt)
@@ -107,7 +121,7 @@ def run(nm, threads: int, n_prompt: int, n_gen: int, reps: int, seed: int = 0) -
         records.append(_record(nm, threads, n_prompt, 0, [n_prompt / t for t in times]))
     if n_gen:
         def tg():
-            _generate(nm, int(rng.integers(0, V)), n_gen)
+            _generate(nm, rng.token(), n_gen)
 
         tg()
         times = [_timed(tg) for _ in range(reps)]
@@ -152,12 +166,11 @@ def phase_breakdown(nm, threads: int, n_prompt: int, n_gen: int, seed: int = 0) 
     from ..kernels import set_num_threads
     from .native import profile
     set_num_threads(threads)
-    rng = np.random.default_rng(seed)
-    V = nm.config.vocab_size
-    prompt = rng.integers(0, V, n_prompt, dtype=np.int32)
+    rng = _TokenSource(seed, nm.config.vocab_size)
+    prompt = rng.tokens(n_prompt)
     out = {}
     for name, n, test in ((f"pp{n_prompt}", n_prompt, lambda: _prefill(nm, prompt)),
-                          (f"tg{n_gen}", n_gen, lambda: _generate(nm, int(rng.integers(0, V)), n_gen))):
+                          (f"tg{n_gen}", n_gen, lambda: _generate(nm, rng.token(), n_gen))):
         if not n:
             continue
         profile(nm, True, reset=True)

@@ -12,7 +12,6 @@ Array names and layouts: engine/native.py.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -30,10 +29,24 @@ def cache_dir() -> Path:
     return Path(os.environ.get("BITLM_CACHE") or Path.home() / ".cache" / "bitlm") / "native"
 
 
+def _sha256(data: bytes):
+    """hashlib.sha256, from CPython's own implementation where it is built (_sha2; _sha256 before
+    3.12): importing hashlib maps OpenSSL's libcrypto, 3.6 MB resident in a runtime that otherwise
+    never needs it. The digests are the same either way."""
+    import importlib
+    for name in ("_sha2", "_sha256"):
+        try:
+            return importlib.import_module(name).sha256(data)
+        except (ImportError, AttributeError):
+            pass
+    import hashlib
+    return hashlib.sha256(data)
+
+
 def cache_path(model_dir: Path, head: str) -> Path:
     """A file name that changes whenever the checkpoint's weight files or the options change."""
     from .hf import weight_files
-    h = hashlib.sha256(f"{FORMAT}|{head}|{model_dir.resolve()}".encode())
+    h = _sha256(f"{FORMAT}|{head}|{model_dir.resolve()}".encode())
     for f in sorted(weight_files(model_dir)) + [model_dir / "config.json"]:
         s = f.stat()
         h.update(f"|{f.name}:{s.st_size}:{s.st_mtime_ns}".encode())
