@@ -69,7 +69,7 @@ def load_model(args):
                              "run `bitlm doctor`, or use --runtime torch")
         from .engine.native import NativeLM
         from .io.native import load_native
-        model = NativeLM(load_native(source, head=args.head, max_len=args.ctx_size, kv=args.kv))
+        model = NativeLM(load_native(source, head=args.head, max_len=args.ctx_size, kv=args.kv, mmap=args.mmap))
     else:
         import bitlm
         model = bitlm.load(source)
@@ -184,10 +184,10 @@ def cmd_bench(args) -> int:
         path = bench.synthetic_native_file(args.shape, args.head)
         made = time.perf_counter() - t0
         t0 = time.perf_counter()
-        nm = open_native(path, max_len=longest, kv=args.kv)
+        nm = open_native(path, max_len=longest, kv=args.kv, mmap=args.mmap)
         nm.source = {"file": str(path)}
     else:
-        nm = load_native(args.model, head=args.head, max_len=longest, kv=args.kv)
+        nm = load_native(args.model, head=args.head, max_len=longest, kv=args.kv, mmap=args.mmap)
         made = 0.0
     load_s = time.perf_counter() - t0
     records = []
@@ -271,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="native runtime: output head format (default q8: int8 rows, per-row scale)")
     model.add_argument("-c", "--ctx-size", type=int, help="native runtime: context to allocate (default: the model's)")
     model.add_argument("--kv", choices=("f16", "f32"), default="f16", help="native runtime: KV cache type (default f16)")
+    model.add_argument("--mmap", action=argparse.BooleanOptionalAction, default=True,
+                       help="native runtime: --mmap keeps the weights memory-mapped (instant load, page cache "
+                            "shared with other processes); --no-mmap reads them into memory on huge pages "
+                            "(decode 5-10%% faster, a slower start; default --mmap)")
 
     sampling = argparse.ArgumentParser(add_help=False)
     g = sampling.add_argument_group("sampling")
@@ -311,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-r", "--repetitions", type=int, default=5, help="runs per test (default 5)")
     p.add_argument("--head", choices=("q8", "q6", "bf16", "f32"), default="q8", help="output head format")
     p.add_argument("--kv", choices=("f16", "f32"), default="f16", help="KV cache type (default f16)")
+    p.add_argument("--mmap", action=argparse.BooleanOptionalAction, default=True,
+                       help="--mmap keeps the weights memory-mapped (instant load, page cache "
+                            "shared with other processes); --no-mmap reads them into memory on huge pages "
+                            "(decode 5-10%% faster, a slower start; default --mmap)")
     p.add_argument("--json", action="store_true", help="print llama-bench's JSON records")
     p.add_argument("--profile", action="store_true",
                    help="also print the per-token time of each phase of the forward (norms, products, attention, head)")

@@ -39,7 +39,7 @@ def test_st_truncated_file_is_a_clear_error(tmp_path):
 
 def test_convert_then_map_equals_the_torch_model(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("BITLM_CACHE", str(tmp_path / "cache"))
-    nm = bitlm.load_native(tiny_model_dir, head="f32", kv="f32")
+    nm = bitlm.load_native(tiny_model_dir, head="f32", kv="f32", mmap=True)
     assert isinstance(nm.arrays["0.self_attn.q_proj"], np.memmap)  # mapped, not read
     ref = bitlm.load(tiny_model_dir)
     ids = torch.randint(0, ref.config.vocab_size, (1, 15))
@@ -119,3 +119,28 @@ def test_cache_key_hash_is_sha256():
     h = _sha256(b"bitlm|q8|/models/x")
     h.update(b"|model.safetensors:123:456")
     assert h.hexdigest() == hashlib.sha256(b"bitlm|q8|/models/x|model.safetensors:123:456").hexdigest()
+
+
+def test_weights_read_into_memory_equal_the_mapped_ones(tiny_model_dir, tmp_path, monkeypatch):
+    """--no-mmap: the weights are read into one anonymous (huge-page) mapping; the same logits to the
+    bit as the memory-mapped file, and the embedding still read from the file."""
+    monkeypatch.setenv("BITLM_CACHE", str(tmp_path / "cache"))
+    mapped = bitlm.load_native(tiny_model_dir, head="q6", mmap=True)
+    read = bitlm.load_native(tiny_model_dir, head="q6", mmap=False)
+    for name, a in mapped.arrays.items():
+        b = read.arrays[name]
+        assert np.array_equal(a, b), name
+        if name != "embed":
+            assert not isinstance(b, np.memmap) and b.ctypes.data % 64 == 0, name
+    assert read._embed_file is not None
+    ids = np.arange(40) * 13 % mapped.config.vocab_size
+    assert np.array_equal(mapped.forward(ids, n_out=40), read.forward(ids, n_out=40))
+
+
+def test_read_to_memory_of_a_truncated_file_is_a_clear_error(tmp_path):
+    st.write(tmp_path / "a.safetensors", {"w": np.arange(1 << 15, dtype=np.int32)}, {})
+    arrays, _ = st.open_arrays(tmp_path / "a.safetensors")
+    with open(tmp_path / "a.safetensors", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(BitlmError, match="ends early"):
+        st.read_to_memory(arrays, ["w"])
