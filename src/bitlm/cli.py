@@ -187,7 +187,7 @@ def cmd_bench(args) -> int:
         nm = open_native(path, max_len=longest, kv=args.kv, mmap=args.mmap)
         nm.source = {"file": str(path)}
     else:
-        nm = load_native(args.model, head=args.head, max_len=longest, kv=args.kv, mmap=args.mmap)
+        nm = load_native(args.model, head=args.head, max_len=longest, kv=args.kv, mmap=args.mmap, tokenizer=False)
         made = 0.0
     load_s = time.perf_counter() - t0
     records = []

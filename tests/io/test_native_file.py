@@ -144,3 +144,11 @@ def test_read_to_memory_of_a_truncated_file_is_a_clear_error(tmp_path):
         f.truncate(1000)
     with pytest.raises(BitlmError, match="ends early"):
         st.read_to_memory(arrays, ["w"])
+
+
+def test_load_native_without_its_tokenizer(tiny_model_dir, tmp_path, monkeypatch):
+    """bitlm bench runs token ids only: it loads no tokenizer (Llama 3's takes 70 MB)."""
+    monkeypatch.setenv("BITLM_CACHE", str(tmp_path / "cache"))
+    nm = bitlm.load_native(tiny_model_dir, tokenizer=False)
+    assert nm.tokenizer is None and nm.forward(np.arange(5)).shape == (1, nm.config.vocab_size)
+    assert bitlm.load_native(tiny_model_dir).tokenizer is not None

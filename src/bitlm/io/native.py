@@ -95,8 +95,10 @@ def open_native(path, max_len: int | None = None, kv: str = "f16", mmap: bool = 
 
 
 def load_native(path_or_repo_id, head: str = "q8", max_len: int | None = None, revision: str | None = None,
-                kv: str = "f16", mmap: bool = True):
-    """A Hugging Face checkpoint (directory or repo id) on the native runtime, converting it once."""
+                kv: str = "f16", mmap: bool = True, tokenizer: bool = True):
+    """A Hugging Face checkpoint (directory or repo id) on the native runtime, converting it once.
+    tokenizer=False leaves the tokenizer out (nm.tokenizer None): Llama 3's takes 70 MB of memory, which
+    a benchmark of token ids does not need."""
     from ..engine.tokenizer import Tokenizer
     from .hf import read_config, resolve
     model_dir = resolve(path_or_repo_id, revision)
@@ -104,7 +106,8 @@ def load_native(path_or_repo_id, head: str = "q8", max_len: int | None = None, r
     if not dest.exists():
         convert(model_dir, dest, head)
     nm = open_native(dest, max_len=max_len, kv=kv, mmap=mmap)
-    nm.tokenizer = Tokenizer.from_dir(model_dir, read_config(model_dir))
+    if tokenizer:
+        nm.tokenizer = Tokenizer.from_dir(model_dir, read_config(model_dir))
     nm.source = {"path": str(model_dir), "format": "native", "file": str(dest)}
     return nm
 
