@@ -193,7 +193,7 @@ class NativeModel:
         else:
             head_kind = _F32 if self.head_format == "f32" else _BF16
             head_ptrs = (get("head", np.float32 if head_kind == _F32 else np.uint16, (V, H)), 0, 0)
-        # RoPE tables for every position, filled as positions are reached (_tokens): untouched pages of
+        # RoPE tables for every position, filled as positions are reached (_fill_rope): untouched pages of
         # the mapping cost no memory (4 MB at 4,096 positions of the 2B4T shape)
         self._rope_map, (cos, sin) = _zeros_small_pages(2, (self.max_len, c.head_dim), np.float32)
         self._rope = (cos, sin)
@@ -258,14 +258,17 @@ class NativeModel:
                              f"{self.max_len}; shorten the prompt or lower max_new_tokens")
         if t.shape[0] and (t.min() < 0 or t.max() >= self.config.vocab_size):
             raise BitlmError(f"token id out of range [0, {self.config.vocab_size})")
-        if self.pos + t.shape[0] > self._rope_filled:
-            end = min(self.max_len, -(-(self.pos + t.shape[0]) // self.rope_chunk) * self.rope_chunk)
+        return t
+
+    def _fill_rope(self, n: int) -> None:
+        """RoPE rows for positions up to n, filled rope_chunk positions at a time."""
+        if n > self._rope_filled:
+            end = min(self.max_len, -(-n // self.rope_chunk) * self.rope_chunk)
             c = self.config
             cos, sin = rope_tables(c.head_dim, c.rope_theta, end, start=self._rope_filled)
             self._rope[0][self._rope_filled:end] = cos
             self._rope[1][self._rope_filled:end] = sin
             self._rope_filled = end
-        return t
 
     def forward(self, tokens, n_out: int = 1) -> np.ndarray:
         """Run `tokens` at positions pos, pos+1, ...; float32 logits [n_out, vocab] of the last n_out.
@@ -286,6 +289,7 @@ class NativeModel:
         return out
 
     def _run(self, tokens: np.ndarray, out_ptr: int, n_out: int, hidden: int) -> None:
+        self._fill_rope(self.pos + tokens.shape[0])
         try:
             self.n.forward(self._handle, tokens.ctypes.data, tokens.shape[0], self.pos, out_ptr, n_out, hidden)
         except OSError:
