@@ -541,6 +541,11 @@ static int project(const bn_model *m, int n, const bn_linear *const *ps, const i
     return 0;
 }
 
+static int project1(const bn_model *m, const bn_linear *p, const int8_t *q, size_t ldq, const float *s,
+                    const int32_t *qsum, int T, float *y, size_t ldy) {
+    return project(m, 1, &p, q, ldq, s, qsum, T, &y, &ldy);
+}
+
 /* RMSNorm then per-token int8 quantization of T rows (in [T, ldin] -> xn [T, n] -> q [T, ldq]),
  * rows split over the pool when there are several */
 typedef struct {
@@ -907,12 +912,7 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
         LAP(BN_PROF_ATTN);
         if ((rc = norm_quant(m, att, (size_t)qn, y->attn_sub_norm, qn, T, xn, q8, kpad(qn), s, qsum))) break;
         LAP(BN_PROF_NORM_QUANT);
-        {
-            const bn_linear *ps[1] = {&y->proj[P_O]};
-            float *ys[1] = {att};
-            size_t ld[1] = {(size_t)H};
-            if ((rc = project(m, 1, ps, q8, kpad(qn), s, qsum, T, ys, ld))) break;
-        }
+        if ((rc = project1(m, &y->proj[P_O], q8, kpad(qn), s, qsum, T, att, (size_t)H))) break;
         LAP(BN_PROF_O);
         for (size_t i = 0; i < n_x; i++) x[i] += att[i];
         LAP(BN_PROF_RESIDUAL);
@@ -930,12 +930,7 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
         LAP(BN_PROF_ACT);
         if ((rc = norm_quant(m, g, (size_t)I, y->ffn_sub_norm, I, T, xn, q8, kpad(I), s, qsum))) break;
         LAP(BN_PROF_NORM_QUANT);
-        {
-            const bn_linear *ps[1] = {&y->proj[P_DOWN]};
-            float *ys[1] = {att};
-            size_t ld[1] = {(size_t)H};
-            if ((rc = project(m, 1, ps, q8, kpad(I), s, qsum, T, ys, ld))) break;
-        }
+        if ((rc = project1(m, &y->proj[P_DOWN], q8, kpad(I), s, qsum, T, att, (size_t)H))) break;
         LAP(BN_PROF_DOWN);
         for (size_t i = 0; i < n_x; i++) x[i] += att[i];
         LAP(BN_PROF_RESIDUAL);
