@@ -80,6 +80,21 @@ def test_generate_sampling_flags_stop_strings_and_stdin(tiny_model_dir, model, c
                         r"finished: length\]\n", err)
 
 
+def test_native_generate_does_not_import_torch(tiny_model_dir, model):
+    """torch costs ~190 MB of resident memory; the native runtime's generation never needs it (the
+    `model` fixture has converted the checkpoint already, the one step that does)."""
+    from bitlm.cli import native_available
+    if not native_available():
+        pytest.skip("the native kernels are not built")
+    code = ("import sys; from bitlm.cli import main; "
+            f"rc = main(['generate', '-m', {str(tiny_model_dir)!r}, '-p', 'To be', '-n', '8', '--seed', '1']); "
+            "print('torch' in sys.modules); sys.exit(rc)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, p.stderr.decode()
+    assert p.stdout.decode().splitlines()[-1] == "False"
+
+
 def test_ignore_eos(tiny_model_dir, model, tmp_path, capsys):
     # A copy whose config makes the first greedy token the end of text: nothing comes out, unless --ignore-eos.
     expected = generate_text(model, PROMPT, max_new_tokens=5, temperature=0, stop_token_ids=[])

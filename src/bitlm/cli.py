@@ -36,14 +36,16 @@ def resolve_model_arg(arg: str | None) -> str:
     return str(bundled_model_dir())
 
 
-def set_threads(n: int | None) -> None:
-    """Threads for torch and, when the native kernels are built in, for their pool."""
+def set_threads(n: int | None, torch_too: bool = True) -> None:
+    """Threads for the native kernels' pool, when they are built in, and for torch (torch_too=False
+    leaves torch alone, and unimported: the native runtime does not need it)."""
     if n is None:
         return
     if n < 1:
         raise BitlmError(f"-t/--threads must be at least 1, got {n}")
-    import torch
-    torch.set_num_threads(n)
+    if torch_too:
+        import torch
+        torch.set_num_threads(n)
     if importlib.util.find_spec(f"{__package__}.kernels") is None:  # a build without native kernels
         return
     importlib.import_module(f"{__package__}.kernels").set_num_threads(n)
@@ -58,11 +60,11 @@ def native_available() -> bool:
 def load_model(args):
     """The model on the runtime asked for: "native" (the C forward, the default where it is built) or
     "torch" (the reference model)."""
-    set_threads(args.threads)
     source = resolve_model_arg(args.model)
     runtime = args.runtime
     if runtime == "auto":
         runtime = "native" if native_available() else "torch"
+    set_threads(args.threads, torch_too=runtime == "torch")
     if runtime == "native":
         if not native_available():
             raise BitlmError("--runtime native: the native kernels are not built in this install; "

@@ -235,6 +235,13 @@ class BitNetForCausalLM(nn.Module):
         return self.lm_head(h)
 
     # ---- generation (bitlm.engine.generate) --------------------------------------------------------
+    @torch.inference_mode()
+    def last_logits(self, ids: list[int], cache: KVCache | None = None):
+        """Float32 numpy logits (1, vocab) of the last of `ids` (one sequence), appending them to `cache`:
+        the step the generation engine takes."""
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        return self(x, cache=cache, logits_to_keep=1)[:, -1].float().cpu().numpy()
+
     def generate(self, prompt, **kwargs) -> str:
         """The text continuation of `prompt` (a string or token ids); options as for engine.generate."""
         from .engine.generate import generate_text

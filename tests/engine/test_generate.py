@@ -3,6 +3,7 @@ text streaming and multi-turn chat, on the tiny random model."""
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,7 +25,7 @@ def naive(model, ids, n, params=None, generator=None):
     """Reference: recompute the whole sequence for every new token, no cache."""
     seq = list(ids)
     for _ in range(n):
-        logits = model(torch.tensor([seq]))[:, -1]
+        logits = model(torch.tensor([seq]))[:, -1].float().numpy()
         token = logits.argmax(-1) if params is None else sample(logits, params, generator)
         seq.append(int(token[0]))
     return seq[len(ids):]
@@ -39,9 +40,9 @@ def test_cached_decode_equals_full_recomputation(model):
     chunk = model(ids[:, 5:17], cache=cache)[0]  # a chunk after a cached prefix: the masked path
     steps = [decode_one(model, t, cache) for t in ids[0, 17:].tolist()]
     assert cache.length == 40
-    torch.testing.assert_close(first[0], full[4], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(first[0]), full[4], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(chunk, full[5:17], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(torch.cat(steps), full[17:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(np.concatenate(steps)), full[17:], atol=1e-5, rtol=1e-5)
 
 
 def test_greedy_equals_naive_loop(model):
@@ -65,7 +66,11 @@ def test_prompt_as_tensor_and_model_method(model):
     ref = list(generate(model, prompt, max_new_tokens=8, **GREEDY))
     assert list(generate(model, torch.tensor([prompt]), max_new_tokens=8, **GREEDY)) == ref
     assert list(generate(model, torch.tensor(prompt), max_new_tokens=8, **GREEDY)) == ref
+    assert list(generate(model, np.array(prompt), max_new_tokens=8, **GREEDY)) == ref
     assert model.generate("The quick brown fox", max_new_tokens=8, **GREEDY) == model.tokenizer.decode(ref)
+    for bad in (torch.tensor([prompt, prompt]), torch.tensor(prompt, dtype=torch.float32), np.array([[prompt]])):
+        with pytest.raises(BitlmError, match=r"prompt_ids: expected integer token ids of shape \(T,\) or \(1, T\)"):
+            generate(model, bad)
 
 
 def finish(gen):

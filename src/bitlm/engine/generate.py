@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Callable, Iterator, Sequence
 
-import torch
+import numpy as np
 
 from ..errors import BitlmError
 from .sampling import SamplingParams, sample
@@ -23,15 +23,17 @@ FINISH_REASONS = ("stop", "length", "context")  # stop token/string; max_new_tok
 
 
 # ---- the steps -----------------------------------------------------------------------------------
-@torch.inference_mode()
-def prefill(model, ids: torch.Tensor, cache) -> torch.Tensor:
-    """Run ids (1, T) through the model, appending them to `cache`; logits (1, V) of the last position."""
-    return model(ids, cache=cache, logits_to_keep=1)[:, -1]
+# A model here is anything with config, tokenizer, new_cache(max_len=) and last_logits(ids, cache):
+# BitNetForCausalLM (torch) or NativeLM (the native runtime, which never imports torch).
+def prefill(model, ids, cache) -> np.ndarray:
+    """Run ids (a list, or (T,) / (1, T)) through the model, appending them to `cache`; float32 logits
+    (1, V) of the last position."""
+    return model.last_logits(_id_list(ids), cache)
 
 
-def decode_one(model, token: int, cache) -> torch.Tensor:
-    """Feed one token after what `cache` holds; logits (1, V) for the token after it."""
-    return prefill(model, torch.tensor([[token]], dtype=torch.long, device=model.device), cache)
+def decode_one(model, token: int, cache) -> np.ndarray:
+    """Feed one token after what `cache` holds; float32 logits (1, V) for the token after it."""
+    return model.last_logits([token], cache)
 
 
 def context_limit(model, cache=None) -> int:
@@ -47,13 +49,17 @@ def default_stop_token_ids(model) -> list[int]:
 
 
 def _id_list(prompt_ids) -> list[int]:
-    if isinstance(prompt_ids, torch.Tensor):
-        if prompt_ids.dim() == 2 and prompt_ids.shape[0] == 1:
-            prompt_ids = prompt_ids[0]
-        if prompt_ids.dim() != 1 or prompt_ids.is_floating_point():
+    if hasattr(prompt_ids, "shape") and hasattr(prompt_ids, "tolist"):  # a numpy array or torch tensor
+        shape = tuple(prompt_ids.shape)
+        ids = prompt_ids.tolist()
+        if len(shape) == 2 and shape[0] == 1:
+            ids = ids[0]
+        elif len(shape) != 1:
+            ids = None
+        if ids is None or not all(isinstance(i, int) for i in ids):
             raise BitlmError(f"prompt_ids: expected integer token ids of shape (T,) or (1, T), got "
-                             f"{tuple(prompt_ids.shape)} {prompt_ids.dtype}")
-        return prompt_ids.tolist()
+                             f"{shape} {prompt_ids.dtype}")
+        return ids
     ids = list(prompt_ids)
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise BitlmError("prompt_ids: expected a list of integer token ids")
@@ -101,7 +107,7 @@ def _tokens(model, ids, params, stops, detok, budget, max_new_tokens, cache) -> 
     generator = None if params.greedy else params.generator()
     cache.truncate(len(ids) - 1)  # at least the last prompt token is run, to get its logits
     start = cache.length
-    logits = prefill(model, torch.tensor([ids[start:]], dtype=torch.long, device=model.device), cache)
+    logits = prefill(model, ids[start:], cache)
     n = 0
     while True:
         token = int(sample(logits, params, generator)[0])

@@ -10,8 +10,6 @@ reciprocal. The format a file holds is read from its config, never guessed from 
 from __future__ import annotations
 
 import json
-import os
-import re
 from pathlib import Path
 
 import torch
@@ -22,74 +20,15 @@ from ..errors import BitlmError
 from ..formats import hf_packed
 from ..model import BitNetForCausalLM
 from . import names
-from .files import atomic_dir_write, read_json_object
+from .files import atomic_dir_write
+from .hub import read_config, resolve, weight_files
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-# ---- locating a model ------------------------------------------------------------------------------
-def resolve(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local model directory, downloading a hub repo id with huggingface_hub when needed."""
-    p = Path(path_or_repo_id).expanduser()
-    if p.is_dir():
-        return p
-    s = str(path_or_repo_id)
-    if p.exists():
-        raise BitlmError(f"{s}: is a file; pass the model directory that holds config.json")
-    if not _REPO_ID.match(s):
-        raise BitlmError(f"{s}: no such model directory (and not a Hugging Face repo id like "
-                         "microsoft/bitnet-b1.58-2B-4T)")
-    import huggingface_hub
-    patterns = ["*.json", "*.safetensors", "*.jinja"]
-    try:  # the local cache first: works offline
-        return Path(huggingface_hub.snapshot_download(s, revision=revision, allow_patterns=patterns,
-                                                      local_files_only=True))
-    except Exception:
-        pass
-    try:
-        return Path(huggingface_hub.snapshot_download(s, revision=revision, allow_patterns=patterns))
-    except Exception as e:
-        if huggingface_hub.is_offline_mode():
-            reason = "HF_HUB_OFFLINE is set and it is not in the local cache"
-        else:  # the first sentence of the hub's message
-            first = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
-            reason = f"{type(e).__name__}: {first[:160]}" if first else type(e).__name__
-        raise BitlmError(
-            f"could not download {s!r} from the Hugging Face hub ({reason}); download it on a connected "
-            f"machine (hf download {s} --local-dir DIR) and pass the local directory instead "
-            "(-m DIR, or bitlm.load(DIR))") from None
-
-
-def read_config(path: Path) -> BitNetConfig:
-    f = path / "config.json"
-    if not f.is_file():
-        raise BitlmError(f"{f}: missing; a model directory needs config.json")
-    return BitNetConfig.from_hf(read_json_object(f), source=str(f))
-
-
 # ---- reading tensors -------------------------------------------------------------------------------
-def weight_files(path: Path) -> list[Path]:
-    """The safetensors files of a checkpoint: model.safetensors, or the shards its index lists."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise BitlmError(f"{index}: malformed shard index ({e})") from None
-        files = [path / name for name in sorted(set(weight_map.values()))]
-    elif (path / "model.safetensors").is_file():
-        files = [path / "model.safetensors"]
-    else:
-        raise BitlmError(f"{path}: no model.safetensors (or model.safetensors.index.json) found")
-    for f in files:
-        if not f.is_file():
-            raise BitlmError(f"{f}: missing (listed in the shard index)")
-    return files
-
-
 class _Tensors:
     """Tensors of one checkpoint (model.safetensors or shards listed in model.safetensors.index.json)."""
 

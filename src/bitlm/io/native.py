@@ -45,7 +45,7 @@ def _sha256(data: bytes):
 
 def cache_path(model_dir: Path, head: str) -> Path:
     """A file name that changes whenever the checkpoint's weight files or the options change."""
-    from .hf import weight_files
+    from .hub import weight_files
     h = _sha256(f"{FORMAT}|{head}|{model_dir.resolve()}".encode())
     for f in sorted(weight_files(model_dir)) + [model_dir / "config.json"]:
         s = f.stat()
@@ -100,7 +100,7 @@ def load_native(path_or_repo_id, head: str = "q8", max_len: int | None = None, r
     tokenizer=False leaves the tokenizer out (nm.tokenizer None): Llama 3's takes 70 MB of memory, which
     a benchmark of token ids does not need."""
     from ..engine.tokenizer import Tokenizer
-    from .hf import read_config, resolve
+    from .hub import read_config, resolve
     model_dir = resolve(path_or_repo_id, revision)
     dest = cache_path(model_dir, head)
     if not dest.exists():

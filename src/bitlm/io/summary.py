@@ -15,7 +15,7 @@ from pathlib import Path
 from ..config import BitNetConfig
 from ..errors import BitlmError
 from . import names
-from .hf import read_config, resolve, weight_files
+from .hub import read_config, resolve, weight_files
 
 COMPONENTS = ("ternary weights", "ternary scales", "embedding", "head", "norms", "other")
 _MAX_HEADER = 100 << 20  # the format's own limit on the JSON header
