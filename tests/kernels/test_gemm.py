@@ -287,7 +287,21 @@ def test_pool_survives_fork():
     assert torch.equal(y.long(), _reference(x, w))
 
 
-@pytest.mark.parametrize("m,v,h", [(1, 1, 1), (1, 5, 64), (1, 17, 100), (2, 33, 2560), (3, 9, 129), (1, 300, 640)])
+def test_q6_gemv_long_rows_at_the_extremes(path):
+    """40000 columns of q = +31 (code 63) against x = -128: sums the AVX2 kernel's int32 lanes could not
+    hold without being emptied every 256 groups (hand-computed results)."""
+    from bitlm.formats import q6
+
+    h = 40_000
+    q = np.full((2, h), 31, dtype=np.int8)
+    q[1] = -31
+    packed = torch.from_numpy(q6.pack(q))
+    y = kernels.q6_gemv(torch.full((1, h), -128, dtype=torch.int8), packed, h, path=path)
+    assert y.tolist() == [[-128 * 31 * h, 128 * 31 * h]]
+
+
+@pytest.mark.parametrize("m,v,h", [(1, 1, 1), (1, 5, 64), (1, 17, 100), (2, 33, 2560), (3, 9, 129), (1, 300, 640),
+                                   (1, 1001, 300)])  # the last in several parts, each in four quarters
 def test_q6_gemv_exact(path, m, v, h):
     from bitlm.formats import q6
 

@@ -277,13 +277,12 @@ int i2v_q6_gemv(const uint8_t *w, int V, int H, const int8_t *x, size_t ldx, con
 #if defined(__x86_64__) || defined(__i386__)
     if (i2v_path_has_avx512vnni(path) && cpu()->vbmi) t.fn = i2v_q6_avx512vbmi;
     else if (path == I2V_PATH_AVX2 || i2v_path_has_avx512vnni(path)) {
-        t.fn = i2v_q6_avx2;  /* it multiplies int16 activations: widen them once, for every part */
+        t.fn = i2v_q6_avx2;  /* it multiplies int16 activations: make them once, for every part */
         if (!(x16 = (int16_t *)malloc((size_t)M * hp * sizeof(int16_t)))) {
             free(sums);
             return -2;
         }
-        for (int m = 0; m < M; m++)
-            for (size_t k = 0; k < hp; k++) x16[(size_t)m * hp + k] = x[(size_t)m * ldx + k];
+        i2v_q6_avx2_x16(x, ldx, M, hp, x16);
         t.a.x16 = x16;
     }
 #endif

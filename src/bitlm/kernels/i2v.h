@@ -49,7 +49,8 @@ typedef struct {
     int M;
     int32_t *out;         /* [M, ldo >= V] */
     size_t ldo;
-    const int16_t *x16;   /* [M, 64 * ceil(H/64)] x widened to int16, made once for the AVX2 kernel */
+    const int16_t *x16;   /* [M, 64 * ceil(H/64)] int16 activations for the AVX2 kernel, made once
+                             by i2v_q6_avx2_x16 (x scaled by a power of 2 per column, see avx2.c) */
 } i2v_q6_args;
 
 typedef void (*i2v_q6_fn)(const i2v_q6_args *a, int v0, int v1);  /* rows v0 .. v1-1 */
@@ -87,6 +88,7 @@ void i2v_gemm_amx(const i2v_gemm_args *a, int rb0, int rb1);
 uint64_t i2v_read_avx512(const uint8_t *p, size_t n);
 void i2v_q6_avx512vbmi(const i2v_q6_args *a, int v0, int v1);
 void i2v_q6_avx2(const i2v_q6_args *a, int v0, int v1);
+void i2v_q6_avx2_x16(const int8_t *x, size_t ldx, int M, size_t hp, int16_t *x16);
 #endif
 
 int i2v_amx_init(void);  /* 1 if the CPU has AMX-INT8 and the OS grants the tile state */
