@@ -47,31 +47,32 @@ INLINE T256 void store_half(const i2v_gemm_args *a, int m, int rb, int h, __m256
 
 #define PF_DIST 24  /* software prefetch distance in blocks, as in the AVX-512 GEMV */
 
-/* Decode (M = 1): NR row blocks (2 halves each) side by side share the activation broadcasts. */
-INLINE T256 void gemv_rows(const i2v_gemm_args *a, int rb, const int NR) {
+/* Decode (M = 1): NR row blocks rbs[0..NR) side by side share the activation broadcasts. */
+INLINE T256 void gemv_rows(const i2v_gemm_args *a, const int *rbs, const int NR) {
     const size_t stride = (size_t)a->Kb * I2V_BLOCK;
-    const uint8_t *w = a->w + rb * stride;
     const __m256i m3 = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
-    __m256i acc[2][2];
-#pragma GCC unroll 2
-    for (int r = 0; r < NR; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+    const uint8_t *w[4];
+    __m256i acc[4][2];
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; r++) {
+        w[r] = a->w + rbs[r] * stride;
+        acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+    }
     for (int kb = 0; kb < a->Kb; kb++) {
         const int8_t *xk = a->x + kb * I2V_COLS;
         __m256i x0 = bcast4(xk), x1 = bcast4(xk + 4), x2 = bcast4(xk + 8), x3 = bcast4(xk + 12);
-        /* near the end of the rows, prefetch the next group's stream (as in the AVX-512 GEMV) */
-        const size_t pf = PF_DIST * I2V_BLOCK + (kb + PF_DIST >= a->Kb ? (size_t)(NR - 1) * stride : 0);
-#pragma GCC unroll 2
+#pragma GCC unroll 4
         for (int r = 0; r < NR; r++) {
-            const uint8_t *blk = w + r * stride + (size_t)kb * I2V_BLOCK;
-            _mm_prefetch((const char *)(blk + pf), _MM_HINT_T0);
+            const uint8_t *blk = w[r] + (size_t)kb * I2V_BLOCK;
+            _mm_prefetch((const char *)(blk + PF_DIST * I2V_BLOCK), _MM_HINT_T0);  /* on into the next row block */
             acc[r][0] = dot_half(acc[r][0], _mm256_loadu_si256((const __m256i *)blk), m3, ones, x0, x1, x2, x3);
             acc[r][1] = dot_half(acc[r][1], _mm256_loadu_si256((const __m256i *)(blk + 32)), m3, ones, x0, x1, x2, x3);
         }
     }
-#pragma GCC unroll 2
+#pragma GCC unroll 4
     for (int r = 0; r < NR; r++) {
-        store_half(a, 0, rb + r, 0, acc[r][0]);
-        store_half(a, 0, rb + r, 1, acc[r][1]);
+        store_half(a, 0, rbs[r], 0, acc[r][0]);
+        store_half(a, 0, rbs[r], 1, acc[r][1]);
     }
 }
 
@@ -207,10 +208,10 @@ INLINE T256 void gemm_block_rows(const i2v_gemm_args *a, int rb) {
 }
 
 T256 void i2v_gemm_avx2(const i2v_gemm_args *a, int rb0, int rb1) {
-    if (a->M == 1) {
-        int rb = rb0;
-        for (; rb + 2 <= rb1; rb += 2) gemv_rows(a, rb, 2);
-        for (; rb < rb1; rb++) gemv_rows(a, rb, 1);
+    if (a->M == 1) {  /* the row blocks in four quarters, one of each side by side: four long streams */
+        int q = (rb1 - rb0) / 4;
+        for (int i = 0; i < q; i++) gemv_rows(a, (const int[]){rb0 + i, rb0 + q + i, rb0 + 2 * q + i, rb0 + 3 * q + i}, 4);
+        for (int rb = rb0 + 4 * q; rb < rb1; rb++) gemv_rows(a, (const int[]){rb}, 1);
         return;
     }
     for (int rb = rb0; rb < rb1; rb++) gemm_block_rows(a, rb);
