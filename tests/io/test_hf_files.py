@@ -130,6 +130,10 @@ def test_wrong_shape_dtype_missing_tensor_and_bad_codes(tiny_model_dir, tmp_path
     d = copy_model(tiny_model_dir, tmp_path / "e")
     rewrite_tensor(d, key, torch.full((16, 172), 0xFF, dtype=torch.uint8))
     expect_error("code 3", bitlm.load, d)
+    one_bad = torch.full((16, 172), 0x55, dtype=torch.uint8)  # code 1 (a zero weight) everywhere...
+    one_bad[7, 99] = 0x55 | 0x30  # ... but one code 3, in bits 4-5 of one byte
+    rewrite_tensor(d, key, one_bad)
+    expect_error("code 3", bitlm.load, d)
     d = copy_model(tiny_model_dir, tmp_path / "f")
     rewrite_tensor(d, "model.norm.weight", torch.ones(64, dtype=torch.int32))
     expect_error("expected a float dtype", bitlm.load, d)

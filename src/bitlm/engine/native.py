@@ -56,21 +56,39 @@ def quantize_head_rows(e: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return q, scale, q.sum(axis=1, dtype=np.int32)
 
 
-def head_arrays(rows: np.ndarray, head_format: str) -> dict[str, np.ndarray]:
-    """The head entries of the array dict from its rows (float32 or bf16 bits)."""
+def head_arrays(rows: np.ndarray, head_format: str, chunk: int = 4096) -> dict[str, np.ndarray]:
+    """The head entries of the array dict from its rows (float32 or bf16 bits), made `chunk` rows at a
+    time into the final arrays: the float32 rows of a 128256-row head alone are 1.3 GB, and packing
+    all of them at once took 9 GB of temporaries."""
     if head_format not in HEADS:
         raise BitlmError(f"head format {head_format!r} is not one of {', '.join(HEADS)}")
-    full = rows if rows.dtype == np.float32 else bf16_to_f32(rows)
+    if head_format == "bf16":
+        return {"head": rows if rows.dtype == np.uint16 else f32_to_bf16(rows)}
+    V, H = rows.shape
+
+    def full(i):  # float32 rows i .. i + chunk
+        r = rows[i:i + chunk]
+        return r if r.dtype == np.float32 else bf16_to_f32(r)
+
+    if head_format == "f32":
+        out = {"head": np.empty((V, H), np.float32)}
+        for i in range(0, V, chunk):
+            out["head"][i:i + chunk] = full(i)
+        return out
     if head_format == "q6":
         from ..formats import q6
-        q, scale = q6.quantize(full)
-        return {"head.q6": q6.pack(q), "head.scale": scale}
-    if head_format == "q8":
-        q, s, rs = quantize_head_rows(full)
-        return {"head.q8": q, "head.scale": s, "head.rowsum": rs}
-    if head_format == "f32":
-        return {"head": np.ascontiguousarray(full)}
-    return {"head": rows if rows.dtype == np.uint16 else f32_to_bf16(rows)}
+        out = {"head.q6": np.empty((V, q6.padded_cols(H) // q6.GROUP * q6.GROUP_BYTES), np.uint8),
+               "head.scale": np.empty(V, np.float32)}
+        for i in range(0, V, chunk):
+            q, out["head.scale"][i:i + chunk] = q6.quantize(full(i))
+            out["head.q6"][i:i + chunk] = q6.pack(q)
+        return out
+    out = {"head.q8": np.empty((V, H), np.int8), "head.scale": np.empty(V, np.float32),
+           "head.rowsum": np.empty(V, np.int32)}
+    for i in range(0, V, chunk):
+        j = slice(i, i + chunk)
+        out["head.q8"][j], out["head.scale"][j], out["head.rowsum"][j] = quantize_head_rows(full(i))
+    return out
 
 
 def arrays_from_model(model, head_format: str = "q8") -> dict[str, np.ndarray]:

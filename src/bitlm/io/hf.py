@@ -79,8 +79,7 @@ def _fill_projection(module, t: _Tensors, prefix: str, out_f: int, in_f: int, cf
                              "values, expected 1 (one scale per matrix)")
         if cfg.linear_class == "bitlinear":
             scale = 1.0 / scale  # the older class stores the reciprocal and divides
-        if int(((packed >> 6) == 3).sum() + ((packed >> 4 & 3) == 3).sum()
-               + ((packed >> 2 & 3) == 3).sum() + ((packed & 3) == 3).sum()):
+        if bool((packed & (packed >> 1) & 0x55).any()):  # both bits of some 2-bit code set: code 3
             raise BitlmError(f"checkpoint: tensor {prefix + '.weight'!r} holds the 2-bit code 3, which "
                              "is not ternary; the file is corrupt or not a BitNet packed checkpoint")
         src = PackedBitLinear(in_f, out_f)
