@@ -9,13 +9,14 @@ written from it, loaded in bf16. Each engine runs in its own process, so peak RS
 Tests as llama-bench runs them: pp<N> = one batch of N prompt tokens from an empty context; tg<N> = N
 tokens decoded one at a time from an empty context; median of --reps runs after a warm-up, 1 and 2
 threads. Decode is also given as a percentage of the memory-bandwidth bound: bytes of weights read
-per token / the machine's read bandwidth (bitlm's SIMD read probe over 2 GiB, same thread count).
+per token / the machine's read bandwidth (bitlm's SIMD read probe over 2 GiB, same thread count), the
+probe run by each engine's worker right after its decode runs (after its peak RSS is taken), so that
+the two see the same neighbours on a shared machine.
 
 A shared machine's speed drifts over minutes. --rounds R runs the whole set R times, the engines one
-after another in each round with the read probe right after them, and reports medians over the rounds:
-of each rate, of each round's ratio to llama.cpp TQ2_0 (engines measured minutes apart, not an hour),
-and of each round's share of the bandwidth bound (against that round's probe). The per-round ratios
-are listed under the table.
+after another in each round, and reports medians over the rounds: of each rate, of each round's ratio
+to llama.cpp TQ2_0 (engines measured minutes apart, not an hour), and of each run's share of its own
+probe's bandwidth. The per-round ratios are listed under the table.
 
     python benchmarks/cpu_inference.py                     # everything: about 30-40 minutes on 2 cores
     python benchmarks/cpu_inference.py --engines bitlm llama.cpp-tq2_0 --threads 2 --reps 3
@@ -197,6 +198,7 @@ def main(argv=None):
         fn = {"bitlm": worker_bitlm, "transformers-bf16": worker_transformers}.get(engine)
         res = fn(paths, int(threads), args.pp, tg, args.reps) if fn else \
             worker_llama_cpp(paths, engine, int(threads), args.pp, tg, args.reps)
+        res["probe_gbs"] = bandwidth_gbs(int(threads))  # right after the decode runs and the RSS
         print(json.dumps(res))
         return
 
@@ -206,7 +208,6 @@ def main(argv=None):
     paths = prepare(args.engines, cache)
     env = {**os.environ, "BITLM_BENCH_PATHS": json.dumps({k: str(v) for k, v in paths.items()})}
     results: dict[tuple[str, int], list[dict]] = {}
-    bw: dict[int, list[float]] = {}
     for rnd in range(args.rounds):
         for t in args.threads:
             for e in args.engines:
@@ -218,19 +219,21 @@ def main(argv=None):
                     print(f"  failed: {p.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
                     continue
                 results.setdefault((e, t), []).append({"round": rnd, **json.loads(p.stdout.strip().splitlines()[-1])})
-            bw.setdefault(t, []).append(bandwidth_gbs(t))
-    print_table(results, bw, args)
+    print_table(results, args)
 
 
 def _tg_key(r: dict) -> str:
     return next(k for k in r if k.startswith("tg"))
 
 
-def print_table(results: dict, bw: dict, args) -> None:
+def print_table(results: dict, args) -> None:
     med = statistics.median
     tests = [f"pp{n}" for n in args.pp] + ["tg"]
-    print(f"\nmedians over {args.rounds} round(s); read bandwidth: "
-          + ", ".join(f"{t} thread(s) {med(v):.1f} GB/s (rounds {min(v):.1f}-{max(v):.1f})" for t, v in bw.items()))
+    bw: dict[int, list[float]] = {}
+    for (_, t), runs in results.items():
+        bw.setdefault(t, []).extend(r["probe_gbs"] for r in runs)
+    print(f"\nmedians over {args.rounds} round(s); read bandwidth (the probe after each run): "
+          + ", ".join(f"{t} thread(s) {med(v):.1f} GB/s ({min(v):.1f}-{max(v):.1f})" for t, v in sorted(bw.items())))
     print("| engine | threads | " + " | ".join(f"{x} t/s (x tq2_0)" for x in tests)
           + " | tg % of bandwidth bound | load s | peak RSS GB |")
     print("| --- | ---: | " + " | ".join("---:" for _ in tests) + " | ---: | ---: | ---: |")
@@ -248,7 +251,7 @@ def print_table(results: dict, bw: dict, args) -> None:
             cells.append(f"{key} {rate:.2f}{ratio}" if x == "tg" else f"{rate:.2f}{ratio}")
             if ratios and e != "llama.cpp-tq2_0" and len(ratios) > 1:
                 spread.append(f"{e} {t}t {key}: " + ", ".join(f"{q:.2f}x" for q in ratios))
-        pct = med(100 * bytes_per_token(e) * r[_tg_key(r)] / (bw[t][r["round"]] * 1e9) for r in runs)
+        pct = med(100 * bytes_per_token(e) * r[_tg_key(r)] / (r["probe_gbs"] * 1e9) for r in runs)
         print(f"| {e} | {t} | " + " | ".join(cells) + f" | {pct:.0f}% | {med(r['load_s'] for r in runs):.2f} | "
               f"{max(r['peak_rss_gb'] for r in runs):.3f} |")
     if spread:
