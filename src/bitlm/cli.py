@@ -37,15 +37,18 @@ def resolve_model_arg(arg: str | None) -> str:
 
 
 def set_threads(n: int | None, torch_too: bool = True) -> None:
-    """Threads for the native kernels' pool, when they are built in, and for torch (torch_too=False
-    leaves torch alone, and unimported: the native runtime does not need it)."""
+    """Threads for the native kernels' pool, when they are built in, and for torch. torch_too=False
+    leaves torch unimported (the native runtime does not need it); if something imports it later (the
+    first run's conversion of a checkpoint), OMP_NUM_THREADS gives it the same count."""
     if n is None:
         return
     if n < 1:
         raise BitlmError(f"-t/--threads must be at least 1, got {n}")
-    if torch_too:
+    if torch_too or "torch" in sys.modules:
         import torch
         torch.set_num_threads(n)
+    else:
+        os.environ["OMP_NUM_THREADS"] = str(n)
     if importlib.util.find_spec(f"{__package__}.kernels") is None:  # a build without native kernels
         return
     importlib.import_module(f"{__package__}.kernels").set_num_threads(n)

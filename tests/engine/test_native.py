@@ -183,3 +183,27 @@ def test_every_kernel_path_gives_the_scalar_paths_logits(model, head):
     for path in kernels.info()["paths"]:
         got = native.NativeModel.from_model(model, head=head, max_len=16, kv="f32", path=path).forward(ids, n_out=11)
         assert rel(got, want) < 1e-5, path
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_head_arrays_made_in_chunks_equal_the_whole(dtype):
+    """The converter makes the head rows a chunk at a time; the arrays equal those of the whole matrix
+    quantized and packed in one go (q6 and q8 by their own functions, f32 and bf16 by conversion)."""
+    from bitlm.engine.native import HEADS, bf16_to_f32, f32_to_bf16, head_arrays, quantize_head_rows
+    from bitlm.formats import q6
+
+    rows = np.random.default_rng(3).standard_normal((37, 100)).astype(np.float32)
+    if dtype == "bf16":
+        rows = f32_to_bf16(rows)
+    full = rows if dtype == "f32" else bf16_to_f32(rows)
+    q, scale = q6.quantize(full)
+    q8, s8, rs8 = quantize_head_rows(full)
+    whole = {"q6": {"head.q6": q6.pack(q), "head.scale": scale},
+             "q8": {"head.q8": q8, "head.scale": s8, "head.rowsum": rs8},
+             "f32": {"head": full},
+             "bf16": {"head": rows if dtype == "bf16" else f32_to_bf16(rows)}}
+    for fmt in HEADS:
+        got = head_arrays(rows, fmt, chunk=5)  # 8 chunks, the last of 2 rows
+        assert got.keys() == whole[fmt].keys()
+        for k, v in whole[fmt].items():
+            np.testing.assert_array_equal(got[k], v, err_msg=f"{fmt} {k}")

@@ -80,8 +80,27 @@ def test_uniform_nucleus_is_exactly_the_share_p():
 
 
 def test_nothing_to_sample_is_an_error():
-    with pytest.raises(BitlmError, match="nothing to sample"):
-        sample(np.full((1, 4), -np.inf), SamplingParams(temperature=1.0, top_k=0, top_p=1.0))
+    for top_p in (1.0, 0.9):
+        with pytest.raises(BitlmError, match="nothing to sample"):
+            sample(np.full((1, 4), -np.inf), SamplingParams(temperature=1.0, top_k=0, top_p=top_p))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_or_inf_logits_are_an_error(bad):
+    logits = np.array([[0.0, 1.0, bad, 2.0]])
+    for params in (SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_k=0, top_p=0.9)):
+        with pytest.raises(BitlmError, match="NaN or \\+inf"):
+            sample(logits, params)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.999), (0, 1.0), (4, 0.999)])
+def test_frequencies_when_every_token_is_in_the_nucleus(top_k, top_p):
+    probs = np.array([0.01, 0.04, 0.15, 0.8])  # top-p 0.999 keeps all four
+    n = 40_000
+    p = SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p, seed=9)
+    draws = sample(np.broadcast_to(np.log(probs), (n, 4)), p, p.generator())
+    freq = np.bincount(draws, minlength=4) / n
+    assert np.abs(freq - probs).max() < 4 * 0.5 / math.sqrt(n), freq
 
 
 def test_top_k_then_top_p_after_temperature():

@@ -301,8 +301,8 @@ def test_q6_gemv_long_rows_at_the_extremes(path):
 
 
 @pytest.mark.parametrize("m,v,h", [(1, 1, 1), (1, 5, 64), (1, 17, 100), (2, 33, 2560), (3, 9, 129), (1, 300, 640),
-                                   (1, 1001, 300)])  # the last in several parts, each in four quarters
-def test_q6_gemv_exact(path, m, v, h):
+                                   (1, 1001, 300)])  # the last in several parts (2 threads), each in quarters
+def test_q6_gemv_exact(path, threads, m, v, h):
     from bitlm.formats import q6
 
     rng = np.random.default_rng(m * 1000 + v + h)

@@ -56,7 +56,7 @@ def _id_list(prompt_ids) -> list[int]:
             ids = ids[0]
         elif len(shape) != 1:
             ids = None
-        if ids is None or not all(isinstance(i, int) for i in ids):
+        if ids is None or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
             raise BitlmError(f"prompt_ids: expected integer token ids of shape (T,) or (1, T), got "
                              f"{shape} {prompt_ids.dtype}")
         return ids

@@ -71,6 +71,8 @@ def head_arrays(rows: np.ndarray, head_format: str, chunk: int = 4096) -> dict[s
         return r if r.dtype == np.float32 else bf16_to_f32(r)
 
     if head_format == "f32":
+        if rows.dtype == np.float32:
+            return {"head": np.ascontiguousarray(rows)}
         out = {"head": np.empty((V, H), np.float32)}
         for i in range(0, V, chunk):
             out["head"][i:i + chunk] = full(i)
@@ -345,8 +347,8 @@ class NativeCache:
 
 
 class NativeLM:
-    """A NativeModel that answers like BitNetForCausalLM (call on ids, new_cache, config, tokenizer),
-    so generate(), stream_text() and ChatSession run on the native runtime unchanged."""
+    """A NativeModel that answers like BitNetForCausalLM (last_logits, new_cache, config, tokenizer, and
+    a call on torch ids), so generate(), stream_text() and ChatSession run on the native runtime."""
 
     device = "cpu"
 

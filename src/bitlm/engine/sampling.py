@@ -65,7 +65,7 @@ def nucleus(logits, p: float) -> np.ndarray:
     x = np.asarray(logits, dtype=np.float32)
     ids = np.flatnonzero(x > -np.inf)
     if ids.size == 0:
-        raise BitlmError("every token's logit is -inf (or NaN): there is nothing to sample")
+        raise BitlmError("every token's logit is -inf: there is nothing to sample")
     v = x if ids.size == x.size else x[ids]
     w = np.exp(v - v.max())  # float32, as torch's softmax; the sums below in float64
     total = float(w.sum(dtype=np.float64))
@@ -109,16 +109,23 @@ def sample(logits, params: SamplingParams, generator: np.random.Generator | None
     x = np.asarray(logits, dtype=np.float32)
     if x.ndim != 2:
         raise BitlmError(f"sample: expected logits of shape (batch, vocab), got {x.shape}")
+    if not np.all(np.isfinite(x) | (x == -np.inf)):
+        raise BitlmError("sample: the logits hold NaN or +inf (the model's output overflowed); "
+                         "check the model's weights")
     if params.greedy:
         return x.argmax(axis=-1)  # the first of equal maxima
     rng = generator if generator is not None else params.generator()
     x = top_k_filter(x / np.float32(params.temperature), params.top_k)
     out = np.empty(x.shape[0], dtype=np.int64)
     for r, row in enumerate(x):
-        ids = nucleus(row, params.top_p) if params.top_p < 1 else np.flatnonzero(row > -np.inf)
-        if ids.size == 0:
-            raise BitlmError("every token's logit is -inf (or NaN): there is nothing to sample")
-        v = row if ids.size == row.size else row[ids]
+        if params.top_p < 1:
+            ids = nucleus(row, params.top_p)  # most likely first
+            v = row[ids]
+        else:
+            ids = np.flatnonzero(row > -np.inf)  # in id order
+            if ids.size == 0:
+                raise BitlmError("every token's logit is -inf: there is nothing to sample")
+            v = row if ids.size == row.size else row[ids]
         cum = np.cumsum(np.exp(v - v.max()), dtype=np.float64)
         i = int(np.searchsorted(cum, rng.random() * cum[-1], side="right"))
         out[r] = ids[min(i, ids.size - 1)]
