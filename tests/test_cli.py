@@ -80,19 +80,23 @@ def test_generate_sampling_flags_stop_strings_and_stdin(tiny_model_dir, model, c
                         r"finished: length\]\n", err)
 
 
-def test_native_generate_does_not_import_torch(tiny_model_dir, model):
-    """torch costs ~190 MB of resident memory; the native runtime's generation never needs it (the
-    `model` fixture has converted the checkpoint already, the one step that does)."""
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_native_generation_does_not_import_torch(tiny_model_dir, tmp_path, command):
+    """torch costs ~190 MB of resident memory; the native runtime never needs it, from converting the
+    (packed) checkpoint in an empty cache to the last token."""
     from bitlm.cli import native_available
     if not native_available():
         pytest.skip("the native kernels are not built")
-    code = ("import sys; from bitlm.cli import main; "
-            f"rc = main(['generate', '-m', {str(tiny_model_dir)!r}, '-p', 'To be', '-n', '8', '--seed', '1']); "
-            "print('torch' in sys.modules); sys.exit(rc)")
+    argv = ["generate", "-p", "To be"] if command == "generate" else ["chat"]
+    code = ("import io, sys; sys.stdin = io.StringIO('hello\\n'); from bitlm.cli import main; "
+            f"rc = main({argv!r} + ['-m', {str(tiny_model_dir)!r}, '-n', '8', '--seed', '1']); "
+            "print('\\ntorch imported:', 'torch' in sys.modules); sys.exit(rc)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120,
-                       env={**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1"})
+                       env={**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1",
+                            "BITLM_CACHE": str(tmp_path / "cache")})
     assert p.returncode == 0, p.stderr.decode()
-    assert p.stdout.decode().splitlines()[-1] == "False"
+    assert p.stdout.decode().splitlines()[-1] == "torch imported: False"
+    assert list((tmp_path / "cache" / "native").glob("*.safetensors"))  # it did convert
 
 
 def test_ignore_eos(tiny_model_dir, model, tmp_path, capsys):

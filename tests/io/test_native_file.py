@@ -54,6 +54,31 @@ def test_convert_then_map_equals_the_torch_model(tiny_model_dir, tmp_path, monke
     assert list((tmp_path / "cache" / "native").iterdir()) == files
 
 
+@pytest.mark.parametrize("variant", ["f32", "bf16", "untied", "bitlinear"])
+def test_packed_checkpoint_converts_without_torch_to_the_same_file(tmp_path, variant):
+    """convert_packed (numpy, from the mapped checkpoint) against convert_via_torch (bitlm's torch model):
+    the same bytes, for every head format; bf16 checkpoints round the norms and scales as the model does,
+    and the older "bitlinear" class stores reciprocal scales."""
+    import filecmp
+    import json
+
+    from helpers import make_tiny_model_dir
+
+    from bitlm.io.native import convert_packed, convert_via_torch
+    kw = {"f32": {}, "bf16": {"torch_dtype": "bfloat16"}, "untied": {"tie_word_embeddings": False},
+          "bitlinear": {}}[variant]
+    d = make_tiny_model_dir(tmp_path / "m", seed=7, **kw)
+    if variant == "bitlinear":
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["quantization_config"]["linear_class"] = "bitlinear"
+        (d / "config.json").write_text(json.dumps(cfg))
+    for head in ("q8", "q6", "f32", "bf16"):
+        a, b = tmp_path / f"{head}-numpy.safetensors", tmp_path / f"{head}-torch.safetensors"
+        convert_packed(d, a, head)
+        convert_via_torch(d, b, head)
+        assert filecmp.cmp(a, b, shallow=False), (variant, head)
+
+
 def test_file_span_finds_the_bytes_of_a_mapped_tensor(tmp_path):
     import os
     e = np.arange(40, dtype=np.uint16).reshape(8, 5)

@@ -54,7 +54,16 @@ def cache_path(model_dir: Path, head: str) -> Path:
 
 
 def convert(model_dir, dest, head: str = "q8") -> Path:
-    """Write the native file of a Hugging Face checkpoint directory (atomically)."""
+    """Write the native file of a Hugging Face checkpoint directory (atomically). A packed checkpoint
+    (quantization_mode offline, as microsoft/bitnet-b1.58-2B-4T) is converted tensor by tensor from its
+    files, without torch; a latent one goes through the torch model, whose quantizer makes the codes."""
+    from .hub import read_config
+    cfg = read_config(Path(model_dir))
+    return (convert_packed if cfg.quantization_mode == "offline" else convert_via_torch)(model_dir, dest, head)
+
+
+def convert_via_torch(model_dir, dest, head: str = "q8") -> Path:
+    """convert() through bitlm's torch model, in the checkpoint's torch_dtype (any checkpoint)."""
     import torch
 
     from ..engine.native import arrays_from_model
@@ -66,9 +75,90 @@ def convert(model_dir, dest, head: str = "q8") -> Path:
     return Path(dest)
 
 
+def convert_packed(model_dir, dest, head: str = "q8") -> Path:
+    """convert() of a packed checkpoint from its memory-mapped files, one projection in memory at a
+    time: the same file, byte for byte, as convert_via_torch (a test checks it), in a fraction of the
+    time and memory. Float tensors take the model's dtype on the way, as loading it would: bf16
+    (rounded to nearest even) when config.json's torch_dtype is bfloat16, else float32."""
+    from ..engine.native import NORMS, PROJS, bf16_to_f32, f32_to_bf16, head_arrays
+    from ..formats import hf_packed, i2v
+    from . import names
+    from .hub import read_config, weight_files
+    model_dir = Path(model_dir)
+    cfg = read_config(model_dir)
+    files, where = {}, {}
+    for f in weight_files(model_dir):
+        files[f], _ = st.open_arrays(f)
+        where.update((k, f) for k in files[f])
+    bf16 = cfg.torch_dtype == "bfloat16"
+
+    def get(key, shape, kind="float"):
+        if key not in where:
+            raise BitlmError(f"{model_dir}: tensor {key!r} is missing from the checkpoint")
+        f = where[key]
+        a = files[f][key]
+        if kind == "float" and a.dtype not in (np.float32, np.float16, np.uint16):
+            raise BitlmError(f"{f}: tensor {key!r} has dtype {a.dtype}, expected a float dtype")
+        if kind == "uint8" and a.dtype != np.uint8:
+            raise BitlmError(f"{f}: tensor {key!r} has dtype {a.dtype}, expected uint8 (packed ternary "
+                             "weights, quantization_mode offline)")
+        if shape is not None and tuple(a.shape) != tuple(shape):
+            raise BitlmError(f"{f}: tensor {key!r} has shape {list(a.shape)}, expected {list(shape)} "
+                             "from config.json")
+        return a
+
+    def model_dtype(a):  # the values the torch model would hold: bf16 bits (uint16) or float32
+        if a.dtype == np.uint16:  # BF16 in the file
+            return a if bf16 else bf16_to_f32(a)
+        return f32_to_bf16(a) if bf16 else np.asarray(a, dtype=np.float32)
+
+    def as_f32(a):  # a float32 copy of what the model holds (norms)
+        a = model_dtype(a)
+        return bf16_to_f32(a) if a.dtype == np.uint16 else np.array(a, dtype=np.float32)
+
+    V, H = cfg.vocab_size, cfg.hidden_size
+    embed = model_dtype(get(names.EMBED, (V, H)))
+    arrays = {"embed": embed, "final_norm": as_f32(get(names.FINAL_NORM, (H,)))}
+    scales = np.zeros((cfg.num_hidden_layers, len(PROJS)), np.float32)
+    shapes = cfg.projection_shapes()
+    norm_sizes = names.block_norms(cfg)
+    for l in range(cfg.num_hidden_layers):
+        for name in NORMS:
+            arrays[f"{l}.{name}"] = as_f32(get(names.layer(l, name) + ".weight", (norm_sizes[name],)))
+        for j, name in enumerate(PROJS):
+            out_f, in_f = shapes[name]
+            key = names.layer(l, name)
+            packed = get(key + ".weight", (hf_packed.packed_rows(out_f), in_f), kind="uint8")
+            raw = get(key + ".weight_scale", None)
+            scale = (bf16_to_f32(raw) if raw.dtype == np.uint16 else raw.astype(np.float32)).reshape(-1)
+            if scale.size != 1:
+                raise BitlmError(f"checkpoint: tensor {key + '.weight_scale'!r} has {scale.size} values, "
+                                 "expected 1 (one scale per matrix)")
+            # the older "bitlinear" class stores the reciprocal and divides; the model's dtype then
+            # rounds the scale too (it keeps the bf16 value in float32)
+            scale = np.float32(1) / scale if cfg.linear_class == "bitlinear" else scale
+            scales[l, j] = bf16_to_f32(f32_to_bf16(scale))[0] if bf16 else scale[0]
+            arrays[f"{l}.{name}"] = st.Lazy(i2v.packed_shape(out_f, in_f), np.uint8,
+                                            lambda p=packed, k=key, o=out_f: _i2v_checked(p, k, o))
+    arrays["scales"] = scales
+    rows = embed if cfg.tie_word_embeddings else model_dtype(get(names.LM_HEAD, (V, H)))
+    arrays.update(head_arrays(rows, head))
+    save(arrays, cfg, dest, head)
+    return Path(dest)
+
+
+def _i2v_checked(packed: np.ndarray, key: str, out_features: int) -> np.ndarray:
+    from ..kernels import from_hf_packed_array
+    if (packed & (packed >> 1) & 0x55).any():  # both bits of some 2-bit code set: code 3
+        raise BitlmError(f"checkpoint: tensor {key + '.weight'!r} holds the 2-bit code 3, which is not "
+                         "ternary; the file is corrupt or not a BitNet packed checkpoint")
+    return from_hf_packed_array(packed, out_features)
+
+
 def save(arrays: dict[str, np.ndarray], config: BitNetConfig, dest, head: str) -> None:
     bf16 = {"embed", "head"}  # uint16 arrays there are bf16 bit patterns
-    tensors = {k: ("BF16", v) if k in bf16 and v.dtype == np.uint16 else v for k, v in arrays.items()}
+    tensors = {k: ("BF16", v) if k in bf16 and v.dtype == np.uint16 and not isinstance(v, st.Lazy) else v
+               for k, v in arrays.items()}
     st.write(dest, tensors, {"bitlm_format": FORMAT, "config": json.dumps(config.to_hf()), "head": head})
 
 

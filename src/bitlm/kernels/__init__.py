@@ -161,6 +161,21 @@ def from_hf_packed(packed: torch.Tensor | np.ndarray, out_features: int) -> Pack
     return PackedTernary(data, out_features, k)
 
 
+def from_hf_packed_array(packed: np.ndarray, out_features: int) -> np.ndarray:
+    """from_hf_packed on numpy, without torch (the native file converter): uint8 [ceil(out/4), in] ->
+    I2V uint8 [Np/16, Kp/16, 64], in C where built, else formats/i2v.py's reference."""
+    packed = np.ascontiguousarray(packed, dtype=np.uint8)
+    q, k = packed.shape
+    if q != hf_packed.packed_rows(out_features):
+        raise ValueError(f"from_hf_packed_array: expected uint8 [{hf_packed.packed_rows(out_features)}, in], "
+                         f"got {list(packed.shape)}")
+    if _native is None:
+        return i2v.from_hf_packed(packed, out_features)
+    out = np.empty(i2v.packed_shape(out_features, k), dtype=np.uint8)
+    _native.from_hf(packed.ctypes.data, out_features, k, out.ctypes.data)
+    return out
+
+
 def _as_rows(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
     if t.dtype != dtype or t.dim() != 2 or t.device.type != "cpu":
         raise TypeError(f"{name} must be a 2-D CPU {dtype} tensor, got {t.dtype} {list(t.shape)} on {t.device}")
