@@ -198,6 +198,18 @@ def wrong_shape(d):
     save_file(t, str(d / "model.safetensors"))
 
 
+def code_three(d):
+    t = load_file(d / "model.safetensors")
+    t["model.layers.0.self_attn.q_proj.weight"][5, 7] = 0x55 | 0xC0  # one code 3, in bits 6-7
+    save_file(t, str(d / "model.safetensors"))
+
+
+def missing_scale(d):
+    t = load_file(d / "model.safetensors")
+    del t["model.layers.0.mlp.up_proj.weight_scale"]
+    save_file(t, str(d / "model.safetensors"))
+
+
 def unknown_quantization(d):
     cfg = json.loads((d / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
@@ -210,6 +222,8 @@ def unknown_quantization(d):
     (truncate_weights, r"model\.safetensors.*truncated"),
     (wrong_shape, r"'model\.layers\.1\.mlp\.down_proj\.weight' has shape \[3, 3\], expected \[16, 172\]"),
     (unknown_quantization, r"config\.json: quantization_config\.quant_method must be 'bitnet', got 'gptq'"),
+    (code_three, r"'model\.layers\.0\.self_attn\.q_proj\.weight' holds the 2-bit code 3"),
+    (missing_scale, r"'model\.layers\.0\.mlp\.up_proj\.weight_scale' is missing"),
 ])
 def test_bad_model_files(tiny_model_dir, tmp_path, capsys, damage, pattern):
     d = copy_model(tiny_model_dir, tmp_path / "m")

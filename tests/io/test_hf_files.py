@@ -123,7 +123,7 @@ def test_wrong_shape_dtype_missing_tensor_and_bad_codes(tiny_model_dir, tmp_path
     assert key in expect_error("has shape", bitlm.load, d)
     d = copy_model(tiny_model_dir, tmp_path / "b")
     rewrite_tensor(d, key, torch.zeros(16, 172))
-    expect_error("expected torch.uint8", bitlm.load, d)
+    expect_error("expected uint8", bitlm.load, d)
     d = copy_model(tiny_model_dir, tmp_path / "c")
     rewrite_tensor(d, key, None)
     expect_error("is missing", bitlm.load, d)

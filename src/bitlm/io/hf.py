@@ -21,7 +21,7 @@ from ..formats import hf_packed
 from ..model import BitNetForCausalLM
 from . import names
 from .files import atomic_dir_write
-from .hub import read_config, resolve, weight_files
+from .hub import check_tensor, read_config, resolve, weight_files
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja")
@@ -59,14 +59,8 @@ class _Tensors:
         except Exception as e:
             raise BitlmError(f"{f}: tensor {key!r} could not be read ({str(e)[:120]}); "
                              "the file may be truncated") from None
-        if kind == "float" and not t.is_floating_point():
-            raise BitlmError(f"{f}: tensor {key!r} has dtype {t.dtype}, expected a float dtype")
-        if kind == "uint8" and t.dtype != torch.uint8:
-            raise BitlmError(f"{f}: tensor {key!r} has dtype {t.dtype}, expected torch.uint8 (packed "
-                             "ternary weights, quantization_mode offline)")
-        if shape is not None and tuple(t.shape) != tuple(shape):
-            raise BitlmError(f"{f}: tensor {key!r} has shape {list(t.shape)}, expected {list(shape)} "
-                             "from config.json")
+        check_tensor(f, key, t.dtype, t.shape, kind, shape, is_float=t.is_floating_point(),
+                     is_uint8=t.dtype == torch.uint8)
         return t
 
 

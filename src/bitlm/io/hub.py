@@ -73,3 +73,17 @@ def weight_files(path: Path) -> list[Path]:
         if not f.is_file():
             raise BitlmError(f"{f}: missing (listed in the shard index)")
     return files
+
+
+def check_tensor(f: Path, key: str, dtype, shape, kind: str = "float", expected=None, *, is_float: bool,
+                 is_uint8: bool) -> None:
+    """A checkpoint tensor's dtype kind ("float", or "uint8" for packed ternary weights) and its shape
+    against `expected` (from config.json; None: any), as one-line errors naming the file."""
+    if kind == "float" and not is_float:
+        raise BitlmError(f"{f}: tensor {key!r} has dtype {dtype}, expected a float dtype")
+    if kind == "uint8" and not is_uint8:
+        raise BitlmError(f"{f}: tensor {key!r} has dtype {dtype}, expected uint8 (packed ternary "
+                         "weights, quantization_mode offline)")
+    if expected is not None and tuple(shape) != tuple(expected):
+        raise BitlmError(f"{f}: tensor {key!r} has shape {list(shape)}, expected {list(expected)} "
+                         "from config.json")

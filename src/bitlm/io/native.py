@@ -83,28 +83,24 @@ def convert_packed(model_dir, dest, head: str = "q8") -> Path:
     from ..engine.native import NORMS, PROJS, bf16_to_f32, f32_to_bf16, head_arrays
     from ..formats import hf_packed, i2v
     from . import names
-    from .hub import read_config, weight_files
+    from .hub import check_tensor, read_config, weight_files
     model_dir = Path(model_dir)
     cfg = read_config(model_dir)
-    files, where = {}, {}
+    files, dtypes, where = {}, {}, {}
     for f in weight_files(model_dir):
         files[f], _ = st.open_arrays(f)
+        dtypes.update((k, v["dtype"]) for k, v in st.read_header(f)[0].items() if k != "__metadata__")
         where.update((k, f) for k in files[f])
     bf16 = cfg.torch_dtype == "bfloat16"
 
     def get(key, shape, kind="float"):
         if key not in where:
-            raise BitlmError(f"{model_dir}: tensor {key!r} is missing from the checkpoint")
+            raise BitlmError(f"checkpoint: tensor {key!r} is missing; the files do not match config.json")
         f = where[key]
         a = files[f][key]
-        if kind == "float" and a.dtype not in (np.float32, np.float16, np.uint16):
-            raise BitlmError(f"{f}: tensor {key!r} has dtype {a.dtype}, expected a float dtype")
-        if kind == "uint8" and a.dtype != np.uint8:
-            raise BitlmError(f"{f}: tensor {key!r} has dtype {a.dtype}, expected uint8 (packed ternary "
-                             "weights, quantization_mode offline)")
-        if shape is not None and tuple(a.shape) != tuple(shape):
-            raise BitlmError(f"{f}: tensor {key!r} has shape {list(a.shape)}, expected {list(shape)} "
-                             "from config.json")
+        dtype = dtypes[key]  # as the file names it (BF16 is mapped as uint16)
+        check_tensor(f, key, dtype, a.shape, kind, shape, is_float=dtype in ("F32", "F16", "BF16"),
+                     is_uint8=dtype == "U8")
         return a
 
     def model_dtype(a):  # the values the torch model would hold: bf16 bits (uint16) or float32
