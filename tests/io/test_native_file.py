@@ -37,6 +37,21 @@ def test_st_truncated_file_is_a_clear_error(tmp_path):
         st.open_arrays(tmp_path / "a.safetensors")
 
 
+@pytest.mark.parametrize("header", [
+    {"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}},   # 3 floats in 8 bytes
+    {"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}},   # offsets reversed
+    {"a": {"dtype": "F32", "shape": [2]}},                            # no offsets
+    [1, 2, 3],                                                        # not an object
+])
+def test_st_malformed_header_is_a_clear_error(tmp_path, header):
+    import json
+    import struct
+    raw = json.dumps(header).encode()
+    (tmp_path / "a.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(16))
+    with pytest.raises(BitlmError, match="a.safetensors: .*(malformed|not a safetensors file)"):
+        st.open_arrays(tmp_path / "a.safetensors")
+
+
 def test_convert_then_map_equals_the_torch_model(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("BITLM_CACHE", str(tmp_path / "cache"))
     nm = bitlm.load_native(tiny_model_dir, head="f32", kv="f32", mmap=True)
@@ -54,7 +69,7 @@ def test_convert_then_map_equals_the_torch_model(tiny_model_dir, tmp_path, monke
     assert list((tmp_path / "cache" / "native").iterdir()) == files
 
 
-@pytest.mark.parametrize("variant", ["f32", "bf16", "untied", "bitlinear"])
+@pytest.mark.parametrize("variant", ["f32", "bf16", "untied", "bitlinear", "f32-file-bf16-model"])
 def test_packed_checkpoint_converts_without_torch_to_the_same_file(tmp_path, variant):
     """convert_packed (numpy, from the mapped checkpoint) against convert_via_torch (bitlm's torch model):
     the same bytes, for every head format; bf16 checkpoints round the norms and scales as the model does,
@@ -65,13 +80,21 @@ def test_packed_checkpoint_converts_without_torch_to_the_same_file(tmp_path, var
     from helpers import make_tiny_model_dir
 
     from bitlm.io.native import convert_packed, convert_via_torch
-    kw = {"f32": {}, "bf16": {"torch_dtype": "bfloat16"}, "untied": {"tie_word_embeddings": False},
-          "bitlinear": {}}[variant]
+    from safetensors.torch import load_file, save_file
+    kw = {"bf16": {"torch_dtype": "bfloat16"}, "untied": {"tie_word_embeddings": False}}.get(variant, {})
     d = make_tiny_model_dir(tmp_path / "m", seed=7, **kw)
+    cfg = json.loads((d / "config.json").read_text())
     if variant == "bitlinear":
-        cfg = json.loads((d / "config.json").read_text())
         cfg["quantization_config"]["linear_class"] = "bitlinear"
-        (d / "config.json").write_text(json.dumps(cfg))
+    if variant == "f32-file-bf16-model":  # float32 tensors, random norms, loaded as bf16: all rounded
+        cfg["torch_dtype"] = "bfloat16"
+        t = load_file(d / "model.safetensors")
+        g = torch.Generator().manual_seed(1)
+        for k in t:
+            if k.endswith("norm.weight"):
+                t[k] = 1 + 0.3 * torch.randn(t[k].shape, generator=g)
+        save_file(t, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps(cfg))
     for head in ("q8", "q6", "f32", "bf16"):
         a, b = tmp_path / f"{head}-numpy.safetensors", tmp_path / f"{head}-torch.safetensors"
         convert_packed(d, a, head)

@@ -42,9 +42,13 @@ def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
 
 
 def f32_to_bf16(x: np.ndarray) -> np.ndarray:
-    """Round to nearest even, as torch's .bfloat16() does (finite values)."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    """Round to nearest even, as torch's .bfloat16() does; a NaN stays a NaN (0x7FC0, quiet) where the
+    rounding would carry it into an infinity or zero."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    u = x.view(np.uint32)
+    bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    return np.where(nan, np.uint16(0x7FC0), bits) if nan.any() else bits
 
 
 def quantize_head_rows(e: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -99,7 +99,7 @@ def convert_packed(model_dir, dest, head: str = "q8") -> Path:
         f = where[key]
         a = files[f][key]
         dtype = dtypes[key]  # as the file names it (BF16 is mapped as uint16)
-        check_tensor(f, key, dtype, a.shape, kind, shape, is_float=dtype in ("F32", "F16", "BF16"),
+        check_tensor(f, key, dtype, a.shape, kind, shape, is_float=dtype in ("F64", "F32", "F16", "BF16"),
                      is_uint8=dtype == "U8")
         return a
 

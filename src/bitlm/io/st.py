@@ -26,6 +26,26 @@ _ALIGN = 64  # tensor data starts on 64-byte boundaries: SIMD loads straight fro
 PAD = "__pad"  # names of the padding tensors that keep them there (skipped by open_arrays)
 
 
+def _check_entries(path, header) -> None:
+    """Each tensor entry: a dtype, a shape and data offsets that hold exactly that many bytes (a
+    damaged or hand-made header would otherwise fail deep inside numpy)."""
+    if not isinstance(header, dict):
+        raise BitlmError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    for name, v in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            (b, e), shape, dt = v["data_offsets"], v["shape"], v["dtype"]
+            itemsize = np.dtype(_NP[dt]).itemsize if dt in _NP else None
+            ok = 0 <= b <= e and all(isinstance(d, int) and d >= 0 for d in shape) and \
+                (itemsize is None or e - b == int(np.prod(shape, dtype=np.int64)) * itemsize)
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise BitlmError(f"{path}: tensor {name!r} has a malformed header entry ({str(v)[:120]}); "
+                             "the file is damaged: write or download it again")
+
+
 def read_header(path) -> tuple[dict, int]:
     """(header dict, offset of the data section)."""
     path = Path(path)
@@ -41,6 +61,7 @@ def read_header(path) -> tuple[dict, int]:
         size = path.stat().st_size
     except (OSError, ValueError) as e:
         raise BitlmError(f"{path}: not a readable safetensors file ({e})") from None
+    _check_entries(path, header)
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise BitlmError(f"{path}: truncated: the header promises {8 + n + end} bytes, the file has {size}; "
