@@ -59,13 +59,19 @@ def top_k_filter(logits, k: int) -> np.ndarray:
     return np.where(x < kth, np.float32(-np.inf), x)
 
 
+def _drawable(x: np.ndarray) -> np.ndarray:
+    """The ids of one row of logits that can be drawn (not -inf), in id order."""
+    ids = np.flatnonzero(x > -np.inf)
+    if ids.size == 0:
+        raise BitlmError("every token's logit is -inf: there is nothing to sample")
+    return ids
+
+
 def nucleus(logits, p: float) -> np.ndarray:
     """The token ids of the smallest set of most likely tokens whose probability sums to at least p
     (at least one), most likely first, from one row of logits (V,) (-inf: cannot be drawn)."""
     x = np.asarray(logits, dtype=np.float32)
-    ids = np.flatnonzero(x > -np.inf)
-    if ids.size == 0:
-        raise BitlmError("every token's logit is -inf: there is nothing to sample")
+    ids = _drawable(x)
     v = x if ids.size == x.size else x[ids]
     w = np.exp(v - v.max())  # float32, as torch's softmax; the sums below in float64
     total = float(w.sum(dtype=np.float64))
@@ -100,8 +106,11 @@ def process_logits(logits, params: SamplingParams) -> np.ndarray:
 
     Only for temperature > 0 (greedy needs no processing).
     """
-    x = np.asarray(logits, dtype=np.float32) / np.float32(params.temperature)
-    return top_p_filter(top_k_filter(x, params.top_k), params.top_p)
+    return top_p_filter(_temperature_top_k(logits, params), params.top_p)
+
+
+def _temperature_top_k(logits, params: SamplingParams) -> np.ndarray:
+    return top_k_filter(np.asarray(logits, dtype=np.float32) / np.float32(params.temperature), params.top_k)
 
 
 def sample(logits, params: SamplingParams, generator: np.random.Generator | None = None) -> np.ndarray:
@@ -115,16 +124,14 @@ def sample(logits, params: SamplingParams, generator: np.random.Generator | None
     if params.greedy:
         return x.argmax(axis=-1)  # the first of equal maxima
     rng = generator if generator is not None else params.generator()
-    x = top_k_filter(x / np.float32(params.temperature), params.top_k)
+    x = _temperature_top_k(x, params)
     out = np.empty(x.shape[0], dtype=np.int64)
     for r, row in enumerate(x):
         if params.top_p < 1:
             ids = nucleus(row, params.top_p)  # most likely first
             v = row[ids]
         else:
-            ids = np.flatnonzero(row > -np.inf)  # in id order
-            if ids.size == 0:
-                raise BitlmError("every token's logit is -inf: there is nothing to sample")
+            ids = _drawable(row)  # in id order: the whole row needs no copy
             v = row if ids.size == row.size else row[ids]
         cum = np.cumsum(np.exp(v - v.max()), dtype=np.float64)
         i = int(np.searchsorted(cum, rng.random() * cum[-1], side="right"))
