@@ -21,7 +21,7 @@ from ..formats import hf_packed
 from ..model import BitNetForCausalLM
 from . import names
 from .files import atomic_dir_write
-from .hub import check_tensor, read_config, resolve, weight_files
+from .hub import check_tensor, check_ternary_codes, read_config, resolve, weight_files
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja")
@@ -73,9 +73,7 @@ def _fill_projection(module, t: _Tensors, prefix: str, out_f: int, in_f: int, cf
                              "values, expected 1 (one scale per matrix)")
         if cfg.linear_class == "bitlinear":
             scale = 1.0 / scale  # the older class stores the reciprocal and divides
-        if bool((packed & (packed >> 1) & 0x55).any()):  # both bits of some 2-bit code set: code 3
-            raise BitlmError(f"checkpoint: tensor {prefix + '.weight'!r} holds the 2-bit code 3, which "
-                             "is not ternary; the file is corrupt or not a BitNet packed checkpoint")
+        check_ternary_codes(packed, prefix + ".weight")
         src = PackedBitLinear(in_f, out_f)
         src.weight.copy_(packed)
         src.weight_scale.copy_(scale)

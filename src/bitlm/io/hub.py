@@ -87,3 +87,10 @@ def check_tensor(f: Path, key: str, dtype, shape, kind: str = "float", expected=
     if expected is not None and tuple(shape) != tuple(expected):
         raise BitlmError(f"{f}: tensor {key!r} has shape {list(shape)}, expected {list(expected)} "
                          "from config.json")
+
+
+def check_ternary_codes(packed, key: str) -> None:
+    """Packed 2-bit codes (numpy or torch uint8) hold no code 3, which is not ternary."""
+    if bool((packed & (packed >> 1) & 0x55).any()):  # both bits of some 2-bit code set: code 3
+        raise BitlmError(f"checkpoint: tensor {key!r} holds the 2-bit code 3, which is not ternary; the "
+                         "file is corrupt or not a BitNet packed checkpoint")

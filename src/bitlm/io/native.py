@@ -145,9 +145,8 @@ def convert_packed(model_dir, dest, head: str = "q8") -> Path:
 
 def _i2v_checked(packed: np.ndarray, key: str, out_features: int) -> np.ndarray:
     from ..kernels import from_hf_packed_array
-    if (packed & (packed >> 1) & 0x55).any():  # both bits of some 2-bit code set: code 3
-        raise BitlmError(f"checkpoint: tensor {key + '.weight'!r} holds the 2-bit code 3, which is not "
-                         "ternary; the file is corrupt or not a BitNet packed checkpoint")
+    from .hub import check_ternary_codes
+    check_ternary_codes(packed, key + ".weight")
     return from_hf_packed_array(packed, out_features)
 
 

@@ -145,30 +145,22 @@ def from_hf_packed(packed: torch.Tensor | np.ndarray, out_features: int) -> Pack
     """Hugging Face packed uint8 [ceil(out/4), in] (a PackedBitLinear's `weight`) -> PackedTernary.
 
     Native: one pass in C over all threads (the 2B4T model's 210 matrices in well under a second);
-    otherwise formats/i2v.py's numpy reference.
+    otherwise formats/i2v.py's numpy reference (from_hf_packed_array).
     """
     import torch
-    t = packed if isinstance(packed, torch.Tensor) else torch.from_numpy(np.asarray(packed))
-    q, k = t.shape
-    if t.dtype != torch.uint8 or q != hf_packed.packed_rows(out_features):
-        raise ValueError(f"from_hf_packed: expected uint8 [{hf_packed.packed_rows(out_features)}, in], got "
-                         f"{t.dtype} {list(t.shape)}")
-    if _native is None:
-        return PackedTernary(torch.from_numpy(i2v.from_hf_packed(t.cpu().numpy(), out_features)), out_features, k)
-    t = t.cpu().contiguous()
-    data = torch.empty(i2v.packed_shape(out_features, k), dtype=torch.uint8)
-    _native.from_hf(t.data_ptr(), out_features, k, data.data_ptr())
-    return PackedTernary(data, out_features, k)
+    a = packed.cpu().numpy() if isinstance(packed, torch.Tensor) else np.asarray(packed)
+    return PackedTernary(torch.from_numpy(from_hf_packed_array(a, out_features)), out_features, a.shape[1])
 
 
 def from_hf_packed_array(packed: np.ndarray, out_features: int) -> np.ndarray:
     """from_hf_packed on numpy, without torch (the native file converter): uint8 [ceil(out/4), in] ->
     I2V uint8 [Np/16, Kp/16, 64], in C where built, else formats/i2v.py's reference."""
-    packed = np.ascontiguousarray(packed, dtype=np.uint8)
-    q, k = packed.shape
-    if q != hf_packed.packed_rows(out_features):
-        raise ValueError(f"from_hf_packed_array: expected uint8 [{hf_packed.packed_rows(out_features)}, in], "
-                         f"got {list(packed.shape)}")
+    packed = np.asarray(packed)
+    if packed.dtype != np.uint8 or packed.ndim != 2 or packed.shape[0] != hf_packed.packed_rows(out_features):
+        raise ValueError(f"from_hf_packed: expected uint8 [{hf_packed.packed_rows(out_features)}, in], got "
+                         f"{packed.dtype} {list(packed.shape)}")
+    packed = np.ascontiguousarray(packed)
+    k = packed.shape[1]
     if _native is None:
         return i2v.from_hf_packed(packed, out_features)
     out = np.empty(i2v.packed_shape(out_features, k), dtype=np.uint8)
