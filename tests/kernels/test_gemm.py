@@ -232,7 +232,8 @@ def test_env_var_forces_path():
 
 
 @pytest.mark.parametrize("shape,out_features",
-                         [((1, 2560), 640), ((2, 3, 100), 33), ((7, 48), 16), ((1, 17), 5), ((40, 100), 33)])
+                         [((1, 2560), 640), ((2, 3, 100), 33), ((7, 48), 16), ((1, 17), 5), ((40, 100), 33),
+                          ((48, 2560), 700)])  # the last in many parts, each dequantizing its own rows
 def test_linear_equals_packed_bitlinear(path, shape, out_features):
     from bitlm.bitlinear import PackedBitLinear
     from bitlm.quant import quantize_weights

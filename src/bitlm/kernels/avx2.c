@@ -187,6 +187,10 @@ INLINE T256 void gemm_block_rows(const i2v_gemm_args *a, int rb) {
         memset(acc, 0, sizeof(int32_t) * 16 * (size_t)np);
         for (int kb0 = 0; kb0 < a->Kb; kb0 += CHUNK) {
             int nkb = a->Kb - kb0 < CHUNK ? a->Kb - kb0 : CHUNK;
+            /* the next CHUNK blocks in memory (this row block's next chunk, or the next row block's
+             * first) are fetched while this chunk is multiplied: unpacking waited on them otherwise */
+            const char *next = (const char *)(w + (size_t)(kb0 + nkb) * I2V_BLOCK);
+            for (int i = 0; i < CHUNK * I2V_BLOCK; i += 64) _mm_prefetch(next + i, _MM_HINT_T0);
             unpack_chunk(w + (size_t)kb0 * I2V_BLOCK, nkb, planes);
             const int8_t *x = a->x + (size_t)p0 * a->ldx + 16 * (size_t)kb0;
             int i = 0;

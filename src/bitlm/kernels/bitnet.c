@@ -18,11 +18,6 @@
 #include "bitnet.h"
 #include "i2v.h"
 
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__)
-#define VEC __attribute__((target_clones("avx512f", "avx2,fma", "default")))
-#else
-#define VEC
-#endif
 
 typedef float (*dot_fn)(const float *, const float *, int);
 /* out[r * ldo] = scale * (q_r . k) for the nq rows q_r = q + r * n (the q heads of one kv head) */
@@ -364,7 +359,7 @@ static void rmsnorm(dot_fn dot, const float *x, const float *w, float *out, int 
     for (int i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
 }
 
-VEC static void axpy(float *y, float a, const float *x, int n) {
+I2V_VEC static void axpy(float *y, float a, const float *x, int n) {
     for (int i = 0; i < n; i++) y[i] += a * x[i];
 }
 
@@ -474,7 +469,7 @@ static void pick_attn(int path, expsum_fn *expsum, pv_fn *pv) {
 
 /* g = act(g) * u. relu2 clears negative inputs with their sign bit, so the loop has no branch (the
  * compilers leave a float compare-and-select as a branch, mispredicted on half the elements) */
-VEC static void gate_act(float *restrict g, const float *restrict u, size_t n, int act) {
+I2V_VEC static void gate_act(float *restrict g, const float *restrict u, size_t n, int act) {
     if (act == 0) {
         for (size_t i = 0; i < n; i++) {
             int32_t b;
@@ -489,7 +484,7 @@ VEC static void gate_act(float *restrict g, const float *restrict u, size_t n, i
     }
 }
 
-VEC static float dot_bf16(const uint16_t *a, const float *b, int n) {
+I2V_VEC static float dot_bf16(const uint16_t *a, const float *b, int n) {
     float s = 0.0f;
     for (int i = 0; i < n; i++) {
         uint32_t u = (uint32_t)a[i] << 16;
@@ -507,38 +502,20 @@ static float bf16_to_f32(uint16_t v) {
     return f;
 }
 
-/* p[j] = (float)(int32 bits of p[j]) * f, in place (memcpy: the same bytes read as one type and
- * written as the other without breaking aliasing rules) */
-VEC static void int_to_float_scaled(float *p, int n, float f) {
-    for (int j = 0; j < n; j++) {
-        int32_t v;
-        memcpy(&v, p + j, 4);
-        p[j] = (float)v * f;
-    }
-}
-
 /* ---- ternary projection: y[t, :] = (q[t] . W^T) * (scale / s[t]) ---------------------------- */
-/* projections of one quantized input in one pool run (i2v_gemm_multi), each dequantized with its
- * weight scale: y_i = acc_i * (scale_i / s), float32 as the reference. The int32 sums are written
- * into y_i itself and turned into floats in place (same size), so no second buffer is needed. */
+/* projections of one quantized input in one pool run, each dequantized with its weight scale by the
+ * part that made its sums: y_i = acc_i * (scale_i / s), float32 as the reference */
 static int project(const bn_model *m, int n, const bn_linear *const *ps, const int8_t *q, size_t ldq,
                    const float *s, const int32_t *qsum, int T, float *const *ys, const size_t *ldys) {
     const uint8_t *w[I2V_MAX_MATS];
     int N[I2V_MAX_MATS];
-    int32_t *y[I2V_MAX_MATS];
-    size_t ldy[I2V_MAX_MATS];
+    float scale[I2V_MAX_MATS];
     for (int i = 0; i < n; i++) {
         w[i] = ps[i]->w;
         N[i] = ps[i]->N;
-        y[i] = (int32_t *)(void *)ys[i];
-        ldy[i] = ldys[i];
+        scale[i] = ps[i]->scale;
     }
-    int rc = i2v_gemm_multi(q, ldq, qsum, T, ps[0]->K, n, w, N, y, ldy, m->path);
-    if (rc) return rc;
-    for (int i = 0; i < n; i++)
-        for (int t = 0; t < T; t++)
-            int_to_float_scaled(ys[i] + (size_t)t * ldys[i], N[i], ps[i]->scale / s[t]);
-    return 0;
+    return i2v_gemm_multi_f32(q, ldq, qsum, s, T, ps[0]->K, n, w, N, scale, ys, ldys, m->path);
 }
 
 static int project1(const bn_model *m, const bn_linear *p, const int8_t *q, size_t ldq, const float *s,

@@ -89,7 +89,23 @@ typedef struct {
     int first[I2V_MAX_MATS + 1]; /* matrix i owns units first[i] .. first[i+1] */
     int nmat;
     i2v_kernel_fn fn;
+    const float *wscale;         /* NULL, or the matrices' weight scales: dequantize in the part */
+    const float *s;              /* [M] activation scales, with wscale */
 } gemm_task;
+
+/* y[m, n0:n1] (int32 sums, in place) -> float32 acc * (wscale / s[m]), the reference's order */
+I2V_VEC static void dequantize_rows(const i2v_gemm_args *a, float wscale, const float *s, int n0, int n1) {
+    for (int m = 0; m < a->M; m++) {
+        float f = wscale / s[m];
+        int32_t *am = a->y + (size_t)m * a->ldy;
+        float *ym = (float *)(void *)am;
+        for (int n = n0; n < n1; n++) {
+            int32_t v;
+            memcpy(&v, am + n, 4);
+            ym[n] = (float)v * f;
+        }
+    }
+}
 
 static void gemm_part(void *ctx, int p, int np) {
     const gemm_task *t = (const gemm_task *)ctx;
@@ -101,7 +117,12 @@ static void gemm_part(void *ctx, int p, int np) {
         int Nb = (t->a[i].N + I2V_ROWS - 1) / I2V_ROWS;
         int rb0 = 4 * (a - t->first[i]), rb1 = 4 * (b - t->first[i]);
         if (rb1 > Nb) rb1 = Nb;
-        if (rb0 < rb1) t->fn(&t->a[i], rb0, rb1);
+        if (rb0 >= rb1) continue;
+        t->fn(&t->a[i], rb0, rb1);
+        if (t->wscale) {
+            int n1 = rb1 * I2V_ROWS < t->a[i].N ? rb1 * I2V_ROWS : t->a[i].N;
+            dequantize_rows(&t->a[i], t->wscale[i], t->s, rb0 * I2V_ROWS, n1);
+        }
     }
 }
 
@@ -121,10 +142,13 @@ static void pad_geometry(int path, int M, int K, int *mp, size_t *kp) {
 
 /* x already zero-padded as pad_geometry says (ldx >= 16 * Kb), xsum given */
 static void gemm_padded(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int Kb, int nmat,
-                        const uint8_t *const *w, const int *N, int32_t *const *y, const size_t *ldy, int path) {
+                        const uint8_t *const *w, const int *N, int32_t *const *y, const size_t *ldy,
+                        const float *wscale, const float *s, int path) {
     gemm_task t;
     t.nmat = nmat;
     t.fn = kernel_for(path);
+    t.wscale = wscale;
+    t.s = s;
     t.first[0] = 0;
     long blocks = 0;
     for (int i = 0; i < nmat; i++) {
@@ -136,7 +160,8 @@ static void gemm_padded(const int8_t *x, size_t ldx, const int32_t *xsum, int M,
     }
     int parts = (int)(blocks / MIN_BLOCKS_PER_PART);
     int threads = i2v_pool_threads();
-    if (parts > PARTS_PER_THREAD * threads) parts = PARTS_PER_THREAD * threads;
+    int per_thread = M > 1 ? 16 : PARTS_PER_THREAD;
+    if (parts > per_thread * threads) parts = per_thread * threads;
     if (parts > t.first[nmat]) parts = t.first[nmat];
     if (threads == 1 || parts < 1) parts = 1;
     i2v_pool_run(gemm_part, &t, parts);
@@ -150,8 +175,9 @@ static int checked_path(int path, int M, int K, int N, size_t ldx, size_t ldy) {
     return path;
 }
 
-int i2v_gemm_multi(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int K, int nmat,
-                   const uint8_t *const *w, const int *N, int32_t *const *y, const size_t *ldy, int path) {
+static int gemm_multi(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int K, int nmat,
+                      const uint8_t *const *w, const int *N, int32_t *const *y, const size_t *ldy,
+                      const float *wscale, const float *s, int path) {
     if (nmat < 1 || nmat > I2V_MAX_MATS) return -1;
     int p = path;
     for (int i = 0; i < nmat; i++)
@@ -185,10 +211,24 @@ int i2v_gemm_multi(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int 
         }
         xsum = sums;
     }
-    gemm_padded(x, ldx, xsum, M, Kb, nmat, w, N, y, ldy, path);
+    gemm_padded(x, ldx, xsum, M, Kb, nmat, w, N, y, ldy, wscale, s, path);
     free(xpad);
     free(sums);
     return 0;
+}
+
+int i2v_gemm_multi(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int K, int nmat,
+                   const uint8_t *const *w, const int *N, int32_t *const *y, const size_t *ldy, int path) {
+    return gemm_multi(x, ldx, xsum, M, K, nmat, w, N, y, ldy, NULL, NULL, path);
+}
+
+int i2v_gemm_multi_f32(const int8_t *x, size_t ldx, const int32_t *xsum, const float *s, int M, int K,
+                       int nmat, const uint8_t *const *w, const int *N, const float *wscale,
+                       float *const *y, const size_t *ldy, int path) {
+    if (!s || !wscale || nmat < 1 || nmat > I2V_MAX_MATS) return -1;
+    int32_t *yi[I2V_MAX_MATS];  /* the sums are written where their floats go, then converted */
+    for (int i = 0; i < nmat; i++) yi[i] = (int32_t *)(void *)y[i];
+    return gemm_multi(x, ldx, xsum, M, K, nmat, w, N, yi, ldy, wscale, s, path);
 }
 
 int i2v_gemm(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int K, const uint8_t *w,
@@ -215,24 +255,16 @@ int i2v_linear(const float *x, size_t ldx, int M, int K, const uint8_t *w, int N
     int Kb = (K + I2V_COLS - 1) / I2V_COLS, mp;
     size_t kp;
     pad_geometry(path, M, K, &mp, &kp);
-    /* one scratch: q int8 [Mp, Kp] | acc int32 [M, N] | s float [M] | qsum int32 [M] */
+    /* one scratch: q int8 [Mp, Kp] | s float [M] | qsum int32 [M]; the int32 sums go into y itself */
     size_t qbytes = ((size_t)mp * kp + 63) & ~(size_t)63;
-    char *buf = (char *)malloc(qbytes + (size_t)M * N * 4 + (size_t)M * 8);
+    char *buf = (char *)malloc(qbytes + (size_t)M * 8);
     if (!buf) return -2;
     memset(buf + (size_t)M * kp, 0, (size_t)(mp - M) * kp);  /* AMX's padding rows */
     int8_t *q = (int8_t *)buf;
-    int32_t *acc = (int32_t *)(buf + qbytes);
-    float *s = (float *)(acc + (size_t)M * N);
-    int32_t *qsum = (int32_t *)(s + M);
+    float *s = (float *)(buf + qbytes);
+    int32_t *qsum = (int32_t *)(s + M), *acc = (int32_t *)(void *)y;
     quantize_path(x, ldx, M, K, q, kp, s, qsum, path);
-    size_t lda = (size_t)N;
-    gemm_padded(q, kp, qsum, M, Kb, 1, &w, &N, &acc, &lda, path);
-    for (int m = 0; m < M; m++) {
-        float f = wscale / s[m];  /* the reference: acc * (weight_scale / s), float32 */
-        const int32_t *am = acc + (size_t)m * N;
-        float *ym = y + (size_t)m * ldy;
-        for (int n = 0; n < N; n++) ym[n] = (float)am[n] * f;
-    }
+    gemm_padded(q, kp, qsum, M, Kb, 1, &w, &N, &acc, &ldy, &wscale, s, path);
     free(buf);
     return 0;
 }

@@ -24,6 +24,13 @@
 #define I2V_COLS 16
 #define I2V_BLOCK 64
 
+/* plain C loops that the compiler vectorises, one clone per instruction set, picked at load time */
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__)
+#define I2V_VEC __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#else
+#define I2V_VEC
+#endif
+
 typedef struct {
     const int8_t *x;      /* [M, 16*Kb] int8 activations, row stride ldx bytes, zero past K   */
     size_t ldx;
@@ -118,6 +125,11 @@ int i2v_gemm(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int K, con
 #define I2V_MAX_MATS 4
 int i2v_gemm_multi(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int K, int nmat,
                    const uint8_t *const *w, const int *N, int32_t *const *y, const size_t *ldy, int path);
+/* The same with the sums dequantized as each part finishes them: y[i][m, n] float32 =
+ * sum * (wscale[i] / s[m]), what project() in bitnet.c and i2v_linear want (s from i2v_quantize). */
+int i2v_gemm_multi_f32(const int8_t *x, size_t ldx, const int32_t *xsum, const float *s, int M, int K,
+                       int nmat, const uint8_t *const *w, const int *N, const float *wscale,
+                       float *const *y, const size_t *ldy, int path);
 int i2v_quantize(const float *x, size_t ldx, int M, int K, int8_t *q, size_t ldq, float *scale,
                  int32_t *qsum, int path);
 /* The whole BitLinear inference forward, y float32 [M, N] = (xq @ W^T) * (wscale / s) with xq, s
