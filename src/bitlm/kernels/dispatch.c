@@ -127,9 +127,13 @@ static void gemm_part(void *ctx, int p, int np) {
 }
 
 /* below this many 64-byte blocks of work (M x Nb x Kb) per part, splitting costs more than it saves;
- * up to PARTS_PER_THREAD parts per thread let a thread that was descheduled be covered by the others */
+ * up to PARTS_PER_THREAD parts per thread (GEMM_PARTS_PER_THREAD when M > 1) let a thread that was
+ * descheduled be covered by the others, and shorten the wait at the end of a run for the last part
+ * (at 4 and 4 that wait was 5.5% of a 2-thread prefill's samples and 7% of a decode's; at 16 and 8,
+ * 3.7% and 5.5%) */
 #define MIN_BLOCKS_PER_PART 256
-#define PARTS_PER_THREAD 4
+#define PARTS_PER_THREAD 8
+#define GEMM_PARTS_PER_THREAD 16
 
 /* The activations a path reads: whole 16-column blocks; AMX (from 16 rows) whole tiles of 32 rows
  * and 64 columns. Padding is zeros, so it adds nothing to any sum. */
@@ -160,7 +164,7 @@ static void gemm_padded(const int8_t *x, size_t ldx, const int32_t *xsum, int M,
     }
     int parts = (int)(blocks / MIN_BLOCKS_PER_PART);
     int threads = i2v_pool_threads();
-    int per_thread = M > 1 ? 16 : PARTS_PER_THREAD;
+    int per_thread = M > 1 ? GEMM_PARTS_PER_THREAD : PARTS_PER_THREAD;
     if (parts > per_thread * threads) parts = per_thread * threads;
     if (parts > t.first[nmat]) parts = t.first[nmat];
     if (threads == 1 || parts < 1) parts = 1;
