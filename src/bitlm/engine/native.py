@@ -385,8 +385,9 @@ class NativeLM:
         return torch.from_numpy(self.nm.forward(input_ids[0].numpy(), n_out)).unsqueeze(0)
 
 
-PROFILE_PHASES = ("embed", "norm+quantize", "q/k/v", "rope+kv store", "attention", "o", "gate/up",
-                  "relu2/silu", "down", "residual", "head")
+# "norm+quantize" includes the residual adds and relu2/silu, done by the norm that follows them
+PROFILE_PHASES = ("embed", "norm+quantize", "q/k/v", "rope+kv store", "attention", "o", "gate/up", "down",
+                  "head")
 
 
 def profile(nm: NativeModel, enable: bool | None = None, reset: bool = False) -> dict[str, float]:

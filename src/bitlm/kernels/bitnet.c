@@ -524,10 +524,16 @@ static int project1(const bn_model *m, const bn_linear *p, const int8_t *q, size
 }
 
 /* RMSNorm then per-token int8 quantization of T rows (in [T, ldin] -> xn [T, n] -> q [T, ldq]),
- * rows split over the pool when there are several */
+ * rows split over the pool when there are several. Before its norm a row can take the step that
+ * made it, done here while the row is in cache and over the pool: NQ_ADD the residual (in += pre),
+ * NQ_GATE the feed-forward's activation (in = act(in) * pre); pre has in's row stride. */
+enum { NQ_PLAIN, NQ_ADD, NQ_GATE };
+
 typedef struct {
     const bn_model *m;
-    const float *in, *w;
+    float *in;
+    const float *pre, *w;
+    int pre_kind;
     size_t ldin, ldq;
     int n, T;
     float *xn, *s;
@@ -539,19 +545,32 @@ typedef struct {
 static void nq_part(void *ctx, int part, int np) {
     nq_task *a = (nq_task *)ctx;
     int t0 = (int)((long)a->T * part / np), t1 = (int)((long)a->T * (part + 1) / np);
-    for (int t = t0; t < t1; t++)
-        rmsnorm(a->m->dot, a->in + (size_t)t * a->ldin, a->w, a->xn + (size_t)t * a->n, a->n, a->m->eps);
+    for (int t = t0; t < t1; t++) {
+        float *row = a->in + (size_t)t * a->ldin;
+        if (a->pre_kind == NQ_ADD) {
+            const float *pre = a->pre + (size_t)t * a->ldin;
+            for (int i = 0; i < a->n; i++) row[i] += pre[i];
+        } else if (a->pre_kind == NQ_GATE) {
+            gate_act(row, a->pre + (size_t)t * a->ldin, (size_t)a->n, a->m->act);
+        }
+        rmsnorm(a->m->dot, row, a->w, a->xn + (size_t)t * a->n, a->n, a->m->eps);
+    }
     a->rc[part] = t1 > t0 ? i2v_quantize(a->xn + (size_t)t0 * a->n, (size_t)a->n, t1 - t0, a->n,
                                          a->q + (size_t)t0 * a->ldq, a->ldq, a->s + t0, a->qsum + t0, a->m->path)
                           : 0;
 }
 
-static int norm_quant(const bn_model *m, const float *in, size_t ldin, const float *w, int n, int T, float *xn,
-                      int8_t *q, size_t ldq, float *s, int32_t *qsum) {
-    nq_task a = {m, in, w, ldin, ldq, n, T, xn, s, q, qsum, {0}};
+/* the parts of a pool run over T rows: one below 8 rows, else two a thread (NQ_MAX_PARTS at most) */
+static int row_parts(int T) {
     int parts = T < 8 ? 1 : 2 * i2v_pool_threads();
     if (parts > NQ_MAX_PARTS) parts = NQ_MAX_PARTS;
-    if (parts > T) parts = T;
+    return parts > T ? T : parts;
+}
+
+static int norm_quant(const bn_model *m, float *in, size_t ldin, const float *pre, int pre_kind, const float *w,
+                      int n, int T, float *xn, int8_t *q, size_t ldq, float *s, int32_t *qsum) {
+    nq_task a = {m, in, pre, w, pre ? pre_kind : NQ_PLAIN, ldin, ldq, n, T, xn, s, q, qsum, {0}};
+    int parts = row_parts(T);
     if (parts <= 1) {
         nq_part(&a, 0, 1);
         return a.rc[0];
@@ -568,6 +587,40 @@ static void rope(float *v, const float *cos, const float *sin, int hd) {
         float x1 = v[i], x2 = v[i + h2];
         v[i] = x1 * cos[i] - x2 * sin[i];
         v[i + h2] = x2 * cos[i + h2] + x1 * sin[i + h2];
+    }
+}
+
+/* RoPE on the q and k heads of rows t0 .. t1 of qkv [T, q | k | v], and k, v into the cache at
+ * positions pos + t */
+typedef struct {
+    const bn_model *m;
+    const bn_layer *y;
+    float *qkv;
+    int T, pos;
+} rope_task;
+
+static void rope_part(void *ctx, int part, int np) {
+    const rope_task *a = (const rope_task *)ctx;
+    const bn_model *m = a->m;
+    int hd = m->hd, qn = m->nh * hd, kvn = m->nkv * hd;
+    size_t ldqkv = (size_t)(qn + 2 * kvn);
+    int t0 = (int)((long)a->T * part / np), t1 = (int)((long)a->T * (part + 1) / np);
+    for (int t = t0; t < t1; t++) {
+        int ps = a->pos + t;
+        float *qt = a->qkv + (size_t)t * ldqkv, *kt = qt + qn, *vt = kt + kvn;
+        const float *c = m->cos + (size_t)ps * hd, *sn = m->sin + (size_t)ps * hd;
+        for (int h = 0; h < m->nh; h++) rope(qt + (size_t)h * hd, c, sn, hd);
+        for (int h = 0; h < m->nkv; h++) {
+            rope(kt + (size_t)h * hd, c, sn, hd);
+            size_t off = ((size_t)h * m->max_len + ps) * hd;
+            if (m->kv_f16) {
+                m->f2h(kt + (size_t)h * hd, (uint16_t *)a->y->kc + off, hd);
+                m->f2h(vt + (size_t)h * hd, (uint16_t *)a->y->vc + off, hd);
+            } else {
+                memcpy((float *)a->y->kc + off, kt + (size_t)h * hd, sizeof(float) * hd);
+                memcpy((float *)a->y->vc + off, vt + (size_t)h * hd, sizeof(float) * hd);
+            }
+        }
     }
 }
 
@@ -863,10 +916,11 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
     }
     size_t ldqkv = (size_t)(qn + 2 * kvn);
     LAP(BN_PROF_EMBED);
+    const float *pending = NULL;  /* the last down projection's output, not yet added into x */
     for (int l = 0; l < m->L && !rc; l++) {
         const bn_layer *y = &m->layers[l];
         /* attention */
-        if ((rc = norm_quant(m, x, (size_t)H, y->attn_norm, H, T, xn, q8, kpad(H), s, qsum))) break;
+        if ((rc = norm_quant(m, x, (size_t)H, pending, NQ_ADD, y->attn_norm, H, T, xn, q8, kpad(H), s, qsum))) break;
         LAP(BN_PROF_NORM_QUANT);
         {
             const bn_linear *ps[3] = {&y->proj[P_Q], &y->proj[P_K], &y->proj[P_V]};
@@ -875,35 +929,19 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
             if ((rc = project(m, 3, ps, q8, kpad(H), s, qsum, T, ys, ld))) break;
         }
         LAP(BN_PROF_QKV);
-        for (int t = 0; t < T; t++) {
-            int ps = pos + t;
-            float *qt = qkv + (size_t)t * ldqkv, *kt = qt + qn, *vt = kt + kvn;
-            const float *c = m->cos + (size_t)ps * hd, *sn = m->sin + (size_t)ps * hd;
-            for (int h = 0; h < m->nh; h++) rope(qt + (size_t)h * hd, c, sn, hd);
-            for (int h = 0; h < m->nkv; h++) {
-                rope(kt + (size_t)h * hd, c, sn, hd);
-                size_t off = ((size_t)h * m->max_len + ps) * hd;
-                if (m->kv_f16) {
-                    m->f2h(kt + (size_t)h * hd, (uint16_t *)y->kc + off, hd);
-                    m->f2h(vt + (size_t)h * hd, (uint16_t *)y->vc + off, hd);
-                } else {
-                    memcpy((float *)y->kc + off, kt + (size_t)h * hd, sizeof(float) * hd);
-                    memcpy((float *)y->vc + off, vt + (size_t)h * hd, sizeof(float) * hd);
-                }
-            }
-        }
+        rope_task rt = {m, y, qkv, T, pos};
+        i2v_pool_run(rope_part, &rt, row_parts(T));
         LAP(BN_PROF_ROPE_KV);
         attn_task at = {m, y, qkv, ldqkv, att, stat, work, ldwork, T, pos};
         i2v_pool_run(attn_part, &at, attn_parts);
         LAP(BN_PROF_ATTN);
-        if ((rc = norm_quant(m, att, (size_t)qn, y->attn_sub_norm, qn, T, xn, q8, kpad(qn), s, qsum))) break;
+        if ((rc = norm_quant(m, att, (size_t)qn, NULL, NQ_PLAIN, y->attn_sub_norm, qn, T, xn, q8, kpad(qn), s, qsum)))
+            break;
         LAP(BN_PROF_NORM_QUANT);
         if ((rc = project1(m, &y->proj[P_O], q8, kpad(qn), s, qsum, T, att, (size_t)H))) break;
         LAP(BN_PROF_O);
-        for (size_t i = 0; i < n_x; i++) x[i] += att[i];
-        LAP(BN_PROF_RESIDUAL);
-        /* feed-forward */
-        if ((rc = norm_quant(m, x, (size_t)H, y->ffn_norm, H, T, xn, q8, kpad(H), s, qsum))) break;
+        /* feed-forward: the residual x += o-projection first */
+        if ((rc = norm_quant(m, x, (size_t)H, att, NQ_ADD, y->ffn_norm, H, T, xn, q8, kpad(H), s, qsum))) break;
         LAP(BN_PROF_NORM_QUANT);
         {
             const bn_linear *ps[2] = {&y->proj[P_GATE], &y->proj[P_UP]};
@@ -912,14 +950,15 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
             if ((rc = project(m, 2, ps, q8, kpad(H), s, qsum, T, ys, ld))) break;
         }
         LAP(BN_PROF_GATE_UP);
-        gate_act(g, u, n_g, m->act);
-        LAP(BN_PROF_ACT);
-        if ((rc = norm_quant(m, g, (size_t)I, y->ffn_sub_norm, I, T, xn, q8, kpad(I), s, qsum))) break;
+        if ((rc = norm_quant(m, g, (size_t)I, u, NQ_GATE, y->ffn_sub_norm, I, T, xn, q8, kpad(I), s, qsum))) break;
         LAP(BN_PROF_NORM_QUANT);
         if ((rc = project1(m, &y->proj[P_DOWN], q8, kpad(I), s, qsum, T, att, (size_t)H))) break;
         LAP(BN_PROF_DOWN);
-        for (size_t i = 0; i < n_x; i++) x[i] += att[i];
-        LAP(BN_PROF_RESIDUAL);
+        pending = att;
+    }
+    if (!rc && pending) {
+        for (size_t i = 0; i < n_x; i++) x[i] += pending[i];
+        LAP(BN_PROF_NORM_QUANT);
     }
     if (!rc && hidden_out)
         for (int t = 0; t < T; t++) rmsnorm(m->dot, x + (size_t)t * H, m->final_norm, hidden_out + (size_t)t * H, H, m->eps);

@@ -51,7 +51,7 @@ int bn_forward(const bn_model *m, const int32_t *tokens, int T, int pos, float *
 /* Per-phase wall time, for the decode breakdown: phases BN_PROF_*, nanoseconds summed over calls
  * since the last reset. Timing costs ~20 ns per phase boundary; off unless enabled. */
 enum { BN_PROF_EMBED, BN_PROF_NORM_QUANT, BN_PROF_QKV, BN_PROF_ROPE_KV, BN_PROF_ATTN, BN_PROF_O,
-       BN_PROF_GATE_UP, BN_PROF_ACT, BN_PROF_DOWN, BN_PROF_RESIDUAL, BN_PROF_HEAD, BN_NPROF };
+       BN_PROF_GATE_UP, BN_PROF_DOWN, BN_PROF_HEAD, BN_NPROF };
 void bn_profile(bn_model *m, int enable, int64_t *out /* [BN_NPROF] or NULL */, int reset);
 
 /* Final hidden states instead of logits: float32 [T, hidden] (for tests and embeddings). */
