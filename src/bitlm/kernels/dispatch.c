@@ -83,7 +83,8 @@ static i2v_kernel_fn kernel_for(int path) {
 /* One pool run over the row blocks of up to I2V_MAX_MATS matrices that share their input (q, k, v;
  * gate, up): one synchronisation instead of one per matrix. Part p of np takes a contiguous range of
  * the matrices' row blocks laid end to end, in units of 4 (the GEMV kernels stream 4 row blocks side
- * by side), so each part streams its own stretch of the weights. */
+ * by side), so each part streams its own stretch of the weights; the ranges shrink toward the end of
+ * each thread's share (i2v_pool_split). */
 typedef struct {
     i2v_gemm_args a[I2V_MAX_MATS];
     int first[I2V_MAX_MATS + 1]; /* matrix i owns units first[i] .. first[i+1] */
@@ -109,8 +110,9 @@ I2V_VEC static void dequantize_rows(const i2v_gemm_args *a, float wscale, const 
 
 static void gemm_part(void *ctx, int p, int np) {
     const gemm_task *t = (const gemm_task *)ctx;
-    int total = t->first[t->nmat];
-    int u0 = (int)((long)total * p / np), u1 = (int)((long)total * (p + 1) / np);
+    long lo, hi;
+    i2v_pool_split(t->first[t->nmat], p, np, &lo, &hi);
+    int u0 = (int)lo, u1 = (int)hi;
     for (int i = 0; i < t->nmat; i++) {
         int a = u0 > t->first[i] ? u0 : t->first[i], b = u1 < t->first[i + 1] ? u1 : t->first[i + 1];
         if (a >= b) continue;
@@ -289,8 +291,9 @@ typedef struct {
 
 static void q6_part(void *ctx, int p, int np) {
     const q6_task *t = (const q6_task *)ctx;
-    int v0 = (int)((long)t->a.V * p / np), v1 = (int)((long)t->a.V * (p + 1) / np);
-    if (v0 < v1) t->fn(&t->a, v0, v1);
+    long v0, v1;
+    i2v_pool_split(t->a.V, p, np, &v0, &v1);
+    if (v0 < v1) t->fn(&t->a, (int)v0, (int)v1);
 }
 
 int i2v_q6_gemv(const uint8_t *w, int V, int H, const int8_t *x, size_t ldx, const int32_t *xsum, int M,

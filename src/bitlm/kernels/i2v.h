@@ -109,6 +109,9 @@ typedef void (*i2v_task_fn)(void *ctx, int part, int nparts);
 int i2v_pool_set_threads(int n);  /* n <= 0: one per available CPU; returns the count in use */
 int i2v_pool_threads(void);
 void i2v_pool_run(i2v_task_fn fn, void *ctx, int nparts);  /* fn(ctx, p, nparts) for p < nparts */
+/* [*lo, *hi): part p's units of `total`, for a task of nparts parts: each thread's share cut into parts
+ * of falling size, so that the end of a run waits on short parts (pool.c) */
+void i2v_pool_split(long total, int p, int nparts, long *lo, long *hi);
 
 /* ---- dispatch.c: the public entry points used by the binding ---- */
 int i2v_best_path(void);

@@ -184,6 +184,27 @@ int i2v_pool_threads(void) {
     return P.nthreads;
 }
 
+/* where part p's units start: the share of p's thread t, [total * b / nparts, total * e / nparts)
+ * for its parts b .. e - 1, cut into its K = e - b parts with sizes falling as K - k (part k ends
+ * where a fraction 1 - ((K - k - 1) / K)^2 of the share is done): the last parts, the ones a thread
+ * waits for or steals at the end of a run, are short (at K = 8 the last is 1/64 of the share, not 1/8) */
+static long split_start(long total, int p, int nparts, int nthreads) {
+    if (p >= nparts) return total;
+    int t = (int)((long)p * nthreads / nparts);
+    while (t > 0 && range_begin(t, nparts, nthreads) > p) t--;
+    while (range_begin(t + 1, nparts, nthreads) <= p) t++;
+    int b = range_begin(t, nparts, nthreads), e = range_begin(t + 1, nparts, nthreads);
+    int64_t K = e - b, r = e - p;  /* the thread's parts, and those left with p's */
+    int64_t u0 = (int64_t)total * b / nparts, n = (int64_t)total * e / nparts - u0;
+    return (long)(u0 + n - n * r * r / (K * K));
+}
+
+void i2v_pool_split(long total, int p, int nparts, long *lo, long *hi) {
+    int nthreads = P.nthreads > 0 ? P.nthreads : 1;
+    *lo = split_start(total, p, nparts, nthreads);
+    *hi = split_start(total, p + 1, nparts, nthreads);
+}
+
 void i2v_pool_run(i2v_task_fn fn, void *ctx, int nparts) {
     if (P.nthreads == 0) i2v_pool_set_threads(0);
     if (nparts <= 1 || P.nthreads <= 1 || in_task) {
