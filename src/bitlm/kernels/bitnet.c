@@ -354,7 +354,8 @@ static void pick_cvt(int path, cvt_fn *h2f, cvt_fn *f2h) {
 }
 
 #define NQ_MAX_PARTS 16
-static void rmsnorm(dot_fn dot, const float *x, const float *w, float *out, int n, float eps) {
+I2V_VEC static void rmsnorm(dot_fn dot, const float *restrict x, const float *restrict w, float *restrict out,
+                            int n, float eps) {
     float r = 1.0f / sqrtf(dot(x, x, n) / (float)n + eps);
     for (int i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
 }
@@ -548,8 +549,7 @@ static void nq_part(void *ctx, int part, int np) {
     for (int t = t0; t < t1; t++) {
         float *row = a->in + (size_t)t * a->ldin;
         if (a->pre_kind == NQ_ADD) {
-            const float *pre = a->pre + (size_t)t * a->ldin;
-            for (int i = 0; i < a->n; i++) row[i] += pre[i];
+            axpy(row, 1.0f, a->pre + (size_t)t * a->ldin, a->n);  /* row += pre: 1 * pre is exact */
         } else if (a->pre_kind == NQ_GATE) {
             gate_act(row, a->pre + (size_t)t * a->ldin, (size_t)a->n, a->m->act);
         }
