@@ -393,4 +393,4 @@ PROFILE_PHASES = ("embed", "norm+quantize", "q/k/v", "rope+kv store", "attention
 def profile(nm: NativeModel, enable: bool | None = None, reset: bool = False) -> dict[str, float]:
     """Seconds spent per phase of the forward since the last reset (bitnet.h BN_PROF_*)."""
     ns = nm.n.profile(nm._handle, -1 if enable is None else int(enable), int(reset))
-    return {name: v / 1e9 for name, v in zip(PROFILE_PHASES, ns)}
+    return {name: v / 1e9 for name, v in zip(PROFILE_PHASES, ns, strict=True)}

@@ -187,10 +187,13 @@ INLINE T256 void gemm_block_rows(const i2v_gemm_args *a, int rb) {
         memset(acc, 0, sizeof(int32_t) * 16 * (size_t)np);
         for (int kb0 = 0; kb0 < a->Kb; kb0 += CHUNK) {
             int nkb = a->Kb - kb0 < CHUNK ? a->Kb - kb0 : CHUNK;
-            /* the next CHUNK blocks in memory (this row block's next chunk, or the next row block's
-             * first) are fetched while this chunk is multiplied: unpacking waited on them otherwise */
-            const char *next = (const char *)(w + (size_t)(kb0 + nkb) * I2V_BLOCK);
-            for (int i = 0; i < CHUNK * I2V_BLOCK; i += 64) _mm_prefetch(next + i, _MM_HINT_T0);
+            /* the chunk unpacked next (this row block's next, its first again for the next panel, or
+             * the next row block's first) is fetched while this one is multiplied: unpacking waited on
+             * it otherwise. Never past the last row block. */
+            size_t nx = kb0 + nkb < a->Kb ? (size_t)(kb0 + nkb) : p0 + PANEL < a->M ? 0 : (size_t)a->Kb;
+            size_t left = ((size_t)(a->N + I2V_ROWS - 1) / I2V_ROWS - (size_t)rb) * a->Kb - nx;
+            const char *next = (const char *)(w + nx * I2V_BLOCK);
+            for (size_t i = 0; i < (left < CHUNK ? left : CHUNK) * I2V_BLOCK; i += 64) _mm_prefetch(next + i, _MM_HINT_T0);
             unpack_chunk(w + (size_t)kb0 * I2V_BLOCK, nkb, planes);
             const int8_t *x = a->x + (size_t)p0 * a->ldx + 16 * (size_t)kb0;
             int i = 0;

@@ -950,6 +950,8 @@ static int forward(const bn_model *m, const int32_t *tokens, int T, int pos, flo
             if ((rc = project(m, 2, ps, q8, kpad(H), s, qsum, T, ys, ld))) break;
         }
         LAP(BN_PROF_GATE_UP);
+        /* u is xn: row t of the norm's output overwrites row t of u, just read for that row's gate
+         * (same stride I), so no part writes a row another part still reads */
         if ((rc = norm_quant(m, g, (size_t)I, u, NQ_GATE, y->ffn_sub_norm, I, T, xn, q8, kpad(I), s, qsum))) break;
         LAP(BN_PROF_NORM_QUANT);
         if ((rc = project1(m, &y->proj[P_DOWN], q8, kpad(I), s, qsum, T, att, (size_t)H))) break;

@@ -128,8 +128,9 @@ int i2v_gemm(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int K, con
 #define I2V_MAX_MATS 4
 int i2v_gemm_multi(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int K, int nmat,
                    const uint8_t *const *w, const int *N, int32_t *const *y, const size_t *ldy, int path);
-/* The same with the sums dequantized as each part finishes them: y[i][m, n] float32 =
- * sum * (wscale[i] / s[m]), what project() in bitnet.c and i2v_linear want (s from i2v_quantize). */
+/* The same with the sums dequantized by the part that made them: y[i][m, n] float32 =
+ * sum * (wscale[i] / s[m]) (s from i2v_quantize), as bitnet.c's project() wants. Each y[i] holds its
+ * int32 sums until they are converted in place, so it must not overlap x, xsum or s. */
 int i2v_gemm_multi_f32(const int8_t *x, size_t ldx, const int32_t *xsum, const float *s, int M, int K,
                        int nmat, const uint8_t *const *w, const int *N, const float *wscale,
                        float *const *y, const size_t *ldy, int path);
