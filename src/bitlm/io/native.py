@@ -88,8 +88,9 @@ def convert_packed(model_dir, dest, head: str = "q8") -> Path:
     cfg = read_config(model_dir)
     files, dtypes, where = {}, {}, {}
     for f in weight_files(model_dir):
-        files[f], _ = st.open_arrays(f)
-        dtypes.update((k, v["dtype"]) for k, v in st.read_header(f)[0].items() if k != "__metadata__")
+        header, start = st.read_header(f)
+        files[f] = st.map_arrays(f, header, start)
+        dtypes.update((k, v["dtype"]) for k, v in header.items() if k != "__metadata__")  # BF16 vs U16
         where.update((k, f) for k in files[f])
     bf16 = cfg.torch_dtype == "bfloat16"
 

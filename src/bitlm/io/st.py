@@ -72,17 +72,21 @@ def read_header(path) -> tuple[dict, int]:
 def open_arrays(path) -> tuple[dict[str, np.ndarray], dict]:
     """name -> read-only memory-mapped array (BF16 as uint16), and the __metadata__ dict."""
     header, start = read_header(path)
-    meta = header.pop("__metadata__", {}) or {}
+    return map_arrays(path, header, start), header.get("__metadata__", {}) or {}
+
+
+def map_arrays(path, header: dict, start: int) -> dict[str, np.ndarray]:
+    """open_arrays' arrays from a header read_header has already read (header, start)."""
     mm = np.memmap(path, dtype=np.uint8, mode="r")
     out = {}
     for name, info in header.items():
-        if name.startswith(PAD):
+        if name == "__metadata__" or name.startswith(PAD):
             continue
         if info["dtype"] not in _NP:
             raise BitlmError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
         b, e = info["data_offsets"]
         out[name] = mm[start + b:start + e].view(_NP[info["dtype"]]).reshape(info["shape"])
-    return out, meta
+    return out
 
 
 class Lazy:
