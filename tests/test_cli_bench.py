@@ -61,3 +61,10 @@ def test_doctor_names_the_kernel_path():
         assert f"in use: {bitlm.kernels.info()['path']}" in p.stdout
     else:
         assert "NOT available" in p.stdout or "not part of this install" in p.stdout
+
+
+def test_profile_cells_keep_three_significant_digits_below_a_tenth_of_a_ms():
+    """A tiny model's phases on a fast CPU take microseconds: they must not print as 0.000."""
+    from bitlm.cli import _ms
+    assert [_ms(v) for v in (0.0, 12.3456, 0.1, 0.0999, 7.02e-05)] == ["0.000", "12.346", "0.100", "0.0999",
+                                                                     "0.0000702"]

@@ -224,9 +224,16 @@ def cmd_bench(args) -> int:
         print("| phase | " + " | ".join(tests) + " |")
         print("| --- |" + " ---: |" * len(tests))
         for phase in prof[tests[0]]:
-            cells = [f"{prof[t][phase]:.3f} ({100 * prof[t][phase] / prof[t]['total']:.0f}%)" for t in tests]
+            cells = [f"{_ms(prof[t][phase])} ({100 * prof[t][phase] / prof[t]['total']:.0f}%)" for t in tests]
             print(f"| {phase} | " + " | ".join(cells) + " |")
     return 0
+
+
+def _ms(v: float) -> str:
+    """A phase's milliseconds: three decimals, or three significant digits below 0.1 ms, so that a
+    tiny model's phases on a fast CPU show their size instead of 0.000."""
+    import math
+    return f"{v:.{3 if v >= 0.1 or v <= 0 else 2 - math.floor(math.log10(v))}f}"
 
 
 def cmd_doctor(args) -> int:
