@@ -11,9 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 import bitlm
 from bitlm.cli import main
@@ -103,7 +101,7 @@ def test_ignore_eos(tiny_model_dir, model, tmp_path, capsys):
     # A copy whose config makes the first greedy token the end of text: nothing comes out, unless --ignore-eos.
     expected = generate_text(model, PROMPT, max_new_tokens=5, temperature=0, stop_token_ids=[])
     first = generate_text(model, PROMPT, max_new_tokens=1, temperature=0, stop_token_ids=[])
-    d = copy_model(tiny_model_dir, tmp_path / "m")
+    d = Path(shutil.copytree(tiny_model_dir, tmp_path / "m"))
     cfg = json.loads((d / "config.json").read_text())
     cfg["eos_token_id"] = model.tokenizer.encode(first, add_special_tokens=False)[0]
     (d / "config.json").write_text(json.dumps(cfg))
@@ -181,70 +179,7 @@ def test_info_counts_and_bytes(tiny_model_dir, torch_model, capsys):
     assert re.search(r"^  hidden_size +64$", text, re.M)
 
 
-# ---- bad input: exit 2, one line, no traceback -----------------------------------------------------
-def copy_model(src, dst) -> Path:
-    shutil.copytree(src, dst)
-    return Path(dst)
-
-
-def truncate_weights(d):
-    f = d / "model.safetensors"
-    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-
-
-def wrong_shape(d):
-    t = load_file(d / "model.safetensors")
-    t["model.layers.1.mlp.down_proj.weight"] = torch.zeros(3, 3, dtype=torch.uint8)
-    save_file(t, str(d / "model.safetensors"))
-
-
-def code_three(d):
-    t = load_file(d / "model.safetensors")
-    t["model.layers.0.self_attn.q_proj.weight"][5, 7] = 0x55 | 0xC0  # one code 3, in bits 6-7
-    save_file(t, str(d / "model.safetensors"))
-
-
-def missing_scale(d):
-    t = load_file(d / "model.safetensors")
-    del t["model.layers.0.mlp.up_proj.weight_scale"]
-    save_file(t, str(d / "model.safetensors"))
-
-
-def unknown_quantization(d):
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
-    (d / "config.json").write_text(json.dumps(cfg))
-
-
-@pytest.mark.parametrize("damage,pattern", [
-    (lambda d: shutil.rmtree(d), r"no such model directory"),
-    (lambda d: (d / "model.safetensors").unlink(), r"no model\.safetensors"),
-    (truncate_weights, r"model\.safetensors.*truncated"),
-    (wrong_shape, r"'model\.layers\.1\.mlp\.down_proj\.weight' has shape \[3, 3\], expected \[16, 172\]"),
-    (unknown_quantization, r"config\.json: quantization_config\.quant_method must be 'bitnet', got 'gptq'"),
-    (code_three, r"'model\.layers\.0\.self_attn\.q_proj\.weight' holds the 2-bit code 3"),
-    (missing_scale, r"'model\.layers\.0\.mlp\.up_proj\.weight_scale' is missing"),
-])
-def test_bad_model_files(tiny_model_dir, tmp_path, capsys, damage, pattern):
-    d = copy_model(tiny_model_dir, tmp_path / "m")
-    damage(d)
-    assert main(["generate", "-m", str(d), "-p", "hi"]) == 2
-    out, err = capsys.readouterr()
-    assert out == "" and err.count("\n") == 1 and err.startswith("bitlm: error: "), err
-    assert re.search(pattern, err), err
-
-
-def test_info_on_bad_files(tiny_model_dir, tmp_path, capsys):
-    d = copy_model(tiny_model_dir, tmp_path / "m")
-    truncate_weights(d)
-    assert main(["info", str(d)]) == 2
-    err = capsys.readouterr().err
-    assert re.fullmatch(r"bitlm: error: \S*model\.safetensors: truncated: .*\n", err), err
-    (d / "model.safetensors").write_bytes(b"\x05")
-    assert main(["info", str(d)]) == 2
-    assert "not a safetensors file" in capsys.readouterr().err
-
-
+# ---- bad input: exit 2, one line, no traceback (broken checkpoints: tests/test_broken_inputs.py) -------
 def test_prompt_longer_than_context(tiny_model_dir, capsys):
     assert main(["generate", "-m", str(tiny_model_dir), "-p", "To be " * 300]) == 2
     err = capsys.readouterr().err

@@ -21,7 +21,8 @@ from ..formats import hf_packed
 from ..model import BitNetForCausalLM
 from . import names
 from .files import atomic_dir_write
-from .hub import check_tensor, check_ternary_codes, read_config, resolve, weight_files
+from .checkpoint import check_scale, check_tensor, check_ternary_codes, open_checkpoint
+from .hub import weight_files
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja")
@@ -67,13 +68,11 @@ class _Tensors:
 def _fill_projection(module, t: _Tensors, prefix: str, out_f: int, in_f: int, cfg: BitNetConfig):
     if cfg.quantization_mode == "offline":
         packed = t.get(prefix + ".weight", (hf_packed.packed_rows(out_f), in_f), kind="uint8")
-        scale = t.get(prefix + ".weight_scale", kind="float").float().reshape(-1)
-        if scale.numel() != 1:
-            raise BitlmError(f"checkpoint: tensor {prefix + '.weight_scale'!r} has {scale.numel()} "
-                             "values, expected 1 (one scale per matrix)")
+        scale = t.get(prefix + ".weight_scale", kind="scale").float().reshape(-1)
+        check_scale(float(scale[0]), prefix + ".weight_scale", t.where[prefix + ".weight_scale"])
         if cfg.linear_class == "bitlinear":
             scale = 1.0 / scale  # the older class stores the reciprocal and divides
-        check_ternary_codes(packed, prefix + ".weight")
+        check_ternary_codes(packed, prefix + ".weight", t.where[prefix + ".weight"])
         src = PackedBitLinear(in_f, out_f)
         src.weight.copy_(packed)
         src.weight_scale.copy_(scale)
@@ -101,8 +100,8 @@ def load(path_or_repo_id, dtype: torch.dtype = torch.float32, linear: str = "pac
     linear="packed" gives the inference form; "latent" the training form (latent weights that quantize
     to the checkpoint's codes); "fp" the full-precision twin initialised from the same weights.
     """
-    path = resolve(path_or_repo_id, revision)
-    cfg = read_config(path)
+    ck = open_checkpoint(path_or_repo_id, revision)
+    path, cfg = ck.path, ck.config
     t = _Tensors(path)
     model = BitNetForCausalLM.empty(cfg, linear=linear)
     with torch.no_grad():

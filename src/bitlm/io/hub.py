@@ -5,7 +5,6 @@ huggingface_hub), its config.json and its safetensors files. No torch here: the 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -60,11 +59,12 @@ def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint: model.safetensors, or the shards its index lists."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise BitlmError(f"{index}: malformed shard index ({e})") from None
-        files = [path / name for name in sorted(set(weight_map.values()))]
+        weight_map = read_json_object(index).get("weight_map")
+        names = set(weight_map.values()) if isinstance(weight_map, dict) else {None}
+        if not names or not all(isinstance(n, str) and n and Path(n).name == n for n in names):
+            raise BitlmError(f"{index}: malformed shard index (weight_map must map tensor names to the file "
+                             "names of shards in the same directory)")
+        files = [path / name for name in sorted(names)]
     elif (path / "model.safetensors").is_file():
         files = [path / "model.safetensors"]
     else:
@@ -73,24 +73,3 @@ def weight_files(path: Path) -> list[Path]:
         if not f.is_file():
             raise BitlmError(f"{f}: missing (listed in the shard index)")
     return files
-
-
-def check_tensor(f: Path, key: str, dtype, shape, kind: str = "float", expected=None, *, is_float: bool,
-                 is_uint8: bool) -> None:
-    """A checkpoint tensor's dtype kind ("float", or "uint8" for packed ternary weights) and its shape
-    against `expected` (from config.json; None: any), as one-line errors naming the file."""
-    if kind == "float" and not is_float:
-        raise BitlmError(f"{f}: tensor {key!r} has dtype {dtype}, expected a float dtype")
-    if kind == "uint8" and not is_uint8:
-        raise BitlmError(f"{f}: tensor {key!r} has dtype {dtype}, expected uint8 (packed ternary "
-                         "weights, quantization_mode offline)")
-    if expected is not None and tuple(shape) != tuple(expected):
-        raise BitlmError(f"{f}: tensor {key!r} has shape {list(shape)}, expected {list(expected)} "
-                         "from config.json")
-
-
-def check_ternary_codes(packed, key: str) -> None:
-    """Packed 2-bit codes (numpy or torch uint8) hold no code 3, which is not ternary."""
-    if bool((packed & (packed >> 1) & 0x55).any()):  # both bits of some 2-bit code set: code 3
-        raise BitlmError(f"checkpoint: tensor {key!r} holds the 2-bit code 3, which is not ternary; the "
-                         "file is corrupt or not a BitNet packed checkpoint")

@@ -67,7 +67,8 @@ def convert_via_torch(model_dir, dest, head: str = "q8") -> Path:
     import torch
 
     from ..engine.native import arrays_from_model
-    from .hf import load, read_config
+    from .hf import load
+    from .hub import read_config
     cfg = read_config(Path(model_dir))
     dtype = torch.bfloat16 if cfg.torch_dtype == "bfloat16" else torch.float32
     model = load(model_dir, dtype=dtype, tokenizer=False)
@@ -81,28 +82,16 @@ def convert_packed(model_dir, dest, head: str = "q8") -> Path:
     time and memory. Float tensors take the model's dtype on the way, as loading it would: bf16
     (rounded to nearest even) when config.json's torch_dtype is bfloat16, else float32."""
     from ..engine.native import NORMS, PROJS, bf16_to_f32, f32_to_bf16, head_arrays
-    from ..formats import hf_packed, i2v
+    from ..formats import i2v
     from . import names
-    from .hub import check_tensor, read_config, weight_files
-    model_dir = Path(model_dir)
-    cfg = read_config(model_dir)
-    files, dtypes, where = {}, {}, {}
-    for f in weight_files(model_dir):
-        header, start = st.read_header(f)
-        files[f] = st.map_arrays(f, header, start)
-        dtypes.update((k, v["dtype"]) for k, v in header.items() if k != "__metadata__")  # BF16 vs U16
-        where.update((k, f) for k in files[f])
+    from .checkpoint import check_scale, open_checkpoint, scale_value
+    ck = open_checkpoint(model_dir)  # every tensor present, of the dtype kind and shape config.json implies
+    cfg = ck.config
+    arrays_of = {f: st.map_arrays(f, header, start) for f, (header, start) in ck.headers.items()}
     bf16 = cfg.torch_dtype == "bfloat16"
 
-    def get(key, shape, kind="float"):
-        if key not in where:
-            raise BitlmError(f"checkpoint: tensor {key!r} is missing; the files do not match config.json")
-        f = where[key]
-        a = files[f][key]
-        dtype = dtypes[key]  # as the file names it (BF16 is mapped as uint16)
-        check_tensor(f, key, dtype, a.shape, kind, shape, is_float=dtype in ("F64", "F32", "F16", "BF16"),
-                     is_uint8=dtype == "U8")
-        return a
+    def get(key):
+        return arrays_of[ck.where[key]][key]  # BF16 is mapped as uint16 bits
 
     def model_dtype(a):  # the values the torch model would hold: bf16 bits (uint16) or float32
         if a.dtype == np.uint16:  # BF16 in the file
@@ -113,41 +102,36 @@ def convert_packed(model_dir, dest, head: str = "q8") -> Path:
         a = model_dtype(a)
         return bf16_to_f32(a) if a.dtype == np.uint16 else np.array(a, dtype=np.float32)
 
-    V, H = cfg.vocab_size, cfg.hidden_size
-    embed = model_dtype(get(names.EMBED, (V, H)))
-    arrays = {"embed": embed, "final_norm": as_f32(get(names.FINAL_NORM, (H,)))}
+    embed = model_dtype(get(names.EMBED))
+    arrays = {"embed": embed, "final_norm": as_f32(get(names.FINAL_NORM))}
     scales = np.zeros((cfg.num_hidden_layers, len(PROJS)), np.float32)
     shapes = cfg.projection_shapes()
-    norm_sizes = names.block_norms(cfg)
     for l in range(cfg.num_hidden_layers):
         for name in NORMS:
-            arrays[f"{l}.{name}"] = as_f32(get(names.layer(l, name) + ".weight", (norm_sizes[name],)))
+            arrays[f"{l}.{name}"] = as_f32(get(names.layer(l, name) + ".weight"))
         for j, name in enumerate(PROJS):
             out_f, in_f = shapes[name]
             key = names.layer(l, name)
-            packed = get(key + ".weight", (hf_packed.packed_rows(out_f), in_f), kind="uint8")
-            raw = get(key + ".weight_scale", None)
-            scale = (bf16_to_f32(raw) if raw.dtype == np.uint16 else raw.astype(np.float32)).reshape(-1)
-            if scale.size != 1:
-                raise BitlmError(f"checkpoint: tensor {key + '.weight_scale'!r} has {scale.size} values, "
-                                 "expected 1 (one scale per matrix)")
+            packed = get(key + ".weight")
+            scale = scale_value(get(key + ".weight_scale"), ck.dtype(key + ".weight_scale"))
+            check_scale(scale, key + ".weight_scale", ck.where[key + ".weight_scale"])
             # the older "bitlinear" class stores the reciprocal and divides; the model's dtype then
             # rounds the scale too (it keeps the bf16 value in float32)
-            scale = np.float32(1) / scale if cfg.linear_class == "bitlinear" else scale
+            scale = np.array([np.float32(1) / scale if cfg.linear_class == "bitlinear" else scale], np.float32)
             scales[l, j] = bf16_to_f32(f32_to_bf16(scale))[0] if bf16 else scale[0]
             arrays[f"{l}.{name}"] = st.Lazy(i2v.packed_shape(out_f, in_f), np.uint8,
-                                            lambda p=packed, k=key, o=out_f: _i2v_checked(p, k, o))
+                                            lambda p=packed, k=key, o=out_f: _i2v_checked(p, k, o, ck))
     arrays["scales"] = scales
-    rows = embed if cfg.tie_word_embeddings else model_dtype(get(names.LM_HEAD, (V, H)))
+    rows = embed if cfg.tie_word_embeddings else model_dtype(get(names.LM_HEAD))
     arrays.update(head_arrays(rows, head))
     save(arrays, cfg, dest, head)
     return Path(dest)
 
 
-def _i2v_checked(packed: np.ndarray, key: str, out_features: int) -> np.ndarray:
+def _i2v_checked(packed: np.ndarray, key: str, out_features: int, ck) -> np.ndarray:
     from ..kernels import from_hf_packed_array
-    from .hub import check_ternary_codes
-    check_ternary_codes(packed, key + ".weight")
+    from .checkpoint import check_ternary_codes
+    check_ternary_codes(packed, key + ".weight", ck.where[key + ".weight"])
     return from_hf_packed_array(packed, out_features)
 
 
@@ -186,14 +170,15 @@ def load_native(path_or_repo_id, head: str = "q8", max_len: int | None = None, r
     tokenizer=False leaves the tokenizer out (nm.tokenizer None): Llama 3's takes 70 MB of memory, which
     a benchmark of token ids does not need."""
     from ..engine.tokenizer import Tokenizer
-    from .hub import read_config, resolve
-    model_dir = resolve(path_or_repo_id, revision)
+    from .checkpoint import open_checkpoint
+    ck = open_checkpoint(path_or_repo_id, revision)  # a broken checkpoint fails here, cached or not
+    model_dir = ck.path
     dest = cache_path(model_dir, head)
     if not dest.exists():
         convert(model_dir, dest, head)
     nm = open_native(dest, max_len=max_len, kv=kv, mmap=mmap)
     if tokenizer:
-        nm.tokenizer = Tokenizer.from_dir(model_dir, read_config(model_dir))
+        nm.tokenizer = Tokenizer.from_dir(model_dir, ck.config)
     nm.source = {"path": str(model_dir), "format": "native", "file": str(dest)}
     return nm
 

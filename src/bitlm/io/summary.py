@@ -1,49 +1,21 @@
-"""What a checkpoint holds, read from config.json and the safetensors headers alone (no tensor is loaded):
-the configuration, parameter counts, bytes per component on disk and the on-disk format. `bitlm info`.
+"""What a checkpoint holds, read from config.json and the safetensors headers (no tensor is loaded into
+memory): the configuration, parameter counts, bytes per component on disk and the on-disk format.
+`bitlm info`.
 
-A safetensors file is: 8 bytes little-endian N, N bytes of JSON header
-{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then the tensor data;
-offsets count from the end of the header.
+The checkpoint is validated first (io/checkpoint.py: headers against config.json, codes and scales),
+as every loader does, so `info` refuses what they refuse.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 from ..config import BitNetConfig
-from ..errors import BitlmError
 from . import names
-from .hub import read_config, resolve, weight_files
+from .checkpoint import check_values, open_checkpoint
 
 COMPONENTS = ("ternary weights", "ternary scales", "embedding", "head", "norms", "other")
-_MAX_HEADER = 100 << 20  # the format's own limit on the JSON header
-
-
-def read_header(f: Path) -> tuple[dict[str, dict], dict]:
-    """(tensors, metadata) of a safetensors file, checking that the data the header promises is there."""
-    size = f.stat().st_size
-    with open(f, "rb") as fh:
-        head = fh.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n < 2 or n > min(size - 8, _MAX_HEADER):
-            raise BitlmError(f"{f}: not a safetensors file, or truncated inside its header")
-        try:
-            header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BitlmError(f"{f}: malformed safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise BitlmError(f"{f}: malformed safetensors header (not a JSON object)")
-    meta = header.pop("__metadata__", None) or {}
-    try:
-        end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
-    except (KeyError, TypeError, ValueError, IndexError):
-        raise BitlmError(f"{f}: malformed safetensors header (a tensor without data_offsets)") from None
-    if 8 + n + end > size:
-        raise BitlmError(f"{f}: truncated: its header describes {8 + n + end} bytes, the file has {size}; "
-                         "download or save it again")
-    return header, meta
 
 
 def component(name: str) -> str:
@@ -72,14 +44,15 @@ def format_description(cfg: BitNetConfig) -> str:
 def describe(path_or_repo_id) -> dict:
     """A JSON-ready summary of a checkpoint directory (or a hub repo id already in the local cache or
     downloadable)."""
-    path = resolve(path_or_repo_id)
-    cfg = read_config(path)
+    ck = open_checkpoint(path_or_repo_id)
+    check_values(ck)  # a checkpoint that the loaders refuse is refused here too
+    path, cfg = ck.path, ck.config
     nbytes = dict.fromkeys(COMPONENTS, 0)
     dtypes: dict[str, set[str]] = {c: set() for c in COMPONENTS}
     files, header_bytes, metadata = {}, 0, {}
-    for f in weight_files(path):
-        tensors, meta = read_header(f)
-        metadata.update(meta)
+    for f, (header, _) in ck.headers.items():
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        metadata.update(header.get("__metadata__") or {})
         files[f.name] = f.stat().st_size
         data = 0
         for name, t in tensors.items():

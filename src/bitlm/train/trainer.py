@@ -46,7 +46,8 @@ def init_weights(model: BitNetForCausalLM, std: float = INIT_STD) -> None:
 
 def load_init(path: str, linear: str) -> BitNetForCausalLM:
     """A BitNet (packed or latent) or Llama checkpoint directory, in training form."""
-    from ..io.hf import load, resolve
+    from ..io.hf import load
+    from ..io.hub import resolve
     from ..io.llama import is_llama_dir, load_llama
     p = resolve(path)
     if is_llama_dir(p):
