@@ -1,7 +1,8 @@
 /* Ternary x int8 kernels on the I2V packed layout (drawn in src/bitlm/formats/i2v.py).
  *
  * Plain C on raw pointers: no Python, no torch. One instruction set per .c file, compiled with
- * target attributes (never global -m flags), chosen once at run time in dispatch.c.
+ * target attributes (never global -m flags), chosen once at run time in dispatch.c. The AVX-512
+ * files also build on SIMDe's portable intrinsics, for the tests (x86_avx512.h).
  *
  * Packed weights: uint8 [Nb, Kb, 64], Nb = ceil(N/16), Kb = ceil(K/16). Block (rb, kb) holds rows
  * 16rb..16rb+15 and columns 16kb..16kb+15; byte 4r+j, bits 2s..2s+1 = code c = w+1 of row 16rb+r,
