@@ -131,7 +131,8 @@ static void check_quant(int M, int K) {
         int kind = m % 7;
         for (int k = 0; k < K; k++) {
             float r = (float)((int)(next() % 2000001) - 1000000) / 1e6f;
-            xm[k] = kind < 4 ? r * mag[kind] : kind == 4 ? 0.0f : kind == 5 ? (float)((int)(next() % 255) - 127) * 0.5f : r;
+            float half = (float)((int)(next() % 255) - 127) * 0.5f;
+            xm[k] = kind < 4 ? r * mag[kind] : kind == 4 ? 0.0f : kind == 5 ? half : r;
         }
         if (kind == 5) xm[0] = 127.0f;
         if (kind == 6) xm[K / 2] = 3e5f;
