@@ -19,7 +19,12 @@ from ..errors import BitlmError
 from .files import atomic_file
 
 _NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64, "I8": np.int8, "U8": np.uint8,
-       "I16": np.int16, "U16": np.uint16, "I32": np.int32, "I64": np.int64, "BOOL": np.bool_}
+       "I16": np.int16, "U16": np.uint16, "I32": np.int32, "I64": np.int64, "BOOL": np.bool_, "U32": np.uint32,
+       "U64": np.uint64}
+# bits per element of every dtype the format defines (safetensors 0.6), read or not: a header naming
+# another is malformed; one naming a dtype numpy lacks (F8_E4M3, ...) is whole but cannot be mapped
+_BITS = {**{k: 8 * np.dtype(v).itemsize for k, v in _NP.items()}, "C64": 64, "F4": 4, "F6_E2M3": 6,
+         "F6_E3M2": 6, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8}
 _ST = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.float64): "F64",
        np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.int16): "I16", np.dtype(np.int32): "I32",
        np.dtype(np.int64): "I64", np.dtype(np.uint16): "U16"}
@@ -60,10 +65,9 @@ def _check_entries(path, header, data_size: int) -> None:
             continue
         try:
             (b, e), shape, dt = v["data_offsets"], v["shape"], v["dtype"]
-            itemsize = np.dtype(_NP[dt]).itemsize if dt in _NP else None
             ok = _is_int(b) and _is_int(e) and 0 <= b <= e and isinstance(shape, list) and \
                 len(shape) <= _MAX_DIMS and all(_is_int(d) and d >= 0 for d in shape) and \
-                isinstance(dt, str) and (itemsize is None or e - b == math.prod(shape) * itemsize)
+                isinstance(dt, str) and dt in _BITS and (e - b) * 8 == math.prod(shape) * _BITS[dt]
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
