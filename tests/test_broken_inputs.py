@@ -81,8 +81,8 @@ FAULTS = {
     "config bad field": (lambda d: edit_config(d, num_attention_heads=5), r"config\.json: "),
     "config other model": (lambda d: edit_config(d, model_type="llama"), r"config\.json: model_type is 'llama'"),
     "truncated weights": (truncate, r"model\.safetensors: truncated"),
-    "corrupt header": (corrupt_header, r"model\.safetensors: not a readable safetensors file"),
-    "not safetensors": (lambda d: (d / WEIGHTS).write_bytes(b"\x05"), r"model\.safetensors: not a readable"),
+    "corrupt header": (corrupt_header, r"model\.safetensors: not a safetensors file \(its header is not JSON"),
+    "not safetensors": (lambda d: (d / WEIGHTS).write_bytes(b"\x05"), r"model\.safetensors: not a safetensors file \(only 1 bytes\)"),
     "shape vs config": (lambda d: edit_config(d, intermediate_size=192),
                         r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.ffn_sub_norm\.weight' has shape \[172\], "
                         r"expected \[192\] from config\.json"),
