@@ -1,0 +1,81 @@
+"""`bitlm serve`: load the model once, make the engine, run the app under uvicorn.
+
+SIGINT / SIGTERM drain: uvicorn stops accepting connections, new requests on open connections get 503,
+queued and running requests go on to their end for up to `drain_timeout` seconds, then whatever is left
+is cancelled, every sequence freed, and the process exits 0. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from ..errors import BitlmError
+from .settings import ServeSettings
+
+log = logging.getLogger("bitlm.serve")
+
+
+def make_engine(nm, settings: ServeSettings):
+    """The many-sequence engine the scheduler drives. SequentialEngine runs its sequences one after
+    another (exact, not batched); engine/batch.py's BatchEngine has the same interface."""
+    from .sequential_engine import SequentialEngine
+    return SequentialEngine(nm, max_seqs=settings.max_seqs, kv_blocks=settings.kv_blocks,
+                            block_size=settings.block_size)
+
+
+def served_name(source: str) -> str:
+    """The model id clients use: a directory's name, else the argument as given (a hub repo id)."""
+    p = Path(source)
+    return p.resolve().name if p.is_dir() else source
+
+
+def run(nm, settings: ServeSettings) -> int:
+    """Serve `nm` (a NativeModel with a tokenizer) until a signal ends it."""
+    import uvicorn
+
+    from .app import create_app
+    _setup_logging()
+    engine = make_engine(nm, settings)
+    app = create_app(engine, settings)
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:
+                host, port = self.servers[0].sockets[0].getsockname()[:2]
+                log.info("serving %s at http://%s:%s (%s, %d sequences, context %d, KV blocks %d of %d positions)",
+                         settings.model_name, _url_host(host), port, type(engine).__name__, settings.max_seqs,
+                         engine.max_len, engine.total_blocks, settings.block_size)
+
+        def handle_exit(self, sig, frame):
+            if not self.should_exit:
+                log.info("signal %d: draining (up to %.0f s), a second signal exits at once", sig,
+                         settings.drain_timeout)
+                scheduler = getattr(app.state, "scheduler", None)
+                if scheduler is not None:
+                    scheduler.begin_drain()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=settings.drain_timeout, server_header=False)
+    server = Server(config)
+    server.run()
+    if not server.started:  # e.g. the port is taken: uvicorn has logged why
+        raise BitlmError(f"bitlm serve: could not listen on {settings.host}:{settings.port}")
+    log.info("stopped")
+    return 0
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _setup_logging() -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("bitlm serve: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
