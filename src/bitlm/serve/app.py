@@ -57,7 +57,10 @@ def create_app(engine, settings: ServeSettings) -> FastAPI:
         try:
             yield
         finally:
-            await app.state.scheduler.close()
+            s = app.state.scheduler
+            await s.close()
+            log.info("stopped: %d requests ended (%s), %d tokens generated", sum(s.finished.values()),
+                     ", ".join(f"{r} {n}" for r, n in sorted(s.finished.items())) or "none", s.generated_tokens)
 
     app = FastAPI(title="bitlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine

@@ -35,14 +35,23 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 def validation_error(e: ValidationError) -> APIError:
     """The first problem of a pydantic error as a 400 naming the field (dotted path: messages.0.role)."""
-    err = e.errors(include_url=False)[0]
-    loc = ".".join(str(p) for p in err["loc"])
+    errors = e.errors(include_url=False)
+    err = errors[0]
+    loc = _field_path(err["loc"])
     if err["type"] == "extra_forbidden":
         return bad_request(f"Unrecognized request argument supplied: {loc}", param=loc, code="unknown_parameter")
     if err["type"] == "missing":
         return bad_request(f"Missing required parameter: {loc}", param=loc, code="missing_required_parameter")
-    return bad_request(f"Invalid value for {loc or 'the request body'}: {err['msg']}", param=loc or None,
+    # a union (stop: str | list[str]) reports one error per member at the same field: say them all
+    msgs = dict.fromkeys(x["msg"] for x in errors if _field_path(x["loc"]) == loc)
+    return bad_request(f"Invalid value for {loc or 'the request body'}: {' or '.join(msgs)}", param=loc or None,
                        code="invalid_value")
+
+
+def _field_path(loc) -> str:
+    """messages.0.role from pydantic's location, without the union members' tags (str, list[int], ...)."""
+    tags = {"str", "int", "float", "bool", "none", "dict", "list", "TextPart", "StreamOptions", "Message"}
+    return ".".join(str(p) for p in loc if isinstance(p, int) or (p not in tags and not any(c in p for c in "[-(")))
 
 
 class _Strict(BaseModel):

@@ -2,7 +2,9 @@
 
 SIGINT / SIGTERM drain: uvicorn stops accepting connections, new requests on open connections get 503,
 queued and running requests go on to their end for up to `drain_timeout` seconds, then whatever is left
-is cancelled, every sequence freed, and the process exits 0. A second signal exits at once.
+is cancelled and every sequence freed; then uvicorn re-raises the signal, so the process ends as that
+signal asks (SIGINT: `bitlm` exits 130; SIGTERM: killed by the signal, as a supervisor expects). A second
+signal exits at once.
 """
 
 from __future__ import annotations
@@ -64,7 +66,6 @@ def run(nm, settings: ServeSettings) -> int:
     server.run()
     if not server.started:  # e.g. the port is taken: uvicorn has logged why
         raise BitlmError(f"bitlm serve: could not listen on {settings.host}:{settings.port}")
-    log.info("stopped")
     return 0
 
 
