@@ -1,7 +1,8 @@
 """`bitlm serve` at its limits: the API key, a full queue (429), and draining on SIGTERM.
 
 One server with one sequence and a queue of one, on a tiny model with a long context (8192 positions),
-so that a request of thousands of tokens holds the only sequence for seconds while the test looks.
+so that a request of thousands of tokens holds the only sequence for seconds while the test looks; its
+KV cache holds 300 blocks of 16 positions (4,800), less than one full context.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ KEY = "sk-test-0123456789abcdef"
 @pytest.fixture(scope="module")
 def server(start_server, tmp_path_factory, tiny_tokenizer_dir):
     model = make_tiny_model_dir(tmp_path_factory.mktemp("long_ctx"), tiny_tokenizer_dir, max_position_embeddings=8192)
-    return start_server(model, "--max-seqs", 1, "--max-queue", 1, "--api-key", KEY, "--drain-timeout", 20)
+    return start_server(model, "--max-seqs", 1, "--max-queue", 1, "--api-key", KEY, "--drain-timeout", 20,
+                        "--kv-blocks", 300)
 
 
 def gauge(server, name: str) -> float:
@@ -58,7 +60,7 @@ def test_queue_full_then_disconnect_frees(server):
     """A holds the only sequence, B waits in the queue of one, C is refused with 429; A's client leaves,
     its sequence is freed and B runs to its end."""
     client = server.client(api_key=KEY)
-    a = client.completions.create(model=server.model, prompt="To be", max_tokens=8000, temperature=0, stream=True,
+    a = client.completions.create(model=server.model, prompt="To be", max_tokens=4000, temperature=0, stream=True,
                                   extra_body={"ignore_eos": True})
     next(iter(a))  # A is running
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -74,6 +76,13 @@ def test_queue_full_then_disconnect_frees(server):
     wait_for(lambda: gauge(server, "bitlm_kv_blocks_used") == 0 and gauge(server, "bitlm_requests_running") == 0)
     cancelled = 'bitlm_requests_finished_total{reason="cancelled"}'
     assert gauge(server, re.escape(cancelled)) == 1
+
+
+def test_request_larger_than_the_kv_cache(server):
+    """Within the context (8192) but beyond the whole KV cache (4800 positions): 400 before any work."""
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client(api_key=KEY).completions.create(model=server.model, prompt="To be", max_tokens=5000)
+    assert e.value.body["code"] == "context_length_exceeded" and "KV blocks" in e.value.body["message"]
 
 
 def test_sigterm_drains(server):

@@ -28,8 +28,10 @@ LONG_PROMPT = " ".join(PROMPTS) * 3  # ~100 tokens: several prefill chunks of 16
 
 @pytest.fixture(scope="module")
 def server(start_server, tiny_model_dir):
-    # a small prefill chunk, so that prompts take several steps beside the decodes of others
-    return start_server(tiny_model_dir, "--max-seqs", 16, "--prefill-chunk", 16, "--max-queue", 64)
+    # a small prefill chunk, so that prompts take several steps beside the decodes of others; a KV cache of
+    # 40 blocks of 16 positions (2.5 full contexts of 256), so that 16 requests compete for it
+    return start_server(tiny_model_dir, "--max-seqs", 16, "--prefill-chunk", 16, "--max-queue", 64,
+                        "--kv-blocks", 40)
 
 
 @pytest.fixture(scope="module")
@@ -277,3 +279,19 @@ def test_concurrent_streams_with_disconnects(client, server, ref):
     done = sum(m.get(f'bitlm_requests_finished_total{{reason="{r}"}}', 0) -
                before.get(f'bitlm_requests_finished_total{{reason="{r}"}}', 0) for r in ("stop", "length"))
     assert done >= sum(1 for j in jobs if not j[2])
+
+
+def test_preemption_keeps_outputs(client, server, ref):
+    """4 requests of 230 positions want 60 blocks of the 40: the last admitted are preempted and
+    recomputed later, and each output is still exactly engine.generate's."""
+    before = metrics(server)["bitlm_preemptions_total"]
+    prompts = [[(7 * i + j) % 500 + 3 for j in range(30)] for i in range(4)]
+    expected = [reference(ref, p, 200, ignore_eos=True)[0] for p in prompts]
+
+    def run(p):
+        return client.completions.create(model=server.model, prompt=p, max_tokens=200, temperature=0,
+                                         extra_body={"ignore_eos": True}).choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(run, prompts, timeout=120)) == expected
+    assert metrics(server)["bitlm_preemptions_total"] > before

@@ -291,6 +291,8 @@ def render_metrics(s: Scheduler, status_counts: collections.Counter) -> str:
     metric("bitlm_generation_tokens_per_second", "gauge",
            "Tokens generated per second over the last 10 seconds.", [({}, f"{s.tokens_per_s():.3f}")])
     metric("bitlm_engine_steps_total", "counter", "Engine steps run.", [({}, s.steps)])
+    metric("bitlm_preemptions_total", "counter", "Requests that gave their sequence back for lack of KV blocks "
+           "(recomputed when they run again).", [({}, s.preempted)])
     metric("bitlm_requests_finished_total", "counter", "Generations ended, by finish reason.",
            [({"reason": r}, n) for r, n in sorted(s.finished.items())])
     metric("bitlm_requests_total", "counter", "Generation requests answered, by endpoint and HTTP status.",

@@ -2,15 +2,19 @@
 
 Each iteration of the loop, between two engine steps:
   - requests whose client went away (or that finished) give their sequence back to the engine;
-  - waiting requests join, first come first served, while a sequence slot is free and the KV blocks
-    their whole run may take (prompt + max_tokens - 1 positions) fit beside what the running requests
-    may still take: a request admitted can always finish, so nothing is ever preempted;
-  - one engine step runs: one token for every decoding request, and at most `prefill_chunk` prompt
-    tokens in all for the requests still reading their prompt (chunked prefill: a long prompt takes
-    several steps, and the decodes of the others go on meanwhile);
-  - each request whose prompt is done samples its next token (bitlm.engine.sampling, the request's own
-    seeded generator), and its Detokenizer (bitlm.engine.generate) turns tokens into text, holding back
-    what may be the start of a stop string.
+  - the running requests get their work: one token each for those decoding, and at most
+    `prefill_chunk` tokens in all for those still reading their prompt (chunked prefill: a long prompt
+    takes several steps, and the others' decodes go on meanwhile);
+  - waiting requests join, first come first served, while a sequence is free and the KV blocks of
+    their whole prompt are free beside what this step's running work takes;
+  - KV blocks are taken on demand as sequences grow (the paged cache). When a step needs more blocks
+    than are free, the request admitted last is preempted, as vLLM does: its sequence is freed and it
+    goes back to the head of the queue, keeping the tokens it generated; when it runs again its prompt
+    and those tokens are recomputed (prefilled) and generation goes on where it stopped, with the same
+    tokens, since logits do not depend on how the positions were chunked;
+  - one engine step runs, then each request whose context is all in the cache samples its next token
+    (bitlm.engine.sampling, the request's own seeded generator), and its Detokenizer
+    (bitlm.engine.generate) turns tokens into text, holding back what may be the start of a stop string.
 The step, sampling and detokenizing run in one dedicated worker thread (the engine is only ever touched
 from it), so the event loop keeps answering HTTP while the CPU computes. The stop rules are those of
 engine.generate: a stop token ends the request and is not part of the output; the token that completes a
@@ -49,9 +53,8 @@ class GenRequest:
         self.detok = detok
         self.generator = None if params.greedy else params.generator()
         self.sid: int | None = None
-        self.reserved = 0  # KV blocks set aside for the whole run
-        self.fed = 0  # prompt tokens already in the KV cache
-        self.last: int | None = None  # the sampled token to feed next
+        self.fed = 0  # tokens of context() in the engine's KV cache
+        self.preemptions = 0
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None  # "stop", "length"; "cancelled" when the client left
         self.error: APIError | None = None
@@ -60,6 +63,10 @@ class GenRequest:
         self.done = asyncio.Event()
         self.t_submit = time.monotonic()
         self.t_first: float | None = None
+
+    def context(self) -> list[int]:
+        """The prompt and the tokens generated: what the sequence holds once the last one is fed."""
+        return self.ids + self.token_ids
 
     @property
     def text(self) -> str:
@@ -93,6 +100,7 @@ class Scheduler:
         self.generated_tokens = 0
         self.prompt_tokens = 0
         self.steps = 0
+        self.preempted = 0
         self.finished = collections.Counter()  # by finish reason / "error"
         self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) per step
         self.kv_used, self.kv_total = 0, engine.total_blocks
@@ -103,9 +111,14 @@ class Scheduler:
 
     def submit(self, req: GenRequest) -> None:
         """Queue a request (checked already: it fits the context), or refuse it: 503 while shutting down,
-        429 when the waiting queue is full."""
+        400 when it could not fit the whole KV cache, 429 when the waiting queue is full."""
         if self.draining or self._closing:
             raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+        need = -(-(len(req.ids) + req.max_tokens - 1) // self.engine.block_size)
+        if need > self.engine.total_blocks:
+            raise APIError(400, f"the prompt and max_tokens need {need} KV blocks of {self.engine.block_size} "
+                                f"positions, and the server has {self.engine.total_blocks} in all; lower max_tokens",
+                           param="max_tokens", code="context_length_exceeded")
         if len(self.waiting) >= self.max_queue:
             raise APIError(429, f"the server is busy: {len(self.running)} requests running and {len(self.waiting)} "
                                 "waiting, the most it queues; retry later", type="rate_limit_error", code="queue_full")
@@ -154,13 +167,13 @@ class Scheduler:
             to_free, self._to_free = self._to_free, []
             candidates = list(itertools.islice(self.waiting, self.max_seqs - len(self.running)))
             try:
-                admitted, refused, out = await loop.run_in_executor(
+                admitted, preempted, out = await loop.run_in_executor(
                     self._thread, self._iteration, to_free, candidates, list(self.running))
             except Exception as e:  # a bug: fail what was in flight, keep serving
                 log.exception("engine step failed")
                 self._fail_all(candidates, e)
                 continue
-            self._apply(candidates, admitted, refused, out)
+            self._apply(admitted, preempted, out)
 
     def _drop_cancelled(self) -> None:
         for req in [r for r in self.waiting if r.cancelled]:
@@ -191,15 +204,17 @@ class Scheduler:
             self._end(req, "error", err)
         self.running = []
 
-    def _apply(self, candidates, admitted, refused, out) -> None:
+    def _apply(self, admitted, preempted, out) -> None:
         """Back on the event loop after a step: move requests between the lists, deliver text, count."""
-        for req, err in refused:
-            self.waiting.remove(req)
-            self._end(req, "error", err)
         for req in admitted:
             self.waiting.remove(req)
             self.running.append(req)
-            self.prompt_tokens += len(req.ids)
+            if req.preemptions == 0:
+                self.prompt_tokens += len(req.ids)
+        for req in reversed(preempted):  # back to the head of the queue, in their order
+            self.running.remove(req)
+            self.waiting.appendleft(req)
+        self.preempted += len(preempted)
         t = time.monotonic()
         n_new = 0
         for req, piece, new_token, finished in out:
@@ -228,48 +243,55 @@ class Scheduler:
             self.engine.free_sequence(sid)
 
     def _iteration(self, to_free: list[int], candidates: list[GenRequest], running: list[GenRequest]):
-        """Free, admit, one engine step, sample. Returns (admitted, refused [(req, APIError)],
+        """Free, plan, admit, preempt, one engine step, sample. Returns (admitted, preempted,
         [(req, text piece, 1 if a token was generated, finished)])."""
         eng = self.engine
         self._free(to_free)
-        reserved = sum(r.reserved for r in running)
-        admitted, refused = [], []
-        for req in candidates:
-            sid = eng.add_sequence()
-            need = eng.blocks_needed(sid, len(req.ids) + req.max_tokens - 1)
-            if need > eng.total_blocks:
-                eng.free_sequence(sid)
-                refused.append((req, APIError(400, f"the request needs {need} KV blocks (prompt + max_tokens) and "
-                                                   f"the server has {eng.total_blocks}; lower max_tokens",
-                                              param="max_tokens", code="context_length_exceeded")))
-                continue
-            if reserved + need > eng.total_blocks:  # wait for running requests to finish
-                eng.free_sequence(sid)
-                break
-            req.sid, req.reserved = sid, need
-            reserved += need
-            admitted.append(req)
+        budget = self.prefill_chunk
 
-        work, entries, budget = [], [], self.prefill_chunk
-        for req in running + admitted:
-            if req.fed < len(req.ids):  # still reading its prompt
-                if budget == 0:
-                    continue
-                chunk = req.ids[req.fed:req.fed + budget]
-                budget -= len(chunk)
-                work.append((req.sid, chunk))
+        def chunk(req: GenRequest) -> list[int]:
+            nonlocal budget
+            ctx = req.context()
+            if len(ctx) - req.fed == 1:  # decoding: the token sampled last
+                return ctx[-1:]
+            take = ctx[req.fed:req.fed + budget]  # reading the prompt (or recomputing after preemption)
+            budget -= len(take)
+            return take
+
+        plan = [(req, chunk(req)) for req in running]
+        free = eng.free_blocks - sum(eng.blocks_needed(req.sid, len(t)) for req, t in plan if t)
+        admitted = []
+        for req in candidates:
+            if len(running) + len(admitted) >= self.max_seqs:
+                break
+            need = -(-len(req.context()) // eng.block_size)  # its whole prompt, so it is not preempted at once
+            if need > free:
+                break
+            req.sid, req.fed = eng.add_sequence(), 0
+            free -= need
+            admitted.append(req)
+            plan.append((req, chunk(req)))
+        order = [req for req, _ in plan]  # admission order: the last gives way first
+        plan = [(req, t) for req, t in plan if t]
+        preempted = []
+        while sum(eng.blocks_needed(req.sid, len(t)) for req, t in plan) > eng.free_blocks and len(order) > 1:
+            victim = order.pop()
+            eng.free_sequence(victim.sid)
+            victim.sid, victim.fed = None, 0
+            victim.preemptions += 1
+            plan = [(req, t) for req, t in plan if req is not victim]
+            if victim in admitted:
+                admitted.remove(victim)  # admitted and preempted in one go: it simply stays queued
             else:
-                work.append((req.sid, [req.last]))
-            entries.append(req)
-        logits = eng.step(work) if work else []
+                preempted.append(victim)
+        logits = eng.step([(req.sid, t) for req, t in plan]) if plan else []
         self.kv_used = eng.used_blocks
 
         out = []
-        for req, (_, tokens), row in zip(entries, work, logits):
-            if req.fed < len(req.ids):
-                req.fed += len(tokens)
-                if req.fed < len(req.ids):
-                    continue  # more of the prompt next step
+        for (req, tokens), row in zip(plan, logits):
+            req.fed += len(tokens)
+            if req.fed < len(req.ids) + len(req.token_ids):
+                continue  # more of the context next step
             token = int(sample(row[None, :], req.params, req.generator)[0])
             if token in req.stops:
                 out.append((req, req._finish("stop"), 0, True))
@@ -281,6 +303,5 @@ class Scheduler:
             elif len(req.token_ids) >= req.max_tokens:
                 out.append((req, piece + req._finish("length"), 1, True))
             else:
-                req.last = token
                 out.append((req, piece, 1, False))
-        return admitted, refused, out
+        return admitted, preempted, out
