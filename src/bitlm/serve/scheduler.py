@@ -278,11 +278,11 @@ class Scheduler:
             victim = order.pop()
             eng.free_sequence(victim.sid)
             victim.sid, victim.fed = None, 0
-            victim.preemptions += 1
             plan = [(req, t) for req, t in plan if req is not victim]
             if victim in admitted:
                 admitted.remove(victim)  # admitted and preempted in one go: it simply stays queued
             else:
+                victim.preemptions += 1
                 preempted.append(victim)
         logits = eng.step([(req.sid, t) for req, t in plan]) if plan else []
         self.kv_used = eng.used_blocks
