@@ -246,7 +246,7 @@ def cmd_serve(args) -> int:
     settings = ServeSettings(model_name=args.served_model_name or served_name(source), host=args.host,
                              port=args.port, max_seqs=args.max_seqs, max_queue=args.max_queue,
                              kv_blocks=args.kv_blocks, prefill_chunk=args.prefill_chunk, api_key=args.api_key,
-                             drain_timeout=args.drain_timeout)
+                             drain_timeout=args.drain_timeout, engine=args.engine)
     set_threads(args.threads, torch_too=False)
     nm = load_native(source, head=args.head, max_len=args.ctx_size, kv=args.kv, mmap=args.mmap)
     if nm.tokenizer is None:
@@ -370,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require `Authorization: Bearer KEY` on /v1/* (default: $BITLM_API_KEY, unset: no key)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGINT/SIGTERM lets running requests finish (default 30)")
+    p.add_argument("--engine", choices=("batch", "sequential"), default="sequential",
+                   help="batch: all sequences of a step in one forward; sequential: one after another, the "
+                        "reference (default sequential)")
     p.set_defaults(run=cmd_serve)
 
     p = sub.add_parser("doctor", help="CPU features and the kernel path in use")

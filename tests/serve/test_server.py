@@ -8,6 +8,7 @@ tokens. Every loop here is bounded in count and time; everything runs on 127.0.0
 from __future__ import annotations
 
 import concurrent.futures
+import importlib.util
 import json
 import re
 import threading
@@ -26,12 +27,16 @@ PROMPTS = ["To be, or not to be", "Now is the winter", "Shall I compare thee", "
 LONG_PROMPT = " ".join(PROMPTS) * 3  # ~100 tokens: several prefill chunks of 16
 
 
-@pytest.fixture(scope="module")
-def server(start_server, tiny_model_dir):
+ENGINES = ["sequential"] + (["batch"] if importlib.util.find_spec("bitlm.engine.batch") else [])
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def server(request, start_server, tiny_model_dir):
+    """The server on each engine the tree has."""
     # a small prefill chunk, so that prompts take several steps beside the decodes of others; a KV cache of
     # 40 blocks of 16 positions (2.5 full contexts of 256), so that 16 requests compete for it
     return start_server(tiny_model_dir, "--max-seqs", 16, "--prefill-chunk", 16, "--max-queue", 64,
-                        "--kv-blocks", 40)
+                        "--kv-blocks", 40, "--engine", request.param)
 
 
 @pytest.fixture(scope="module")

@@ -20,11 +20,20 @@ log = logging.getLogger("bitlm.serve")
 
 
 def make_engine(nm, settings: ServeSettings):
-    """The many-sequence engine the scheduler drives. SequentialEngine runs its sequences one after
-    another (exact, not batched); engine/batch.py's BatchEngine has the same interface."""
-    from .sequential_engine import SequentialEngine
-    return SequentialEngine(nm, max_seqs=settings.max_seqs, kv_blocks=settings.kv_blocks,
-                            block_size=settings.block_size)
+    """The many-sequence engine the scheduler drives: BatchEngine (engine/batch.py) runs every sequence
+    of a step in one forward; SequentialEngine runs them one after another (exact, not batched: the
+    reference)."""
+    if settings.engine == "batch":
+        try:
+            from ..engine.batch import BatchEngine
+        except ImportError:
+            raise BitlmError("bitlm serve --engine batch: this install has no batched engine "
+                             "(bitlm.engine.batch); use --engine sequential") from None
+        cls = BatchEngine
+    else:
+        from .sequential_engine import SequentialEngine
+        cls = SequentialEngine
+    return cls(nm, max_seqs=settings.max_seqs, kv_blocks=settings.kv_blocks, block_size=settings.block_size)
 
 
 def served_name(source: str) -> str:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from ..errors import BitlmError
 
+ENGINES = ("batch", "sequential")
+
 
 @dataclass(frozen=True)
 class ServeSettings:
@@ -20,6 +22,7 @@ class ServeSettings:
     api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer <api_key>"
     max_body_bytes: int = 1 << 20  # request bodies above: 413
     drain_timeout: float = 30.0  # seconds SIGINT/SIGTERM waits for running requests before cancelling them
+    engine: str = "sequential"  # "batch": engine/batch.py, one forward for all; "sequential": one at a time
 
     def __post_init__(self):
         for name in ("max_seqs", "max_queue", "block_size", "prefill_chunk", "max_body_bytes"):
@@ -32,5 +35,7 @@ class ServeSettings:
             raise BitlmError(f"bitlm serve: --port must be in 0..65535, got {self.port}")
         if self.api_key is not None and not self.api_key:
             raise BitlmError("bitlm serve: --api-key is empty; give a key or leave the option out")
+        if self.engine not in ENGINES:
+            raise BitlmError(f"bitlm serve: --engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.drain_timeout < 0:
             raise BitlmError(f"bitlm serve: --drain-timeout must be >= 0 seconds, got {self.drain_timeout}")
