@@ -72,10 +72,23 @@ def run(nm, settings: ServeSettings) -> int:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=settings.drain_timeout, server_header=False)
     server = Server(config)
-    server.run()
-    if not server.started:  # e.g. the port is taken: uvicorn has logged why
-        raise BitlmError(f"bitlm serve: could not listen on {settings.host}:{settings.port}")
+    server.run(sockets=[_listen(settings.host, settings.port)])
     return 0
+
+
+def _listen(host: str, port: int):
+    """A bound listening socket, or a one-line error (a taken port, an address not of this machine)."""
+    import socket
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart without TIME_WAIT
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as e:
+        raise BitlmError(f"bitlm serve: cannot listen on {host}:{port} ({e.strerror or e}); "
+                         "pick another --port or --host") from None
+    return sock
 
 
 def _url_host(host: str) -> str:

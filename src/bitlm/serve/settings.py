@@ -28,7 +28,8 @@ class ServeSettings:
         for name in ("max_seqs", "max_queue", "block_size", "prefill_chunk", "max_body_bytes"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
-                raise BitlmError(f"bitlm serve: {name.replace('_', '-')} must be an integer >= 1, got {v!r}")
+                flag = "--" + name.replace("_", "-") if name not in ("block_size", "max_body_bytes") else name
+                raise BitlmError(f"bitlm serve: {flag} must be an integer >= 1, got {v!r}")
         if self.kv_blocks is not None and self.kv_blocks < 1:
             raise BitlmError(f"bitlm serve: --kv-blocks must be at least 1, got {self.kv_blocks}")
         if not 0 <= self.port <= 65535:
