@@ -174,7 +174,13 @@ def create_app(engine, settings: ServeSettings) -> FastAPI:
         asked = body.max_new if chat else body.max_tokens
         explicit = ("max_completion_tokens" in body.model_fields_set or "max_tokens" in body.model_fields_set)
         if asked is None or not explicit:  # chat: up to the context (OpenAI); completions: 16, within it
-            asked = limit - n if asked is None else min(asked, limit - n)
+            # ... and within the whole KV cache, when it holds less than one context (--kv-blocks)
+            room = min(limit, engine.total_blocks * engine.block_size + 1) - n
+            asked = room if asked is None else min(asked, room)
+            if asked < 1:
+                raise bad_request(f"the {what} of {n} tokens leaves no room in the KV cache "
+                                  f"({engine.total_blocks} blocks of {engine.block_size}); shorten it",
+                                  param=what, code="context_length_exceeded")
         elif n + asked > limit:
             raise bad_request(f"This model's maximum context length is {limit} tokens; your {what} is {n} "
                               f"tokens and max_tokens {asked}: lower max_tokens to at most {limit - n}",
