@@ -156,12 +156,13 @@ class Scheduler:
             self._drop_cancelled()
             if not self.running and not self.waiting:
                 if self._to_free:  # give the sequences back even when nothing else runs
-                    await loop.run_in_executor(self._thread, self._free, self._to_free)
-                    self._to_free = []
+                    to_free, self._to_free = self._to_free, []
+                    await loop.run_in_executor(self._thread, self._free, to_free)
                     self.kv_used = self.engine.used_blocks
+                    continue  # a request may have come meanwhile: look again before sleeping
                 if self._closing:
                     return
-                self._wake.clear()
+                self._wake.clear()  # no await between the look at the queues and here: no wake-up is lost
                 await self._wake.wait()
                 continue
             to_free, self._to_free = self._to_free, []
