@@ -1,6 +1,7 @@
 /* The output head (bitnet_impl.h): logits[t, v] = h[t] . E[v], with E float32, bf16, int8 or 6-bit
  * rows. Each logit is one row's own computation (the int8 and 6-bit sums are exact integers, then
  * scaled per row), so a row's logits do not depend on how many rows there are. */
+#include <stdlib.h>
 #include <string.h>
 
 #include "bitnet_impl.h"
@@ -124,10 +125,9 @@ static void head_q8_scalar(const head_task *a, int v0, int v1) {
     }
 }
 
-static void head_part(void *ctx, int part, int np) {
-    const head_task *a = (const head_task *)ctx;
+/* rows v0 .. v1-1 of the head for every row t */
+static void head_rows(const head_task *a, int v0, int v1) {
     const bn_model *m = a->m;
-    int v0 = (int)((long)m->V * part / np), v1 = (int)((long)m->V * (part + 1) / np);
     if (m->head_kind == BN_Q8) {
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
         int path = m->path < 0 ? i2v_best_path() : m->path;
@@ -152,6 +152,65 @@ static void head_part(void *ctx, int part, int np) {
     }
 }
 
+/* With several rows (a batch of sequences), the head is taken HEAD_BLOCK_BYTES of its rows at a time
+ * for all of them: read from memory once, then from cache for the other rows, where a pass per row
+ * would read the whole head (hundreds of MB at 2B4T) again for each. Every logit is computed as with
+ * one row, so the blocking changes no value. */
+#define HEAD_BLOCK_BYTES (128 << 10)
+
+static int head_block_rows(const bn_model *m, size_t row_bytes) {
+    int r = (int)(HEAD_BLOCK_BYTES / row_bytes) & ~3;
+    return r < 4 ? 4 : r;
+}
+
+static void head_part(void *ctx, int part, int np) {
+    const head_task *a = (const head_task *)ctx;
+    const bn_model *m = a->m;
+    int v0 = (int)((long)m->V * part / np), v1 = (int)((long)m->V * (part + 1) / np);
+    if (a->T == 1) {
+        head_rows(a, v0, v1);
+        return;
+    }
+    size_t el = m->head_kind == BN_F32 ? 4 : m->head_kind == BN_BF16 ? 2 : 1;
+    int step = head_block_rows(m, el * (size_t)m->H);
+    for (int v = v0; v < v1; v += step) head_rows(a, v, v1 - v < step ? v1 : v + step);
+}
+
+/* the 6-bit head over several rows, blocked as above with the kernel i2v_q6_gemv would pick */
+typedef struct {
+    i2v_q6_args a;
+    i2v_q6_fn fn;
+    int step;
+} q6_task;
+
+static void q6_part(void *ctx, int part, int np) {
+    const q6_task *t = (const q6_task *)ctx;
+    long v0, v1;
+    i2v_pool_split(t->a.V, part, np, &v0, &v1);
+    for (long v = v0; v < v1; v += t->step) t->fn(&t->a, (int)v, (int)(v1 - v < t->step ? v1 : v + t->step));
+}
+
+static int q6_rows_blocked(const bn_model *m, const int8_t *x, size_t ldx, const int32_t *xsum, int n, int32_t *out) {
+    int H = m->H, path = m->path < 0 ? i2v_best_path() : m->path;
+    size_t hp = (size_t)(H + 63) / 64 * 64;
+    q6_task t = {{(const uint8_t *)m->head, m->V, H, x, ldx, xsum, n, out, (size_t)m->V, NULL}, i2v_q6_scalar,
+                 head_block_rows(m, hp / 64 * 48)};
+    int16_t *x16 = NULL;
+#if defined(__x86_64__) || defined(__i386__)
+    if (i2v_path_has_avx512vnni(path) && i2v_has_avx512vbmi()) t.fn = i2v_q6_avx512vbmi;
+    else if (path == I2V_PATH_AVX2 || i2v_path_has_avx512vnni(path)) {
+        t.fn = i2v_q6_avx2;
+        if (!(x16 = (int16_t *)malloc((size_t)n * hp * sizeof(int16_t)))) return -2;
+        i2v_q6_avx2_x16(x, ldx, n, hp, x16);
+        t.a.x16 = x16;
+    }
+#endif
+    (void)path;
+    i2v_pool_run(q6_part, &t, 4 * i2v_pool_threads());
+    free(x16);
+    return 0;
+}
+
 int bn_head_needs_ax(const bn_model *m) {
     return m->head_kind == BN_Q8 && (m->path < 0 ? i2v_best_path() : m->path) == I2V_PATH_AVX2;
 }
@@ -167,7 +226,8 @@ int bn_head(const bn_model *m, const float *h, int n, int8_t *q8, float *s, int3
         size_t ld6 = (size_t)((H + 63) / 64) * 64;
         int32_t *acc6 = (int32_t *)(void *)logits;
         if (!(rc = i2v_quantize(h, (size_t)H, n, H, q8, ld6, s, qsum, m->path)) &&
-            !(rc = i2v_q6_gemv((const uint8_t *)m->head, m->V, H, q8, ld6, qsum, n, acc6, (size_t)m->V, m->path))) {
+            !(rc = n == 1 ? i2v_q6_gemv((const uint8_t *)m->head, m->V, H, q8, ld6, qsum, n, acc6, (size_t)m->V, m->path)
+                          : q6_rows_blocked(m, q8, ld6, qsum, n, acc6))) {
             for (int t = 0; t < n; t++) {
                 float inv = 1.0f / s[t], *lg = logits + (size_t)t * m->V;
                 for (int v = 0; v < m->V; v++) {
