@@ -363,16 +363,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seqs", type=int, default=16, help="requests generated at once (default 16)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 429 (default 64)")
     p.add_argument("--kv-blocks", type=int, help="KV cache budget in blocks of 16 positions (default: max-seqs "
-                                                  "full contexts)")
+                                                  "full contexts, at most 2 GiB with --engine batch)")
     p.add_argument("--prefill-chunk", type=int, default=256,
                    help="prompt tokens per step, so long prompts do not stall running requests (default 256)")
     p.add_argument("--api-key", default=os.environ.get("BITLM_API_KEY"),
                    help="require `Authorization: Bearer KEY` on /v1/* (default: $BITLM_API_KEY, unset: no key)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGINT/SIGTERM lets running requests finish (default 30)")
-    p.add_argument("--engine", choices=("batch", "sequential"), default="sequential",
-                   help="batch: all sequences of a step in one forward; sequential: one after another, the "
-                        "reference (default sequential)")
+    p.add_argument("--engine", choices=("batch", "sequential"), default="batch",
+                   help="batch: all sequences of a step in one forward (default); sequential: one after "
+                        "another, the reference")
     p.set_defaults(run=cmd_serve)
 
     p = sub.add_parser("doctor", help="CPU features and the kernel path in use")

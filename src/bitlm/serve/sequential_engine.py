@@ -1,4 +1,5 @@
-"""A many-sequence engine that runs its sequences one after another: the reference for the scheduler.
+"""A many-sequence engine that runs its sequences one after another (`bitlm serve --engine sequential`):
+the reference beside the batched engine, and the engine the server was first built on.
 
 SequentialEngine has the interface of the batched engine (engine/batch.py, BatchEngine): sequences are
 added and freed by id, and one `step` advances several of them, each by its own tokens, returning the

@@ -24,11 +24,7 @@ def make_engine(nm, settings: ServeSettings):
     of a step in one forward; SequentialEngine runs them one after another (exact, not batched: the
     reference)."""
     if settings.engine == "batch":
-        try:
-            from ..engine.batch import BatchEngine
-        except ImportError:
-            raise BitlmError("bitlm serve --engine batch: this install has no batched engine "
-                             "(bitlm.engine.batch); use --engine sequential") from None
+        from ..engine.batch import BatchEngine
         cls = BatchEngine
     else:
         from .sequential_engine import SequentialEngine

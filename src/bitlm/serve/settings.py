@@ -22,7 +22,7 @@ class ServeSettings:
     api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer <api_key>"
     max_body_bytes: int = 1 << 20  # request bodies above: 413
     drain_timeout: float = 30.0  # seconds SIGINT/SIGTERM waits for running requests before cancelling them
-    engine: str = "sequential"  # "batch": engine/batch.py, one forward for all; "sequential": one at a time
+    engine: str = "batch"  # "batch": engine/batch.py, one forward for all; "sequential": one at a time
 
     def __post_init__(self):
         for name in ("max_seqs", "max_queue", "block_size", "prefill_chunk", "max_body_bytes"):
