@@ -116,8 +116,9 @@ COMMANDS = {
     "generate torch": ["generate", "-m", "{m}", "-p", "hi", "-n", "2", "--runtime", "torch"],
     "chat": ["chat", "-m", "{m}"],
     "bench": ["bench", "-m", "{m}", "-p", "4", "-n", "2", "-r", "1"],
+    "serve": ["serve", "-m", "{m}", "--port", "0"],
 }
-NATIVE = {"generate", "chat", "bench"}
+NATIVE = {"generate", "chat", "bench", "serve"}
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
@@ -134,6 +135,12 @@ def test_every_command_refuses_every_broken_input(tiny_model_dir, tmp_path, caps
         shutil.copytree(tiny_model_dir, model)
         damage(model)
     monkeypatch.setattr("sys.stdin", __import__("io").StringIO("hello\n"))  # chat's input, never reached
+    if command == "serve":
+        pytest.importorskip("fastapi")
+
+        def started(*a, **k):  # the checks must refuse the model before a server would listen
+            raise AssertionError("the server started on a broken model")
+        monkeypatch.setattr("bitlm.serve.server.run", started)
     assert main([a.format(m=model) for a in COMMANDS[command]]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and err.startswith("bitlm: error: "), err
