@@ -23,7 +23,8 @@ Bit-for-bit agreement with bitlm.quant.quantize_activations (torch, float32):
                                  arithmetic. The product x * s must be rounded to float32 first, as
                                  torch rounds it: the launches pass enable_fp_fusion=False so that the
                                  compiler does not contract x * s + c into one fma.
-The epilogue computes acc * (scale / s) with the same two IEEE operations as PackedBitLinear.forward.
+The epilogue computes acc * (scale / s) with the same two IEEE operations as PackedBitLinear.forward, then
+rounds to the output dtype to nearest even (bf16 by integer arithmetic on the bits: see _epilogue).
 
 Block sizes are fixed per path (no autotuning: the interpreter would run every candidate); the GPU sizes
 are first choices, not measured (benchmarks/gpu_kernels.py is the place to tune them). Under the
@@ -76,7 +77,7 @@ def _quantize_kernel(x_ptr, xq_ptr, s_ptr, K, stride_x, stride_q, BLOCK_K: tl.co
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, K, R, N, stride_x, stride_y,
-                 BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, RAW: tl.constexpr):
+                 BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, OUT: tl.constexpr):
     # grid (cdiv(R, BLOCK_R), M): program (p, m) makes outputs i*R + r, r in its BLOCK_R packed rows, of
     # row m. The activation row is quantized here (it is small and read from cache; fusing saves the
     # launch and the int8 round trip that dominate at M = 1): pass 1 its scale, pass 2 the products.
@@ -107,25 +108,37 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, K, R, N, stride_x, stride_y,
         acc3 += (((wb >> 6) & 3) - 1) * xq
     y_row = y_ptr + m * stride_y
     f = tl.div_rn(tl.load(scale_ptr), s)  # weight_scale / s, as PackedBitLinear
-    _store_stripe(y_row, tl.sum(acc0, axis=1), f, 0 * R + r, r_ok, N, RAW)
-    _store_stripe(y_row, tl.sum(acc1, axis=1), f, 1 * R + r, r_ok, N, RAW)
-    _store_stripe(y_row, tl.sum(acc2, axis=1), f, 2 * R + r, r_ok, N, RAW)
-    _store_stripe(y_row, tl.sum(acc3, axis=1), f, 3 * R + r, r_ok, N, RAW)
+    _store_stripe(y_row, tl.sum(acc0, axis=1), f, 0 * R + r, r_ok, N, OUT)
+    _store_stripe(y_row, tl.sum(acc1, axis=1), f, 1 * R + r, r_ok, N, OUT)
+    _store_stripe(y_row, tl.sum(acc2, axis=1), f, 2 * R + r, r_ok, N, OUT)
+    _store_stripe(y_row, tl.sum(acc3, axis=1), f, 3 * R + r, r_ok, N, OUT)
 
 
 @triton.jit
-def _store_stripe(y_row, acc, f, n, r_ok, N, RAW: tl.constexpr):
-    # the outputs n (one stripe) of one row: int32 sums, or acc * f in the output's dtype
+def _epilogue(acc, f, OUT: tl.constexpr):
+    # int32 sums -> what is stored: the sums (OUT_RAW), acc * f (OUT_CAST: cast by the store), or the
+    # bits of bf16(acc * f) rounded to nearest even by integer arithmetic (OUT_BF16_BITS; int16 storage).
+    # The interpreter's float32 -> bf16 cast truncates; these bits are the same on a GPU and under it.
+    if OUT == 0:
+        return acc
+    y = acc.to(tl.float32) * f
+    if OUT == 1:
+        return y
+    u = y.to(tl.uint32, bitcast=True)
+    u = u + 0x7FFF + ((u >> 16) & 1)
+    return (u >> 16).to(tl.int16)
+
+
+@triton.jit
+def _store_stripe(y_row, acc, f, n, r_ok, N, OUT: tl.constexpr):
+    # the outputs n (one stripe) of one row
     ok = r_ok & (n < N)  # the last stripe is short when N % 4 != 0
-    if RAW:
-        tl.store(y_row + n, acc, mask=ok)
-    else:
-        tl.store(y_row + n, (acc.to(tl.float32) * f).to(y_row.dtype.element_ty), mask=ok)
+    tl.store(y_row + n, _epilogue(acc, f, OUT).to(y_row.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def _gemm_kernel(xq_ptr, s_ptr, w_ptr, scale_ptr, y_ptr, M, K, R, N, stride_q, stride_y,
-                 BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, RAW: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, OUT: tl.constexpr):
     # grid (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R)): a [BLOCK_M, 4 * BLOCK_R] block of outputs, as four
     # [BLOCK_M, BLOCK_R] stripe tiles sharing each loaded [BLOCK_K, BLOCK_R] tile of packed bytes.
     pid_m = tl.program_id(0)
@@ -152,22 +165,33 @@ def _gemm_kernel(xq_ptr, s_ptr, w_ptr, scale_ptr, y_ptr, M, K, R, N, stride_q, s
     s = tl.load(s_ptr + m, mask=m_ok, other=1.0)
     f = tl.div_rn(tl.load(scale_ptr) + tl.zeros([BLOCK_M], dtype=tl.float32), s)[:, None]  # [BLOCK_M, 1]
     rows = y_ptr + m[:, None] * stride_y
-    _store_tile(rows, acc0, f, 0 * R + r, m_ok, r_ok, N, RAW)
-    _store_tile(rows, acc1, f, 1 * R + r, m_ok, r_ok, N, RAW)
-    _store_tile(rows, acc2, f, 2 * R + r, m_ok, r_ok, N, RAW)
-    _store_tile(rows, acc3, f, 3 * R + r, m_ok, r_ok, N, RAW)
+    _store_tile(rows, acc0, f, 0 * R + r, m_ok, r_ok, N, OUT)
+    _store_tile(rows, acc1, f, 1 * R + r, m_ok, r_ok, N, OUT)
+    _store_tile(rows, acc2, f, 2 * R + r, m_ok, r_ok, N, OUT)
+    _store_tile(rows, acc3, f, 3 * R + r, m_ok, r_ok, N, OUT)
 
 
 @triton.jit
-def _store_tile(rows, acc, f, n, m_ok, r_ok, N, RAW: tl.constexpr):
+def _store_tile(rows, acc, f, n, m_ok, r_ok, N, OUT: tl.constexpr):
     ok = m_ok[:, None] & (r_ok & (n < N))[None, :]
-    if RAW:
-        tl.store(rows + n[None, :], acc, mask=ok)
-    else:
-        tl.store(rows + n[None, :], (acc.to(tl.float32) * f).to(rows.dtype.element_ty), mask=ok)
+    tl.store(rows + n[None, :], _epilogue(acc, f, OUT).to(rows.dtype.element_ty), mask=ok)
 
 
 # ---- launchers -----------------------------------------------------------------------------------
+OUT_RAW, OUT_CAST, OUT_BF16_BITS = 0, 1, 2
+
+
+def _output(M: int, N: int, dtype: torch.dtype, raw: bool, device):
+    """(the tensor returned, the tensor the kernel writes, OUT)."""
+    if raw:
+        y = torch.empty((M, N), dtype=torch.int32, device=device)
+        return y, y, OUT_RAW
+    y = torch.empty((M, N), dtype=dtype, device=device)
+    if dtype == torch.bfloat16:
+        return y, y.view(torch.int16), OUT_BF16_BITS
+    return y, y, OUT_CAST
+
+
 # (BLOCK_R, BLOCK_K) of gemv; (BLOCK_M, BLOCK_R, BLOCK_K) of gemm; BLOCK_K of quantize_rows
 # gemm's BLOCK_M is the largest: a smaller M takes the power of two >= M (at least 16, tl.dot's minimum)
 GPU_BLOCKS = {"gemv": (8, 256), "gemm": (64, 32, 64), "quantize": 1024}
@@ -212,12 +236,12 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, out_feature
     _check(x, packed, scale, out_features)
     M, K = x.shape
     R = packed.shape[0]
-    y = torch.empty((M, out_features), dtype=torch.int32 if raw else x.dtype, device=x.device)
+    y, store, out = _output(M, out_features, x.dtype, raw, x.device)
     block_r, block_k = blocks or _blocks("gemv", x.device)
     if M and R:
         _gemv_kernel[(triton.cdiv(R, block_r), M)](
-            x, packed, scale, y, K, R, out_features, x.stride(0), y.stride(0),
-            BLOCK_R=block_r, BLOCK_K=block_k, RAW=raw, enable_fp_fusion=False)
+            x, packed, scale, store, K, R, out_features, x.stride(0), y.stride(0),
+            BLOCK_R=block_r, BLOCK_K=block_k, OUT=out, enable_fp_fusion=False)
     return y
 
 
@@ -230,13 +254,13 @@ def gemm(xq: torch.Tensor, s: torch.Tensor, packed: torch.Tensor, scale: torch.T
         raise ValueError("triton gemm: expected xq int8 [M, K] and s float32 [M]")
     M, K = xq.shape
     R = packed.shape[0]
-    y = torch.empty((M, out_features), dtype=torch.int32 if raw else out_dtype, device=xq.device)
+    y, store, out = _output(M, out_features, out_dtype, raw, xq.device)
     block_m, block_r, block_k = blocks or _blocks("gemm", xq.device)
     block_m = min(block_m, max(16, triton.next_power_of_2(M)))
     if M and R:
         _gemm_kernel[(triton.cdiv(M, block_m), triton.cdiv(R, block_r))](
-            xq, s, packed, scale, y, M, K, R, out_features, xq.stride(0), y.stride(0),
-            BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, RAW=raw, enable_fp_fusion=False)
+            xq, s, packed, scale, store, M, K, R, out_features, xq.stride(0), y.stride(0),
+            BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, OUT=out, enable_fp_fusion=False)
     return y
 
 
