@@ -163,3 +163,12 @@ def test_greedy_generation_is_the_same(tiny_model_dir):
     tri = bitlm.load(tiny_model_dir, kernel="triton", device=DEVICE.type)
     kw = dict(max_new_tokens=8, temperature=0, ignore_eos=True)
     assert tri.generate("To be, or not", **kw) == ref.generate("To be, or not", **kw)
+
+
+def test_bench_runs_the_triton_model():
+    # bench --device cuda's model and measurement, through the kernels (interpreted here)
+    from bitlm.engine import bench
+    model = bench.random_torch_model("tiny", DEVICE, kernel="triton")
+    assert getattr(model, "kernel", None) == "triton"
+    records = bench.run_torch(model, 4, 0, 1) + bench.run_torch(model, 0, 2, 1)
+    assert [r["backend"] for r in records] == [f"triton ({DEVICE.type})"] * 2
