@@ -40,6 +40,7 @@ import triton.language as tl
 
 from ..formats import hf_packed
 
+
 def interpreted() -> bool:
     """True when these kernels were built by Triton's interpreter (TRITON_INTERPRET=1 at import)."""
     from triton.runtime.interpreter import InterpretedFunction
