@@ -24,7 +24,7 @@ Bit-for-bit agreement with bitlm.quant.quantize_activations (torch, float32):
                                  torch rounds it: the launches pass enable_fp_fusion=False so that the
                                  compiler does not contract x * s + c into one fma.
 The epilogue computes acc * (scale / s) with the same two IEEE operations as PackedBitLinear.forward, then
-rounds to the output dtype to nearest even (bf16 by integer arithmetic on the bits: see _epilogue).
+rounds to the output dtype to nearest even (bf16 by integer arithmetic on the bits: see _store).
 
 Block sizes are fixed per path (no autotuning: the interpreter would run every candidate); the GPU sizes
 are first choices, not measured (benchmarks/gpu_kernels.py is the place to tune them). Under the
@@ -116,25 +116,25 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, K, R, N, stride_x, stride_y,
 
 
 @triton.jit
-def _epilogue(acc, f, OUT: tl.constexpr):
-    # int32 sums -> what is stored: the sums (OUT_RAW), acc * f (OUT_CAST: cast by the store), or the
-    # bits of bf16(acc * f) rounded to nearest even by integer arithmetic (OUT_BF16_BITS; int16 storage).
-    # The interpreter's float32 -> bf16 cast truncates; these bits are the same on a GPU and under it.
+def _store(ptrs, acc, f, ok, OUT: tl.constexpr):
+    # int32 sums -> memory: the sums (OUT_RAW), acc * f cast by the store (OUT_CAST), or the bits of
+    # bf16(acc * f) rounded to nearest even by integer arithmetic (OUT_BF16_BITS; int16 storage): the
+    # interpreter's float32 -> bf16 cast truncates, and these bits are the same on a GPU and under it.
+    # (One store per branch: a GPU compile refuses a helper whose returns differ in type.)
     if OUT == 0:
-        return acc
-    y = acc.to(tl.float32) * f
-    if OUT == 1:
-        return y
-    u = y.to(tl.uint32, bitcast=True)
-    u = u + 0x7FFF + ((u >> 16) & 1)
-    return (u >> 16).to(tl.int16)
+        tl.store(ptrs, acc, mask=ok)
+    elif OUT == 1:
+        tl.store(ptrs, (acc.to(tl.float32) * f).to(ptrs.dtype.element_ty), mask=ok)
+    else:
+        u = (acc.to(tl.float32) * f).to(tl.uint32, bitcast=True)
+        u = u + 0x7FFF + ((u >> 16) & 1)
+        tl.store(ptrs, (u >> 16).to(tl.int16), mask=ok)
 
 
 @triton.jit
 def _store_stripe(y_row, acc, f, n, r_ok, N, OUT: tl.constexpr):
-    # the outputs n (one stripe) of one row
-    ok = r_ok & (n < N)  # the last stripe is short when N % 4 != 0
-    tl.store(y_row + n, _epilogue(acc, f, OUT).to(y_row.dtype.element_ty), mask=ok)
+    # the outputs n (one stripe) of one row; the last stripe is short when N % 4 != 0
+    _store(y_row + n, acc, f, r_ok & (n < N), OUT)
 
 
 @triton.jit
@@ -174,8 +174,7 @@ def _gemm_kernel(xq_ptr, s_ptr, w_ptr, scale_ptr, y_ptr, M, K, R, N, stride_q, s
 
 @triton.jit
 def _store_tile(rows, acc, f, n, m_ok, r_ok, N, OUT: tl.constexpr):
-    ok = m_ok[:, None] & (r_ok & (n < N))[None, :]
-    tl.store(rows + n[None, :], _epilogue(acc, f, OUT).to(rows.dtype.element_ty), mask=ok)
+    _store(rows + n[None, :], acc, f, m_ok[:, None] & (r_ok & (n < N))[None, :], OUT)
 
 
 # ---- launchers -----------------------------------------------------------------------------------
@@ -194,13 +193,20 @@ def _output(M: int, N: int, dtype: torch.dtype, raw: bool, device):
 
 
 # (BLOCK_R, BLOCK_K) of gemv; (BLOCK_M, BLOCK_R, BLOCK_K) of gemm; BLOCK_K of quantize_rows
-# gemm's BLOCK_M is the largest: a smaller M takes the power of two >= M (at least 16, tl.dot's minimum)
-GPU_BLOCKS = {"gemv": (8, 256), "gemm": (64, 32, 64), "quantize": 1024}
+# gemm's BLOCK_M is the largest: a smaller M takes the power of two >= M (at least 16, tl.dot's minimum).
+# The GPU's are chosen from ptxas's report for sm_80 (tests/gpu/test_triton_compile.py), not from timings:
+# gemm (64, 32, 64) with 4 warps used 255 registers and spilled; (32, 64, 64) with 8 uses 180, no spill.
+GPU_BLOCKS = {"gemv": (8, 256), "gemm": (32, 64, 64), "quantize": 1024}
+GPU_WARPS = {"gemv": 4, "gemm": 8, "quantize": 4}
 INTERPRETER_BLOCKS = {"gemv": (128, 1024), "gemm": (64, 64, 256), "quantize": 4096}
 
 
 def _blocks(kind: str, device: torch.device):
     return (GPU_BLOCKS if device.type == "cuda" and not interpreted() else INTERPRETER_BLOCKS)[kind]
+
+
+def _warps(kind: str) -> int:
+    return GPU_WARPS[kind]
 
 
 def _check(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, out_features: int) -> None:
@@ -227,7 +233,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = torch.empty((M,), dtype=torch.float32, device=x.device)
     if M:
         _quantize_kernel[(M,)](x, xq, s, K, x.stride(0), xq.stride(0), BLOCK_K=_blocks("quantize", x.device),
-                               enable_fp_fusion=False)
+                               num_warps=_warps("quantize"), enable_fp_fusion=False)
     return xq, s
 
 
@@ -242,7 +248,7 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, out_feature
     if M and R:
         _gemv_kernel[(triton.cdiv(R, block_r), M)](
             x, packed, scale, store, K, R, out_features, x.stride(0), y.stride(0),
-            BLOCK_R=block_r, BLOCK_K=block_k, OUT=out, enable_fp_fusion=False)
+            BLOCK_R=block_r, BLOCK_K=block_k, OUT=out, num_warps=_warps("gemv"), enable_fp_fusion=False)
     return y
 
 
@@ -261,7 +267,8 @@ def gemm(xq: torch.Tensor, s: torch.Tensor, packed: torch.Tensor, scale: torch.T
     if M and R:
         _gemm_kernel[(triton.cdiv(M, block_m), triton.cdiv(R, block_r))](
             xq, s, packed, scale, store, M, K, R, out_features, xq.stride(0), y.stride(0),
-            BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, OUT=out, enable_fp_fusion=False)
+            BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, OUT=out, num_warps=_warps("gemm"),
+            enable_fp_fusion=False)
     return y
 
 
