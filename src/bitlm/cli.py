@@ -2,6 +2,7 @@
 
     bitlm generate -m MODEL -p PROMPT [-n N] [sampling flags] [--stop STR ...] [--ignore-eos] [-t THREADS]
     bitlm chat -m MODEL [--system S] [sampling flags]
+        (generate and chat: --device cuda runs the torch model on a GPU with the Triton kernels)
     bitlm info [MODEL] [--json]
     bitlm bench (-m MODEL | --shape NAME) [-t THREADS] [-p N_PROMPT] [-n N_GEN] [-r REPS] [--json] [--profile]
                 [--device cuda]
