@@ -114,6 +114,18 @@ def test_gemm_sums_are_exact(M, K, N, blocks):
     np.testing.assert_array_equal(acc.cpu().numpy(), int_reference(xq, w))
 
 
+def test_strided_inputs():
+    # a column slice (rows not contiguous along K) and a transposed weight view give the same sums
+    w, packed = random_layer(13, 40, seed=5)
+    x = torch.randn(3, 80, generator=torch.Generator().manual_seed(5))[:, ::2]
+    xq, s = quant.quantize_activations(x)
+    want = int_reference(xq, w)
+    np.testing.assert_array_equal(kernels.gemv(x.to(DEVICE), packed, scale(), 13, raw=True).cpu().numpy(), want)
+    got = kernels.gemm(xq.t().contiguous().t().to(DEVICE), s[:, 0].to(DEVICE), packed.t().contiguous().t(),
+                       scale(), 13, raw=True)
+    np.testing.assert_array_equal(got.cpu().numpy(), want)
+
+
 def test_extreme_sums_do_not_overflow():
     # every weight +1 or -1 and every activation -128: |sum| = 128 K, the largest possible
     K, N = 6912, 8
@@ -142,7 +154,7 @@ def test_2b4t_shapes_exact(kind, M, K, N):
 
 # ---- the epilogue, layers and a whole model against the CPU packed path ---------------------------
 @pytest.mark.parametrize("M", [1, 6])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_layer_equals_packed_bitlinear(M, dtype):
     w, _ = random_layer(70, 300, seed=3)
     ref = PackedBitLinear.from_codes(torch.from_numpy(w), 0.0123).to(dtype)

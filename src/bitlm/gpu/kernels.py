@@ -227,7 +227,8 @@ def _check(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, out_featu
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x float [M, K] (contiguous rows) -> (xq int8 [M, K], s float32 [M]), as quant.quantize_activations."""
+    """x float [M, K] -> (xq int8 [M, K], s float32 [M]), as quant.quantize_activations."""
+    x = x.contiguous()  # the kernels step along K by 1 (a no-op for the model's activations)
     M, K = x.shape
     xq = torch.empty((M, K), dtype=torch.int8, device=x.device)
     s = torch.empty((M,), dtype=torch.float32, device=x.device)
@@ -241,6 +242,7 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, out_feature
          blocks: tuple[int, int] | None = None) -> torch.Tensor:
     """x float [M, K] -> y [M, N] in x's dtype (int32 sums if raw), the quantization fused in."""
     _check(x, packed, scale, out_features)
+    x, packed = x.contiguous(), packed.contiguous()
     M, K = x.shape
     R = packed.shape[0]
     y, store, out = _output(M, out_features, x.dtype, raw, x.device)
@@ -259,6 +261,7 @@ def gemm(xq: torch.Tensor, s: torch.Tensor, packed: torch.Tensor, scale: torch.T
     _check(xq, packed, scale, out_features)
     if xq.dtype != torch.int8 or s.shape != (xq.shape[0],) or s.dtype != torch.float32:
         raise ValueError("triton gemm: expected xq int8 [M, K] and s float32 [M]")
+    xq, s, packed = xq.contiguous(), s.contiguous(), packed.contiguous()
     M, K = xq.shape
     R = packed.shape[0]
     y, store, out = _output(M, out_features, out_dtype, raw, xq.device)
