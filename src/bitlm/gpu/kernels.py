@@ -60,6 +60,34 @@ def _row_scale(x_row, K, BLOCK_K: tl.constexpr):
     return tl.div_rn(1.0, tl.maximum(tl.max(amax, axis=0), 1e-5)) * 127.0
 
 
+@triton.jit
+def _store(ptrs, acc, f, ok, OUT: tl.constexpr):
+    # int32 sums -> memory: the sums (OUT_RAW), acc * f cast by the store (OUT_CAST), or the bits of
+    # bf16(acc * f) rounded to nearest even by integer arithmetic (OUT_BF16_BITS; int16 storage): the
+    # interpreter's float32 -> bf16 cast truncates, and these bits are the same on a GPU and under it.
+    # (One store per branch: a GPU compile refuses a helper whose returns differ in type.)
+    if OUT == 0:
+        tl.store(ptrs, acc, mask=ok)
+    elif OUT == 1:
+        tl.store(ptrs, (acc.to(tl.float32) * f).to(ptrs.dtype.element_ty), mask=ok)
+    else:
+        u = (acc.to(tl.float32) * f).to(tl.uint32, bitcast=True)
+        u = u + 0x7FFF + ((u >> 16) & 1)
+        tl.store(ptrs, (u >> 16).to(tl.int16), mask=ok)
+
+
+@triton.jit
+def _store_stripe(y_row, acc, f, n, r_ok, N, OUT: tl.constexpr):
+    # the outputs n (one stripe) of one row; the last stripe is short when N % 4 != 0
+    _store(y_row + n, acc, f, r_ok & (n < N), OUT)
+
+
+@triton.jit
+def _store_tile(rows, acc, f, n, m_ok, r_ok, N, OUT: tl.constexpr):
+    # the outputs n (one stripe) of the rows m: a [BLOCK_M, BLOCK_R] tile
+    _store(rows + n[None, :], acc, f, m_ok[:, None] & (r_ok & (n < N))[None, :], OUT)
+
+
 # ---- kernels -------------------------------------------------------------------------------------
 @triton.jit
 def _quantize_kernel(x_ptr, xq_ptr, s_ptr, K, stride_x, stride_q, BLOCK_K: tl.constexpr):
@@ -116,28 +144,6 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, K, R, N, stride_x, stride_y,
 
 
 @triton.jit
-def _store(ptrs, acc, f, ok, OUT: tl.constexpr):
-    # int32 sums -> memory: the sums (OUT_RAW), acc * f cast by the store (OUT_CAST), or the bits of
-    # bf16(acc * f) rounded to nearest even by integer arithmetic (OUT_BF16_BITS; int16 storage): the
-    # interpreter's float32 -> bf16 cast truncates, and these bits are the same on a GPU and under it.
-    # (One store per branch: a GPU compile refuses a helper whose returns differ in type.)
-    if OUT == 0:
-        tl.store(ptrs, acc, mask=ok)
-    elif OUT == 1:
-        tl.store(ptrs, (acc.to(tl.float32) * f).to(ptrs.dtype.element_ty), mask=ok)
-    else:
-        u = (acc.to(tl.float32) * f).to(tl.uint32, bitcast=True)
-        u = u + 0x7FFF + ((u >> 16) & 1)
-        tl.store(ptrs, (u >> 16).to(tl.int16), mask=ok)
-
-
-@triton.jit
-def _store_stripe(y_row, acc, f, n, r_ok, N, OUT: tl.constexpr):
-    # the outputs n (one stripe) of one row; the last stripe is short when N % 4 != 0
-    _store(y_row + n, acc, f, r_ok & (n < N), OUT)
-
-
-@triton.jit
 def _gemm_kernel(xq_ptr, s_ptr, w_ptr, scale_ptr, y_ptr, M, K, R, N, stride_q, stride_y,
                  BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, OUT: tl.constexpr):
     # grid (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R)): a [BLOCK_M, 4 * BLOCK_R] block of outputs, as four
@@ -170,11 +176,6 @@ def _gemm_kernel(xq_ptr, s_ptr, w_ptr, scale_ptr, y_ptr, M, K, R, N, stride_q, s
     _store_tile(rows, acc1, f, 1 * R + r, m_ok, r_ok, N, OUT)
     _store_tile(rows, acc2, f, 2 * R + r, m_ok, r_ok, N, OUT)
     _store_tile(rows, acc3, f, 3 * R + r, m_ok, r_ok, N, OUT)
-
-
-@triton.jit
-def _store_tile(rows, acc, f, n, m_ok, r_ok, N, OUT: tl.constexpr):
-    _store(rows + n[None, :], acc, f, m_ok[:, None] & (r_ok & (n < N))[None, :], OUT)
 
 
 # ---- launchers -----------------------------------------------------------------------------------
