@@ -2,8 +2,10 @@
 
     bitlm generate -m MODEL -p PROMPT [-n N] [sampling flags] [--stop STR ...] [--ignore-eos] [-t THREADS]
     bitlm chat -m MODEL [--system S] [sampling flags]
+        (generate and chat: --device cuda runs the torch model on a GPU with the Triton kernels)
     bitlm info [MODEL] [--json]
     bitlm bench (-m MODEL | --shape NAME) [-t THREADS] [-p N_PROMPT] [-n N_GEN] [-r REPS] [--json] [--profile]
+                [--device cuda]
     bitlm serve -m MODEL [--host 127.0.0.1] [--port 8000] [--max-seqs N] [--api-key KEY] ...
     bitlm doctor
     bitlm train | sft | dpo ...   (docs/training.md)
@@ -61,11 +63,35 @@ def native_available() -> bool:
     return importlib.import_module(f"{__package__}.kernels").available()
 
 
+def add_device_option(parser) -> None:
+    """--device, shared by the commands that run a model."""
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (default) or cuda[:N]: the torch model on the GPU, packed weights multiplied "
+                             "by the Triton kernels (pip install 'bitlm[gpu]')")
+
+
+def check_device_arg(args):
+    """args.device as a torch.device (a one-line error when CUDA or Triton is missing); None for cpu,
+    without importing torch."""
+    if args.device == "cpu":
+        return None
+    from .gpu import check_device, resolve_kernel
+    dev = check_device(args.device, "--device")
+    resolve_kernel(dev, "auto", "packed", "--device")
+    return dev
+
+
 def load_model(args):
     """The model on the runtime asked for: "native" (the C forward, the default where it is built) or
-    "torch" (the reference model)."""
+    "torch" (the reference model); with --device cuda, the torch model on the GPU."""
     source = resolve_model_arg(args.model)
     runtime = args.runtime
+    dev = check_device_arg(args)
+    if dev is not None:
+        if runtime == "native":
+            raise BitlmError(f"--runtime native runs on the CPU; --device {args.device} runs the torch model "
+                             "(drop --runtime native)")
+        runtime = "torch"
     if runtime == "auto":
         runtime = "native" if native_available() else "torch"
     set_threads(args.threads, torch_too=runtime == "torch")
@@ -76,6 +102,11 @@ def load_model(args):
         from .engine.native import NativeLM
         from .io.native import load_native
         model = NativeLM(load_native(source, head=args.head, max_len=args.ctx_size, kv=args.kv, mmap=args.mmap))
+    elif dev is not None:
+        import torch
+
+        import bitlm
+        model = bitlm.load(source, device=dev, dtype=torch.bfloat16)  # bf16 activations on a GPU
     else:
         import bitlm
         model = bitlm.load(source)
@@ -181,6 +212,9 @@ def cmd_bench(args) -> int:
     from .io.native import load_native, open_native
     if bool(args.model) == bool(args.shape):
         raise BitlmError("bitlm bench: give exactly one of -m MODEL or --shape NAME (e.g. --shape 2b4t)")
+    dev = check_device_arg(args)
+    if dev is not None:
+        return _bench_torch(args, dev)
     if not native_available():
         raise BitlmError("bitlm bench measures the native runtime, which is not built in this install "
                          "(see `bitlm doctor`)")
@@ -210,13 +244,7 @@ def cmd_bench(args) -> int:
         return 0
     if made > 1:
         print(f"(made the random {args.shape} model file in {made:.0f} s, once: {nm.source['file']})")
-    size = records[0]["model_size"] / 2**30 if records else 0
-    print("| model | size | params | backend | threads | test | t/s |")
-    print("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
-    for r in records:
-        test = f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}"
-        print(f"| {r['model_type']} | {size:.2f} GiB | {r['model_n_params'] / 1e9:.2f} B | native | {r['n_threads']} "
-              f"| {test} | {r['avg_ts']:.2f} ± {r['stddev_ts']:.2f} |")
+    _print_bench_table(records)
     print(f"\nload {load_s:.2f} s, peak RSS {rss / 1e9:.3f} GB")
     if args.profile:
         prof = bench.phase_breakdown(nm, args.threads[-1], max(args.n_prompt), max(args.n_gen))
@@ -230,6 +258,30 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _print_bench_table(records) -> None:
+    size = records[0]["model_size"] / 2**30 if records else 0
+    print("| model | size | params | backend | threads | test | t/s |")
+    print("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
+    for r in records:
+        test = f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}"
+        print(f"| {r['model_type']} | {size:.2f} GiB | {r['model_n_params'] / 1e9:.2f} B | {r.get('backend', 'native')} "
+              f"| {r['n_threads']} | {test} | {r['avg_ts']:.2f} ± {r['stddev_ts']:.2f} |")
+
+
+def _bench_torch(args, dev) -> int:
+    """bench --device cuda: the torch model on the GPU, its products by the Triton kernels."""
+    from .engine import bench
+    if args.profile:
+        raise BitlmError("bench --profile times the native runtime's phases; it has no --device cuda form")
+    records = bench.measure_torch(args.model, args.shape, dev, args.n_prompt, args.n_gen, args.repetitions)
+    if args.json:
+        print(json.dumps(records, indent=2))
+    else:
+        _print_bench_table(records)
+        print(f"\nload {records[0]['load_s']:.2f} s, peak GPU memory {records[0]['peak_gpu_bytes'] / 1e9:.3f} GB")
+    return 0
+
+
 def _ms(v: float) -> str:
     """A phase's milliseconds: three decimals, or three significant digits below 0.1 ms, so that a
     tiny model's phases on a fast CPU show their size instead of 0.000."""
@@ -240,6 +292,9 @@ def cmd_serve(args) -> int:
     """An OpenAI-compatible HTTP server (bitlm.serve; needs the `serve` extra: fastapi, uvicorn)."""
     if args.runtime == "torch":
         raise BitlmError("bitlm serve runs on the native runtime; leave out --runtime torch")
+    if args.device != "cpu":
+        raise BitlmError(f"bitlm serve runs on the CPU's native runtime; --device {args.device} is not supported "
+                         "by the server yet (generate, chat and bench take it)")
     if not native_available():
         raise BitlmError("bitlm serve needs the native kernels, which are not built in this install "
                          "(see `bitlm doctor`)")
@@ -313,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="native runtime: --mmap keeps the weights memory-mapped (instant load, page cache "
                             "shared with other processes); --no-mmap reads them into memory on huge pages "
                             "(here decode 3-5%% faster, prompts 4%% slower, a slower start; default --mmap)")
+    add_device_option(model)
 
     sampling = argparse.ArgumentParser(add_help=False)
     g = sampling.add_argument_group("sampling")
@@ -360,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print llama-bench's JSON records")
     p.add_argument("--profile", action="store_true",
                    help="also print the per-token time of each phase of the forward (norms, products, attention, head)")
+    add_device_option(p)
     p.set_defaults(run=cmd_bench)
 
     p = sub.add_parser("serve", parents=[model], help="an OpenAI-compatible HTTP server",
