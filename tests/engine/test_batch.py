@@ -312,6 +312,16 @@ def test_a_step_of_more_rows_than_a_native_call_takes(tiny):
         assert_same(run_batched(eng, p), want, ubatch)
 
 
+def test_bytes_per_block_at_the_2b4t_shape():
+    """30 layers x (keys, values) x 5 KV heads x 16 positions x head_dim 128 x 2 bytes (f16): the figure
+    the module docstring gives, and 16 sequences of 1,747 positions in the default 2 GiB budget."""
+    from bitlm.engine.batch import DEFAULT_KV_BUDGET, kv_block_bytes
+    cfg = bitlm.preset("2b4t")
+    assert (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim) == (30, 5, 128)
+    assert kv_block_bytes(cfg, "f16", 16) == 1_228_800 and kv_block_bytes(cfg, "f32", 16) == 2_457_600
+    assert DEFAULT_KV_BUDGET // kv_block_bytes(cfg) == 1747
+
+
 def test_default_pool_size_follows_max_seqs_under_the_budget(tiny, monkeypatch):
     from bitlm.engine import batch
     nm = native.NativeModel.from_model(tiny, max_len=100)

@@ -41,6 +41,15 @@ DEFAULT_KV_BUDGET = 2 << 30  # bytes of KV pool when kv_blocks is None (see the 
 _NS = 4  # bitnet.h BN_NS: n, pos, n_out, block table pointer per sequence
 
 
+def kv_block_bytes(config, kv: str = "f16", block_size: int = 16) -> int:
+    """Bytes of one pool block: block_size positions of every layer's keys and values."""
+    if kv not in KV_KINDS:
+        raise BitlmError(f"KV cache type {kv!r} is not one of {', '.join(KV_KINDS)}")
+    c = config
+    return (c.num_hidden_layers * 2 * c.num_key_value_heads * block_size * c.head_dim
+            * np.dtype(KV_KINDS[kv][0]).itemsize)
+
+
 @dataclass
 class _Seq:
     length: int
@@ -73,7 +82,7 @@ class BatchEngine:
         c = nm.config
         dtype = KV_KINDS[nm.kv][0]
         self.block_shape = (c.num_hidden_layers, 2, c.num_key_value_heads, self.block_size, c.head_dim)
-        self.block_bytes = int(np.prod(self.block_shape)) * np.dtype(dtype).itemsize
+        self.block_bytes = kv_block_bytes(c, nm.kv, self.block_size)
         per_seq = -(-self.max_len // self.block_size)
         if kv_blocks is None:
             kv_blocks = min(self.max_seqs * per_seq, max(per_seq, DEFAULT_KV_BUDGET // self.block_bytes))
