@@ -331,3 +331,38 @@ def test_default_pool_size_follows_max_seqs_under_the_budget(tiny, monkeypatch):
     assert BatchEngine(nm, max_seqs=3, block_size=16).total_blocks == 10
     monkeypatch.setattr(batch, "DEFAULT_KV_BUDGET", 1)
     assert BatchEngine(nm, max_seqs=3, block_size=16).total_blocks == 7  # one full context at least
+
+
+def test_forked_sequences_share_blocks_and_copy_on_write(tiny):
+    """A prompt run once and forked: both continuations equal sequences that ran the whole prompt
+    themselves, bit for bit; the full blocks stay shared, the partly filled one is copied by the first
+    sequence that writes into it, and a block returns to the pool when its last holder lets go."""
+    V = tiny.config.vocab_size
+    rng = np.random.default_rng(8)
+    prompt, x, y = rng.integers(0, V, 37), rng.integers(0, V, 6), rng.integers(0, V, 20)
+    nm = native.NativeModel.from_model(tiny, max_len=128)
+    eng = BatchEngine(nm, max_seqs=5, block_size=16)
+    a = eng.add_sequence()
+    eng.step([(a, prompt)])
+    assert eng.used_blocks == 3  # positions 0..36
+    b = eng.fork_sequence(a)
+    assert eng.seq_len(b) == 37 and eng.used_blocks == 3
+    assert eng.blocks_needed(a, 1) == 1 and eng.blocks_needed(b, 11) == 1  # the shared third block, copied
+    got = eng.step([(a, x), (b, y)])  # a copies block 2; b, then its only holder, writes in place
+    assert eng.used_blocks == 3 + 1 + 1  # shared 0, 1; a's copy of 2; b's 2 and its new block 3
+    fresh = BatchEngine(nm, max_seqs=2, block_size=16)
+    fa, fb = fresh.add_sequence(), fresh.add_sequence()
+    want = fresh.step([(fa, np.concatenate([prompt, x])), (fb, np.concatenate([prompt, y]))])
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+    # forks of forks, then decode steps, still the fresh sequences' logits
+    c = eng.fork_sequence(b)
+    for tok in rng.integers(0, V, 5):
+        got = eng.step([(a, [tok]), (b, [tok]), (c, [tok])])
+        want = fresh.step([(fa, [tok]), (fb, [tok])])
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+        assert np.array_equal(got[2], want[1])
+    eng.free_sequence(a)
+    eng.free_sequence(b)
+    assert eng.used_blocks == 4  # c still holds blocks 0, 1 (shared by all three), b's block 2 and block 3
+    eng.free_sequence(c)
+    assert eng.used_blocks == 0 and eng.free_blocks == eng.total_blocks

@@ -89,6 +89,7 @@ class BatchEngine:
         self._n_blocks = int(kv_blocks)
         self._pool_map, (self.pool,) = _zeros_small_pages(1, (self._n_blocks, *self.block_shape), dtype)
         self._free = list(range(self._n_blocks))  # a heap: the lowest free id first
+        self._refs = np.zeros(self._n_blocks, np.int32)  # sequences holding each block (fork_sequence shares)
         self._seqs: dict[int, _Seq] = {}
         self._next_id = 0
         self._per_seq = per_seq
@@ -112,6 +113,34 @@ class BatchEngine:
             raise BitlmError(f"BatchEngine: no live sequence {sid!r}")
         return s
 
+    def fork_sequence(self, sid: int) -> int:
+        """A new sequence holding the same tokens as sid (a shared prompt, n > 1 completions): it shares
+        sid's blocks instead of copying them, and a shared block is copied only when one of the
+        sequences writes into it (copy on write: the partly filled last block, at its next step)."""
+        s = self._seq(sid)
+        new = self.add_sequence()
+        t = self._seqs[new]
+        t.length, t.n_blocks = s.length, s.n_blocks
+        t.blocks[:s.n_blocks] = s.blocks[:s.n_blocks]
+        self._refs[s.blocks[:s.n_blocks]] += 1
+        return new
+
+    def _take(self) -> int:
+        b = heapq.heappop(self._free)
+        self._refs[b] = 1
+        return b
+
+    def _release(self, blocks) -> None:
+        for b in blocks:
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                heapq.heappush(self._free, int(b))
+
+    def _shared_tail(self, s: _Seq) -> bool:
+        """Whether s's next position falls in a block it shares: writing there copies the block first."""
+        i = s.length // self.block_size
+        return i < s.n_blocks and self._refs[s.blocks[i]] > 1
+
     def free_sequence(self, sid: int) -> None:
         """Ends a sequence and returns its blocks to the pool."""
         self.truncate(sid, 0)
@@ -126,9 +155,12 @@ class BatchEngine:
         return list(self._seqs)
 
     def blocks_needed(self, sid: int, n_tokens: int) -> int:
-        """New blocks that appending n_tokens to sequence sid would take from the pool."""
+        """New blocks that appending n_tokens to sequence sid would take from the pool (a shared block
+        written into counts: it is copied)."""
         s = self._seq(sid)
-        return max(0, -(-(s.length + n_tokens) // self.block_size) - s.n_blocks)
+        if n_tokens <= 0:
+            return 0
+        return max(0, -(-(s.length + n_tokens) // self.block_size) - s.n_blocks) + int(self._shared_tail(s))
 
     @property
     def free_blocks(self) -> int:
@@ -150,8 +182,7 @@ class BatchEngine:
             raise BitlmError(f"BatchEngine.truncate: length must be a non-negative integer, got {length!r}")
         s.length = min(s.length, int(length))
         keep = -(-s.length // self.block_size)
-        for b in s.blocks[keep:s.n_blocks]:
-            heapq.heappush(self._free, int(b))
+        self._release(s.blocks[keep:s.n_blocks])
         s.n_blocks = min(s.n_blocks, keep)
 
     # ---- the step ---------------------------------------------------------------------------------------
@@ -188,19 +219,23 @@ class BatchEngine:
                              f"{need}; free or truncate a sequence, or step fewer")
         before = [(s, s.length) for s, _ in entries]
         for s, t in entries:
+            if self._shared_tail(s):  # copy on write
+                i = s.length // self.block_size
+                old, s.blocks[i] = s.blocks[i], self._take()
+                self.pool[s.blocks[i]] = self.pool[old]
+                self._release([old])
             n = -(-(s.length + t.shape[0]) // self.block_size)
             for i in range(s.n_blocks, n):
-                s.blocks[i] = heapq.heappop(self._free)
+                s.blocks[i] = self._take()
             s.n_blocks = n
         self.nm._fill_rope(max(s.length + t.shape[0] for s, t in entries))
         try:
             return self._run(entries)
         except (OSError, ValueError, MemoryError) as e:  # the native call failed: undo the whole step
-            for s, length in before:
+            for s, length in before:  # (a block copied on write stays copied: the same contents)
                 s.length = length
                 keep = -(-length // self.block_size)
-                for b in s.blocks[keep:s.n_blocks]:
-                    heapq.heappush(self._free, int(b))
+                self._release(s.blocks[keep:s.n_blocks])
                 s.n_blocks = keep
             if isinstance(e, OSError):
                 raise BitlmError(f"{self.nm._embed_file.name}: an embedding row could not be read (was the file "
