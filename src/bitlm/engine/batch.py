@@ -16,7 +16,9 @@ is passed to C with each step. At the 2B4T shape (30 layers, 5 KV heads, head_di
 positions is 30 * 2 * 5 * 16 * 128 * 2 = 1,228,800 bytes in f16 (76.8 KB a position; twice that in
 f32): the default 2 GiB budget holds 1,747 blocks, 27,952 positions, e.g. 16 sequences of 1,747.
 The pool is an anonymous mapping: untouched blocks cost no memory, and free blocks are handed out
-lowest id first so the touched part stays compact.
+lowest id first so the touched part stays compact. fork_sequence shares a sequence's blocks with a
+new one (a common prompt run once, several completions of it): blocks carry reference counts, and a
+shared block is copied when one of its holders writes into it (copy on write).
 
 Batch invariance: a sequence's logits do not depend on what else is in the step, bit for bit, and
 equal NativeModel.forward's for the same tokens: every float operation of the forward is per row
