@@ -366,3 +366,35 @@ def test_forked_sequences_share_blocks_and_copy_on_write(tiny):
     assert eng.used_blocks == 4  # c still holds blocks 0, 1 (shared by all three), b's block 2 and block 3
     eng.free_sequence(c)
     assert eng.used_blocks == 0 and eng.free_blocks == eng.total_blocks
+
+
+def test_a_sequence_freed_from_another_thread_waits_for_the_step(tiny):
+    """A server frees a sequence (its client left) from another thread: the free waits for the step in
+    flight, which still gets the logits it would have had, and the blocks then return to the pool."""
+    import threading
+    V = tiny.config.vocab_size
+    ids = np.random.default_rng(9).integers(0, V, 40)
+    nm = native.NativeModel.from_model(tiny, max_len=64)
+    eng = BatchEngine(nm, max_seqs=2, block_size=8)
+    a, b = eng.add_sequence(), eng.add_sequence()
+    eng.ubatch = 1  # a step of 80 native calls: long enough for the other thread to try in the middle
+    started = threading.Event()
+    real_run = eng._run
+
+    still_there = []  # whether b was still live when the step's native calls ended
+
+    def run(entries):
+        started.set()
+        out = real_run(entries)
+        still_there.append(b in eng._seqs)
+        return out
+
+    eng._run = run
+    freer = threading.Thread(target=lambda: (started.wait(), eng.free_sequence(b)))
+    freer.start()
+    got = eng.step([(a, ids), (b, ids)])
+    freer.join()
+    assert still_there == [True] and eng.sequences == [a] and eng.used_blocks == 5
+    assert np.array_equal(got[0], got[1])
+    alone = BatchEngine(nm, max_seqs=1, block_size=8)
+    assert np.array_equal(got[1], alone.step([(alone.add_sequence(), ids)])[0])

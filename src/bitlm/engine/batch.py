@@ -25,13 +25,17 @@ equal NativeModel.forward's for the same tokens: every float operation of the fo
 (per-row norms, int8 quantization and dequantization of exact integer sums), attention runs per
 sequence over blocks of 64 keys counted from position 0, and the head is per row.
 
-One step at a time: the engine and its NativeModel share the native forward's scratch memory, so do
-not run nm.forward and step (or two steps) at the same time from different threads.
+Threads: the engine's methods hold one lock, so a step runs alone and a sequence freed from another
+thread (a client gone) waits for the step in flight to end before its blocks return to the pool. The
+engine shares the native forward's scratch memory with its NativeModel: do not run nm.forward while a
+step runs.
 """
 
 from __future__ import annotations
 
+import functools
 import heapq
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +54,14 @@ def kv_block_bytes(config, kv: str = "f16", block_size: int = 16) -> int:
     c = config
     return (c.num_hidden_layers * 2 * c.num_key_value_heads * block_size * c.head_dim
             * np.dtype(KV_KINDS[kv][0]).itemsize)
+
+
+def _locked(method):
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return run
 
 
 @dataclass
@@ -90,6 +102,7 @@ class BatchEngine:
             kv_blocks = min(self.max_seqs * per_seq, max(per_seq, DEFAULT_KV_BUDGET // self.block_bytes))
         self._n_blocks = int(kv_blocks)
         self._pool_map, (self.pool,) = _zeros_small_pages(1, (self._n_blocks, *self.block_shape), dtype)
+        self._lock = threading.RLock()
         self._free = list(range(self._n_blocks))  # a heap: the lowest free id first
         self._refs = np.zeros(self._n_blocks, np.int32)  # sequences holding each block (fork_sequence shares)
         self._seqs: dict[int, _Seq] = {}
@@ -100,6 +113,7 @@ class BatchEngine:
         self.ubatch = max(64, self.max_seqs)
 
     # ---- sequences and blocks -------------------------------------------------------------------------
+    @_locked
     def add_sequence(self) -> int:
         """A new empty sequence; its id (never reused)."""
         if len(self._seqs) >= self.max_seqs:
@@ -115,6 +129,7 @@ class BatchEngine:
             raise BitlmError(f"BatchEngine: no live sequence {sid!r}")
         return s
 
+    @_locked
     def fork_sequence(self, sid: int) -> int:
         """A new sequence holding the same tokens as sid (a shared prompt, n > 1 completions): it shares
         sid's blocks instead of copying them, and a shared block is copied only when one of the
@@ -143,19 +158,23 @@ class BatchEngine:
         i = s.length // self.block_size
         return i < s.n_blocks and self._refs[s.blocks[i]] > 1
 
+    @_locked
     def free_sequence(self, sid: int) -> None:
         """Ends a sequence and returns its blocks to the pool."""
         self.truncate(sid, 0)
         del self._seqs[sid]
 
+    @_locked
     def seq_len(self, sid: int) -> int:
         return self._seq(sid).length
 
     @property
+    @_locked
     def sequences(self) -> list[int]:
         """The live sequence ids."""
         return list(self._seqs)
 
+    @_locked
     def blocks_needed(self, sid: int, n_tokens: int) -> int:
         """New blocks that appending n_tokens to sequence sid would take from the pool (a shared block
         written into counts: it is copied)."""
@@ -176,6 +195,7 @@ class BatchEngine:
     def total_blocks(self) -> int:
         return self._n_blocks
 
+    @_locked
     def truncate(self, sid: int, length: int) -> None:
         """Rolls sequence sid back to its first `length` positions (drops the keys and values of the
         later ones) and returns the blocks no longer needed to the pool."""
@@ -188,6 +208,7 @@ class BatchEngine:
         s.n_blocks = min(s.n_blocks, keep)
 
     # ---- the step ---------------------------------------------------------------------------------------
+    @_locked
     def step(self, work: list[tuple[int, "np.ndarray | list[int]"]]) -> list[np.ndarray]:
         """One batched forward. work: (sid, token ids) entries of different sequences, each token list
         appended at that sequence's next positions: decode rows (1 token) and prompt chunks (many) in
