@@ -9,6 +9,7 @@ model_args (comma-separated key=value, as for every lm-eval model):
     pretrained      model directory or Hugging Face repo id (default: the bundled Shakespeare model)
     runtime         native (the C forward; default where built) | torch (bitlm's reference model)
     head            native runtime: output head format q8 (default) | q6 | bf16 | f32
+    kv              native runtime: KV cache type f16 (default) | f32
     threads         CPU threads
     max_length      context for scoring and generation (default: the model's)
     batch_size      torch runtime: sequences per forward (lm-eval's --batch_size sets it too)
@@ -44,7 +45,7 @@ def _flag(v) -> bool:
 class BitlmLM(TemplateLM):
     backend = "causal"
 
-    def __init__(self, pretrained: str | None = None, runtime: str = "auto", head: str = "q8",
+    def __init__(self, pretrained: str | None = None, runtime: str = "auto", head: str = "q8", kv: str = "f16",
                  threads: int | None = None, max_length: int | None = None, batch_size: int | str = 1,
                  add_bos_token: bool | str = False, **unused):
         super().__init__()
@@ -58,7 +59,7 @@ class BitlmLM(TemplateLM):
         if runtime == "native":
             from ..engine.native import NativeLM
             from ..io.native import load_native
-            nm = load_native(source, head=head, max_len=int(max_length) if max_length else None)
+            nm = load_native(source, head=head, kv=kv, max_len=int(max_length) if max_length else None)
             self.model, self.scorer = NativeLM(nm), NativeScorer(nm)
         else:
             from ..io.hf import load
