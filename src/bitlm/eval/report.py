@@ -309,6 +309,10 @@ def _g(v: float, unit: str = "") -> str:
     return (s if "e" not in s else f"{v:.2e}") + unit
 
 
+def _threads(n: int) -> str:
+    return f"{n} thread{'' if n == 1 else 's'}"
+
+
 def _size(v: float) -> str:
     return f"{v / 1e9:.3f} GB" if v >= 1e8 else f"{v / 1e6:.3f} MB"
 
@@ -348,7 +352,7 @@ def format_markdown(d: dict) -> str:
     notes = [
         "",
         f"{d['label']}: {_count(p['total'])} parameters ({_count(p['ternary'])} in the ternary projections); "
-        f"{d['threads']} threads on {d['cpu']}; median of {d['reps']} runs after a warm-up, each engine in its own "
+        f"{_threads(d['threads'])} on {d['cpu']}; median of {d['reps']} runs after a warm-up, each engine in its own "
         f"process. Ternary: 2-bit packed projections, int8 activations, head {t['head_format']}, f16 KV cache. "
         "Twin: bitlm's torch model with bf16 nn.Linear projections of the same shape, random weights.",
         f"Arithmetic energy: {_count(p['ternary'])} projection weights x {PJ_INT8_ADD} pJ (INT8 add) for the "
@@ -389,7 +393,7 @@ def write_chart(d: dict, path: Path) -> Path | None:
         if log:
             ax.set_yscale("log")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{d['label']}, {d['threads']} threads", fontsize=10)
+    fig.suptitle(f"{d['label']}, {_threads(d['threads'])}", fontsize=10)
     fig.tight_layout()
     from ..io.files import atomic_file
     with atomic_file(path) as tmp:
