@@ -79,11 +79,11 @@ def test_native_runtime_matches_torch(tiny_model_dir, torch_model):
     exact = perplexity(NativeScorer(bitlm.load_native(tiny_model_dir, head="f32", kv="f32")), TEXT, 32, 16,
                        progress=False)
     assert exact["tokens"] == ref["tokens"]
-    assert exact["nll"] == pytest.approx(ref["nll"], rel=1e-5)
-    # the defaults (int8 head rows, f16 cache): within the tolerance the README states (2e-3 of the NLL;
-    # 1e-5 measured on the bundled model)
+    assert exact["nll"] == pytest.approx(ref["nll"], rel=5e-5)  # 7e-6 measured
+    # the defaults (int8 head rows, f16 cache): within the tolerance the README states, 3e-3 of the NLL
+    # (1.6e-3 measured on this random model's peaked logits, NLL 12.3; 2e-6 on the bundled model)
     q8 = perplexity(NativeScorer(bitlm.load_native(tiny_model_dir, head="q8")), TEXT, 32, 16, progress=False)
-    assert q8["nll"] == pytest.approx(ref["nll"], rel=2e-3)
+    assert q8["nll"] == pytest.approx(ref["nll"], rel=3e-3)
     # a chunked forward scores as one forward does
     one = NativeScorer(bitlm.load_native(tiny_model_dir, head="f32", kv="f32"), chunk=1000)
     few = NativeScorer(one.nm, chunk=3)
