@@ -134,14 +134,11 @@ def _measure(prefill, decode, spec) -> dict:
 def worker_ternary(spec: dict) -> dict:
     """The native runtime: no torch in this process."""
     from ..engine.bench import _TokenSource, peak_rss_bytes
-    from ..io.native import load_native, open_native
+    from ..io.native import open_native
     from ..kernels import set_num_threads
     max_len = spec["n_prompt"] + spec["n_gen"] + 1
     t0 = time.perf_counter()
-    if spec.get("file"):
-        nm = open_native(spec["file"], max_len=max_len)
-    else:
-        nm = load_native(spec["model"], head=spec["head"], max_len=max_len, tokenizer=False)
+    nm = open_native(spec["file"], max_len=max_len)
     load_s = time.perf_counter() - t0
     set_num_threads(spec["threads"])
     rng = _TokenSource(0, nm.config.vocab_size)
@@ -258,10 +255,15 @@ def make_report(model: str | None = None, shape: str | None = None, out="report"
             print(f"(made the random {shape} model file in {time.perf_counter() - t0:.0f} s, once: {spec['file']})",
                   file=log)
         label = f"{shape} shape, random weights"
-    else:
+    else:  # converted here, once, so that the worker's peak memory is the runtime's, not the converter's
         from ..io.checkpoint import open_checkpoint
-        config = open_checkpoint(model).config
-        spec["model"] = model
+        from ..io.native import cache_path, convert
+        ck = open_checkpoint(model)
+        config, dest = ck.config, cache_path(ck.path, head)
+        if not dest.exists():
+            print(f"converting {model} for the native runtime (once) ...", file=log, flush=True)
+            convert(ck.path, dest, head)
+        spec["file"] = str(dest)
         label = model
     if n_prompt + max(n_gen, twin_gen) + 1 > config.max_position_embeddings:
         raise BitlmError(f"bitlm report: {n_prompt} prompt + {max(n_gen, twin_gen)} generated tokens exceed the "
@@ -358,7 +360,7 @@ def format_markdown(d: dict) -> str:
         f"Arithmetic energy: {_count(p['ternary'])} projection weights x {PJ_INT8_ADD} pJ (INT8 add) for the "
         f"ternary model, x ({PJ_FP16_MUL} + {PJ_FP16_ADD}) pJ (FP16 multiply + add) for the twin; head, attention and "
         "memory traffic left out.",
-        f"Measured energy: {d['measured_energy']}.",
+        f"Measured energy: {d['measured_energy']}" + ("" if d["measured_energy"][-1] in ".?!" else "."),
     ]
     return "\n".join(rows + notes) + "\n"
 
