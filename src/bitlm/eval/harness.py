@@ -227,7 +227,9 @@ def run_cli(argv: list[str]) -> int:
 
     from lm_eval.__main__ import cli_evaluate
     args = list(argv)
-    if not args or args[0] not in ("run", "ls", "validate", "-h", "--help"):
+    if not args or args[0] in ("-h", "--help"):
+        args = ["run", "--help"]  # the flags of `lm-eval run`, which is what this runs
+    elif args[0] not in ("run", "ls", "validate"):
         args = ["run", *args]
     if args[0] == "run" and not any(a == "--model" or a.startswith("--model=") for a in args):
         args[1:1] = ["--model", "bitlm"]
