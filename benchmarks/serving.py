@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -80,7 +81,7 @@ def start_server(engine: str, paths: dict, args, port: int) -> subprocess.Popen:
     slots, ctx = max(args.clients), args.prompt_tokens + args.max_tokens + 16
     if engine == "bitlm":
         cmd = [sys.executable, "-m", "bitlm", "serve", "-m", str(paths["hf"]), "--port", str(port), "-t",
-               str(args.threads), "--max-seqs", str(slots), "--head", args.bitlm_head, "-c", str(ctx)]
+               str(args.threads), "--max-seqs", str(slots), "--head", args.bitlm_head, "-c", str(ctx), "--served-model-name", "m"]
     else:
         cmd = [str(args.llama_server_path), "-m", str(paths["llama.cpp-tq2_0"]), "--port", str(port), "-t",
                str(args.threads), "-np", str(slots), "-c", str(slots * ctx), "--host", "127.0.0.1", "-cb"]
@@ -164,7 +165,7 @@ def run_load(port: int, clients: int, args) -> dict:
     wall = time.perf_counter() - t0
     ttfts.sort()
     return {"tokens_per_s": tokens[0] / wall, "ttft_median": statistics.median(ttfts) if ttfts else float("nan"),
-            "ttft_p90": ttfts[int(0.9 * (len(ttfts) - 1))] if ttfts else float("nan"), "errors": len(errors),
+            "ttft_p90": ttfts[math.ceil(0.9 * len(ttfts)) - 1] if ttfts else float("nan"), "errors": len(errors),
             "tokens": tokens[0], "first_error": errors[0] if errors else ""}
 
 
@@ -217,8 +218,9 @@ def print_table(results: dict, args) -> None:
         rate = med(r["tokens_per_s"] for r in runs)
         one = results.get((engine, 1))
         peer = results.get(("llama-server", c))
-        x1 = f"{rate / med(r['tokens_per_s'] for r in one):.2f}x" if one else "-"
-        xp = f"{rate / med(r['tokens_per_s'] for r in peer):.2f}x" if peer and engine != "llama-server" else "-"
+        base, peer_rate = (med(r["tokens_per_s"] for r in runs) if runs else 0 for runs in (one, peer))
+        x1 = f"{rate / base:.2f}x" if base else "-"
+        xp = f"{rate / peer_rate:.2f}x" if peer_rate and engine != "llama-server" else "-"
         print(f"| {engine} | {c} | {rate:.1f} | {x1} | {xp} | {med(r['ttft_median'] for r in runs):.2f} | "
               f"{med(r['ttft_p90'] for r in runs):.2f} | {sum(r['errors'] for r in runs)} |")
 
