@@ -4,6 +4,7 @@
     bitlm chat -m MODEL [--system S] [sampling flags]
     bitlm info [MODEL] [--json]
     bitlm bench (-m MODEL | --shape NAME) [-t THREADS] [-p N_PROMPT] [-n N_GEN] [-r REPS] [--json] [--profile]
+    bitlm convert IN OUT --to FORMAT [--embed-type T] [--head H]
     bitlm doctor
     bitlm train | sft | dpo ...   (docs/training.md)
 
@@ -73,14 +74,22 @@ def load_model(args):
             raise BitlmError("--runtime native: the native kernels are not built in this install; "
                              "run `bitlm doctor`, or use --runtime torch")
         from .engine.native import NativeLM
-        from .io.native import load_native
-        model = NativeLM(load_native(source, head=args.head, max_len=args.ctx_size, kv=args.kv, mmap=args.mmap))
+        model = NativeLM(_load_native(source, head=args.head, max_len=args.ctx_size, kv=args.kv, mmap=args.mmap))
     else:
         import bitlm
         model = bitlm.load(source)
     if model.tokenizer is None:
         raise BitlmError(f"{args.model}: no tokenizer.json next to the weights; `bitlm {args.command}` needs one")
     return model
+
+
+def _load_native(source, **kw):
+    """io.native.load_native, or its GGUF twin for a .gguf file (recognised by its first bytes)."""
+    from .io import gguf_read
+    if gguf_read.is_gguf(source):
+        return gguf_read.load_native(source, **kw)
+    from .io.native import load_native
+    return load_native(source, **kw)
 
 
 def sampling_options(args) -> dict:
@@ -177,7 +186,7 @@ def cmd_bench(args) -> int:
     import time
 
     from .engine import bench
-    from .io.native import load_native, open_native
+    from .io.native import open_native
     if bool(args.model) == bool(args.shape):
         raise BitlmError("bitlm bench: give exactly one of -m MODEL or --shape NAME (e.g. --shape 2b4t)")
     if not native_available():
@@ -192,7 +201,7 @@ def cmd_bench(args) -> int:
         nm = open_native(path, max_len=longest, kv=args.kv, mmap=args.mmap)
         nm.source = {"file": str(path)}
     else:
-        nm = load_native(args.model, head=args.head, max_len=longest, kv=args.kv, mmap=args.mmap, tokenizer=False)
+        nm = _load_native(args.model, head=args.head, max_len=longest, kv=args.kv, mmap=args.mmap, tokenizer=False)
         made = 0.0
     load_s = time.perf_counter() - t0
     records = []
@@ -267,6 +276,13 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from .io.convert import convert
+    out = convert(args.input, args.output, args.to, embed_type=args.embed_type, head=args.head)
+    print(f"wrote {out} ({args.to})", file=sys.stderr)
+    return 0
+
+
 # ---- the parser ----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="BitNet b1.58 ternary language models.")
@@ -335,6 +351,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true",
                    help="also print the per-token time of each phase of the forward (norms, products, attention, head)")
     p.set_defaults(run=cmd_bench)
+
+    from .io.convert import FORMATS
+    p = sub.add_parser("convert", help="convert a model between HF, GGUF (llama.cpp, bitnet.cpp) and native files",
+                       description="Convert IN (an HF directory or repo id, a .gguf file, a native file) to "
+                                   "FORMAT at OUT, atomically. Ternary weights cross over exactly.")
+    p.add_argument("input", metavar="IN", help="HF directory or repo id, .gguf file, or native file")
+    p.add_argument("output", metavar="OUT", help="the directory (hf, hf-bf16) or file to write")
+    p.add_argument("--to", required=True, choices=FORMATS, help="output format")
+    p.add_argument("--embed-type", choices=("f16", "bf16", "f32", "q8_0", "q6_k"), default="f16",
+                   help="GGUF: the token embedding's type (default f16, as the official I2_S file)")
+    p.add_argument("--head", choices=("q8", "q6", "bf16", "f32"), default="q8", help="native: output head format")
+    p.set_defaults(run=cmd_convert)
 
     p = sub.add_parser("doctor", help="CPU features and the kernel path in use")
     p.set_defaults(run=cmd_doctor)

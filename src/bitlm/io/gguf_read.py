@@ -446,3 +446,76 @@ def load_torch(path, dtype=None, tokenizer: bool = True):
     model.source = {"path": str(path), "format": "gguf"}
     model.tokenizer = tok if tokenizer else None
     return model
+
+
+def native_cache_path(path, head: str) -> Path:
+    """The native file of a GGUF file: its name changes whenever the file (size, mtime) or the head
+    format changes."""
+    from .native import FORMAT, _sha256, cache_dir
+    p = Path(path).resolve()
+    s = p.stat()
+    h = _sha256(f"{FORMAT}|gguf|{head}|{p}|{s.st_size}:{s.st_mtime_ns}".encode())
+    return cache_dir() / f"{p.stem}-gguf-{head}-{h.hexdigest()[:16]}.safetensors"
+
+
+def load_native(path, head: str = "q8", max_len: int | None = None, kv: str = "f16", mmap: bool = True,
+                tokenizer: bool = True):
+    """A GGUF file on the native runtime: converted once to a native file in the cache (saying so on
+    stderr, with a progress bar), then memory-mapped like any other."""
+    from .convert import Source, write
+    from .native import open_native
+    g = GGUFFile(path)
+    cfg = config_from_gguf(g)
+    dest = native_cache_path(path, head)
+    if not dest.exists():
+        print(f"bitlm: converting {path} for the native runtime (once; cached in {dest.parent})", file=sys.stderr)
+        from .progress import Progress
+        with Progress(cfg.num_hidden_layers * 7, "converting") as bar:
+            arrays = arrays_from_gguf(g, cfg, bar)
+        write(Source(cfg, arrays, None, "gguf", Path(path).stem), dest, "native", head=head, progress=False)
+    nm = open_native(dest, max_len=max_len, kv=kv, mmap=mmap)
+    nm.tokenizer = tokenizer_from_gguf(g, cfg, warn=_warn) if tokenizer else None
+    nm.source = {"path": str(path), "format": "gguf", "file": str(dest)}
+    return nm
+
+
+def describe(path) -> dict:
+    """`bitlm info` of a GGUF file (the dict io/summary.format_summary prints). Like the loaders, it
+    reads every ternary tensor's codes and scales, so a file they refuse is refused here too."""
+    from .summary import COMPONENTS
+    g = GGUFFile(path)
+    cfg = config_from_gguf(g)
+    shapes = cfg.projection_shapes()
+    for l in range(cfg.num_hidden_layers):
+        for name in PROJ_NAMES:
+            g.ternary(f"blk.{l}.{PROJ_NAMES[name]}.weight", shapes[name])
+    nbytes = dict.fromkeys(COMPONENTS, 0)
+    dtypes: dict[str, set[str]] = {c: set() for c in COMPONENTS}
+    proj = set(PROJ_NAMES.values())
+    for t in g.tensors.values():
+        parts = t.name.split(".")
+        c = ("embedding" if t.name == "token_embd.weight" else "head" if t.name == "output.weight"
+             else "ternary weights" if len(parts) == 4 and parts[2] in proj and parts[3] == "weight"
+             else "ternary scales" if parts[-1] == "scale" else "norms" if parts[-2].endswith("norm") else "other")
+        nbytes[c] += t.nbytes
+        dtypes[c].add(TYPE_NAMES.get(t.type, f"type {t.type}"))
+    data = sum(nbytes.values())
+    params = cfg.num_parameters()
+    arch = g.meta.get("general.architecture")
+    types = "/".join(sorted(dtypes["ternary weights"]))
+    desc = (f"GGUF ({arch}): ternary weights as {types}"
+            + (" with the per-tensor scale inside each tensor" if types == "I2_S" else ", block scales")
+            + (" and blk.N.*.scale tensors" if nbytes["ternary scales"] else "")
+            + f"; embedding {'/'.join(sorted(dtypes['embedding']))}")
+    meta = {k: v for k, v in g.meta.items() if not isinstance(v, list) and k != "bitlm.config"
+            and not k.startswith("tokenizer.chat")}
+    return {
+        "path": str(path),
+        "format": {"quantization_mode": "gguf", "linear_class": None, "description": desc,
+                   "dtypes": {c: sorted(d) for c, d in dtypes.items() if d}, "metadata": meta},
+        "config": cfg.to_hf(),
+        "parameters": params,
+        "bytes": {**nbytes, "headers": g.size - data, "total": g.size},
+        "bits_per_ternary_weight": 8 * nbytes["ternary weights"] / params["ternary"] if params["ternary"] else None,
+        "files": {Path(path).name: g.size},
+    }
