@@ -75,16 +75,21 @@ def read(src, progress: bool = True) -> Source:
         return Source(cfg, arrays, tok, kind, Path(src).stem)
     if kind == "native":
         return _read_native(Path(src))
-    from ..engine.native import arrays_from_model
+    from ..engine.native import arrays_from_model, bf16_to_f32, f32_to_bf16
     from .checkpoint import open_checkpoint
     from .hf import load
     import torch
     ck = open_checkpoint(src)
-    bf16 = ck.config.torch_dtype == "bfloat16"
-    model = load(ck.path, dtype=torch.bfloat16 if bf16 else torch.float32)
-    arrays = arrays_from_model(model, "bf16" if bf16 else "f32")  # the head as rows, in the model's dtype
+    # float32, whatever the checkpoint's dtype: a bf16 model would round a latent checkpoint's weight
+    # scales (mean |W|, computed in float32) to bf16; the values of bf16 tensors are exact in float32
+    model = load(ck.path, dtype=torch.float32)
+    arrays = arrays_from_model(model, "f32")  # the head as rows
     if model.config.tie_word_embeddings:
         arrays.pop("head")
+    if ck.config.torch_dtype == "bfloat16":  # rows stored as bf16 stay bf16 (half the bytes downstream)
+        for k in ("embed", "head"):
+            if k in arrays and np.array_equal(bf16_to_f32(f32_to_bf16(arrays[k])), arrays[k]):
+                arrays[k] = f32_to_bf16(arrays[k])
     return Source(model.config, arrays, model.tokenizer, kind, Path(ck.path).name)
 
 
@@ -124,7 +129,9 @@ def _torch_model(s: Source):
     import torch
 
     from .native import to_torch
-    model = to_torch(s.arrays, s.config, torch.bfloat16 if s.config.torch_dtype == "bfloat16" else torch.float32)
+    # float32: a bf16 torch model would round the weight scales to bf16 (BitNetForCausalLM.to); the
+    # writers store each tensor in config.torch_dtype themselves
+    model = to_torch(s.arrays, s.config, torch.float32)
     model.tokenizer = s.tokenizer
     return model
 

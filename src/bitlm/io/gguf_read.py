@@ -312,18 +312,21 @@ def config_from_gguf(g: GGUFFile) -> BitNetConfig:
 
 
 # ---- arrays -------------------------------------------------------------------------------------
-def arrays_from_gguf(g: GGUFFile, cfg: BitNetConfig, progress=None) -> dict[str, np.ndarray]:
+def arrays_from_gguf(g: GGUFFile, cfg: BitNetConfig, progress=None, as_model: bool = False) -> dict[str, np.ndarray]:
     """The native array dict (engine/native.py) of the file, but with the head as rows: "head" holds
     the untied head's rows (float32 or bf16 bits); engine.native.head_arrays makes the chosen format.
-    Float tensors take the model's dtype as loading a checkpoint does (bf16 when torch_dtype says so)."""
+    as_model=False keeps every value as the file holds it (conversions); True gives the float tensors
+    the model's dtype, as loading a checkpoint does (bf16 when torch_dtype says so: the native cache)."""
     from ..engine.native import NORMS, PROJS, bf16_to_f32, f32_to_bf16
     from ..kernels import from_hf_packed_array
     from ..formats import hf_packed
     V, H = cfg.vocab_size, cfg.hidden_size
-    bf16 = cfg.torch_dtype == "bfloat16"
+    bf16 = as_model and cfg.torch_dtype == "bfloat16"
 
     def model_rows(name):
         r = g.rows(name, (V, H))
+        if not as_model:
+            return r if r.dtype == np.uint16 else np.ascontiguousarray(r)
         if bf16:
             return r if r.dtype == np.uint16 else f32_to_bf16(r)
         return bf16_to_f32(r) if r.dtype == np.uint16 else np.ascontiguousarray(r)
@@ -471,7 +474,7 @@ def load_native(path, head: str = "q8", max_len: int | None = None, kv: str = "f
         print(f"bitlm: converting {path} for the native runtime (once; cached in {dest.parent})", file=sys.stderr)
         from .progress import Progress
         with Progress(cfg.num_hidden_layers * 7, "converting") as bar:
-            arrays = arrays_from_gguf(g, cfg, bar)
+            arrays = arrays_from_gguf(g, cfg, bar, as_model=True)
         write(Source(cfg, arrays, None, "gguf", Path(path).stem), dest, "native", head=head, progress=False)
     nm = open_native(dest, max_len=max_len, kv=kv, mmap=mmap)
     nm.tokenizer = tokenizer_from_gguf(g, cfg, warn=_warn) if tokenizer else None

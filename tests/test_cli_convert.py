@@ -1,0 +1,155 @@
+"""`bitlm convert`: every format to every other on a tiny model, each output loaded and its logits
+compared with its source's; bad and truncated inputs are one-line errors (exit 2); a failed conversion
+leaves nothing at OUT."""
+
+import numpy as np
+import pytest
+import torch
+
+import bitlm
+from bitlm.cli import main
+from bitlm.io.convert import FORMATS
+from helpers import make_tiny_model_dir
+
+pytest.importorskip("gguf")
+SHAPE = dict(hidden_size=256, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+             num_hidden_layers=1)
+IDS = [0, 5, 17, 42, 99, 300, 7, 8]
+SUFFIX = {"hf": "", "hf-bf16": "", "native": ".safetensors"}
+
+
+def out_name(fmt):
+    return fmt + SUFFIX.get(fmt, ".gguf")
+
+
+def logits(path, fmt):
+    """Logits of the model at path: torch for HF and GGUF (bitlm.load), the native runtime for native
+    files (compared against the native runtime of the source's torch model, an independent route)."""
+    if fmt == "native":
+        from bitlm.io.native import open_native
+        return open_native(path).forward(IDS, len(IDS))
+    with torch.no_grad():
+        return bitlm.load(path)(torch.tensor([IDS]))[0].numpy()
+
+
+def native_logits_of(path):
+    pytest.importorskip("bitlm.kernels._native")
+    from bitlm.engine.native import NativeModel
+    return NativeModel.from_model(bitlm.load(path)).forward(IDS, len(IDS))
+
+
+def convert(src, dest, fmt, *extra):
+    return main(["convert", str(src), str(dest), "--to", fmt, "--embed-type", "f32", *extra])
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory, tiny_tokenizer_dir):
+    """The source converted to every format (the first hop)."""
+    d = tmp_path_factory.mktemp("conv")
+    src = make_tiny_model_dir(d / "src", tiny_tokenizer_dir, **SHAPE)
+    made = {}
+    for fmt in FORMATS:
+        assert convert(src, d / out_name(fmt), fmt) == 0
+        made[fmt] = d / out_name(fmt)
+    return src, made
+
+
+def check_same(src_path, src_fmt, out_path, out_fmt):
+    if out_fmt == "native":
+        if src_fmt == "native":
+            assert np.array_equal(logits(out_path, "native"), logits(src_path, "native"))
+        else:
+            assert np.array_equal(logits(out_path, "native"), native_logits_of(src_path))
+        return
+    ref = logits(src_path, src_fmt) if src_fmt != "native" else None
+    got = logits(out_path, out_fmt)
+    if ref is None:  # a native source: its torch twin is the HF model it was made from (checked by the caller)
+        return got
+    if out_fmt == "hf-bf16" and src_fmt != "hf-bf16":
+        # latent weights in bf16: the codes come back, each scale moves by its bf16 rounding (and an
+        # f32 embedding is rounded to bf16): close, not equal
+        rel = np.abs(got - ref).max() / np.abs(ref).max()
+        assert rel < 0.05, rel
+        assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.75
+    else:
+        assert np.array_equal(got, ref), (src_fmt, out_fmt, np.abs(got - ref).max())
+    return got
+
+
+def test_first_hop(outputs):
+    src, made = outputs
+    for fmt, path in made.items():
+        check_same(src, "hf", path, fmt)
+
+
+@pytest.mark.parametrize("src_fmt", FORMATS)
+def test_second_hop(outputs, tmp_path, src_fmt):
+    src, made = outputs
+    for fmt in FORMATS:
+        dest = tmp_path / out_name(fmt)
+        assert convert(made[src_fmt], dest, fmt) == 0
+        if src_fmt == "native":
+            # the native file keeps the embedding, codes and scales: what it converts to runs as the
+            # HF source does (exactly, except through bf16 latents)
+            got = check_same(src, "hf", dest, fmt)
+        else:
+            check_same(made[src_fmt], src_fmt, dest, fmt)
+
+
+def test_tokenizer_travels(outputs, tmp_path):
+    src, made = outputs
+    tok = bitlm.load(src).tokenizer
+    assert convert(made["native"], tmp_path / "hf", "hf") == 0  # native -> hf: the tokenizer was in the native file
+    for path in (made["gguf-i2_s"], made["hf-bf16"], tmp_path / "hf"):
+        back = bitlm.load(path).tokenizer
+        assert back.encode("To be, or not to be") == tok.encode("To be, or not to be")
+        assert back.chat_template == tok.chat_template
+
+
+def test_bad_inputs_are_one_line(outputs, tmp_path, capsys):
+    src, made = outputs
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(made["gguf-tq2_0"].read_bytes()[:4096])
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\x01" * 100)
+    cut_native = tmp_path / "cut.safetensors"
+    cut_native.write_bytes(made["native"].read_bytes()[:1000])
+    for bad in (cut, junk, cut_native, tmp_path / "missing-dir"):
+        dest = tmp_path / "out.gguf"
+        assert convert(bad, dest, "gguf-i2_s") == 2
+        err = capsys.readouterr().err
+        assert err.startswith("bitlm: error: ") and err.count("\n") == 1, err
+        assert not dest.exists()
+    assert main(["convert", str(src), str(tmp_path / "x"), "--to", "gguf-q4"]) == 2  # argparse's own line
+
+
+def test_refused_conversion_leaves_nothing(tmp_path, tiny_model_dir, capsys):
+    dest = tmp_path / "out.gguf"
+    assert convert(tiny_model_dir, dest, "gguf-tq2_0") == 2  # 64-wide rows: TQ2_0 needs 256
+    assert "multiple of 256" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failure_midway_leaves_nothing(outputs, tmp_path, monkeypatch, capsys):
+    from bitlm.errors import BitlmError
+    from bitlm.formats import i2s
+    src, made = outputs
+    calls = []
+    real = i2s.pack
+
+    def failing(*a, **k):  # the disk "fills" after a few tensors
+        calls.append(1)
+        if len(calls) > 3:
+            raise BitlmError("simulated write failure")
+        return real(*a, **k)
+    monkeypatch.setattr(i2s, "pack", failing)
+    dest = tmp_path / "out.gguf"
+    assert convert(src, dest, "gguf-i2_s") == 2
+    assert "simulated" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # neither OUT nor a temporary file
+
+
+def test_output_cannot_replace_input(outputs, capsys):
+    src, made = outputs
+    assert convert(made["gguf-i2_s"], made["gguf-i2_s"], "gguf-i2_s") == 2
+    assert "replace the input" in capsys.readouterr().err
