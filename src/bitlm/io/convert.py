@@ -155,7 +155,9 @@ def write(s: Source, dest, to: str, embed_type: str = "f16", head: str = "q8", p
         rows = s.arrays["embed"] if s.config.tie_word_embeddings else s.arrays["head"]
         arrays.update(head_arrays(rows, head))
         bf16 = {"embed", "head"}
-        tensors = {k: ("BF16", v) if k in bf16 and v.dtype == np.uint16 else v for k, v in arrays.items()}
+        tensors = {k: ("BF16", v) if k in bf16 and v.dtype == np.uint16 and not isinstance(v, st.Lazy) else v
+                   for k, v in arrays.items() if k != "scales"}
+        tensors["scales"] = arrays["scales"]  # last: lazy projections fill it as they are made
         st.write(dest, tensors, {"bitlm_format": FORMAT, "config": json.dumps(s.config.to_hf()), "head": head,
                                  **_tokenizer_metadata(s.tokenizer)})
         return dest

@@ -72,8 +72,6 @@ def _pre_tokenizer(tj: dict, source: str) -> str:
 def _add_tokenizer(w, tok, cfg: BitNetConfig) -> None:
     """tokenizer.ggml.* as llama.cpp's convert_hf_to_gguf writes them for a byte-level BPE."""
     import gguf
-    if tok is None:
-        raise BitlmError("GGUF export: the model has no tokenizer (tokenizer.json); llama.cpp needs one")
     tj = json.loads(tok.tok.to_str())
     if (tj.get("model") or {}).get("type") != "BPE":
         raise BitlmError("GGUF export: only byte-level BPE tokenizers are supported")
@@ -174,9 +172,13 @@ def write_gguf(path, cfg: BitNetConfig, arrays: dict, tokenizer, ternary_type: s
     from ..engine.native import NORMS, PROJS, bf16_to_f32
     from ..formats import i2s, i2v
     check_exportable(cfg, ternary_type, embed_type)
-    message = runtime_warning(cfg, ternary_type)
-    if message and warn is not None:
-        warn(message)
+    messages = [runtime_warning(cfg, ternary_type)]
+    if tokenizer is None:
+        messages.append("the model has no tokenizer: the GGUF gets no tokenizer.ggml.* metadata, so llama.cpp "
+                        "and bitnet.cpp cannot load it (bitlm can, without text: bench)")
+    for message in messages:
+        if message and warn is not None:
+            warn(message)
     arch = ARCH[ternary_type]
     path = Path(path)
 
@@ -200,7 +202,8 @@ def write_gguf(path, cfg: BitNetConfig, arrays: dict, tokenizer, ternary_type: s
         w.add_file_type({"tq2_0": int(gguf.LlamaFileType.MOSTLY_TQ2_0), "tq1_0": int(gguf.LlamaFileType.MOSTLY_TQ1_0),
                          "i2_s": I2_S_FILE_TYPE}[ternary_type])
         w.add_string("bitlm.config", json.dumps(cfg.to_hf()))
-        _add_tokenizer(w, tokenizer, cfg)
+        if tokenizer is not None:
+            _add_tokenizer(w, tokenizer, cfg)
 
         data, qt = _embedding(arrays["embed"], embed_type)
         # byte arrays (q8_0, q6_k): gguf-py derives the element shape from the byte shape itself

@@ -205,19 +205,20 @@ class GGUFFile:
                              f"{list(shape)}")
         return t
 
-    def floats(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        """float32 values of a float tensor (F32 mapped, others converted; BF16 as bits: see rows())."""
+    def floats(self, name: str, shape: tuple[int, ...], rows: slice = slice(None)) -> np.ndarray:
+        """float32 values of a float tensor, or of `rows` of it (F32 mapped, others converted)."""
         t = self.tensor(name, FLOAT_TYPES, shape)
-        raw = self.raw(name)
+        raw = self.raw(name).reshape(shape[0], -1)[rows] if len(shape) == 2 else self.raw(name)
+        out_shape = (-1, *shape[1:])
         if t.type == F32:
-            return raw.view("<f4").reshape(shape)
+            return raw.reshape(-1).view("<f4").reshape(out_shape)
         if t.type == F16:
-            return raw.view("<f2").astype(np.float32).reshape(shape)
+            return raw.reshape(-1).view("<f2").astype(np.float32).reshape(out_shape)
         if t.type == BF16:
-            return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
+            return (raw.reshape(-1).view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(out_shape)
         if t.type == Q8_0:
-            return ggml_blocks.q8_0_values(raw).reshape(shape)
-        return q6_k.dequantize(raw, shape[-1]).reshape(shape)
+            return ggml_blocks.q8_0_values(raw).reshape(out_shape)
+        return q6_k.dequantize(raw, shape[-1]).reshape(out_shape)
 
     def rows(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """Embedding/head rows for the native runtime: bf16 bits (uint16) when stored as BF16, else
@@ -312,23 +313,28 @@ def config_from_gguf(g: GGUFFile) -> BitNetConfig:
 
 
 # ---- arrays -------------------------------------------------------------------------------------
-def arrays_from_gguf(g: GGUFFile, cfg: BitNetConfig, progress=None, as_model: bool = False) -> dict[str, np.ndarray]:
+def arrays_from_gguf(g: GGUFFile, cfg: BitNetConfig, progress=None, as_model: bool = False,
+                     lazy: bool = False) -> dict[str, np.ndarray]:
     """The native array dict (engine/native.py) of the file, but with the head as rows: "head" holds
     the untied head's rows (float32 or bf16 bits); engine.native.head_arrays makes the chosen format.
     as_model=False keeps every value as the file holds it (conversions); True gives the float tensors
     the model's dtype, as loading a checkpoint does (bf16 when torch_dtype says so: the native cache)."""
     from ..engine.native import NORMS, PROJS, bf16_to_f32, f32_to_bf16
+    from ..formats import hf_packed, i2v
     from ..kernels import from_hf_packed_array
-    from ..formats import hf_packed
+    from . import st
     V, H = cfg.vocab_size, cfg.hidden_size
     bf16 = as_model and cfg.torch_dtype == "bfloat16"
 
     def model_rows(name):
+        if bf16 and g.tensor(name, FLOAT_TYPES, (V, H)).type != BF16:
+            out = np.empty((V, H), np.uint16)  # chunked: the float32 rows of 2B4T's embedding are 1.3 GB
+            for i in range(0, V, 8192):
+                out[i:i + 8192] = f32_to_bf16(g.floats(name, (V, H), slice(i, i + 8192)))
+            return out
         r = g.rows(name, (V, H))
-        if not as_model:
+        if not as_model or bf16:
             return r if r.dtype == np.uint16 else np.ascontiguousarray(r)
-        if bf16:
-            return r if r.dtype == np.uint16 else f32_to_bf16(r)
         return bf16_to_f32(r) if r.dtype == np.uint16 else np.ascontiguousarray(r)
 
     def norm(name, size):
@@ -346,11 +352,16 @@ def arrays_from_gguf(g: GGUFFile, cfg: BitNetConfig, progress=None, as_model: bo
         for name in NORMS:
             arrays[f"{l}.{name}"] = norm(f"blk.{l}.{NORM_NAMES[name]}.weight", sizes[name])
         for j, name in enumerate(PROJS):
-            w, scale = g.ternary(f"blk.{l}.{PROJ_NAMES[name]}.weight", shapes[name])
-            arrays[f"{l}.{name}"] = from_hf_packed_array(hf_packed.pack(w), shapes[name][0])
-            scales[l, j] = bf16_to_f32(f32_to_bf16(np.array([scale])))[0] if bf16 else scale
-            if progress is not None:
-                progress.update(1)
+            def make(l=l, j=j, name=name):
+                w, scale = g.ternary(f"blk.{l}.{PROJ_NAMES[name]}.weight", shapes[name])
+                scales[l, j] = bf16_to_f32(f32_to_bf16(np.array([scale])))[0] if bf16 else scale
+                if progress is not None:
+                    progress.update(1)
+                return from_hf_packed_array(hf_packed.pack(w), shapes[name][0])
+            # lazy: made one at a time as st.write reaches them (memory: one projection, not all), each
+            # filling its scale; a writer must write "scales" after them (io/convert.write does)
+            key = f"{l}.{name}"
+            arrays[key] = st.Lazy(i2v.packed_shape(*shapes[name]), np.uint8, make) if lazy else make()
     arrays["scales"] = scales
     return arrays
 
@@ -474,7 +485,7 @@ def load_native(path, head: str = "q8", max_len: int | None = None, kv: str = "f
         print(f"bitlm: converting {path} for the native runtime (once; cached in {dest.parent})", file=sys.stderr)
         from .progress import Progress
         with Progress(cfg.num_hidden_layers * 7, "converting") as bar:
-            arrays = arrays_from_gguf(g, cfg, bar, as_model=True)
+            arrays = arrays_from_gguf(g, cfg, bar, as_model=True, lazy=True)
         write(Source(cfg, arrays, None, "gguf", Path(path).stem), dest, "native", head=head, progress=False)
     nm = open_native(dest, max_len=max_len, kv=kv, mmap=mmap)
     nm.tokenizer = tokenizer_from_gguf(g, cfg, warn=_warn) if tokenizer else None
