@@ -153,3 +153,17 @@ def test_output_cannot_replace_input(outputs, capsys):
     src, made = outputs
     assert convert(made["gguf-i2_s"], made["gguf-i2_s"], "gguf-i2_s") == 2
     assert "replace the input" in capsys.readouterr().err
+
+
+def test_generate_from_gguf_says_it_converts_once(outputs, capsys):
+    pytest.importorskip("bitlm.kernels._native")
+    src, made = outputs
+    args = ["generate", "-m", str(made["gguf-tq1_0"]), "-p", "To be", "-n", "4", "--temperature", "0"]
+    assert main(args) == 0
+    first = capsys.readouterr()
+    assert "converting" in first.err and "for the native runtime (once; cached in" in first.err
+    assert main(args) == 0
+    second = capsys.readouterr()
+    assert second.err == "" and second.out == first.out
+    assert main(["generate", "-m", str(src), "-p", "To be", "-n", "4", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == first.out  # the same text as the HF source (f32 embedding)
