@@ -2,6 +2,8 @@
 compared with its source's; bad and truncated inputs are one-line errors (exit 2); a failed conversion
 leaves nothing at OUT."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -22,7 +24,8 @@ def out_name(fmt):
     return fmt + SUFFIX.get(fmt, ".gguf")
 
 
-def logits(path, fmt):
+@functools.lru_cache(maxsize=None)
+def _logits(path, fmt):
     """Logits of the model at path: torch for HF and GGUF (bitlm.load), the native runtime for native
     files (compared against the native runtime of the source's torch model, an independent route)."""
     if fmt == "native":
@@ -32,10 +35,19 @@ def logits(path, fmt):
         return bitlm.load(path)(torch.tensor([IDS]))[0].numpy()
 
 
-def native_logits_of(path):
+def logits(path, fmt):  # each source's logits once (sources are compared with up to 12 outputs)
+    return _logits(str(path), fmt)
+
+
+@functools.lru_cache(maxsize=None)
+def _native_logits_of(path):
     pytest.importorskip("bitlm.kernels._native")
     from bitlm.engine.native import NativeModel
     return NativeModel.from_model(bitlm.load(path)).forward(IDS, len(IDS))
+
+
+def native_logits_of(path):
+    return _native_logits_of(str(path))
 
 
 def convert(src, dest, fmt, *extra):
@@ -91,7 +103,7 @@ def test_second_hop(outputs, tmp_path, src_fmt):
         if src_fmt == "native":
             # the native file keeps the embedding, codes and scales: what it converts to runs as the
             # HF source does (exactly, except through bf16 latents)
-            got = check_same(src, "hf", dest, fmt)
+            check_same(src, "hf", dest, fmt)
         else:
             check_same(made[src_fmt], src_fmt, dest, fmt)
 
