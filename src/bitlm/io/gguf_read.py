@@ -388,10 +388,11 @@ def tokenizer_from_gguf(g: GGUFFile, cfg: BitNetConfig, warn=None):
                          "(bitlm reads byte-level BPE, tokenizer.ggml.model 'gpt2')")
     tokens, merges = m["tokenizer.ggml.tokens"], m.get("tokenizer.ggml.merges") or []
     types = m.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    if not all(isinstance(t, str) for t in tokens) or not all(isinstance(x, str) and " " in x for x in merges):
+    if (not isinstance(tokens, list) or not isinstance(merges, list) or not all(isinstance(t, str) for t in tokens)
+            or not all(isinstance(x, str) and " " in x for x in merges)):
         raise BitlmError(f"{g.path}: tokenizer.ggml.tokens/merges are not lists of strings (merges 'a b')")
-    if len(types) != len(tokens):
-        raise BitlmError(f"{g.path}: {len(types)} token types for {len(tokens)} tokens")
+    if not isinstance(types, list) or not all(isinstance(t, int) for t in types) or len(types) != len(tokens):
+        raise BitlmError(f"{g.path}: tokenizer.ggml.token_type is not one integer per token")
     vocab = {}
     for i, t in enumerate(tokens):
         vocab.setdefault(t, i)
@@ -418,7 +419,7 @@ def tokenizer_from_gguf(g: GGUFFile, cfg: BitNetConfig, warn=None):
     bos = m.get("tokenizer.ggml.bos_token_id")
     eos = m.get("tokenizer.ggml.eos_token_id")
     for key, i in (("bos", bos), ("eos", eos)):
-        if i is not None and not 0 <= i < len(tokens):
+        if i is not None and (not isinstance(i, int) or not 0 <= i < len(tokens)):
             raise BitlmError(f"{g.path}: tokenizer.ggml.{key}_token_id {i} is outside the {len(tokens)} tokens")
     if bos is not None and m.get("tokenizer.ggml.add_bos_token", True):
         tok.post_processor = processors.TemplateProcessing(
