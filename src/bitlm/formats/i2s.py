@@ -7,7 +7,8 @@ A whole tensor of n = rows * cols weights (cols a multiple of 128) is one byte s
     bytes [n/4, n/4 + 4)    the per-tensor scale, float32 little-endian (w = scale * value)
     bytes [n/4 + 4, n/4+32) reserved (zero here); ggml_nbytes() of the fork counts n/4 + 32
 
-Codes (unsigned, value + 1):   0 -> -1     1 -> 0     2 -> +1     (3 never written; read as 0)
+Codes (unsigned, value + 1):   0 -> -1     1 -> 0     2 -> +1     (3 is never written; the fork's
+dequantizer reads it as 0 but its dot-product kernels as +2, so bitlm refuses it)
 
 Inside a block of 128 weights j = 0..127 (x86 build: QK_I2_S = 128, ACT_PARALLEL defined):
 weight j sits in byte j % 32 of the block, at bits (7 - 2*(j//32), 6 - 2*(j//32)):
@@ -34,6 +35,11 @@ Where this comes from (read, not copied, with the search tools, December 2026):
     |w| < 1e-6 is coded 1, otherwise sign -> 2 or 0; the x86 ACT_PARALLEL branch packs weight j of
     block i into byte i*32 + j%32 shifted by 6 - 2*(j/32); the scale is stored as one float at byte
     n/4 and the function returns n/4 + 32 bytes ("32B for alignment");
+  - the reader: the fork's dequantize_row_i2_s (ggml-cpu/quants.c; copied verbatim into several
+    third-party repositories the search tools hold): byte gp of each 32-byte block gives weights
+    gp, 32 + gp, 64 + gp, 96 + gp from shifts 6, 4, 2, 0, through the table {-1, 0, +1, 0} times the
+    scale, and the AVX2 dot product (ggml_vec_dot_i2_i8_s_1x1) shifts the same 32 bytes by 6, 4, 2, 0
+    against activations 0-31, 32-63, 64-95, 96-127: the quantizer's layout, read back the same way;
   - the type: GGML_TYPE_I2_S = 36 in the fork's ggml.h; its type_traits say block size 1, type size
     1, and ggml_nbytes() special-cases I2_S to nbytes / 4 + 32: a GGUF reader must size an I2_S
     tensor as n/4 + 32 bytes, which the gguf Python package (0.19) does not know (type 36 is not in
