@@ -179,3 +179,24 @@ def test_generate_from_gguf_says_it_converts_once(outputs, capsys):
     assert second.err == "" and second.out == first.out
     assert main(["generate", "-m", str(src), "-p", "To be", "-n", "4", "--temperature", "0"]) == 0
     assert capsys.readouterr().out == first.out  # the same text as the HF source (f32 embedding)
+
+
+def test_info_and_bench_take_a_gguf(outputs, capsys):
+    src, made = outputs
+    assert main(["info", str(made["gguf-i2_s"])]) == 0
+    out = capsys.readouterr().out
+    assert "GGUF (bitnet-b1.58): ternary weights as I2_S" in out and "2.00 bits per weight" in out
+    assert main(["info", "--json", str(made["gguf-tq2_0"])]) == 0
+    import json
+    info = json.loads(capsys.readouterr().out)
+    assert info["config"]["hidden_size"] == 256 and info["format"]["dtypes"]["ternary weights"] == ["TQ2_0"]
+    assert info["parameters"] == json.loads(_info_json(src))["parameters"]
+    pytest.importorskip("bitlm.kernels._native")
+    assert main(["bench", "-m", str(made["gguf-i2_s"]), "-p", "4", "-n", "2", "-r", "1", "-t", "1"]) == 0
+    assert "| pp4 |" in capsys.readouterr().out
+
+
+def _info_json(path):
+    from bitlm.io.summary import describe
+    import json
+    return json.dumps(describe(path))
