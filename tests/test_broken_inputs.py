@@ -81,8 +81,8 @@ FAULTS = {
     "config bad field": (lambda d: edit_config(d, num_attention_heads=5), r"config\.json: "),
     "config other model": (lambda d: edit_config(d, model_type="llama"), r"config\.json: model_type is 'llama'"),
     "truncated weights": (truncate, r"model\.safetensors: truncated"),
-    "corrupt header": (corrupt_header, r"model\.safetensors: not a readable safetensors file"),
-    "not safetensors": (lambda d: (d / WEIGHTS).write_bytes(b"\x05"), r"model\.safetensors: not a readable"),
+    "corrupt header": (corrupt_header, r"model\.safetensors: not a safetensors file \(its header is not JSON"),
+    "not safetensors": (lambda d: (d / WEIGHTS).write_bytes(b"\x05"), r"model\.safetensors: not a safetensors file \(only 1 bytes\)"),
     "shape vs config": (lambda d: edit_config(d, intermediate_size=192),
                         r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.ffn_sub_norm\.weight' has shape \[172\], "
                         r"expected \[192\] from config\.json"),
@@ -116,8 +116,9 @@ COMMANDS = {
     "generate torch": ["generate", "-m", "{m}", "-p", "hi", "-n", "2", "--runtime", "torch"],
     "chat": ["chat", "-m", "{m}"],
     "bench": ["bench", "-m", "{m}", "-p", "4", "-n", "2", "-r", "1"],
+    "serve": ["serve", "-m", "{m}", "--port", "0"],
 }
-NATIVE = {"generate", "chat", "bench"}
+NATIVE = {"generate", "chat", "bench", "serve"}
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
@@ -134,8 +135,17 @@ def test_every_command_refuses_every_broken_input(tiny_model_dir, tmp_path, caps
         shutil.copytree(tiny_model_dir, model)
         damage(model)
     monkeypatch.setattr("sys.stdin", __import__("io").StringIO("hello\n"))  # chat's input, never reached
+    if command == "serve":
+        pytest.importorskip("fastapi")
+
+        def started(*a, **k):  # the checks must refuse the model before a server would listen
+            raise AssertionError("the server started on a broken model")
+        monkeypatch.setattr("bitlm.serve.server.run", started)
     assert main([a.format(m=model) for a in COMMANDS[command]]) == 2
     out, err = capsys.readouterr()
+    # a fault only the data shows (code 3, a NaN scale) is found while converting, after the one line
+    # that says the conversion has started
+    err = re.sub(r"\Abitlm: converting \S+ for the native runtime \(once; cached in \S+\)\n", "", err)
     assert out == "" and err.count("\n") == 1 and err.startswith("bitlm: error: "), err
     assert re.search(pattern, err), err
     if damage is not None and fault != "no such directory":

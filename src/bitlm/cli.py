@@ -4,6 +4,7 @@
     bitlm chat -m MODEL [--system S] [sampling flags]
     bitlm info [MODEL] [--json]
     bitlm bench (-m MODEL | --shape NAME) [-t THREADS] [-p N_PROMPT] [-n N_GEN] [-r REPS] [--json] [--profile]
+    bitlm serve -m MODEL [--host 127.0.0.1] [--port 8000] [--max-seqs N] [--api-key KEY] ...
     bitlm convert IN OUT --to FORMAT [--embed-type T] [--head H]
     bitlm doctor
     bitlm train | sft | dpo ...   (docs/training.md)
@@ -74,22 +75,14 @@ def load_model(args):
             raise BitlmError("--runtime native: the native kernels are not built in this install; "
                              "run `bitlm doctor`, or use --runtime torch")
         from .engine.native import NativeLM
-        model = NativeLM(_load_native(source, head=args.head, max_len=args.ctx_size, kv=args.kv, mmap=args.mmap))
+        from .io.native import load_native
+        model = NativeLM(load_native(source, head=args.head, max_len=args.ctx_size, kv=args.kv, mmap=args.mmap))
     else:
         import bitlm
         model = bitlm.load(source)
     if model.tokenizer is None:
         raise BitlmError(f"{args.model}: no tokenizer.json next to the weights; `bitlm {args.command}` needs one")
     return model
-
-
-def _load_native(source, **kw):
-    """io.native.load_native, or its GGUF twin for a .gguf file (recognised by its first bytes)."""
-    from .io import gguf_read
-    if gguf_read.is_gguf(source):
-        return gguf_read.load_native(source, **kw)
-    from .io.native import load_native
-    return load_native(source, **kw)
 
 
 def sampling_options(args) -> dict:
@@ -186,7 +179,7 @@ def cmd_bench(args) -> int:
     import time
 
     from .engine import bench
-    from .io.native import open_native
+    from .io.native import load_native, open_native
     if bool(args.model) == bool(args.shape):
         raise BitlmError("bitlm bench: give exactly one of -m MODEL or --shape NAME (e.g. --shape 2b4t)")
     if not native_available():
@@ -201,7 +194,7 @@ def cmd_bench(args) -> int:
         nm = open_native(path, max_len=longest, kv=args.kv, mmap=args.mmap)
         nm.source = {"file": str(path)}
     else:
-        nm = _load_native(args.model, head=args.head, max_len=longest, kv=args.kv, mmap=args.mmap, tokenizer=False)
+        nm = load_native(args.model, head=args.head, max_len=longest, kv=args.kv, mmap=args.mmap, tokenizer=False)
         made = 0.0
     load_s = time.perf_counter() - t0
     records = []
@@ -244,6 +237,29 @@ def _ms(v: float) -> str:
     import math
     return f"{v:.{3 if v >= 0.1 or v <= 0 else 2 - math.floor(math.log10(v))}f}"
 
+def cmd_serve(args) -> int:
+    """An OpenAI-compatible HTTP server (bitlm.serve; needs the `serve` extra: fastapi, uvicorn)."""
+    if args.runtime == "torch":
+        raise BitlmError("bitlm serve runs on the native runtime; leave out --runtime torch")
+    if not native_available():
+        raise BitlmError("bitlm serve needs the native kernels, which are not built in this install "
+                         "(see `bitlm doctor`)")
+    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
+        raise BitlmError("bitlm serve needs fastapi and uvicorn: pip install 'bitlm[serve]'")
+    from .io.native import load_native
+    from .serve.server import run, served_name
+    from .serve.settings import ServeSettings
+    source = resolve_model_arg(args.model)
+    settings = ServeSettings(model_name=args.served_model_name or served_name(source), host=args.host,
+                             port=args.port, max_seqs=args.max_seqs, max_queue=args.max_queue,
+                             kv_blocks=args.kv_blocks, prefill_chunk=args.prefill_chunk, api_key=args.api_key,
+                             drain_timeout=args.drain_timeout, engine=args.engine)
+    set_threads(args.threads, torch_too=False)
+    nm = load_native(source, head=args.head, max_len=args.ctx_size, kv=args.kv, mmap=args.mmap)
+    if nm.tokenizer is None:
+        raise BitlmError(f"{source}: no tokenizer.json next to the weights; `bitlm serve` needs one")
+    return run(nm, settings)
+
 
 def cmd_doctor(args) -> int:
     import platform
@@ -265,6 +281,8 @@ def cmd_doctor(args) -> int:
         return 0
     print(f"cpu features: {' '.join(info['cpu_features']) or '-'}")
     print(f"kernel paths: {', '.join(info['paths'])}; in use: {info['path']}")
+    print("kernel tests: amx is tested only on CPUs that have it (no emulator); avx512vnni/vbmi and neon are "
+          "also tested in CI on any CPU, by emulation (SIMDe, qemu-user)")
     print(f"threads: {info['threads']}")
     return 0
 
@@ -351,6 +369,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true",
                    help="also print the per-token time of each phase of the forward (norms, products, attention, head)")
     p.set_defaults(run=cmd_bench)
+
+    p = sub.add_parser("serve", parents=[model], help="an OpenAI-compatible HTTP server",
+                       description="Serve the model over the OpenAI API (/v1/completions, /v1/chat/completions, "
+                                   "/v1/models) with /health and Prometheus /metrics; many requests at once.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, logged)")
+    p.add_argument("--served-model-name", help="the model id of the API (default: the model directory's name)")
+    p.add_argument("--max-seqs", type=int, default=16, help="requests generated at once (default 16)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 429 (default 64)")
+    p.add_argument("--kv-blocks", type=int, help="KV cache budget in blocks of 16 positions (default: max-seqs "
+                                                  "full contexts, at most 2 GiB with --engine batch)")
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt tokens per step, so long prompts do not stall running requests (default 256)")
+    p.add_argument("--api-key", default=os.environ.get("BITLM_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on /v1/* (default: $BITLM_API_KEY, unset: no key)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds SIGINT/SIGTERM lets running requests finish (default 30)")
+    p.add_argument("--engine", choices=("batch", "sequential"), default="batch",
+                   help="batch: all sequences of a step in one forward (default); sequential: one after "
+                        "another, the reference")
+    p.set_defaults(run=cmd_serve)
 
     from .io.convert import FORMATS
     p = sub.add_parser("convert", help="convert a model between HF, GGUF (llama.cpp, bitnet.cpp) and native files",

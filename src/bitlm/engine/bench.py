@@ -7,7 +7,6 @@ a preset's shape (e.g. 2b4t), written once as a native file in the cache and the
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import statistics
@@ -36,13 +35,17 @@ def peak_rss_bytes() -> int:
 def synthetic_native_file(shape: str, head: str = "q8", seed: int = 0) -> Path:
     """A native file of random weights shaped like preset `shape` (made once, streamed to disk)."""
     from ..config import preset
-    from ..io import st
-    from ..io.native import FORMAT, cache_dir
-    from .native import NORMS, PROJS, f32_to_bf16, head_arrays
-    cfg = preset(shape)
+    from ..io.native import cache_dir, ensure_file
     path = cache_dir() / f"random-{shape}-{head}-seed{seed}.safetensors"
-    if path.exists():
-        return path
+    source = {"synthetic": shape, "head": head, "seed": seed}
+    ensure_file(path, source, lambda: _write_synthetic(path, preset(shape), head, seed, source))
+    return path
+
+
+def _write_synthetic(path: Path, cfg, head: str, seed: int, source: dict) -> None:
+    from ..io import st
+    from ..io.native import metadata
+    from .native import NORMS, PROJS, f32_to_bf16, head_arrays
     rng = np.random.default_rng(seed)
     V, H = cfg.vocab_size, cfg.hidden_size
     tensors: dict = {}
@@ -77,9 +80,7 @@ def synthetic_native_file(shape: str, head: str = "q8", seed: int = 0) -> Path:
                 made["head"] = head_arrays(made.pop("embed"), head)
             return made["head"][name]
         tensors[name] = st.Lazy(shape, dtype, make, "BF16" if dtype == np.uint16 else None)
-    meta = {"bitlm_format": FORMAT, "config": json.dumps(cfg.to_hf()), "head": head, "synthetic": f"seed {seed}"}
-    st.write(path, tensors, meta)
-    return path
+    st.write(path, tensors, metadata(cfg, head, source, tensors))
 
 
 class _TokenSource:

@@ -40,6 +40,7 @@ class Source:
     tokenizer: object  # engine.tokenizer.Tokenizer or None
     kind: str  # "hf" | "gguf" | "native"
     name: str
+    origin: str = ""  # where it was read from
 
 
 def _warn(msg: str) -> None:
@@ -72,7 +73,7 @@ def read(src, progress: bool = True) -> Source:
     if kind == "gguf":
         from . import gguf_read
         cfg, arrays, tok = gguf_read.read(src, progress=progress)
-        return Source(cfg, arrays, tok, kind, Path(src).stem)
+        return Source(cfg, arrays, tok, kind, Path(src).stem, str(Path(src).resolve()))
     if kind == "native":
         return _read_native(Path(src))
     from ..engine.native import arrays_from_model, bf16_to_f32, f32_to_bf16
@@ -90,7 +91,7 @@ def read(src, progress: bool = True) -> Source:
         for k in ("embed", "head"):
             if k in arrays and np.array_equal(bf16_to_f32(f32_to_bf16(arrays[k])), arrays[k]):
                 arrays[k] = f32_to_bf16(arrays[k])
-    return Source(model.config, arrays, model.tokenizer, kind, Path(ck.path).name)
+    return Source(model.config, arrays, model.tokenizer, kind, Path(ck.path).name, str(ck.path))
 
 
 def _read_native(path: Path) -> Source:
@@ -112,7 +113,7 @@ def _read_native(path: Path) -> Source:
         tok = Tokenizer(HFTokenizer.from_str(meta["tokenizer"]), tokenizer_config=extra.get("tokenizer_config"),
                         generation_config=extra.get("generation_config"), chat_template=extra.get("chat_template"),
                         special_tokens_map=extra.get("special_tokens_map"), eos_token_ids=cfg.eos_token_ids)
-    return Source(cfg, arrays, tok, "native", path.stem)
+    return Source(cfg, arrays, tok, "native", path.stem, str(path.resolve()))
 
 
 def _tokenizer_metadata(tok) -> dict[str, str]:
@@ -149,17 +150,12 @@ def write(s: Source, dest, to: str, embed_type: str = "f16", head: str = "q8", p
                               name=s.name, progress=bar, warn=_warn)
     if to == "native":
         from ..engine.native import head_arrays
-        from . import st
-        from .native import FORMAT
+        from .native import save
         arrays = {k: v for k, v in s.arrays.items() if k != "head"}
         rows = s.arrays["embed"] if s.config.tie_word_embeddings else s.arrays["head"]
         arrays.update(head_arrays(rows, head))
-        bf16 = {"embed", "head"}
-        tensors = {k: ("BF16", v) if k in bf16 and v.dtype == np.uint16 and not isinstance(v, st.Lazy) else v
-                   for k, v in arrays.items() if k != "scales"}
-        tensors["scales"] = arrays["scales"]  # last: lazy projections fill it as they are made
-        st.write(dest, tensors, {"bitlm_format": FORMAT, "config": json.dumps(s.config.to_hf()), "head": head,
-                                 **_tokenizer_metadata(s.tokenizer)})
+        save(arrays, s.config, dest, head, {"converted_from": s.origin, "head": head},
+             extra=_tokenizer_metadata(s.tokenizer))
         return dest
     if to == "hf":
         _torch_model(s).save_pretrained(dest)

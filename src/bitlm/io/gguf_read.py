@@ -464,33 +464,42 @@ def load_torch(path, dtype=None, tokenizer: bool = True):
 
 
 def native_cache_path(path, head: str) -> Path:
-    """The native file of a GGUF file: its name changes whenever the file (size, mtime) or the head
-    format changes."""
-    from .native import FORMAT, _sha256, cache_dir
+    """The cache file of a GGUF file and head format: one per pair (io/native.cache_path's rule)."""
+    from .native import _sha256, cache_dir
+    p = Path(path).resolve()
+    h = _sha256(f"gguf|{head}|{p}".encode())
+    return cache_dir() / f"{p.stem}-gguf-{head}-{h.hexdigest()[:16]}.safetensors"
+
+
+def source_identity(path, head: str) -> dict:
+    """What a native file made from a GGUF file records (io/native.source_identity's form): a changed
+    file (size, modification time) replaces its cache file."""
     p = Path(path).resolve()
     s = p.stat()
-    h = _sha256(f"{FORMAT}|gguf|{head}|{p}|{s.st_size}:{s.st_mtime_ns}".encode())
-    return cache_dir() / f"{p.stem}-gguf-{head}-{h.hexdigest()[:16]}.safetensors"
+    return {"gguf": str(p), "head": head, "files": {p.name: [s.st_size, s.st_mtime_ns]}}
 
 
 def load_native(path, head: str = "q8", max_len: int | None = None, kv: str = "f16", mmap: bool = True,
                 tokenizer: bool = True):
     """A GGUF file on the native runtime: converted once to a native file in the cache (saying so on
-    stderr, with a progress bar), then memory-mapped like any other."""
-    from .convert import Source, write
-    from .native import open_native
+    stderr, with a progress bar; io/native.ensure_file), then memory-mapped like any other."""
+    from .native import ensure_file, open_native, save
     g = GGUFFile(path)
     cfg = config_from_gguf(g)
     dest = native_cache_path(path, head)
-    if not dest.exists():
-        print(f"bitlm: converting {path} for the native runtime (once; cached in {dest.parent})", file=sys.stderr)
-        from .progress import Progress
-        with Progress(cfg.num_hidden_layers * 7, "converting") as bar:
-            arrays = arrays_from_gguf(g, cfg, bar, as_model=True, lazy=True)
-        write(Source(cfg, arrays, None, "gguf", Path(path).stem), dest, "native", head=head, progress=False)
-    nm = open_native(dest, max_len=max_len, kv=kv, mmap=mmap)
+    source = source_identity(path, head)
+
+    def build():
+        from ..engine.native import head_arrays
+        arrays = arrays_from_gguf(g, cfg, as_model=True, lazy=True)
+        rows = arrays.pop("head", arrays["embed"]) if not cfg.tie_word_embeddings else arrays["embed"]
+        arrays.update(head_arrays(rows, head))
+        save(arrays, cfg, dest, head, source)
+
+    converted = ensure_file(dest, source, build, what=str(path))
+    nm = open_native(dest, max_len=max_len, kv=kv, mmap=mmap, source=source)
     nm.tokenizer = tokenizer_from_gguf(g, cfg, warn=_warn) if tokenizer else None
-    nm.source = {"path": str(path), "format": "gguf", "file": str(dest)}
+    nm.source = {"path": str(path), "format": "gguf", "file": str(dest), "converted": converted}
     return nm
 
 
