@@ -84,9 +84,10 @@ def pack(w: np.ndarray, scale: float) -> np.ndarray:
     w = np.asarray(w)
     if w.size % BLOCK:
         raise BitlmError(f"I2_S: {w.size} weights is not a multiple of {BLOCK}")
-    if not np.isin(w, (-1, 0, 1)).all():
+    if w.size and (w.min() < -1 or w.max() > 1 or (w.dtype.kind == "f" and not np.array_equal(w, np.rint(w)))):
         raise BitlmError("I2_S: weights must be ternary values -1, 0, 1")
-    c = (w.reshape(-1, 4, BLOCK_BYTES).astype(np.int16) + 1).astype(np.uint8)  # [blocks, quarter, byte]
+    # code = w + 1 in uint8 arithmetic: -1 (0xFF) wraps to 0
+    c = (w.astype(np.int8, copy=False).view(np.uint8) + np.uint8(1)).reshape(-1, 4, BLOCK_BYTES)  # [blocks, quarter, byte]
     codes = (c[:, 0] << 6) | (c[:, 1] << 4) | (c[:, 2] << 2) | c[:, 3]  # [blocks, 32]
     tail = np.zeros(TAIL, np.uint8)
     tail[:4] = np.frombuffer(np.float32(scale).astype("<f4").tobytes(), np.uint8)

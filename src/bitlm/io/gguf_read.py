@@ -22,6 +22,11 @@ A TQ block carries its own float16 scale d; bitlm needs one scale per tensor, so
 projection must have the same d (or be all zero): llama.cpp's converter writes codes times the one
 absmean scale, bitlm writes d = 1 and the scale tensor. Anything else is refused, not approximated.
 
+q and k are stored as the HF checkpoint holds them (no permutation): llama.cpp's "bitnet" and
+bitnet.cpp's "bitnet-b1.58" both use NEOX RoPE, which pairs dimension i with i + head_dim/2 as HF's
+rotate-half does (read from llama_model_rope_type in third-party notes on the fork, and seen in
+tests/io/test_gguf.py when llama.cpp runs bitlm's TQ file; not run against bitnet.cpp here).
+
 The configuration comes from the architecture's keys (block_count, embedding_length, ...); the
 feed-forward activation from the architecture (llama.cpp's "bitnet" graph gates with SiLU, bitnet.cpp's
 "bitnet-b1.58" with relu^2), unless the file carries `bitlm.config` (the HF config.json that bitlm
