@@ -33,3 +33,10 @@ def test_silent_when_not_a_terminal():
     with Progress(3, "converting", stream=out) as bar:
         bar.update(3)
     assert out.getvalue() == ""
+
+
+def test_disabled_on_a_terminal():
+    out = Tty()
+    with Progress(3, "converting", stream=out, enabled=False) as bar:
+        bar.update(3)
+    assert out.getvalue() == ""

@@ -144,8 +144,7 @@ def write(s: Source, dest, to: str, embed_type: str = "f16", head: str = "q8", p
     if to.startswith("gguf-"):
         from .gguf import check_exportable, write_gguf
         check_exportable(s.config, to.removeprefix("gguf-"), embed_type)
-        with Progress(s.config.num_hidden_layers * 7, f"writing {dest.name}") as bar:
-            bar.enabled = bar.enabled and progress
+        with Progress(s.config.num_hidden_layers * 7, f"writing {dest.name}", enabled=progress) as bar:
             return write_gguf(dest, s.config, s.arrays, s.tokenizer, to.removeprefix("gguf-"), embed_type,
                               name=s.name, progress=bar, warn=_warn)
     if to == "native":
@@ -170,6 +169,6 @@ def write(s: Source, dest, to: str, embed_type: str = "f16", head: str = "q8", p
 def convert(src, dest, to: str, embed_type: str = "f16", head: str = "q8", progress: bool = True) -> Path:
     if to not in FORMATS:
         raise BitlmError(f"--to {to!r} is not one of {', '.join(FORMATS)}")
-    if Path(dest).resolve() == Path(src).resolve() if Path(src).exists() else False:
+    if Path(src).exists() and Path(dest).resolve() == Path(src).resolve():
         raise BitlmError(f"{dest}: the output would replace the input; choose another path")
     return write(read(src, progress), dest, to, embed_type, head, progress)

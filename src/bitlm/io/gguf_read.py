@@ -443,9 +443,7 @@ def read(path, progress: bool = False):
     from .progress import Progress
     g = GGUFFile(path)
     cfg = config_from_gguf(g)
-    with Progress(cfg.num_hidden_layers * 7 if progress else 0, f"reading {Path(path).name}") as bar:
-        if not progress:
-            bar.enabled = False
+    with Progress(cfg.num_hidden_layers * 7, f"reading {Path(path).name}", enabled=progress) as bar:
         arrays = arrays_from_gguf(g, cfg, bar)
     return cfg, arrays, tokenizer_from_gguf(g, cfg, warn=_warn)
 

@@ -306,8 +306,7 @@ def save(arrays: dict[str, np.ndarray], config: BitNetConfig, dest, head: str, s
     tensors = {k: ("BF16", v) if k in bf16 and v.dtype == np.uint16 and not isinstance(v, st.Lazy) else v
                for k, v in arrays.items() if k != "scales"}
     tensors["scales"] = arrays["scales"]
-    with Progress(len(tensors), "converting") as bar:
-        bar.enabled = bar.enabled and _announce.get()
+    with Progress(len(tensors), "converting", enabled=_announce.get()) as bar:
         st.write(dest, tensors, {**metadata(config, head, source, tensors), **(extra or {})}, progress=bar)
 
 

@@ -8,15 +8,15 @@ import time
 
 
 class Progress:
-    """`with Progress(total, "converting") as bar: ... bar.update(n)`"""
+    """`with Progress(total, "converting") as bar: ... bar.update(n)`; enabled=False: no bar at all."""
 
-    def __init__(self, total: int, desc: str, unit: str = "tensor", stream=None):
+    def __init__(self, total: int, desc: str, unit: str = "tensor", stream=None, enabled: bool = True):
         self.total, self.desc, self.unit = max(int(total), 1), desc, unit
         self.stream = stream or sys.stderr
         self.n = 0
         self._tqdm = None
         self._last = 0.0
-        self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.enabled = enabled and bool(getattr(self.stream, "isatty", lambda: False)())
 
     def __enter__(self):
         if self.enabled:
