@@ -117,3 +117,21 @@ def test_block_readers_agree_with_gguf():
     x = rng.standard_normal((4, 64)).astype(np.float32)
     data = gguf.quants.quantize(x, Q.Q8_0)
     assert np.array_equal(ggml_blocks.q8_0_values(data).reshape(x.shape), gguf.quants.dequantize(data, Q.Q8_0))
+
+
+def test_llama_bpe_ignores_merges_for_whole_tokens():
+    """llama-bpe (Llama 3) emits a piece that is itself a token whole, as HF's ignore_merges and
+    llama.cpp do, even when the merges cannot build it; gpt-2 merges up from bytes."""
+    from types import SimpleNamespace
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b", "c", "ab", "abc", "<s>"],
+            "tokenizer.ggml.token_type": [1, 1, 1, 1, 1, 3], "tokenizer.ggml.merges": ["a b"],
+            "tokenizer.ggml.bos_token_id": 5, "tokenizer.ggml.add_bos_token": False}
+    cfg = bitlm.preset("tiny", vocab_size=6)
+    g = SimpleNamespace(meta={**meta, "tokenizer.ggml.pre": "llama-bpe"}, path="x.gguf")
+    assert gguf_read.tokenizer_from_gguf(g, cfg).encode("abc") == [4]
+    g = SimpleNamespace(meta={**meta, "tokenizer.ggml.pre": "gpt-2"}, path="x.gguf")
+    assert gguf_read.tokenizer_from_gguf(g, cfg).encode("abc") == [3, 2]
+    g = SimpleNamespace(meta={**meta, "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.add_bos_token": True}, path="x.gguf")
+    assert gguf_read.tokenizer_from_gguf(g, cfg).encode("abc") == [5, 3, 2]
+    g = SimpleNamespace(meta={**meta, "tokenizer.ggml.tokens": "abc"}, path="x.gguf")
+    one_line_error(gguf_read.tokenizer_from_gguf, g, cfg, match="not lists of strings")

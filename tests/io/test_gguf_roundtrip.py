@@ -5,6 +5,8 @@ gguf-py's own dequantizer reads from the same bytes (or numpy's float16 / torch'
 with those, the logits must be bit-equal, so the only difference a GGUF makes is the embedding's
 quantization, and the ternary weights, scales, norms and config cross over exactly."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -108,12 +110,15 @@ def test_llama3_pre_tokenizer(tmp_path):
     d = tmp_path / "tok"
     d.mkdir()
     tok.save(str(d / "tokenizer.json"))
+    tj = json.loads((d / "tokenizer.json").read_text())
+    tj["model"]["ignore_merges"] = True  # as Llama 3's tokenizer.json
+    (d / "tokenizer.json").write_text(json.dumps(tj))
     (d / "tokenizer_config.json").write_text('{"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}')
     m = bitlm.load(make_tiny_model_dir(tmp_path / "m", d, vocab_size=400, **SHAPE))
     path = export_gguf(m, tmp_path / "m.gguf", "tq2_0", "f32")
     assert gguf.GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == "llama-bpe"
     back = bitlm.load(path).tokenizer
-    for text in ["Hello world", "it's 1234567 o'clock\n\n  x", "The quick brown fox's tail!!\r\nok"]:
+    for text in ["Hello world", "it's 1234567 o'clock\n\n  x", "The quick brown fox's tail!!\r\nok", CORPUS]:
         assert back.encode(text) == m.tokenizer.encode(text)
 
 

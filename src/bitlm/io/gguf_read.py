@@ -401,14 +401,18 @@ def tokenizer_from_gguf(g: GGUFFile, cfg: BitNetConfig, warn=None):
     vocab = {}
     for i, t in enumerate(tokens):
         vocab.setdefault(t, i)
-    bpe = models.BPE(vocab=vocab, merges=[tuple(x.split(" ", 1)) for x in merges], fuse_unk=False)
-    tok = HFTokenizer(bpe)
     pre = m.get("tokenizer.ggml.pre")
     if pre is None:
         pre = "llama-bpe" if "<|begin_of_text|>" in vocab else "gpt-2"
         if warn:
             warn(f"{g.path}: no tokenizer.ggml.pre; splitting text as {pre} does")
-    if pre in ("llama-bpe", "llama3", "llama-v3"):
+    llama3 = pre in ("llama-bpe", "llama3", "llama-v3")
+    # Llama 3's tokenizer.json sets ignore_merges (a piece that is a whole token is not merged up from
+    # bytes), and llama.cpp does the same for its llama-bpe pre-tokenizer
+    bpe = models.BPE(vocab=vocab, merges=[tuple(x.split(" ", 1)) for x in merges], fuse_unk=False,
+                     ignore_merges=llama3)
+    tok = HFTokenizer(bpe)
+    if llama3:
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
