@@ -46,7 +46,7 @@ def test_export_refuses_shapes_llama_cpp_cannot_hold(tiny_model_dir, tmp_path):
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
-@pytest.mark.parametrize("ttype, etype", [("tq2_0", "f32"), ("tq1_0", "f16"), ("tq2_0", "q6_k"), ("tq1_0", "q8_0")])
+@pytest.mark.parametrize("ttype, etype", [("tq2_0", "f32"), ("tq1_0", "f16"), ("tq2_0", "bf16"), ("tq2_0", "q6_k"), ("tq1_0", "q8_0")])
 def test_llama_cpp_runs_the_export(model256, tmp_path, ttype, etype):
     """llama.cpp runs each TQ type, and reads each embedding type as bitlm does (its Q6_K rows from
     bitlm's own quantizer): compared with bitlm's reading of the same file."""
