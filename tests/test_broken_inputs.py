@@ -117,8 +117,10 @@ COMMANDS = {
     "chat": ["chat", "-m", "{m}"],
     "bench": ["bench", "-m", "{m}", "-p", "4", "-n", "2", "-r", "1"],
     "serve": ["serve", "-m", "{m}", "--port", "0"],
+    "eval ppl": ["eval", "ppl", "-m", "{m}", "--data", "{data}", "--no-progress"],
+    "eval ppl torch": ["eval", "ppl", "-m", "{m}", "--data", "{data}", "--no-progress", "--runtime", "torch"],
 }
-NATIVE = {"generate", "chat", "bench", "serve"}
+NATIVE = {"generate", "chat", "bench", "serve", "eval ppl"}
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
@@ -141,7 +143,9 @@ def test_every_command_refuses_every_broken_input(tiny_model_dir, tmp_path, caps
         def started(*a, **k):  # the checks must refuse the model before a server would listen
             raise AssertionError("the server started on a broken model")
         monkeypatch.setattr("bitlm.serve.server.run", started)
-    assert main([a.format(m=model) for a in COMMANDS[command]]) == 2
+    data = tmp_path / "text.txt"
+    data.write_text("To be, or not to be, that is the question.\n" * 4)
+    assert main([a.format(m=model, data=data) for a in COMMANDS[command]]) == 2
     out, err = capsys.readouterr()
     # a fault only the data shows (code 3, a NaN scale) is found while converting, after the one line
     # that says the conversion has started

@@ -94,17 +94,30 @@ def _fill_projection(module, t: _Tensors, prefix: str, out_f: int, in_f: int, cf
 
 
 def load(path_or_repo_id, dtype: torch.dtype = torch.float32, linear: str = "packed",
-         revision: str | None = None, tokenizer: bool = True) -> BitNetForCausalLM:
+         revision: str | None = None, tokenizer: bool = True, device="cpu",
+         kernel: str = "auto") -> BitNetForCausalLM:
     """Load a BitNet b1.58 checkpoint (packed or latent) from a directory or a hub repo id.
 
     linear="packed" gives the inference form; "latent" the training form (latent weights that quantize
     to the checkpoint's codes); "fp" the full-precision twin initialised from the same weights.
+    device: "cpu" (default) or "cuda[:N]"; on a GPU the packed weights stay packed in GPU memory.
+    kernel: the packed products' implementation (bitlm.gpu): "auto" (Triton on a GPU, torch on the
+    CPU), "torch" (unpack to float), or "triton" (on the CPU only under TRITON_INTERPRET=1: tests).
     A GGUF file (recognised by its first bytes) is read by io/gguf_read.py.
     """
+    from .. import gpu
     from . import gguf_read
+    dev = gpu.check_device(device, "device")  # before reading anything: a missing GPU fails at once
+    kernel = gpu.resolve_kernel(dev, kernel, linear, "device")
     if gguf_read.is_gguf(path_or_repo_id):
         model = gguf_read.load_torch(path_or_repo_id, dtype, tokenizer=tokenizer)
-        return model if linear == "packed" else _relinear(model, linear)
+        model = model if linear == "packed" else _relinear(model, linear)
+        if dev.type != "cpu":
+            model.to(dev)
+        if kernel == "triton":
+            from ..gpu.linear import use_triton
+            use_triton(model)
+        return model
     ck = open_checkpoint(path_or_repo_id, revision)
     path, cfg = ck.path, ck.config
     t = _Tensors(path)
@@ -122,6 +135,11 @@ def load(path_or_repo_id, dtype: torch.dtype = torch.float32, linear: str = "pac
             for name, (out_f, in_f) in cfg.projection_shapes().items():
                 _fill_projection(block.get_submodule(name), t, names.layer(i, name), out_f, in_f, cfg)
     model.to(dtype)
+    if dev.type != "cpu":
+        model.to(dev)
+    if kernel == "triton":
+        from ..gpu.linear import use_triton
+        use_triton(model)
     model.source = {"path": str(path), "format": cfg.quantization_mode}
     if tokenizer:
         from ..engine.tokenizer import Tokenizer

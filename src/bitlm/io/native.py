@@ -361,6 +361,9 @@ def load_native(path_or_repo_id, head: str = "q8", max_len: int | None = None, r
     model_dir = ck.path
     dest = cache_path(model_dir, head)
     source = source_identity(model_dir, head)
+    if ck.config.quantization_mode != "offline" and _problem(dest, source) is not None:
+        import torch  # noqa: F401  (a latent checkpoint converts through the torch model: without torch,
+        # its one-line error comes before the line that announces a conversion)
     converted = ensure_file(dest, source, lambda: convert(model_dir, dest, head, source), what=str(model_dir))
     nm = open_native(dest, max_len=max_len, kv=kv, mmap=mmap, source=source)
     if tokenizer:

@@ -24,21 +24,40 @@ typedef struct {
 } head_task;
 
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
-/* four rows at a time: acc_r += u (unsigned) * e_r (signed), 64 bytes per step */
+/* the four int32 sums of c0..c3, as one vector [sum c0, sum c1, sum c2, sum c3]: one reduction tree for
+ * the four instead of four (integer adds: any order gives the same sums) */
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) static inline __m128i reduce4(__m512i c0, __m512i c1,
+                                                                                  __m512i c2, __m512i c3) {
+    __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(c0, c1), _mm512_unpackhi_epi32(c0, c1));
+    __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(c2, c3), _mm512_unpackhi_epi32(c2, c3));
+    __m512i t = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+    __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(t), _mm512_extracti64x4_epi64(t, 1));
+    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+/* four rows at a time: acc_r += u (unsigned) * e_r (signed), 64 bytes per step. The four rows of E
+ * stay in L1 while every token's row passes over them (several tokens: a batch). */
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void head_q8_vnni(const head_task *a, int v0, int v1) {
     const bn_model *m = a->m;
     const int8_t *E = (const int8_t *)m->head;
     int H = m->H, full = H / 64, tail = H % 64;
     __mmask64 tm = tail ? (((__mmask64)1 << tail) - 1) : 0;
-    for (int t = 0; t < a->T; t++) {
-        const uint8_t *u = a->u + (size_t)t * a->ldu;
-        float inv = 1.0f / a->s[t];
-        float *lg = a->logits + (size_t)t * m->V;
-        int v = v0;
-        for (; v + 4 <= v1; v += 4) {
-            const int8_t *e0 = E + (size_t)v * H, *e1 = e0 + H, *e2 = e1 + H, *e3 = e2 + H;
+    int v = v0;
+    for (; v + 4 <= v1; v += 4) {
+        const int8_t *e0 = E + (size_t)v * H, *e1 = e0 + H, *e2 = e1 + H, *e3 = e2 + H;
+        /* several tokens: the first one's pass fetches the next four rows while it computes (the
+         * others' passes find them in cache, and the memory would otherwise wait for the compute) */
+        const int8_t *pf = a->T > 1 && v + 8 <= v1 ? e0 + 4 * (size_t)H : NULL;
+        for (int t = 0; t < a->T; t++, pf = NULL) {
+            const uint8_t *u = a->u + (size_t)t * a->ldu;
             __m512i c0 = _mm512_setzero_si512(), c1 = c0, c2 = c0, c3 = c0;
             for (int k = 0; k < full; k++) {
+                if (pf) {
+                    _mm_prefetch((const char *)(pf + 64 * k), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(pf + H + 64 * k), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(pf + 2 * (size_t)H + 64 * k), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(pf + 3 * (size_t)H + 64 * k), _MM_HINT_T0);
+                }
                 __m512i x = _mm512_loadu_si512(u + 64 * k);
                 c0 = _mm512_dpbusd_epi32(c0, x, _mm512_loadu_si512(e0 + 64 * k));
                 c1 = _mm512_dpbusd_epi32(c1, x, _mm512_loadu_si512(e1 + 64 * k));
@@ -52,16 +71,20 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void head_q8_vnni(
                 c2 = _mm512_dpbusd_epi32(c2, x, _mm512_maskz_loadu_epi8(tm, e2 + 64 * full));
                 c3 = _mm512_dpbusd_epi32(c3, x, _mm512_maskz_loadu_epi8(tm, e3 + 64 * full));
             }
-            int32_t r[4] = {_mm512_reduce_add_epi32(c0), _mm512_reduce_add_epi32(c1),
-                            _mm512_reduce_add_epi32(c2), _mm512_reduce_add_epi32(c3)};
+            int32_t r[4];
+            _mm_storeu_si128((__m128i *)r, reduce4(c0, c1, c2, c3));
+            float inv = 1.0f / a->s[t], *lg = a->logits + (size_t)t * m->V;
             for (int j = 0; j < 4; j++)
                 lg[v + j] = (float)(r[j] - 128 * m->head_rowsum[v + j]) * (m->head_scale[v + j] * inv);
         }
-        for (; v < v1; v++) {
-            const int8_t *e = E + (size_t)v * H;
+    }
+    for (; v < v1; v++) {
+        const int8_t *e = E + (size_t)v * H;
+        for (int t = 0; t < a->T; t++) {
+            const uint8_t *u = a->u + (size_t)t * a->ldu;
             int32_t acc = 0;
             for (int k = 0; k < H; k++) acc += (int32_t)u[k] * e[k];
-            lg[v] = (float)(acc - 128 * m->head_rowsum[v]) * (m->head_scale[v] * inv);
+            a->logits[(size_t)t * m->V + v] = (float)(acc - 128 * m->head_rowsum[v]) * (m->head_scale[v] * (1.0f / a->s[t]));
         }
     }
 }
