@@ -3,6 +3,7 @@ compared with its source's; bad and truncated inputs are one-line errors (exit 2
 leaves nothing at OUT."""
 
 import functools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -200,3 +201,26 @@ def _info_json(path):
     from bitlm.io.summary import describe
     import json
     return json.dumps(describe(path))
+
+
+def test_convert_without_torch(outputs, tmp_path):
+    """The base install (torch blocked from import) converts packed checkpoints, GGUF and native files
+    to GGUF and native; the HF outputs need torch and say which extra in one line."""
+    import subprocess
+    import sys
+
+    from test_torch_free import CLI, EXTRA, run
+    src, made = outputs
+    for source, fmt in ((src, "gguf-i2_s"), (src, "native"), (made["gguf-tq1_0"], "gguf-tq2_0"),
+                        (made["gguf-i2_s"], "native"), (made["native"], "gguf-i2_s")):
+        dest = tmp_path / f"{Path(str(source)).name}-{out_name(fmt)}"
+        code, out, err = run(CLI, "convert", source, dest, "--to", fmt, "--embed-type", "f32", cache=tmp_path / "c")
+        assert code == 0, err
+        ref = made[fmt] if fmt != "native" else None
+        if ref is not None:
+            assert np.array_equal(logits(dest, fmt), logits(ref, fmt))
+        else:
+            assert np.array_equal(logits(dest, "native"), logits(made["native"], "native"))
+    code, out, err = run(CLI, "convert", made["gguf-i2_s"], tmp_path / "hf", "--to", "hf", cache=tmp_path / "c")
+    assert code == 2 and err.count("\n") == 1 and EXTRA in err, err
+    assert not (tmp_path / "hf").exists()

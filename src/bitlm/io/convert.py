@@ -78,9 +78,15 @@ def read(src, progress: bool = True) -> Source:
         return _read_native(Path(src))
     from ..engine.native import arrays_from_model, bf16_to_f32, f32_to_bf16
     from .checkpoint import open_checkpoint
-    from .hf import load
-    import torch
     ck = open_checkpoint(src)
+    if ck.config.quantization_mode == "offline":  # packed: from the files, without torch, values as stored
+        from ..engine.tokenizer import Tokenizer
+        from .native import packed_arrays
+        arrays, cfg = packed_arrays(ck.path, exact=True)
+        return Source(cfg, arrays, Tokenizer.from_dir(ck.path, cfg), kind, Path(ck.path).name, str(ck.path))
+    import torch
+
+    from .hf import load
     # float32, whatever the checkpoint's dtype: a bf16 model would round a latent checkpoint's weight
     # scales (mean |W|, computed in float32) to bf16; the values of bf16 tensors are exact in float32
     model = load(ck.path, dtype=torch.float32)

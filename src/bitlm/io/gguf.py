@@ -163,14 +163,26 @@ def _embedding(rows: np.ndarray, embed_type: str):
     return out, qtype
 
 
+def _gguf():
+    """gguf-py (GGUFWriter, the TQ and Q8_0 quantizers): an extra of bitlm, needed to write GGUF only."""
+    try:
+        import gguf
+    except ModuleNotFoundError:
+        raise BitlmError("writing GGUF needs the gguf package, which is not installed: "
+                         "pip install 'bitlm[gguf]'") from None
+    return gguf
+
+
 def write_gguf(path, cfg: BitNetConfig, arrays: dict, tokenizer, ternary_type: str = "tq2_0",
                embed_type: str = "f16", name: str = "bitlm-model", progress=None, warn=None) -> Path:
-    """Write the model held as a native array dict (engine/native.py names; the embedding as rows) as
-    a GGUF file, atomically. warn(msg) receives the one-line runtime warning, if any."""
-    import gguf
+    """Write the model held as a native array dict (engine/native.py names; the embedding as rows,
+    projections as arrays or st.Lazy) as a GGUF file, atomically. warn(msg) receives the one-line
+    runtime warnings, if any."""
+    gguf = _gguf()
 
     from ..engine.native import NORMS, PROJS, bf16_to_f32
     from ..formats import i2s, i2v
+    from . import st
     check_exportable(cfg, ternary_type, embed_type)
     messages = [runtime_warning(cfg, ternary_type)]
     if tokenizer is None:
@@ -215,7 +227,9 @@ def write_gguf(path, cfg: BitNetConfig, arrays: dict, tokenizer, ternary_type: s
                 w.add_tensor(f"blk.{l}.{BLOCK_TENSORS[hf_name]}.weight", f32(arrays[f"{l}.{hf_name}"]))
             for j, hf_name in enumerate(PROJS):
                 n_out, n_in = shapes[hf_name]
-                codes = i2v.unpack(np.asarray(arrays[f"{l}.{hf_name}"]), n_out, n_in)
+                packed = arrays[f"{l}.{hf_name}"]
+                packed = packed.make() if isinstance(packed, st.Lazy) else packed  # made one at a time
+                codes = i2v.unpack(np.asarray(packed), n_out, n_in)
                 g_name = f"blk.{l}.{BLOCK_TENSORS[hf_name]}"
                 scale = np.float32(arrays["scales"][l, j])
                 if ternary_type == "i2_s":

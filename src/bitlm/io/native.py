@@ -241,29 +241,42 @@ def convert_packed(model_dir, dest, head: str = "q8", source: dict | None = None
     time: the same file, byte for byte, as convert_via_torch (a test checks it), in a fraction of the
     time and memory. Float tensors take the model's dtype on the way, as loading it would: bf16
     (rounded to nearest even) when config.json's torch_dtype is bfloat16, else float32."""
-    from ..engine.native import NORMS, PROJS, bf16_to_f32, f32_to_bf16, head_arrays
+    from ..engine.native import head_arrays
+    arrays, cfg = packed_arrays(model_dir)
+    rows = arrays["embed"] if cfg.tie_word_embeddings else arrays.pop("head")
+    arrays.update(head_arrays(rows, head))
+    save(arrays, cfg, dest, head, source or source_identity(model_dir, head))
+    return Path(dest)
+
+
+def packed_arrays(model_dir, exact: bool = False) -> tuple[dict, BitNetConfig]:
+    """The native array dict of a packed checkpoint with the head as rows ("head" only when untied),
+    the projections made lazily (st.Lazy, each filled as it is written; their codes checked then), and
+    the config. exact=False gives the float tensors the model's dtype, as convert_packed needs;
+    exact=True keeps them as the files hold them (bf16 as bits, other floats as float32) and the
+    scales unrounded: `bitlm convert`, without torch."""
+    from ..engine.native import NORMS, PROJS, bf16_to_f32, f32_to_bf16
     from ..formats import i2v
     from . import names
     from .checkpoint import check_scale, open_checkpoint, scale_value
     ck = open_checkpoint(model_dir)  # every tensor present, of the dtype kind and shape config.json implies
     cfg = ck.config
     arrays_of = {f: st.map_arrays(f, header, start) for f, (header, start) in ck.headers.items()}
-    bf16 = cfg.torch_dtype == "bfloat16"
+    bf16 = cfg.torch_dtype == "bfloat16" and not exact
 
     def get(key):
         return arrays_of[ck.where[key]][key]  # BF16 is mapped as uint16 bits
 
     def model_dtype(a):  # the values the torch model would hold: bf16 bits (uint16) or float32
         if a.dtype == np.uint16:  # BF16 in the file
-            return a if bf16 else bf16_to_f32(a)
+            return a if bf16 or exact else bf16_to_f32(a)
         return f32_to_bf16(a) if bf16 else np.asarray(a, dtype=np.float32)
 
     def as_f32(a):  # a float32 copy of what the model holds (norms)
         a = model_dtype(a)
         return bf16_to_f32(a) if a.dtype == np.uint16 else np.array(a, dtype=np.float32)
 
-    embed = model_dtype(get(names.EMBED))
-    arrays = {"embed": embed, "final_norm": as_f32(get(names.FINAL_NORM))}
+    arrays = {"embed": model_dtype(get(names.EMBED)), "final_norm": as_f32(get(names.FINAL_NORM))}
     scales = np.zeros((cfg.num_hidden_layers, len(PROJS)), np.float32)
     shapes = cfg.projection_shapes()
     for l in range(cfg.num_hidden_layers):
@@ -282,10 +295,9 @@ def convert_packed(model_dir, dest, head: str = "q8", source: dict | None = None
             arrays[f"{l}.{name}"] = st.Lazy(i2v.packed_shape(out_f, in_f), np.uint8,
                                             lambda p=packed, k=key, o=out_f: _i2v_checked(p, k, o, ck))
     arrays["scales"] = scales
-    rows = embed if cfg.tie_word_embeddings else model_dtype(get(names.LM_HEAD))
-    arrays.update(head_arrays(rows, head))
-    save(arrays, cfg, dest, head, source or source_identity(model_dir, head))
-    return Path(dest)
+    if not cfg.tie_word_embeddings:
+        arrays["head"] = model_dtype(get(names.LM_HEAD))
+    return arrays, cfg
 
 
 def _i2v_checked(packed: np.ndarray, key: str, out_features: int, ck) -> np.ndarray:
@@ -400,7 +412,9 @@ def to_torch(arrays: dict[str, np.ndarray], config: BitNetConfig, dtype=None):
             for j, name in enumerate(PROJS):
                 n_out, n_in = shapes[name]
                 m = block.get_submodule(name)
-                codes = i2v.unpack(np.asarray(arrays[f"{l}.{name}"]), n_out, n_in)
+                packed = arrays[f"{l}.{name}"]
+                packed = packed.make() if isinstance(packed, st.Lazy) else packed  # packed_arrays' lazies
+                codes = i2v.unpack(np.asarray(packed), n_out, n_in)
                 m.weight.copy_(torch.from_numpy(hf_packed.pack(codes)))
                 m.weight_scale.fill_(float(arrays["scales"][l, j]))
     return model.to(dtype)
