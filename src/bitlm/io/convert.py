@@ -16,6 +16,8 @@ with the head kept as rows: ternary codes and per-tensor scales cross over exact
 tensors except where the output type is lossy (a GGUF --embed-type of f16/bf16 for values they cannot
 represent, q8_0, q6_k; hf-bf16 rounds its latent weights to bf16, which moves each layer's scale by up
 to one bf16 step). The tokenizer and chat template go along (in GGUF as tokenizer.ggml.* metadata).
+Packed checkpoints, GGUF and native files are read without torch (projections made one at a time as
+they are written); latent checkpoints and the hf/hf-bf16 outputs go through the torch model.
 """
 
 from __future__ import annotations
