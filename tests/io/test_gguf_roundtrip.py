@@ -192,3 +192,14 @@ def test_runtime_warnings(model, tmp_path, capfd):
     assert err.count("\n") == 1 and "SiLU" in err and "relu2" in err
     export_gguf(model, tmp_path / "b.gguf", "i2_s", "f32")
     assert capfd.readouterr().err == ""
+
+
+def test_padding_ids_decode_to_nothing(model, tmp_path):
+    """Ids the tokenizer lacks (the model's vocab_size is larger) are written as [PADn] tokens of type
+    UNUSED, as llama.cpp's converter does, and decode to nothing, as in the source tokenizer."""
+    path = export_gguf(model, tmp_path / "m.gguf", "i2_s", "f32")
+    src, tok = model.tokenizer, bitlm.load(path).tokenizer
+    missing = [i for i in range(model.config.vocab_size) if src.tok.id_to_token(i) is None]
+    assert missing  # the tiny tokenizer has fewer tokens than the model's 512
+    ids = src.encode("To be") + missing[:3]
+    assert tok.decode(ids) == src.decode(ids) == "To be"

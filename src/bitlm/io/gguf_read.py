@@ -375,7 +375,7 @@ def arrays_from_gguf(g: GGUFFile, cfg: BitNetConfig, progress=None, as_model: bo
 # Llama 3's split (tokenizer.json of meta-llama/Meta-Llama-3-8B; llama.cpp's "llama-bpe")
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_CONTROL, _USER_DEFINED = 3, 4
+_CONTROL, _USER_DEFINED, _UNUSED = 3, 4, 5
 
 
 def tokenizer_from_gguf(g: GGUFFile, cfg: BitNetConfig, warn=None):
@@ -399,8 +399,9 @@ def tokenizer_from_gguf(g: GGUFFile, cfg: BitNetConfig, warn=None):
     if not isinstance(types, list) or not all(isinstance(t, int) for t in types) or len(types) != len(tokens):
         raise BitlmError(f"{g.path}: tokenizer.ggml.token_type is not one integer per token")
     vocab = {}
-    for i, t in enumerate(tokens):
-        vocab.setdefault(t, i)
+    for i, (t, kind) in enumerate(zip(tokens, types)):
+        if kind != _UNUSED:  # padding ids beyond the tokenizer's own ([PAD123]) decode to nothing, as in HF
+            vocab.setdefault(t, i)
     pre = m.get("tokenizer.ggml.pre")
     if pre is None:
         pre = "llama-bpe" if "<|begin_of_text|>" in vocab else "gpt-2"
