@@ -206,9 +206,6 @@ def _info_json(path):
 def test_convert_without_torch(outputs, tmp_path):
     """The base install (torch blocked from import) converts packed checkpoints, GGUF and native files
     to GGUF and native; the HF outputs need torch and say which extra in one line."""
-    import subprocess
-    import sys
-
     from test_torch_free import CLI, EXTRA, run
     src, made = outputs
     for source, fmt in ((src, "gguf-i2_s"), (src, "native"), (made["gguf-tq1_0"], "gguf-tq2_0"),
