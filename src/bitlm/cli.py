@@ -7,6 +7,7 @@
     bitlm bench (-m MODEL | --shape NAME) [-t THREADS] [-p N_PROMPT] [-n N_GEN] [-r REPS] [--json] [--profile]
                 [--device cuda]
     bitlm serve -m MODEL [--host 127.0.0.1] [--port 8000] [--max-seqs N] [--api-key KEY] ...
+    bitlm convert IN OUT --to FORMAT [--embed-type T] [--head H]
     bitlm doctor
     bitlm eval ppl -m MODEL --data FILE... [--ctx N] [--stride S] [--runtime native|torch] [--json]
     bitlm eval harness --model_args pretrained=DIR --tasks TASKS [lm_eval's other flags]
@@ -391,6 +392,13 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from .io.convert import convert
+    out = convert(args.input, args.output, args.to, embed_type=args.embed_type, head=args.head)
+    print(f"wrote {out} ({args.to})", file=sys.stderr)
+    return 0
+
+
 # ---- the parser ----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="BitNet b1.58 ternary language models.")
@@ -482,6 +490,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch: all sequences of a step in one forward (default); sequential: one after "
                         "another, the reference")
     p.set_defaults(run=cmd_serve)
+
+    from .io.convert import FORMATS
+    p = sub.add_parser("convert", help="convert a model between HF, GGUF (llama.cpp, bitnet.cpp) and native files",
+                       description="Convert IN (an HF directory or repo id, a .gguf file, a native file) to "
+                                   "FORMAT at OUT, atomically. Ternary weights cross over exactly.")
+    p.add_argument("input", metavar="IN", help="HF directory or repo id, .gguf file, or native file")
+    p.add_argument("output", metavar="OUT", help="the directory (hf, hf-bf16) or file to write")
+    p.add_argument("--to", required=True, choices=FORMATS, help="output format")
+    p.add_argument("--embed-type", choices=("f16", "bf16", "f32", "q8_0", "q6_k"), default="f16",
+                   help="GGUF: the token embedding's type (default f16, as the official I2_S file)")
+    p.add_argument("--head", choices=("q8", "q6", "bf16", "f32"), default="q8", help="native: output head format")
+    p.set_defaults(run=cmd_convert)
 
     p = sub.add_parser("doctor", help="CPU features and the kernel path in use")
     p.set_defaults(run=cmd_doctor)

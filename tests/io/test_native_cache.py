@@ -64,10 +64,13 @@ def load_expecting(model_dir, capsys, reason: str | None):
 
 
 def first_load(model_dir, capsys):
-    """The first load converts, and says nothing about it."""
+    """The first load converts, and says so in one line (no bar: stderr is not a terminal here)."""
+    from bitlm.io.native import cache_dir
     capsys.readouterr()
     nm = bitlm.load_native(model_dir, tokenizer=False)
-    assert nm.source["converted"] and capsys.readouterr().err == ""
+    err = capsys.readouterr().err
+    assert nm.source["converted"]
+    assert err == f"bitlm: converting {model_dir} for the native runtime (once; cached in {cache_dir()})\n", err
     return nm
 
 
@@ -244,7 +247,10 @@ def test_two_processes_converting_at_once_share_one_whole_file(model, tmp_path, 
              for i in range(2)]
     results = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, results):
-        assert p.returncode == 0 and err == "", err
+        assert p.returncode == 0, err
+        # the one that converts says so; the one that waited says nothing
+        assert err == ("" if out.strip() == "0" else
+                       f"bitlm: converting {model} for the native runtime (once; cached in {tmp_path / 'cache' / 'native'})\n"), err
     # one converted; the other waited on the lock and then found the whole file
     assert sorted(int(out) for out, _ in results) == [0, 1]
     a, b = np.load(tmp_path / "out0.npy"), np.load(tmp_path / "out1.npy")

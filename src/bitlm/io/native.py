@@ -21,6 +21,7 @@ lock, so a second process converting the same checkpoint waits for the first and
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import glob
 import json
 import os
@@ -169,11 +170,15 @@ def _lock(dest: Path):
         os.close(fd)  # releases the lock
 
 
-def ensure_file(dest: Path, source: dict, build) -> bool:
+_announce: contextvars.ContextVar[bool] = contextvars.ContextVar("bitlm_native_announce", default=False)
+
+
+def ensure_file(dest: Path, source: dict, build, what: str | None = None) -> bool:
     """Make sure `dest` is a usable native file of `source`, calling build() (which writes dest) when it
     is missing or unusable, with one line on stderr saying why when a file was there. True when it was
     built here. The check is the header's alone; building happens under a lock, and the check is made
-    again once the lock is held: a process that waited finds the file its peer made."""
+    again once the lock is held: a process that waited finds the file its peer made. A first
+    conversion of `what` (the model's name) says so in one line, and save() draws a progress bar."""
     if _problem(dest, source) is None:
         return False
     with _lock(dest):
@@ -190,11 +195,18 @@ def ensure_file(dest: Path, source: dict, build) -> bool:
             reason = "an earlier conversion was interrupted (its partial file is removed)"
         if reason != _MISSING:
             print(f"bitlm: rebuilding the native file {dest}: {reason}", file=sys.stderr)
+        elif what is not None:
+            print(f"bitlm: converting {what} for the native runtime (once; cached in {dest.parent})",
+                  file=sys.stderr)
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise _cache_error(dest.parent, e) from None
-        build()
+        token = _announce.set(True)
+        try:
+            build()
+        finally:
+            _announce.reset(token)
         return True
 
 
@@ -229,29 +241,42 @@ def convert_packed(model_dir, dest, head: str = "q8", source: dict | None = None
     time: the same file, byte for byte, as convert_via_torch (a test checks it), in a fraction of the
     time and memory. Float tensors take the model's dtype on the way, as loading it would: bf16
     (rounded to nearest even) when config.json's torch_dtype is bfloat16, else float32."""
-    from ..engine.native import NORMS, PROJS, bf16_to_f32, f32_to_bf16, head_arrays
+    from ..engine.native import head_arrays
+    arrays, cfg = packed_arrays(model_dir)
+    rows = arrays["embed"] if cfg.tie_word_embeddings else arrays.pop("head")
+    arrays.update(head_arrays(rows, head))
+    save(arrays, cfg, dest, head, source or source_identity(model_dir, head))
+    return Path(dest)
+
+
+def packed_arrays(model_dir, exact: bool = False) -> tuple[dict, BitNetConfig]:
+    """The native array dict of a packed checkpoint with the head as rows ("head" only when untied),
+    the projections made lazily (st.Lazy, each filled as it is written; their codes checked then), and
+    the config. exact=False gives the float tensors the model's dtype, as convert_packed needs;
+    exact=True keeps them as the files hold them (bf16 as bits, other floats as float32) and the
+    scales unrounded: `bitlm convert`, without torch."""
+    from ..engine.native import NORMS, PROJS, bf16_to_f32, f32_to_bf16
     from ..formats import i2v
     from . import names
     from .checkpoint import check_scale, open_checkpoint, scale_value
     ck = open_checkpoint(model_dir)  # every tensor present, of the dtype kind and shape config.json implies
     cfg = ck.config
     arrays_of = {f: st.map_arrays(f, header, start) for f, (header, start) in ck.headers.items()}
-    bf16 = cfg.torch_dtype == "bfloat16"
+    bf16 = cfg.torch_dtype == "bfloat16" and not exact
 
     def get(key):
         return arrays_of[ck.where[key]][key]  # BF16 is mapped as uint16 bits
 
     def model_dtype(a):  # the values the torch model would hold: bf16 bits (uint16) or float32
         if a.dtype == np.uint16:  # BF16 in the file
-            return a if bf16 else bf16_to_f32(a)
+            return a if bf16 or exact else bf16_to_f32(a)
         return f32_to_bf16(a) if bf16 else np.asarray(a, dtype=np.float32)
 
     def as_f32(a):  # a float32 copy of what the model holds (norms)
         a = model_dtype(a)
         return bf16_to_f32(a) if a.dtype == np.uint16 else np.array(a, dtype=np.float32)
 
-    embed = model_dtype(get(names.EMBED))
-    arrays = {"embed": embed, "final_norm": as_f32(get(names.FINAL_NORM))}
+    arrays = {"embed": model_dtype(get(names.EMBED)), "final_norm": as_f32(get(names.FINAL_NORM))}
     scales = np.zeros((cfg.num_hidden_layers, len(PROJS)), np.float32)
     shapes = cfg.projection_shapes()
     for l in range(cfg.num_hidden_layers):
@@ -270,10 +295,9 @@ def convert_packed(model_dir, dest, head: str = "q8", source: dict | None = None
             arrays[f"{l}.{name}"] = st.Lazy(i2v.packed_shape(out_f, in_f), np.uint8,
                                             lambda p=packed, k=key, o=out_f: _i2v_checked(p, k, o, ck))
     arrays["scales"] = scales
-    rows = embed if cfg.tie_word_embeddings else model_dtype(get(names.LM_HEAD))
-    arrays.update(head_arrays(rows, head))
-    save(arrays, cfg, dest, head, source or source_identity(model_dir, head))
-    return Path(dest)
+    if not cfg.tie_word_embeddings:
+        arrays["head"] = model_dtype(get(names.LM_HEAD))
+    return arrays, cfg
 
 
 def _i2v_checked(packed: np.ndarray, key: str, out_features: int, ck) -> np.ndarray:
@@ -283,13 +307,19 @@ def _i2v_checked(packed: np.ndarray, key: str, out_features: int, ck) -> np.ndar
     return from_hf_packed_array(packed, out_features)
 
 
-def save(arrays: dict[str, np.ndarray], config: BitNetConfig, dest, head: str, source: dict) -> None:
+def save(arrays: dict[str, np.ndarray], config: BitNetConfig, dest, head: str, source: dict,
+         extra: dict[str, str] | None = None) -> None:
     """Write the native file (atomically). source: what it is made from (source_identity, or any JSON
-    object naming the origin), recorded for later loads to compare."""
+    object naming the origin), recorded for later loads to compare; extra: more metadata (the
+    tokenizer, from `bitlm convert`). Lazy arrays are made in dict order: "scales" is written last,
+    after the projections whose makers may fill it. Inside ensure_file, a progress bar (stderr)."""
+    from .progress import Progress
     bf16 = {"embed", "head"}  # uint16 arrays there are bf16 bit patterns
     tensors = {k: ("BF16", v) if k in bf16 and v.dtype == np.uint16 and not isinstance(v, st.Lazy) else v
-               for k, v in arrays.items()}
-    st.write(dest, tensors, metadata(config, head, source, tensors))
+               for k, v in arrays.items() if k != "scales"}
+    tensors["scales"] = arrays["scales"]
+    with Progress(len(tensors), "converting", enabled=_announce.get()) as bar:
+        st.write(dest, tensors, {**metadata(config, head, source, tensors), **(extra or {})}, progress=bar)
 
 
 def metadata(config: BitNetConfig, head: str, source: dict, tensors: dict) -> dict[str, str]:
@@ -326,19 +356,27 @@ def open_native(path, max_len: int | None = None, kv: str = "f16", mmap: bool = 
 
 def load_native(path_or_repo_id, head: str = "q8", max_len: int | None = None, revision: str | None = None,
                 kv: str = "f16", mmap: bool = True, tokenizer: bool = True):
-    """A Hugging Face checkpoint (directory or repo id) on the native runtime, converting it once.
+    """A Hugging Face checkpoint (directory or repo id), or a GGUF file (io/gguf_read.py), on the native
+    runtime, converting it once.
     tokenizer=False leaves the tokenizer out (nm.tokenizer None): Llama 3's takes 70 MB of memory, which
     a benchmark of token ids does not need."""
     from ..engine.native import HEADS
     from ..engine.tokenizer import Tokenizer
+    from . import gguf_read
     from .checkpoint import open_checkpoint
     if head not in HEADS:
         raise BitlmError(f"head format {head!r} is not one of {', '.join(HEADS)}")
+    if gguf_read.is_gguf(path_or_repo_id):  # a GGUF file (by its first bytes): converted once the same way
+        return gguf_read.load_native(path_or_repo_id, head=head, max_len=max_len, kv=kv, mmap=mmap,
+                                     tokenizer=tokenizer)
     ck = open_checkpoint(path_or_repo_id, revision)  # a broken checkpoint fails here, cached or not
     model_dir = ck.path
     dest = cache_path(model_dir, head)
     source = source_identity(model_dir, head)
-    converted = ensure_file(dest, source, lambda: convert(model_dir, dest, head, source))
+    if ck.config.quantization_mode != "offline" and _problem(dest, source) is not None:
+        import torch  # noqa: F401  (a latent checkpoint converts through the torch model: without torch,
+        # its one-line error comes before the line that announces a conversion)
+    converted = ensure_file(dest, source, lambda: convert(model_dir, dest, head, source), what=str(model_dir))
     nm = open_native(dest, max_len=max_len, kv=kv, mmap=mmap, source=source)
     if tokenizer:
         nm.tokenizer = Tokenizer.from_dir(model_dir, ck.config)
@@ -374,7 +412,9 @@ def to_torch(arrays: dict[str, np.ndarray], config: BitNetConfig, dtype=None):
             for j, name in enumerate(PROJS):
                 n_out, n_in = shapes[name]
                 m = block.get_submodule(name)
-                codes = i2v.unpack(np.asarray(arrays[f"{l}.{name}"]), n_out, n_in)
+                packed = arrays[f"{l}.{name}"]
+                packed = packed.make() if isinstance(packed, st.Lazy) else packed  # packed_arrays' lazies
+                codes = i2v.unpack(np.asarray(packed), n_out, n_in)
                 m.weight.copy_(torch.from_numpy(hf_packed.pack(codes)))
                 m.weight_scale.fill_(float(arrays["scales"][l, j]))
     return model.to(dtype)

@@ -255,10 +255,11 @@ def data_size(tensors: dict) -> int:
     return _layout(tensors)[1]
 
 
-def write(path, tensors: dict, metadata: dict[str, str]) -> None:
+def write(path, tensors: dict, metadata: dict[str, str], progress=None) -> None:
     """Write tensors atomically (a unique temporary file beside `path`, renamed over it when complete:
     concurrent writers of one path never mix their bytes), streaming. A value is an array, (dtype
-    name, array) for BF16 bit patterns stored as uint16, or a Lazy."""
+    name, array) for BF16 bit patterns stored as uint16, or a Lazy. progress.update(1) is called after
+    each tensor (io/progress.Progress)."""
     path = Path(path)
     items, _ = _layout(tensors)
     header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
@@ -280,5 +281,7 @@ def write(path, tensors: dict, metadata: dict[str, str]) -> None:
                     a = made
                 f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
                 pos = off + a.nbytes
+                if progress is not None:
+                    progress.update(1)
     except OSError as e:  # a full disk, a directory that cannot be written
         raise BitlmError(f"{path}: cannot write ({e.strerror or e})") from None
