@@ -117,10 +117,12 @@ COMMANDS = {
     "chat": ["chat", "-m", "{m}"],
     "bench": ["bench", "-m", "{m}", "-p", "4", "-n", "2", "-r", "1"],
     "serve": ["serve", "-m", "{m}", "--port", "0"],
+    "convert": ["convert", "{m}", "{out}", "--to", "hf"],
+    "convert native": ["convert", "{m}", "{out}", "--to", "native"],
     "eval ppl": ["eval", "ppl", "-m", "{m}", "--data", "{data}", "--no-progress"],
     "eval ppl torch": ["eval", "ppl", "-m", "{m}", "--data", "{data}", "--no-progress", "--runtime", "torch"],
 }
-NATIVE = {"generate", "chat", "bench", "serve", "eval ppl"}
+NATIVE = {"generate", "chat", "bench", "serve", "eval ppl", "convert native"}
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
@@ -145,13 +147,15 @@ def test_every_command_refuses_every_broken_input(tiny_model_dir, tmp_path, caps
         monkeypatch.setattr("bitlm.serve.server.run", started)
     data = tmp_path / "text.txt"
     data.write_text("To be, or not to be, that is the question.\n" * 4)
-    assert main([a.format(m=model, data=data) for a in COMMANDS[command]]) == 2
+    out_file = tmp_path / "out"
+    assert main([a.format(m=model, data=data, out=out_file) for a in COMMANDS[command]]) == 2
     out, err = capsys.readouterr()
     # a fault only the data shows (code 3, a NaN scale) is found while converting, after the one line
     # that says the conversion has started
     err = re.sub(r"\Abitlm: converting \S+ for the native runtime \(once; cached in \S+\)\n", "", err)
     assert out == "" and err.count("\n") == 1 and err.startswith("bitlm: error: "), err
     assert re.search(pattern, err), err
+    assert not out_file.exists()  # a conversion that fails leaves nothing behind
     if damage is not None and fault != "no such directory":
         assert str(model) in err, err  # the file or directory is named in full
 
