@@ -114,11 +114,17 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 # ---- load ------------------------------------------------------------------------------------------
+_PROMPTS_MADE = [0]
+
+
 def prompts(n: int, tokens: int) -> list[str]:
-    """Distinct prompts of about `tokens` Llama 3 tokens (one common word is one token)."""
+    """n prompts of about `tokens` Llama 3 tokens (one common word is one token), each different from every
+    prompt sent before in this run from its first words on: no server can answer from a cached prefix."""
+    import random
     words = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
-    return [" ".join(f"{i}" if j == 0 else words[(i * 7 + j * 3) % len(words)] for j in range(tokens - 1))
-            for i in range(n)]
+    rng = random.Random(_PROMPTS_MADE[0])
+    _PROMPTS_MADE[0] += 1
+    return [" ".join(rng.choice(words) for _ in range(tokens - 1)) for _ in range(n)]
 
 
 def one_request(client, port: int, prompt: str, max_tokens: int) -> tuple[float, int]:
@@ -147,7 +153,8 @@ def run_load(port: int, clients: int, args) -> dict:
     ttfts, tokens, errors = [], [0], []
 
     def client_thread(k: int) -> None:
-        with httpx.Client() as c:
+        # a new connection per request: a kept-alive one that the server has closed fails the next request
+        with httpx.Client(limits=httpx.Limits(max_keepalive_connections=0)) as c:
             for i in range(args.requests):
                 try:
                     t, n = one_request(c, port, texts[k * args.requests + i], args.max_tokens)
