@@ -312,6 +312,16 @@ def test_a_step_of_more_rows_than_a_native_call_takes(tiny):
         assert_same(run_batched(eng, p), want, ubatch)
 
 
+def test_bytes_per_block_at_the_2b4t_shape():
+    """30 layers x (keys, values) x 5 KV heads x 16 positions x head_dim 128 x 2 bytes (f16): the figure
+    the module docstring gives, and 16 sequences of 1,747 positions in the default 2 GiB budget."""
+    from bitlm.engine.batch import DEFAULT_KV_BUDGET, kv_block_bytes
+    cfg = bitlm.preset("2b4t")
+    assert (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim) == (30, 5, 128)
+    assert kv_block_bytes(cfg, "f16", 16) == 1_228_800 and kv_block_bytes(cfg, "f32", 16) == 2_457_600
+    assert DEFAULT_KV_BUDGET // kv_block_bytes(cfg) == 1747
+
+
 def test_default_pool_size_follows_max_seqs_under_the_budget(tiny, monkeypatch):
     from bitlm.engine import batch
     nm = native.NativeModel.from_model(tiny, max_len=100)
@@ -321,3 +331,70 @@ def test_default_pool_size_follows_max_seqs_under_the_budget(tiny, monkeypatch):
     assert BatchEngine(nm, max_seqs=3, block_size=16).total_blocks == 10
     monkeypatch.setattr(batch, "DEFAULT_KV_BUDGET", 1)
     assert BatchEngine(nm, max_seqs=3, block_size=16).total_blocks == 7  # one full context at least
+
+
+def test_forked_sequences_share_blocks_and_copy_on_write(tiny):
+    """A prompt run once and forked: both continuations equal sequences that ran the whole prompt
+    themselves, bit for bit; the full blocks stay shared, the partly filled one is copied by the first
+    sequence that writes into it, and a block returns to the pool when its last holder lets go."""
+    V = tiny.config.vocab_size
+    rng = np.random.default_rng(8)
+    prompt, x, y = rng.integers(0, V, 37), rng.integers(0, V, 6), rng.integers(0, V, 20)
+    nm = native.NativeModel.from_model(tiny, max_len=128)
+    eng = BatchEngine(nm, max_seqs=5, block_size=16)
+    a = eng.add_sequence()
+    eng.step([(a, prompt)])
+    assert eng.used_blocks == 3  # positions 0..36
+    b = eng.fork_sequence(a)
+    assert eng.seq_len(b) == 37 and eng.used_blocks == 3
+    assert eng.blocks_needed(a, 1) == 1 and eng.blocks_needed(b, 11) == 1  # the shared third block, copied
+    got = eng.step([(a, x), (b, y)])  # a copies block 2; b, then its only holder, writes in place
+    assert eng.used_blocks == 3 + 1 + 1  # shared 0, 1; a's copy of 2; b's 2 and its new block 3
+    fresh = BatchEngine(nm, max_seqs=2, block_size=16)
+    fa, fb = fresh.add_sequence(), fresh.add_sequence()
+    want = fresh.step([(fa, np.concatenate([prompt, x])), (fb, np.concatenate([prompt, y]))])
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+    # forks of forks, then decode steps, still the fresh sequences' logits
+    c = eng.fork_sequence(b)
+    for tok in rng.integers(0, V, 5):
+        got = eng.step([(a, [tok]), (b, [tok]), (c, [tok])])
+        want = fresh.step([(fa, [tok]), (fb, [tok])])
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+        assert np.array_equal(got[2], want[1])
+    eng.free_sequence(a)
+    eng.free_sequence(b)
+    assert eng.used_blocks == 4  # c still holds blocks 0, 1 (shared by all three), b's block 2 and block 3
+    eng.free_sequence(c)
+    assert eng.used_blocks == 0 and eng.free_blocks == eng.total_blocks
+
+
+def test_a_sequence_freed_from_another_thread_waits_for_the_step(tiny):
+    """A server frees a sequence (its client left) from another thread: the free waits for the step in
+    flight, which still gets the logits it would have had, and the blocks then return to the pool."""
+    import threading
+    V = tiny.config.vocab_size
+    ids = np.random.default_rng(9).integers(0, V, 40)
+    nm = native.NativeModel.from_model(tiny, max_len=64)
+    eng = BatchEngine(nm, max_seqs=2, block_size=8)
+    a, b = eng.add_sequence(), eng.add_sequence()
+    eng.ubatch = 1  # a step of 80 native calls: long enough for the other thread to try in the middle
+    started = threading.Event()
+    real_run = eng._run
+
+    still_there = []  # whether b was still live when the step's native calls ended
+
+    def run(entries):
+        started.set()
+        out = real_run(entries)
+        still_there.append(b in eng._seqs)
+        return out
+
+    eng._run = run
+    freer = threading.Thread(target=lambda: (started.wait(), eng.free_sequence(b)))
+    freer.start()
+    got = eng.step([(a, ids), (b, ids)])
+    freer.join()
+    assert still_there == [True] and eng.sequences == [a] and eng.used_blocks == 5
+    assert np.array_equal(got[0], got[1])
+    alone = BatchEngine(nm, max_seqs=1, block_size=8)
+    assert np.array_equal(got[1], alone.step([(alone.add_sequence(), ids)])[0])

@@ -16,20 +16,26 @@ is passed to C with each step. At the 2B4T shape (30 layers, 5 KV heads, head_di
 positions is 30 * 2 * 5 * 16 * 128 * 2 = 1,228,800 bytes in f16 (76.8 KB a position; twice that in
 f32): the default 2 GiB budget holds 1,747 blocks, 27,952 positions, e.g. 16 sequences of 1,747.
 The pool is an anonymous mapping: untouched blocks cost no memory, and free blocks are handed out
-lowest id first so the touched part stays compact.
+lowest id first so the touched part stays compact. fork_sequence shares a sequence's blocks with a
+new one (a common prompt run once, several completions of it): blocks carry reference counts, and a
+shared block is copied when one of its holders writes into it (copy on write).
 
 Batch invariance: a sequence's logits do not depend on what else is in the step, bit for bit, and
 equal NativeModel.forward's for the same tokens: every float operation of the forward is per row
 (per-row norms, int8 quantization and dequantization of exact integer sums), attention runs per
 sequence over blocks of 64 keys counted from position 0, and the head is per row.
 
-One step at a time: the engine and its NativeModel share the native forward's scratch memory, so do
-not run nm.forward and step (or two steps) at the same time from different threads.
+Threads: the engine's methods hold one lock, so a step runs alone and a sequence freed from another
+thread (a client gone) waits for the step in flight to end before its blocks return to the pool. The
+engine shares the native forward's scratch memory with its NativeModel: do not run nm.forward while a
+step runs.
 """
 
 from __future__ import annotations
 
+import functools
 import heapq
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +45,23 @@ from .native import KV_KINDS, NativeModel, _zeros_small_pages
 
 DEFAULT_KV_BUDGET = 2 << 30  # bytes of KV pool when kv_blocks is None (see the module docstring)
 _NS = 4  # bitnet.h BN_NS: n, pos, n_out, block table pointer per sequence
+
+
+def kv_block_bytes(config, kv: str = "f16", block_size: int = 16) -> int:
+    """Bytes of one pool block: block_size positions of every layer's keys and values."""
+    if kv not in KV_KINDS:
+        raise BitlmError(f"KV cache type {kv!r} is not one of {', '.join(KV_KINDS)}")
+    c = config
+    return (c.num_hidden_layers * 2 * c.num_key_value_heads * block_size * c.head_dim
+            * np.dtype(KV_KINDS[kv][0]).itemsize)
+
+
+def _locked(method):
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return run
 
 
 @dataclass
@@ -73,13 +96,15 @@ class BatchEngine:
         c = nm.config
         dtype = KV_KINDS[nm.kv][0]
         self.block_shape = (c.num_hidden_layers, 2, c.num_key_value_heads, self.block_size, c.head_dim)
-        self.block_bytes = int(np.prod(self.block_shape)) * np.dtype(dtype).itemsize
+        self.block_bytes = kv_block_bytes(c, nm.kv, self.block_size)
         per_seq = -(-self.max_len // self.block_size)
         if kv_blocks is None:
             kv_blocks = min(self.max_seqs * per_seq, max(per_seq, DEFAULT_KV_BUDGET // self.block_bytes))
         self._n_blocks = int(kv_blocks)
         self._pool_map, (self.pool,) = _zeros_small_pages(1, (self._n_blocks, *self.block_shape), dtype)
+        self._lock = threading.RLock()
         self._free = list(range(self._n_blocks))  # a heap: the lowest free id first
+        self._refs = np.zeros(self._n_blocks, np.int32)  # sequences holding each block (fork_sequence shares)
         self._seqs: dict[int, _Seq] = {}
         self._next_id = 0
         self._per_seq = per_seq
@@ -88,6 +113,7 @@ class BatchEngine:
         self.ubatch = max(64, self.max_seqs)
 
     # ---- sequences and blocks -------------------------------------------------------------------------
+    @_locked
     def add_sequence(self) -> int:
         """A new empty sequence; its id (never reused)."""
         if len(self._seqs) >= self.max_seqs:
@@ -103,23 +129,59 @@ class BatchEngine:
             raise BitlmError(f"BatchEngine: no live sequence {sid!r}")
         return s
 
+    @_locked
+    def fork_sequence(self, sid: int) -> int:
+        """A new sequence holding the same tokens as sid (a shared prompt, n > 1 completions): it shares
+        sid's blocks instead of copying them, and a shared block is copied only when one of the
+        sequences writes into it (copy on write: the partly filled last block, at its next step)."""
+        s = self._seq(sid)
+        new = self.add_sequence()
+        t = self._seqs[new]
+        t.length, t.n_blocks = s.length, s.n_blocks
+        t.blocks[:s.n_blocks] = s.blocks[:s.n_blocks]
+        self._refs[s.blocks[:s.n_blocks]] += 1
+        return new
+
+    def _take(self) -> int:
+        b = heapq.heappop(self._free)
+        self._refs[b] = 1
+        return b
+
+    def _release(self, blocks) -> None:
+        for b in blocks:
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                heapq.heappush(self._free, int(b))
+
+    def _shared_tail(self, s: _Seq) -> bool:
+        """Whether s's next position falls in a block it shares: writing there copies the block first."""
+        i = s.length // self.block_size
+        return i < s.n_blocks and self._refs[s.blocks[i]] > 1
+
+    @_locked
     def free_sequence(self, sid: int) -> None:
         """Ends a sequence and returns its blocks to the pool."""
         self.truncate(sid, 0)
         del self._seqs[sid]
 
+    @_locked
     def seq_len(self, sid: int) -> int:
         return self._seq(sid).length
 
     @property
+    @_locked
     def sequences(self) -> list[int]:
         """The live sequence ids."""
         return list(self._seqs)
 
+    @_locked
     def blocks_needed(self, sid: int, n_tokens: int) -> int:
-        """New blocks that appending n_tokens to sequence sid would take from the pool."""
+        """New blocks that appending n_tokens to sequence sid would take from the pool (a shared block
+        written into counts: it is copied)."""
         s = self._seq(sid)
-        return max(0, -(-(s.length + n_tokens) // self.block_size) - s.n_blocks)
+        if n_tokens <= 0:
+            return 0
+        return max(0, -(-(s.length + n_tokens) // self.block_size) - s.n_blocks) + int(self._shared_tail(s))
 
     @property
     def free_blocks(self) -> int:
@@ -133,6 +195,7 @@ class BatchEngine:
     def total_blocks(self) -> int:
         return self._n_blocks
 
+    @_locked
     def truncate(self, sid: int, length: int) -> None:
         """Rolls sequence sid back to its first `length` positions (drops the keys and values of the
         later ones) and returns the blocks no longer needed to the pool."""
@@ -141,11 +204,11 @@ class BatchEngine:
             raise BitlmError(f"BatchEngine.truncate: length must be a non-negative integer, got {length!r}")
         s.length = min(s.length, int(length))
         keep = -(-s.length // self.block_size)
-        for b in s.blocks[keep:s.n_blocks]:
-            heapq.heappush(self._free, int(b))
+        self._release(s.blocks[keep:s.n_blocks])
         s.n_blocks = min(s.n_blocks, keep)
 
     # ---- the step ---------------------------------------------------------------------------------------
+    @_locked
     def step(self, work: list[tuple[int, "np.ndarray | list[int]"]]) -> list[np.ndarray]:
         """One batched forward. work: (sid, token ids) entries of different sequences, each token list
         appended at that sequence's next positions: decode rows (1 token) and prompt chunks (many) in
@@ -179,19 +242,23 @@ class BatchEngine:
                              f"{need}; free or truncate a sequence, or step fewer")
         before = [(s, s.length) for s, _ in entries]
         for s, t in entries:
+            if self._shared_tail(s):  # copy on write
+                i = s.length // self.block_size
+                old, s.blocks[i] = s.blocks[i], self._take()
+                self.pool[s.blocks[i]] = self.pool[old]
+                self._release([old])
             n = -(-(s.length + t.shape[0]) // self.block_size)
             for i in range(s.n_blocks, n):
-                s.blocks[i] = heapq.heappop(self._free)
+                s.blocks[i] = self._take()
             s.n_blocks = n
         self.nm._fill_rope(max(s.length + t.shape[0] for s, t in entries))
         try:
             return self._run(entries)
         except (OSError, ValueError, MemoryError) as e:  # the native call failed: undo the whole step
-            for s, length in before:
+            for s, length in before:  # (a block copied on write stays copied: the same contents)
                 s.length = length
                 keep = -(-length // self.block_size)
-                for b in s.blocks[keep:s.n_blocks]:
-                    heapq.heappush(self._free, int(b))
+                self._release(s.blocks[keep:s.n_blocks])
                 s.n_blocks = keep
             if isinstance(e, OSError):
                 raise BitlmError(f"{self.nm._embed_file.name}: an embedding row could not be read (was the file "
