@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bitlm import kernels, quant
-from bitlm.formats import hf_packed, i2v
+from bitlm.formats import hf_packed, i2v, t5
 
 if not kernels.available():
     if os.environ.get("BITLM_REQUIRE_NATIVE") == "1":
@@ -165,6 +165,8 @@ def test_native_hf_conversion_equals_numpy_reference(out_features, k):
     w = np.random.default_rng(out_features * k).integers(-1, 2, (out_features, k), dtype=np.int8)
     packed = kernels.from_hf_packed(torch.from_numpy(hf_packed.pack(w)), out_features)
     np.testing.assert_array_equal(packed.data.numpy(), i2v.pack(w))  # the numpy reference, byte for byte
+    t5_bytes = kernels.from_hf_packed_array(hf_packed.pack(w), out_features, "t5")
+    np.testing.assert_array_equal(t5_bytes, t5.pack(w))  # the T5 converter in C, against formats/t5.py
 
 
 @pytest.mark.parametrize("m,k", [(1, 1), (1, 17), (3, 2563), (2, 6912), (5, 15)])

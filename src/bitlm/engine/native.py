@@ -141,12 +141,10 @@ def arrays_from_model(model, head_format: str = "q8", weights: str = "i2v") -> d
 
 
 def pack_projection(hf: np.ndarray, out_features: int, weights: str) -> np.ndarray:
-    """Hugging Face packed uint8 [ceil(out/4), in] -> the weight format's packed array (I2V in C where
-    built; T5 through formats/t5.py's numpy reference)."""
-    if check_weights(weights) == "i2v":
-        from ..kernels import from_hf_packed_array
-        return from_hf_packed_array(hf, out_features)
-    return t5.from_hf_packed(hf, out_features)
+    """Hugging Face packed uint8 [ceil(out/4), in] -> the weight format's packed array (in C where built,
+    else the formats/ module's numpy reference)."""
+    from ..kernels import from_hf_packed_array
+    return from_hf_packed_array(hf, out_features, check_weights(weights))
 
 
 def rope_tables(head_dim: int, theta: float, max_len: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -164,9 +164,11 @@ def from_hf_packed(packed: torch.Tensor | np.ndarray, out_features: int) -> Pack
     return PackedTernary(torch.from_numpy(from_hf_packed_array(a, out_features)), out_features, a.shape[1])
 
 
-def from_hf_packed_array(packed: np.ndarray, out_features: int) -> np.ndarray:
+def from_hf_packed_array(packed: np.ndarray, out_features: int, fmt: str = "i2v") -> np.ndarray:
     """from_hf_packed on numpy, without torch (the native file converter): uint8 [ceil(out/4), in] ->
-    I2V uint8 [Np/16, Kp/16, 64], in C where built, else formats/i2v.py's reference."""
+    I2V uint8 [Np/16, Kp/16, 64] (or T5 uint8 [Np/16, Kp/20, 64] for fmt "t5"), in C where built, else
+    the formats/ module's reference."""
+    mod = format_module(fmt)
     packed = np.asarray(packed)
     if packed.dtype != np.uint8 or packed.ndim != 2 or packed.shape[0] != hf_packed.packed_rows(out_features):
         raise ValueError(f"from_hf_packed: expected uint8 [{hf_packed.packed_rows(out_features)}, in], got "
@@ -174,9 +176,9 @@ def from_hf_packed_array(packed: np.ndarray, out_features: int) -> np.ndarray:
     packed = np.ascontiguousarray(packed)
     k = packed.shape[1]
     if _native is None:
-        return i2v.from_hf_packed(packed, out_features)
-    out = np.empty(i2v.packed_shape(out_features, k), dtype=np.uint8)
-    _native.from_hf(packed.ctypes.data, out_features, k, out.ctypes.data)
+        return mod.from_hf_packed(packed, out_features)
+    out = np.empty(mod.packed_shape(out_features, k), dtype=np.uint8)
+    _native.from_hf_fmt(WEIGHT_FORMATS.index(fmt), packed.ctypes.data, out_features, k, out.ctypes.data)
     return out
 
 

@@ -175,6 +175,9 @@ int i2v_linear(const float *x, size_t ldx, int M, int K, const uint8_t *w, int N
 /* Hugging Face packed uint8 [ceil(out/4), in] -> I2V packed uint8 [ceil(out/16), ceil(in/16), 64]
  * (convert.c; formats/i2v.py's from_hf_packed is the reference). */
 int i2v_from_hf(const uint8_t *hf, int out, int in, uint8_t *dst);
+/* ... into weight format fmt (I2V_FMT_*): T5 packed uint8 [ceil(out/16), ceil(in/20), 64] for I2V_FMT_T5
+ * (formats/t5.py's from_hf_packed is the reference) */
+int i2v_from_hf_fmt(int fmt, const uint8_t *hf, int out, int in, uint8_t *dst);
 /* Q6 rows times int8 activations (see i2v_q6_args), rows split over the pool. AVX-512 VBMI when
  * the CPU has it and path is AVX-512 VNNI or AMX (or < 0); else AVX2 on the x86 paths; else the
  * scalar reference. x must be

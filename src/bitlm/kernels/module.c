@@ -111,6 +111,18 @@ static PyObject *py_from_hf(PyObject *self, PyObject *const *args, Py_ssize_t na
     Py_RETURN_NONE;
 }
 
+/* from_hf_fmt(fmt, hf, out, in, dst) */
+static PyObject *py_from_hf_fmt(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    long long a[5];
+    if (get_args(args, nargs, 5, a)) return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = i2v_from_hf_fmt((int)a[0], PTR(const uint8_t *, a[1]), (int)a[2], (int)a[3], PTR(uint8_t *, a[4]));
+    Py_END_ALLOW_THREADS
+    if (rc) return PyErr_Format(PyExc_ValueError, "i2v_from_hf_fmt: bad format %lld or shape %lld x %lld", a[0], a[2], a[3]);
+    Py_RETURN_NONE;
+}
+
 /* read_bytes(ptr, n): the bandwidth probe */
 static PyObject *py_read_bytes(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     long long a[2];
@@ -229,6 +241,8 @@ static PyMethodDef methods[] = {
     {"linear", (PyCFunction)(void (*)(void))py_linear, METH_FASTCALL, "linear(x, ldx, M, K, w, N, wscale, y, ldy, path)"},
     {"q6_gemv", (PyCFunction)(void (*)(void))py_q6_gemv, METH_FASTCALL, "q6_gemv(w, V, H, x, ldx, xsum, M, out, ldo, path)"},
     {"from_hf", (PyCFunction)(void (*)(void))py_from_hf, METH_FASTCALL, "from_hf(hf, out, in, dst): HF packed -> I2V"},
+    {"from_hf_fmt", (PyCFunction)(void (*)(void))py_from_hf_fmt, METH_FASTCALL,
+     "from_hf_fmt(fmt, hf, out, in, dst): HF packed -> I2V or T5"},
     {"read_bytes", (PyCFunction)(void (*)(void))py_read_bytes, METH_FASTCALL, "read_bytes(ptr, n) -> checksum"},
     {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n) -> threads in use (n <= 0: all CPUs)"},
     {"num_threads", py_num_threads, METH_NOARGS, "threads in the pool"},
