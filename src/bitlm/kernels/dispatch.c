@@ -78,7 +78,7 @@ const char *i2v_cpu_features(void) { return cpu()->features; }
 static i2v_kernel_fn kernel_for(int path, int fmt) {
     if (fmt == I2V_FMT_T5) switch (path) {
 #if defined(__x86_64__) || defined(__i386__)
-        case I2V_PATH_AMX: /* no AMX tile for T5: its prefill decodes into the AVX-512 VNNI kernel's tiles */
+        case I2V_PATH_AMX: return t5_gemm_amx;
         case I2V_PATH_AVX512VNNI: return t5_gemm_avx512vnni;
         case I2V_PATH_AVX2: return t5_gemm_avx2;
 #endif
@@ -157,13 +157,14 @@ static void gemm_part(void *ctx, int p, int np) {
 #define PARTS_PER_THREAD 8
 #define GEMM_PARTS_PER_THREAD 16
 
-/* The activations a path reads: whole 16-column blocks; AMX (from 16 rows) whole tiles of 32 rows
- * and 64 columns. Padding is zeros, so it adds nothing to any sum. */
+/* The activations a path reads: whole blocks of the format (16 columns for I2V, 20 for T5); AMX (from
+ * 16 rows) whole tiles of 32 rows and 64 columns past those. Padding is zeros, so it adds nothing. */
 static void pad_geometry(int path, int fmt, int M, int K, int *mp, size_t *kp) {
-    int amx = path == I2V_PATH_AMX && M >= 16 && fmt == I2V_FMT_I2V;
-    int cols = amx ? 64 : i2v_fmt_cols(fmt);
+    int amx = path == I2V_PATH_AMX && M >= 16;
+    int cols = i2v_fmt_cols(fmt);
     *mp = amx ? (M + 31) / 32 * 32 : M;
     *kp = (size_t)(K + cols - 1) / cols * cols;
+    if (amx) *kp = (*kp + 63) / 64 * 64;
 }
 
 /* x already zero-padded as pad_geometry says (ldx >= 16 * Kb), xsum given */
@@ -280,7 +281,6 @@ int i2v_gemm(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int K, con
 
 const char *i2v_fmt_kernel_name(int fmt, int path) {
     if (path < 0) path = i2v_best_path();
-    if (fmt == I2V_FMT_T5 && path == I2V_PATH_AMX) return "avx512vnni";
     return i2v_path_name(path);
 }
 

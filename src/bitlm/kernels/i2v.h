@@ -119,6 +119,8 @@ void t5_gemm_scalar(const i2v_gemm_args *a, int rb0, int rb1);
 #if defined(__x86_64__) || defined(__i386__)
 void t5_gemm_avx2(const i2v_gemm_args *a, int rb0, int rb1);
 void t5_gemm_avx512vnni(const i2v_gemm_args *a, int rb0, int rb1);
+/* AMX: activations zero-padded to [ceil(M/32)*32, ldx >= 64 * ceil(20 Kb / 64)] when M >= 16 */
+void t5_gemm_amx(const i2v_gemm_args *a, int rb0, int rb1);
 #endif
 #if defined(__aarch64__)
 void t5_gemm_neon(const i2v_gemm_args *a, int rb0, int rb1);
@@ -157,7 +159,7 @@ int i2v_gemm_multi_f32(const int8_t *x, size_t ldx, const int32_t *xsum, const f
 int i2v_quantize(const float *x, size_t ldx, int M, int K, int8_t *q, size_t ldq, float *scale,
                  int32_t *qsum, int path);
 /* The same three for weights in format fmt (I2V_FMT_*: I2V or T5 packed, the packed shapes above).
- * T5 on the AMX path runs the AVX-512 VNNI T5 kernel (no AMX tile for it). */
+ * T5 on AMX decodes its blocks into the same B tiles as I2V (amx.c). */
 int i2v_gemm_fmt(int fmt, const int8_t *x, size_t ldx, const int32_t *xsum, int M, int K, const uint8_t *w,
                  int N, int32_t *y, size_t ldy, int path);
 int i2v_gemm_multi_fmt(int fmt, const int8_t *x, size_t ldx, const int32_t *xsum, int M, int K, int nmat,
