@@ -51,7 +51,8 @@ def synthetic_native_file(shape: str, head: str = "q8", seed: int = 0, weights: 
 def _write_synthetic(path: Path, cfg, head: str, seed: int, source: dict, weights: str = "i2v") -> None:
     from ..io import st
     from ..io.native import metadata
-    from .native import NORMS, PROJS, WEIGHT_MODULES, f32_to_bf16, head_arrays
+    from ..formats import hf_packed
+    from .native import NORMS, PROJS, WEIGHT_MODULES, f32_to_bf16, head_arrays, pack_projection
     fmt = WEIGHT_MODULES[weights]
     rng = np.random.default_rng(seed)
     V, H = cfg.vocab_size, cfg.hidden_size
@@ -74,8 +75,9 @@ def _write_synthetic(path: Path, cfg, head: str, seed: int, source: dict, weight
         for name in PROJS:
             n_out, n_in = shapes[name]
             tensors[f"{l}.{name}"] = st.Lazy(
-                fmt.packed_shape(n_out, n_in), np.uint8,
-                lambda n_out=n_out, n_in=n_in: fmt.pack(rng.integers(-1, 2, (n_out, n_in), dtype=np.int8)))
+                fmt.packed_shape(n_out, n_in), np.uint8,  # packed in C where built (pack_projection)
+                lambda n_out=n_out, n_in=n_in: pack_projection(
+                    hf_packed.pack(rng.integers(-1, 2, (n_out, n_in), dtype=np.int8)), n_out, weights))
     # the head is tied to the embedding: made from the same rows, in the chosen format
     for name, (shape, dtype) in {"q8": {"head.q8": ((V, H), np.int8), "head.scale": ((V,), np.float32),
                                         "head.rowsum": ((V,), np.int32)},
