@@ -233,10 +233,18 @@ def test_weight_format_mismatch_is_a_clear_error(model):
     arrays = native.arrays_from_model(model, "q8", "t5")
     # the packed shapes tell the formats apart where ceil(K / 16) != ceil(K / 20): every test shape has one
     assert any(i2v.packed_shape(*s) != t5.packed_shape(*s) for s in model.config.projection_shapes().values())
-    with pytest.raises(BitlmError, match="expected contiguous uint8"):
+    assert arrays.weights == "t5"  # the dict knows its format: a second model over it needs no argument
+    ids = np.arange(9) % model.config.vocab_size
+    first = native.NativeModel(model.config, arrays, max_len=16)
+    assert first.weights == "t5"
+    want = native.NativeModel(model.config, native.arrays_from_model(model, "q8"), max_len=16).forward(ids, n_out=9)
+    assert np.array_equal(native.NativeModel(model.config, first.arrays, max_len=16).forward(ids, n_out=9), want)
+    with pytest.raises(BitlmError, match="weights 'i2v' asked for arrays packed as 't5'"):
         native.NativeModel(model.config, arrays, max_len=16, weights="i2v")
+    with pytest.raises(BitlmError, match="expected contiguous uint8"):  # a plain dict: the shapes tell
+        native.NativeModel(model.config, dict(arrays), max_len=16, weights="i2v")
     with pytest.raises(BitlmError, match="weight format 'i3v' is not one of i2v, t5"):
-        native.NativeModel(model.config, arrays, max_len=16, weights="i3v")
+        native.NativeModel(model.config, dict(arrays), max_len=16, weights="i3v")
 
 
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])

@@ -42,6 +42,15 @@ WEIGHTS = ("i2v", "t5")  # i2v.h I2V_FMT_* indices
 WEIGHT_MODULES = {"i2v": i2v, "t5": t5}
 
 
+class NativeArrays(dict):
+    """The array dict of a native model, knowing the format of its packed projections (`weights`), so a
+    second NativeModel over the same arrays (a server's engine) runs them in the right format."""
+
+    def __init__(self, arrays, weights: str):
+        super().__init__(arrays)
+        self.weights = check_weights(weights)
+
+
 def check_weights(weights: str) -> str:
     """A weight format name, checked (a one-line BitlmError otherwise)."""
     if weights not in WEIGHTS:
@@ -137,7 +146,7 @@ def arrays_from_model(model, head_format: str = "q8", weights: str = "i2v") -> d
     a["scales"] = scales
     rows = a["embed"] if model.config.tie_word_embeddings else np_float(model.lm_head.weight)
     a.update(head_arrays(rows, head_format))
-    return a
+    return NativeArrays(a, weights)
 
 
 def pack_projection(hf: np.ndarray, out_features: int, weights: str) -> np.ndarray:
@@ -189,16 +198,19 @@ def _kernel_path(path: str | None) -> int:
 
 class NativeModel:
     def __init__(self, config, arrays: dict[str, np.ndarray], max_len: int | None = None, kv: str = "f16",
-                 path: str | None = None, weights: str = "i2v"):
+                 path: str | None = None, weights: str | None = None):
         """kv: the KV cache's element type, "f16" (half the bytes, as llama.cpp keeps it) or "f32".
         path: the kernel path to run ("scalar", "avx2", ...; bitlm.kernels.info()["paths"]), None for the
         best this CPU has. weights: the format of the packed projections in arrays (WEIGHTS; a converted
-        file's metadata says which)."""
+        file's metadata says which); None: the format a NativeArrays dict records, else "i2v"."""
         if kv not in KV_KINDS:
             raise BitlmError(f"KV cache type {kv!r} is not one of {', '.join(KV_KINDS)}")
         c = self.config = config
         self.kv = kv
-        self.weights = check_weights(weights)
+        recorded = getattr(arrays, "weights", None)
+        if weights is not None and recorded is not None and weights != recorded:
+            raise BitlmError(f"native model: weights {weights!r} asked for arrays packed as {recorded!r}")
+        weights = self.weights = check_weights(weights or recorded or "i2v")
         self.n = _native()
         self.arrays = arrays  # the C side points into these: they live as long as the model
         self.max_len = min(max_len or c.max_position_embeddings, c.max_position_embeddings)

@@ -322,7 +322,7 @@ def open_native(path, max_len: int | None = None, kv: str = "f16", mmap: bool = 
     from the page cache, several seconds where fresh memory is slow to fault in, as in this VM). The
     embedding stays in the file either way (its rows are read as needed). A file that is damaged, of
     another format, or (source given) not made from `source` is a BitlmError."""
-    from ..engine.native import NativeModel
+    from ..engine.native import NativeArrays, NativeModel
     path = Path(path)
     try:
         header, start, meta = _checked_header(path, source)
@@ -338,7 +338,7 @@ def open_native(path, max_len: int | None = None, kv: str = "f16", mmap: bool = 
         arrays.update(st.read_to_memory(arrays, [k for k in arrays if k != "embed"]))
     if "embed" in arrays:
         st.prefetch_to_page_cache(arrays["embed"])  # its rows are read with pread as tokens need them
-    return NativeModel(config, arrays, max_len=max_len, kv=kv, weights=meta["weights"])
+    return NativeModel(config, NativeArrays(arrays, meta["weights"]), max_len=max_len, kv=kv)
 
 
 def load_native(path_or_repo_id, head: str = "q8", max_len: int | None = None, revision: str | None = None,
@@ -365,9 +365,11 @@ def load_native(path_or_repo_id, head: str = "q8", max_len: int | None = None, r
     return nm
 
 
-def to_torch(arrays: dict[str, np.ndarray], config: BitNetConfig, dtype=None, weights: str = "i2v"):
+def to_torch(arrays: dict[str, np.ndarray], config: BitNetConfig, dtype=None, weights: str | None = None):
     """The packed torch model holding the same weights as a native array dict (the head comes from
-    the embedding when tied, else from f32/bf16 head rows; a q8-only untied head cannot go back)."""
+    the embedding when tied, else from f32/bf16 head rows; a q8-only untied head cannot go back).
+    weights: the projections' format (None: the one a NativeArrays dict records, else i2v)."""
+    weights = weights or getattr(arrays, "weights", "i2v")
     import torch
 
     from ..engine.native import NORMS, PROJS, WEIGHT_MODULES, bf16_to_f32
