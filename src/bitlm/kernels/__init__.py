@@ -1,4 +1,5 @@
-"""Native ternary x int8 kernels on the I2V layout (formats/i2v.py), and their thin binding.
+"""Native ternary x int8 kernels on the I2V layout (formats/i2v.py, 2 bits) or the T5 layout
+(formats/t5.py, 1.6 bits; PackedTernary.fmt, WEIGHT_FORMATS), and their thin binding.
 
 torch is imported inside the functions that take tensors, never at import: the native runtime
 (engine/native.py) loads `_native` through this package and must stay torch-free.
@@ -8,7 +9,7 @@ The C library (i2v.h, one file per instruction set, dispatch.c, pool.c) is built
 cannot load, everything here still works on the pure-torch path, slower, after a one-line warning.
 
     available() -> bool                 info() -> dict          summary() -> str (for `bitlm doctor`)
-    set_num_threads(n) -> int           pack(codes) / from_hf_packed(packed, out_features) -> PackedTernary
+    set_num_threads(n) -> int           pack(codes, fmt="i2v") / from_hf_packed(packed, out_features) -> PackedTernary
     gemm(xq, packed) -> int32 [M, N]    quantize(x) -> (xq int8 [M, K], s float32 [M, 1], xsum int32 [M])
     linear(x, packed, weight_scale) -> float32 [..., N]   (quantize + gemm + rescale, one native call)
     q6_gemv(xq, packed_q6, h) -> int32 [M, V]             (the 6-bit output head, formats/q6.py)
