@@ -279,11 +279,6 @@ int i2v_gemm(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int K, con
     return i2v_gemm_multi(x, ldx, xsum, M, K, 1, &w, &N, &y, &ldy, path);
 }
 
-const char *i2v_fmt_kernel_name(int fmt, int path) {
-    if (path < 0) path = i2v_best_path();
-    return i2v_path_name(path);
-}
-
 static void quantize_path(const float *x, size_t ldx, int M, int K, int8_t *q, size_t ldq, float *scale,
                           int32_t *qsum, int path) {
     switch (path) {

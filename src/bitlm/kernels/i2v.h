@@ -167,8 +167,6 @@ int i2v_gemm_multi_fmt(int fmt, const int8_t *x, size_t ldx, const int32_t *xsum
 int i2v_gemm_multi_f32_fmt(int fmt, const int8_t *x, size_t ldx, const int32_t *xsum, const float *s, int M,
                            int K, int nmat, const uint8_t *const *w, const int *N, const float *wscale,
                            float *const *y, const size_t *ldy, int path);
-/* the kernel a format runs on a path ("avx512vnni", ...) */
-const char *i2v_fmt_kernel_name(int fmt, int path);
 
 /* The whole BitLinear inference forward, y float32 [M, N] = (xq @ W^T) * (wscale / s) with xq, s
  * from i2v_quantize: bit for bit what bitlinear.PackedBitLinear computes in float32. */

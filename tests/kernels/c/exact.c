@@ -278,9 +278,9 @@ int main(void) {
     for (int path = 0; path < I2V_NPATHS; path++) {
         if (!i2v_path_supported(path)) continue;
         any |= bad[path];
-        printf("path %s: %s (gemm, gemm_multi, gemm_multi_f32 on i2v and t5 (kernel %s), quantize; q6 head kernel %s)%s\n",
-               i2v_path_name(path), bad[path] ? "FAILED" : "exact", i2v_fmt_kernel_name(I2V_FMT_T5, path),
-               i2v_q6_kernel_name(path), EMULATED(path) ? " [SIMDe emulation]" : "");
+        printf("path %s: %s (gemm, gemm_multi, gemm_multi_f32 on i2v and t5, quantize; q6 head kernel %s)%s\n",
+               i2v_path_name(path), bad[path] ? "FAILED" : "exact", i2v_q6_kernel_name(path),
+               EMULATED(path) ? " [SIMDe emulation]" : "");
     }
     return any;
 }
