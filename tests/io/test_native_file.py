@@ -100,6 +100,10 @@ def test_packed_checkpoint_converts_without_torch_to_the_same_file(tmp_path, var
         convert_packed(d, a, head)
         convert_via_torch(d, b, head)
         assert filecmp.cmp(a, b, shallow=False), (variant, head)
+    a, b = tmp_path / "t5-numpy.safetensors", tmp_path / "t5-torch.safetensors"  # the 1.6-bit weights too
+    convert_packed(d, a, "q8", weights="t5")
+    convert_via_torch(d, b, "q8", weights="t5")
+    assert filecmp.cmp(a, b, shallow=False), (variant, "t5")
 
 
 def test_file_span_finds_the_bytes_of_a_mapped_tensor(tmp_path):

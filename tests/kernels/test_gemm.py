@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bitlm import kernels, quant
-from bitlm.formats import hf_packed, i2v
+from bitlm.formats import hf_packed, i2v, t5
 
 if not kernels.available():
     if os.environ.get("BITLM_REQUIRE_NATIVE") == "1":
@@ -36,6 +36,11 @@ ARCH_PATHS = ["scalar", "neon"] if platform.machine().lower() in ("aarch64", "ar
 @pytest.fixture(params=ARCH_PATHS)
 def path(request):
     return _path(request.param)
+
+
+@pytest.fixture(params=kernels.WEIGHT_FORMATS)
+def fmt(request):
+    return request.param
 
 
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
@@ -69,9 +74,9 @@ SHAPES = [
 
 
 @pytest.mark.parametrize("m,n,k", SHAPES)
-def test_gemm_exact(path, m, n, k):
+def test_gemm_exact(path, fmt, m, n, k):
     w, x = _case(m, n, k, seed=m * 10007 + n * 101 + k)
-    packed = kernels.pack(w)
+    packed = kernels.pack(w, fmt)
     ref = _reference(x, w)
     y = kernels.gemm(x, packed, path=path)
     assert y.dtype == torch.int32 and y.shape == (m, n)
@@ -80,33 +85,33 @@ def test_gemm_exact(path, m, n, k):
 
 
 @pytest.mark.parametrize("seed", range(12))
-def test_gemm_random_shapes(path, threads, seed):
+def test_gemm_random_shapes(path, fmt, threads, seed):
     rng = np.random.default_rng(seed)
     m = int(rng.choice([1, 1, 2, 3, 5, 8, 11, 16, 19, 40]))
     n, k = int(rng.integers(1, 700)), int(rng.integers(1, 1200))
     w, x = _case(m, n, k, seed=seed)
-    y = kernels.gemm(x, kernels.pack(w), path=path)
+    y = kernels.gemm(x, kernels.pack(w, fmt), path=path)
     assert torch.equal(y.long(), _reference(x, w))
 
 
 @pytest.mark.parametrize("m", [1, 5, 17])
 @pytest.mark.parametrize("xval,wval", [(-128, 1), (-128, -1), (127, 1), (127, -1)])
-def test_extreme_activations(path, m, xval, wval):
+def test_extreme_activations(path, fmt, m, xval, wval):
     n, k = 37, 6912  # the 2B4T down_proj input width
     x = torch.full((m, k), xval, dtype=torch.int8)
     w = torch.full((n, k), wval, dtype=torch.int8)
-    y = kernels.gemm(x, kernels.pack(w), path=path)
+    y = kernels.gemm(x, kernels.pack(w, fmt), path=path)
     assert (y == xval * wval * k).all()  # hand-computed: every product is xval * wval
 
 
-def test_long_rows_do_not_overflow(path):
-    # K past the 65536 columns after which the AVX-512 GEMV folds its scaled accumulators
+def test_long_rows_do_not_overflow(path, fmt):
+    # K past the 65536 columns after which the AVX-512 GEMV folds its scaled accumulators (T5: 10240)
     k = 2 * 65536 + 48
     x = torch.full((1, k), -128, dtype=torch.int8)
     w = torch.ones((3, k), dtype=torch.int8)
     w[1] = -1
     w[2, ::2] = 0
-    y = kernels.gemm(x, kernels.pack(w), path=path)
+    y = kernels.gemm(x, kernels.pack(w, fmt), path=path)
     assert y[0].tolist() == [-128 * k, 128 * k, -128 * (k // 2)]
 
 
@@ -132,11 +137,11 @@ def test_cat_stacks_outputs(path):
         kernels.PackedTernary.cat([parts[2], parts[0]])
 
 
-def test_strided_rows_xsum_and_out(path):
+def test_strided_rows_xsum_and_out(path, fmt):
     w, xw = _case(6, 70, 150, seed=3)
     x = xw[:, :100]  # rows with a stride of 150: no copy of the activations
     w = w[:, :100].contiguous()
-    packed = kernels.pack(w)
+    packed = kernels.pack(w, fmt)
     xsum = x.sum(dim=1, dtype=torch.int32)
     out = torch.full((6, 70), 12345, dtype=torch.int32)
     y = kernels.gemm(x, packed, xsum=xsum, out=out, path=path)
@@ -160,6 +165,8 @@ def test_native_hf_conversion_equals_numpy_reference(out_features, k):
     w = np.random.default_rng(out_features * k).integers(-1, 2, (out_features, k), dtype=np.int8)
     packed = kernels.from_hf_packed(torch.from_numpy(hf_packed.pack(w)), out_features)
     np.testing.assert_array_equal(packed.data.numpy(), i2v.pack(w))  # the numpy reference, byte for byte
+    t5_bytes = kernels.from_hf_packed_array(hf_packed.pack(w), out_features, "t5")
+    np.testing.assert_array_equal(t5_bytes, t5.pack(w))  # the T5 converter in C, against formats/t5.py
 
 
 @pytest.mark.parametrize("m,k", [(1, 1), (1, 17), (3, 2563), (2, 6912), (5, 15)])
@@ -201,6 +208,9 @@ def test_torch_fallback_is_exact(monkeypatch):
     y = kernels.linear(xf, packed, 0.5)
     xq, s = quant.quantize_activations(xf)
     assert torch.equal(y, (xq.float() @ w.float().t()) * (torch.tensor([0.5]) / s))
+    t5 = kernels.pack(w, "t5")
+    assert torch.equal(kernels.gemm(x, t5).long(), _reference(x, w))
+    assert torch.equal(kernels.linear(xf, t5, 0.5), y)
 
 
 def test_info_and_threads():
@@ -234,7 +244,7 @@ def test_env_var_forces_path():
 @pytest.mark.parametrize("shape,out_features",
                          [((1, 2560), 640), ((2, 3, 100), 33), ((7, 48), 16), ((1, 17), 5), ((40, 100), 33),
                           ((48, 2560), 700)])  # the last in many parts, each dequantizing its own rows
-def test_linear_equals_packed_bitlinear(path, shape, out_features):
+def test_linear_equals_packed_bitlinear(path, fmt, shape, out_features):
     from bitlm.bitlinear import PackedBitLinear
     from bitlm.quant import quantize_weights
 
@@ -244,6 +254,8 @@ def test_linear_equals_packed_bitlinear(path, shape, out_features):
     x = torch.randn(*shape, generator=g) * 3
     ref = layer(x)  # the pure-torch reference forward, float32
     packed = kernels.from_hf_packed(layer.weight, out_features)
+    if fmt != "i2v":
+        packed = kernels.pack(packed.codes(), fmt)
     y = kernels.linear(x, packed, layer.weight_scale, path=path)
     assert y.shape == ref.shape
     assert torch.equal(y, ref)  # bit for bit: same int sums, same float32 rescale

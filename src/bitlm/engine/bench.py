@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..formats import i2v
 
 
 def peak_rss_bytes() -> int:
@@ -35,20 +34,26 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux and BSD report KiB
 
 
-def synthetic_native_file(shape: str, head: str = "q8", seed: int = 0) -> Path:
-    """A native file of random weights shaped like preset `shape` (made once, streamed to disk)."""
+def synthetic_native_file(shape: str, head: str = "q8", seed: int = 0, weights: str = "i2v") -> Path:
+    """A native file of random weights shaped like preset `shape` (made once, streamed to disk). The
+    same seed gives the same weights in either weight format (the codes are drawn in the same order)."""
     from ..config import preset
     from ..io.native import cache_dir, ensure_file
-    path = cache_dir() / f"random-{shape}-{head}-seed{seed}.safetensors"
-    source = {"synthetic": shape, "head": head, "seed": seed}
-    ensure_file(path, source, lambda: _write_synthetic(path, preset(shape), head, seed, source))
+    from .native import check_weights
+    check_weights(weights)
+    tag = head if weights == "i2v" else f"{head}-{weights}"  # the I2V file keeps its earlier name
+    path = cache_dir() / f"random-{shape}-{tag}-seed{seed}.safetensors"
+    source = {"synthetic": shape, "head": head, "seed": seed, **({} if weights == "i2v" else {"weights": weights})}
+    ensure_file(path, source, lambda: _write_synthetic(path, preset(shape), head, seed, source, weights))
     return path
 
 
-def _write_synthetic(path: Path, cfg, head: str, seed: int, source: dict) -> None:
+def _write_synthetic(path: Path, cfg, head: str, seed: int, source: dict, weights: str = "i2v") -> None:
     from ..io import st
     from ..io.native import metadata
-    from .native import NORMS, PROJS, f32_to_bf16, head_arrays
+    from ..formats import hf_packed
+    from .native import NORMS, PROJS, WEIGHT_MODULES, f32_to_bf16, head_arrays, pack_projection
+    fmt = WEIGHT_MODULES[weights]
     rng = np.random.default_rng(seed)
     V, H = cfg.vocab_size, cfg.hidden_size
     tensors: dict = {}
@@ -70,8 +75,9 @@ def _write_synthetic(path: Path, cfg, head: str, seed: int, source: dict) -> Non
         for name in PROJS:
             n_out, n_in = shapes[name]
             tensors[f"{l}.{name}"] = st.Lazy(
-                i2v.packed_shape(n_out, n_in), np.uint8,
-                lambda n_out=n_out, n_in=n_in: i2v.pack(rng.integers(-1, 2, (n_out, n_in), dtype=np.int8)))
+                fmt.packed_shape(n_out, n_in), np.uint8,  # packed in C where built (pack_projection)
+                lambda n_out=n_out, n_in=n_in: pack_projection(
+                    hf_packed.pack(rng.integers(-1, 2, (n_out, n_in), dtype=np.int8)), n_out, weights))
     # the head is tied to the embedding: made from the same rows, in the chosen format
     for name, (shape, dtype) in {"q8": {"head.q8": ((V, H), np.int8), "head.scale": ((V,), np.float32),
                                         "head.rowsum": ((V,), np.int32)},
@@ -83,7 +89,7 @@ def _write_synthetic(path: Path, cfg, head: str, seed: int, source: dict) -> Non
                 made["head"] = head_arrays(made.pop("embed"), head)
             return made["head"][name]
         tensors[name] = st.Lazy(shape, dtype, make, "BF16" if dtype == np.uint16 else None)
-    st.write(path, tensors, metadata(cfg, head, source, tensors))
+    st.write(path, tensors, metadata(cfg, head, source, tensors, weights))
 
 
 class _TokenSource:
@@ -151,7 +157,7 @@ def _record(nm, threads, n_prompt, n_gen, samples) -> dict:
     return {
         "build_commit": os.environ.get("BITLM_COMMIT", ""),
         "model_filename": getattr(nm, "source", {}).get("file", ""),
-        "model_type": f"bitnet {nm.config.num_hidden_layers}L {nm.config.hidden_size}H ternary, head {nm.head_format}",
+        "model_type": f"bitnet {nm.config.num_hidden_layers}L {nm.config.hidden_size}H ternary {nm.weights}, head {nm.head_format}",
         "model_size": sizes["ternary"] + sizes["head"] + sizes["embedding"] + sizes["norms"],
         "model_n_params": nm.config.num_parameters()["total"],
         "n_threads": threads,

@@ -1,6 +1,6 @@
 """The native runtime: the whole forward pass in C (kernels/bitnet.c) on numpy arrays.
 
-A NativeModel holds every weight as a numpy array (I2V-packed ternary projections, float norms, the
+A NativeModel holds every weight as a numpy array (packed ternary projections, float norms, the
 embedding, the head in the chosen format) plus its own KV cache, and hands the C core their pointers
 once. Each step is then one call: `forward(tokens, n_out)` runs the tokens at the next positions and
 returns the logits of the last n_out of them. torch is not needed here: the arrays come either from a
@@ -11,7 +11,8 @@ The arrays, by name (the same names in the converted file):
     final_norm                 float32 [hidden]
     scales                     float32 [layers, 7]   weight scales of q k v o gate up down
     L.<norm>                   float32, for the four norms of block L
-    L.<proj>                   uint8 I2V-packed ternary weights (formats/i2v.py)
+    L.<proj>                   uint8 packed ternary weights in the model's weight format: "i2v" (2 bits,
+                               formats/i2v.py) or "t5" (1.6 bits, formats/t5.py); the same format for all
     head                       head rows [vocab, hidden] (f32 / bf16 heads; absent when tied)
     head.q8, head.scale, head.rowsum   int8 rows, float32 row scales, int32 row sums (q8 head)
     head.q6, head.scale        6-bit rows (formats/q6.py), float32 row scales (q6 head)
@@ -19,6 +20,10 @@ The arrays, by name (the same names in the converted file):
 Head formats: "f32" (exact), "bf16" (rows as the checkpoint stores them), "q8" (int8 rows with a float
 scale per row: half the bytes of bf16, read by AVX-512 VNNI), "q6" (6-bit rows, formats/q6.py: 0.75
 bytes a weight, read by AVX-512 VBMI + VNNI).
+
+Weight formats (WEIGHTS): "i2v" (2 bits a weight) or "t5" (1.6: decode reads 20% fewer bytes; its
+kernels do more work per byte, and T5 prefill has no AMX kernel). Both give the same logits, bit for bit:
+the kernels compute the same exact integer sums.
 """
 
 from __future__ import annotations
@@ -26,14 +31,32 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import BitlmError
-from ..formats import i2v
+from ..formats import i2v, t5
 
 HEADS = ("f32", "bf16", "q8", "q6")
 NORMS = ("input_layernorm", "post_attention_layernorm", "self_attn.attn_sub_norm", "mlp.ffn_sub_norm")
 PROJS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _F32, _BF16, _Q8, _Q6 = 0, 1, 2, 4
-_NI = 22  # bitnet.h: BN_NI
+WEIGHTS = ("i2v", "t5")  # i2v.h I2V_FMT_* indices
+WEIGHT_MODULES = {"i2v": i2v, "t5": t5}
+
+
+class NativeArrays(dict):
+    """The array dict of a native model, knowing the format of its packed projections (`weights`), so a
+    second NativeModel over the same arrays (a server's engine) runs them in the right format."""
+
+    def __init__(self, arrays, weights: str):
+        super().__init__(arrays)
+        self.weights = check_weights(weights)
+
+
+def check_weights(weights: str) -> str:
+    """A weight format name, checked (a one-line BitlmError otherwise)."""
+    if weights not in WEIGHTS:
+        raise BitlmError(f"weight format {weights!r} is not one of {', '.join(WEIGHTS)}")
+    return weights
+_NI = 23  # bitnet.h: BN_NI
 KV_KINDS = {"f32": (np.float32, 0), "f16": (np.float16, 3)}  # bitnet.h BN_F32, BN_F16
 
 
@@ -97,8 +120,9 @@ def head_arrays(rows: np.ndarray, head_format: str, chunk: int = 4096) -> dict[s
     return out
 
 
-def arrays_from_model(model, head_format: str = "q8") -> dict[str, np.ndarray]:
-    """The array dict of a packed torch BitNetForCausalLM (copies, in the native layouts)."""
+def arrays_from_model(model, head_format: str = "q8", weights: str = "i2v") -> dict[str, np.ndarray]:
+    """The array dict of a packed torch BitNetForCausalLM (copies, in the native layouts; the ternary
+    projections in weight format `weights`)."""
     import torch
 
     from ..bitlinear import PackedBitLinear
@@ -117,12 +141,19 @@ def arrays_from_model(model, head_format: str = "q8") -> dict[str, np.ndarray]:
             m = block.get_submodule(name)
             if not isinstance(m, PackedBitLinear):
                 raise BitlmError("native runtime: convert the model to its packed form first (to_packed())")
-            a[f"{l}.{name}"] = i2v.from_hf_packed(m.weight.numpy(), m.out_features)
+            a[f"{l}.{name}"] = pack_projection(m.weight.numpy(), m.out_features, weights)
             scales[l, j] = float(m.weight_scale)
     a["scales"] = scales
     rows = a["embed"] if model.config.tie_word_embeddings else np_float(model.lm_head.weight)
     a.update(head_arrays(rows, head_format))
-    return a
+    return NativeArrays(a, weights)
+
+
+def pack_projection(hf: np.ndarray, out_features: int, weights: str) -> np.ndarray:
+    """Hugging Face packed uint8 [ceil(out/4), in] -> the weight format's packed array (in C where built,
+    else the formats/ module's numpy reference)."""
+    from ..kernels import from_hf_packed_array
+    return from_hf_packed_array(hf, out_features, check_weights(weights))
 
 
 def rope_tables(head_dim: int, theta: float, max_len: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -167,14 +198,19 @@ def _kernel_path(path: str | None) -> int:
 
 class NativeModel:
     def __init__(self, config, arrays: dict[str, np.ndarray], max_len: int | None = None, kv: str = "f16",
-                 path: str | None = None):
+                 path: str | None = None, weights: str | None = None):
         """kv: the KV cache's element type, "f16" (half the bytes, as llama.cpp keeps it) or "f32".
         path: the kernel path to run ("scalar", "avx2", ...; bitlm.kernels.info()["paths"]), None for the
-        best this CPU has."""
+        best this CPU has. weights: the format of the packed projections in arrays (WEIGHTS; a converted
+        file's metadata says which); None: the format a NativeArrays dict records, else "i2v"."""
         if kv not in KV_KINDS:
             raise BitlmError(f"KV cache type {kv!r} is not one of {', '.join(KV_KINDS)}")
         c = self.config = config
         self.kv = kv
+        recorded = getattr(arrays, "weights", None)
+        if weights is not None and recorded is not None and weights != recorded:
+            raise BitlmError(f"native model: weights {weights!r} asked for arrays packed as {recorded!r}")
+        weights = self.weights = check_weights(weights or recorded or "i2v")
         self.n = _native()
         self.arrays = arrays  # the C side points into these: they live as long as the model
         self.max_len = min(max_len or c.max_position_embeddings, c.max_position_embeddings)
@@ -235,7 +271,7 @@ class NativeModel:
                 c.head_dim, V, self.max_len, 0 if c.hidden_act == "relu2" else 1, cos.ctypes.data, sin.ctypes.data,
                 get("final_norm", np.float32, (H,)), embed_ptr, emb_kind, head_kind, *head_ptrs,
                 _kernel_path(path),
-                KV_KINDS[kv][1], *embed_fd]
+                KV_KINDS[kv][1], *embed_fd, WEIGHTS.index(weights)]
         assert len(ints) == _NI
         get("scales", np.float32, (c.num_hidden_layers, len(PROJS)))  # present, of that dtype and shape
         scales = arrays["scales"]
@@ -252,7 +288,7 @@ class NativeModel:
         for l in range(c.num_hidden_layers):
             ints += [get(f"{l}.{n}", np.float32, (norm_sizes[n],)) for n in NORMS]
             for j, name in enumerate(PROJS):
-                ints.append(get(f"{l}.{name}", np.uint8, i2v.packed_shape(*shapes[name])))
+                ints.append(get(f"{l}.{name}", np.uint8, WEIGHT_MODULES[weights].packed_shape(*shapes[name])))
                 flts.append(float(scales[l, j]))
             ints += [self.k_cache[l].ctypes.data, self.v_cache[l].ctypes.data]
         self._ints = np.array(ints, dtype=np.int64)
@@ -262,9 +298,10 @@ class NativeModel:
 
     @classmethod
     def from_model(cls, model, head: str = "q8", max_len: int | None = None, kv: str = "f16",
-                   path: str | None = None) -> "NativeModel":
+                   path: str | None = None, weights: str = "i2v") -> "NativeModel":
         """From a packed torch BitNetForCausalLM (its weights are copied into the native layouts)."""
-        nm = cls(model.config, arrays_from_model(model, head), max_len=max_len, kv=kv, path=path)
+        nm = cls(model.config, arrays_from_model(model, head, weights), max_len=max_len, kv=kv, path=path,
+                 weights=weights)
         nm.tokenizer = model.tokenizer
         return nm
 

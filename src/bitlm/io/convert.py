@@ -110,6 +110,9 @@ def _read_native(path: Path) -> Source:
         cfg = BitNetConfig.from_hf(json.loads(meta["config"]), source=f"{path} (metadata)")
     except (KeyError, json.JSONDecodeError) as e:
         raise BitlmError(f"{path}: metadata has no readable config ({e})") from None
+    if meta.get("weights", "i2v") != "i2v":  # the routes out read I2V projections
+        raise BitlmError(f"{path}: its projections are in the {meta.get('weights')!r} format; convert from the "
+                         "original checkpoint, or from a native file made with --weights i2v")
     if not cfg.tie_word_embeddings and "head" not in arrays:
         raise BitlmError(f"{path}: its untied head is stored as {meta.get('head')} rows, which cannot be turned "
                          "back into float rows; convert from the original checkpoint instead")

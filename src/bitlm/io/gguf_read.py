@@ -488,10 +488,14 @@ def source_identity(path, head: str) -> dict:
 
 
 def load_native(path, head: str = "q8", max_len: int | None = None, kv: str = "f16", mmap: bool = True,
-                tokenizer: bool = True):
+                tokenizer: bool = True, weights: str = "i2v"):
     """A GGUF file on the native runtime: converted once to a native file in the cache (saying so on
-    stderr, with a progress bar; io/native.ensure_file), then memory-mapped like any other."""
+    stderr, with a progress bar; io/native.ensure_file), then memory-mapped like any other. Its
+    projections are in the I2V format (weights "t5" is not made from GGUF files yet: one line says so)."""
     from .native import ensure_file, open_native, save
+    if weights != "i2v":
+        raise BitlmError(f"{path}: --weights {weights} is not made from GGUF files yet; convert the file to a "
+                         f"Hugging Face checkpoint first (bitlm convert {path} DIR --to hf)")
     g = GGUFFile(path)
     cfg = config_from_gguf(g)
     dest = native_cache_path(path, head)

@@ -1,16 +1,19 @@
 """bitlm's own file for the native runtime: every array in its kernel layout, memory-mapped at load.
 
-A Hugging Face checkpoint is converted once (I2V-packed projections, the head in the chosen format)
+A Hugging Face checkpoint is converted once (packed projections in the chosen weight format, the head in
+the chosen format)
 into one safetensors file, cached under ~/.cache/bitlm/native (or $BITLM_CACHE); later loads map it
 and touch no weight until the first forward, so loading takes well under a second and resident memory
 stays near the bytes actually read. The file says what it holds in its metadata:
-    bitlm_format  "native-v2"
+    bitlm_format  "native-v3"
     config        the Hugging Face config.json (JSON)
     head          "f32" | "bf16" | "q8" | "q6"
+    weights       "i2v" | "t5": the packed projections' format (engine/native.py WEIGHTS)
     data_size     bytes of the data section (decimal): a truncated or padded file is told by its size
     source        what it was made from (JSON): the checkpoint directory, the head, and the size and
                   modification time of config.json and each weight file
-v2 is v1 with data_size and source. Array names and layouts: engine/native.py.
+v2 is v1 with data_size and source; v3 is v2 with weights (a v2 file is read as weights "i2v", the only
+format v2 had, and its source as made with weights "i2v"). Array names and layouts: engine/native.py.
 
 The cache cannot poison a run: a load reads the header alone (no hashing of gigabytes) and rebuilds a
 file that is truncated, of another format version, or made from an earlier state of the checkpoint,
@@ -34,7 +37,8 @@ from ..config import BitNetConfig
 from ..errors import BitlmError
 from . import st
 
-FORMAT = "native-v2"
+FORMAT = "native-v3"
+_READABLE = ("native-v2", FORMAT)  # v2: v3 without the weights field, all I2V
 _MISSING = "missing"  # the reason a file that does not exist is made: not worth a line
 
 
@@ -56,17 +60,20 @@ def _sha256(data: bytes):
     return hashlib.sha256(data)
 
 
-def cache_path(model_dir: Path, head: str) -> Path:
-    """The cache file of a checkpoint directory and head format: one per pair. What the checkpoint
-    held when it was converted is recorded inside (source_identity), so a changed checkpoint replaces
-    its file rather than leaving one more beside it."""
-    h = _sha256(f"{head}|{model_dir.resolve()}".encode())
-    return cache_dir() / f"{model_dir.resolve().name}-{head}-{h.hexdigest()[:16]}.safetensors"
+def cache_path(model_dir: Path, head: str, weights: str = "i2v") -> Path:
+    """The cache file of a checkpoint directory, head format and weight format: one per triple (the I2V
+    file keeps the name it had before weight formats existed). What the checkpoint held when it was
+    converted is recorded inside (source_identity), so a changed checkpoint replaces its file rather than
+    leaving one more beside it."""
+    key, tag = (head, head) if weights == "i2v" else (f"{head}|{weights}", f"{head}-{weights}")
+    h = _sha256(f"{key}|{model_dir.resolve()}".encode())
+    return cache_dir() / f"{model_dir.resolve().name}-{tag}-{h.hexdigest()[:16]}.safetensors"
 
 
-def source_identity(model_dir: Path, head: str) -> dict:
-    """What a native file is made from, cheap to compute at every load: the directory, the head, and
-    the size and modification time (ns) of config.json, the shard index and each weight file."""
+def source_identity(model_dir: Path, head: str, weights: str = "i2v") -> dict:
+    """What a native file is made from, cheap to compute at every load: the directory, the head and
+    weight formats, and the size and modification time (ns) of config.json, the shard index and each
+    weight file."""
     from .hub import weight_files
     files = [model_dir / "config.json", model_dir / "model.safetensors.index.json", *weight_files(model_dir)]
     stats = {}
@@ -74,7 +81,7 @@ def source_identity(model_dir: Path, head: str) -> dict:
         with contextlib.suppress(FileNotFoundError):  # the index, for a checkpoint of one file
             s = f.stat()
             stats[f.name] = [s.st_size, s.st_mtime_ns]
-    return {"dir": str(model_dir.resolve()), "head": head, "files": stats}
+    return {"dir": str(model_dir.resolve()), "head": head, "weights": weights, "files": stats}
 
 
 def _stale(recorded, source: dict) -> str | None:
@@ -115,8 +122,12 @@ def _checked_header(path: Path, source: dict | None = None) -> tuple[dict, int, 
     fmt = meta.get("bitlm_format")
     if fmt is None:
         raise _Unusable("not a bitlm native file (no bitlm_format in its metadata)")
-    if fmt != FORMAT:
-        raise _Unusable(f"it is in format {fmt!r}; this bitlm reads {FORMAT}")
+    if fmt not in _READABLE:
+        raise _Unusable(f"it is in format {fmt!r}; this bitlm reads {' and '.join(_READABLE)}")
+    if fmt == "native-v2":  # before weight formats: I2V
+        meta = {**meta, "weights": "i2v"}
+    if meta.get("weights") not in ("i2v", "t5"):
+        raise _Unusable(f"its metadata records weights {meta.get('weights')!r}, not i2v or t5")
     # the entries tile the data section exactly (read_header checks it against the file's size)
     size = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if meta.get("data_size") != str(size):
@@ -126,6 +137,8 @@ def _checked_header(path: Path, source: dict | None = None) -> tuple[dict, int, 
             recorded = json.loads(meta.get("source", ""))
         except json.JSONDecodeError:
             recorded = None
+        if fmt == "native-v2" and isinstance(recorded, dict) and "dir" in recorded:
+            recorded.setdefault("weights", "i2v")
         why = _stale(recorded, source)
         if why:
             raise _Unusable(why)
@@ -210,19 +223,22 @@ def ensure_file(dest: Path, source: dict, build, what: str | None = None) -> boo
         return True
 
 
-def convert(model_dir, dest, head: str = "q8", source: dict | None = None) -> Path:
+def convert(model_dir, dest, head: str = "q8", source: dict | None = None, weights: str = "i2v") -> Path:
     """Write the native file of a Hugging Face checkpoint directory (atomically). A packed checkpoint
     (quantization_mode offline, as microsoft/bitnet-b1.58-2B-4T) is converted tensor by tensor from its
     files, without torch; a latent one goes through the torch model, whose quantizer makes the codes.
-    source: what the metadata records the file is made from (default: source_identity of model_dir)."""
+    source: what the metadata records the file is made from (default: source_identity of model_dir).
+    weights: the projections' packed format, "i2v" or "t5" (engine/native.py WEIGHTS)."""
+    from ..engine.native import check_weights
     from .hub import read_config
+    check_weights(weights)
     cfg = read_config(Path(model_dir))
-    source = source or source_identity(Path(model_dir), head)
+    source = source or source_identity(Path(model_dir), head, weights)
     return (convert_packed if cfg.quantization_mode == "offline" else convert_via_torch)(model_dir, dest, head,
-                                                                                          source)
+                                                                                          source, weights)
 
 
-def convert_via_torch(model_dir, dest, head: str = "q8", source: dict | None = None) -> Path:
+def convert_via_torch(model_dir, dest, head: str = "q8", source: dict | None = None, weights: str = "i2v") -> Path:
     """convert() through bitlm's torch model, in the checkpoint's torch_dtype (any checkpoint)."""
     import torch
 
@@ -232,31 +248,31 @@ def convert_via_torch(model_dir, dest, head: str = "q8", source: dict | None = N
     cfg = read_config(Path(model_dir))
     dtype = torch.bfloat16 if cfg.torch_dtype == "bfloat16" else torch.float32
     model = load(model_dir, dtype=dtype, tokenizer=False)
-    save(arrays_from_model(model, head), model.config, dest, head, source or source_identity(Path(model_dir), head))
+    save(arrays_from_model(model, head, weights=weights), model.config, dest, head,
+         source or source_identity(Path(model_dir), head, weights=weights), weights=weights)
     return Path(dest)
 
 
-def convert_packed(model_dir, dest, head: str = "q8", source: dict | None = None) -> Path:
+def convert_packed(model_dir, dest, head: str = "q8", source: dict | None = None, weights: str = "i2v") -> Path:
     """convert() of a packed checkpoint from its memory-mapped files, one projection in memory at a
     time: the same file, byte for byte, as convert_via_torch (a test checks it), in a fraction of the
     time and memory. Float tensors take the model's dtype on the way, as loading it would: bf16
     (rounded to nearest even) when config.json's torch_dtype is bfloat16, else float32."""
     from ..engine.native import head_arrays
-    arrays, cfg = packed_arrays(model_dir)
+    arrays, cfg = packed_arrays(model_dir, weights=weights)
     rows = arrays["embed"] if cfg.tie_word_embeddings else arrays.pop("head")
     arrays.update(head_arrays(rows, head))
-    save(arrays, cfg, dest, head, source or source_identity(model_dir, head))
+    save(arrays, cfg, dest, head, source or source_identity(model_dir, head, weights), weights=weights)
     return Path(dest)
 
 
-def packed_arrays(model_dir, exact: bool = False) -> tuple[dict, BitNetConfig]:
+def packed_arrays(model_dir, exact: bool = False, weights: str = "i2v") -> tuple[dict, BitNetConfig]:
     """The native array dict of a packed checkpoint with the head as rows ("head" only when untied),
-    the projections made lazily (st.Lazy, each filled as it is written; their codes checked then), and
-    the config. exact=False gives the float tensors the model's dtype, as convert_packed needs;
-    exact=True keeps them as the files hold them (bf16 as bits, other floats as float32) and the
-    scales unrounded: `bitlm convert`, without torch."""
-    from ..engine.native import NORMS, PROJS, bf16_to_f32, f32_to_bf16
-    from ..formats import i2v
+    the projections made lazily in the weight format `weights` (st.Lazy, each filled as it is written;
+    their codes checked then), and the config. exact=False gives the float tensors the model's dtype, as
+    convert_packed needs; exact=True keeps them as the files hold them (bf16 as bits, other floats as
+    float32) and the scales unrounded: `bitlm convert`, without torch."""
+    from ..engine.native import NORMS, PROJS, WEIGHT_MODULES, bf16_to_f32, f32_to_bf16
     from . import names
     from .checkpoint import check_scale, open_checkpoint, scale_value
     ck = open_checkpoint(model_dir)  # every tensor present, of the dtype kind and shape config.json implies
@@ -292,23 +308,23 @@ def packed_arrays(model_dir, exact: bool = False) -> tuple[dict, BitNetConfig]:
             # rounds the scale too (it keeps the bf16 value in float32)
             scale = np.array([np.float32(1) / scale if cfg.linear_class == "bitlinear" else scale], np.float32)
             scales[l, j] = bf16_to_f32(f32_to_bf16(scale))[0] if bf16 else scale[0]
-            arrays[f"{l}.{name}"] = st.Lazy(i2v.packed_shape(out_f, in_f), np.uint8,
-                                            lambda p=packed, k=key, o=out_f: _i2v_checked(p, k, o, ck))
+            arrays[f"{l}.{name}"] = st.Lazy(WEIGHT_MODULES[weights].packed_shape(out_f, in_f), np.uint8,
+                                            lambda p=packed, k=key, o=out_f: _packed_checked(p, k, o, ck, weights))
     arrays["scales"] = scales
     if not cfg.tie_word_embeddings:
         arrays["head"] = model_dtype(get(names.LM_HEAD))
     return arrays, cfg
 
 
-def _i2v_checked(packed: np.ndarray, key: str, out_features: int, ck) -> np.ndarray:
-    from ..kernels import from_hf_packed_array
+def _packed_checked(packed: np.ndarray, key: str, out_features: int, ck, weights: str) -> np.ndarray:
+    from ..engine.native import pack_projection
     from .checkpoint import check_ternary_codes
     check_ternary_codes(packed, key + ".weight", ck.where[key + ".weight"])
-    return from_hf_packed_array(packed, out_features)
+    return pack_projection(packed, out_features, weights)
 
 
 def save(arrays: dict[str, np.ndarray], config: BitNetConfig, dest, head: str, source: dict,
-         extra: dict[str, str] | None = None) -> None:
+         extra: dict[str, str] | None = None, weights: str = "i2v") -> None:
     """Write the native file (atomically). source: what it is made from (source_identity, or any JSON
     object naming the origin), recorded for later loads to compare; extra: more metadata (the
     tokenizer, from `bitlm convert`). Lazy arrays are made in dict order: "scales" is written last,
@@ -319,12 +335,13 @@ def save(arrays: dict[str, np.ndarray], config: BitNetConfig, dest, head: str, s
                for k, v in arrays.items() if k != "scales"}
     tensors["scales"] = arrays["scales"]
     with Progress(len(tensors), "converting", enabled=_announce.get()) as bar:
-        st.write(dest, tensors, {**metadata(config, head, source, tensors), **(extra or {})}, progress=bar)
+        st.write(dest, tensors, {**metadata(config, head, source, tensors, weights), **(extra or {})},
+                 progress=bar)
 
 
-def metadata(config: BitNetConfig, head: str, source: dict, tensors: dict) -> dict[str, str]:
+def metadata(config: BitNetConfig, head: str, source: dict, tensors: dict, weights: str = "i2v") -> dict[str, str]:
     """The native file's metadata (module docstring) for the tensors st.write is given."""
-    return {"bitlm_format": FORMAT, "config": json.dumps(config.to_hf()), "head": head,
+    return {"bitlm_format": FORMAT, "config": json.dumps(config.to_hf()), "head": head, "weights": weights,
             "data_size": str(st.data_size(tensors)), "source": json.dumps(source, sort_keys=True)}
 
 
@@ -335,7 +352,7 @@ def open_native(path, max_len: int | None = None, kv: str = "f16", mmap: bool = 
     from the page cache, several seconds where fresh memory is slow to fault in, as in this VM). The
     embedding stays in the file either way (its rows are read as needed). A file that is damaged, of
     another format, or (source given) not made from `source` is a BitlmError."""
-    from ..engine.native import NativeModel
+    from ..engine.native import NativeArrays, NativeModel
     path = Path(path)
     try:
         header, start, meta = _checked_header(path, source)
@@ -351,32 +368,34 @@ def open_native(path, max_len: int | None = None, kv: str = "f16", mmap: bool = 
         arrays.update(st.read_to_memory(arrays, [k for k in arrays if k != "embed"]))
     if "embed" in arrays:
         st.prefetch_to_page_cache(arrays["embed"])  # its rows are read with pread as tokens need them
-    return NativeModel(config, arrays, max_len=max_len, kv=kv)
+    return NativeModel(config, NativeArrays(arrays, meta["weights"]), max_len=max_len, kv=kv)
 
 
 def load_native(path_or_repo_id, head: str = "q8", max_len: int | None = None, revision: str | None = None,
-                kv: str = "f16", mmap: bool = True, tokenizer: bool = True):
+                kv: str = "f16", mmap: bool = True, tokenizer: bool = True, weights: str = "i2v"):
     """A Hugging Face checkpoint (directory or repo id), or a GGUF file (io/gguf_read.py), on the native
-    runtime, converting it once.
+    runtime, converting it once (per head and weight format: weights "i2v", 2 bits, or "t5", 1.6 bits).
     tokenizer=False leaves the tokenizer out (nm.tokenizer None): Llama 3's takes 70 MB of memory, which
     a benchmark of token ids does not need."""
-    from ..engine.native import HEADS
+    from ..engine.native import HEADS, check_weights
     from ..engine.tokenizer import Tokenizer
     from . import gguf_read
     from .checkpoint import open_checkpoint
     if head not in HEADS:
         raise BitlmError(f"head format {head!r} is not one of {', '.join(HEADS)}")
+    check_weights(weights)
     if gguf_read.is_gguf(path_or_repo_id):  # a GGUF file (by its first bytes): converted once the same way
         return gguf_read.load_native(path_or_repo_id, head=head, max_len=max_len, kv=kv, mmap=mmap,
-                                     tokenizer=tokenizer)
+                                     tokenizer=tokenizer, weights=weights)
     ck = open_checkpoint(path_or_repo_id, revision)  # a broken checkpoint fails here, cached or not
     model_dir = ck.path
-    dest = cache_path(model_dir, head)
-    source = source_identity(model_dir, head)
+    dest = cache_path(model_dir, head, weights)
+    source = source_identity(model_dir, head, weights)
     if ck.config.quantization_mode != "offline" and _problem(dest, source) is not None:
         import torch  # noqa: F401  (a latent checkpoint converts through the torch model: without torch,
         # its one-line error comes before the line that announces a conversion)
-    converted = ensure_file(dest, source, lambda: convert(model_dir, dest, head, source), what=str(model_dir))
+    converted = ensure_file(dest, source, lambda: convert(model_dir, dest, head, source, weights),
+                            what=str(model_dir))
     nm = open_native(dest, max_len=max_len, kv=kv, mmap=mmap, source=source)
     if tokenizer:
         nm.tokenizer = Tokenizer.from_dir(model_dir, ck.config)
@@ -384,13 +403,15 @@ def load_native(path_or_repo_id, head: str = "q8", max_len: int | None = None, r
     return nm
 
 
-def to_torch(arrays: dict[str, np.ndarray], config: BitNetConfig, dtype=None):
+def to_torch(arrays: dict[str, np.ndarray], config: BitNetConfig, dtype=None, weights: str | None = None):
     """The packed torch model holding the same weights as a native array dict (the head comes from
-    the embedding when tied, else from f32/bf16 head rows; a q8-only untied head cannot go back)."""
+    the embedding when tied, else from f32/bf16 head rows; a q8-only untied head cannot go back).
+    weights: the projections' format (None: the one a NativeArrays dict records, else i2v)."""
+    weights = weights or getattr(arrays, "weights", "i2v")
     import torch
 
-    from ..engine.native import NORMS, PROJS, bf16_to_f32
-    from ..formats import hf_packed, i2v
+    from ..engine.native import NORMS, PROJS, WEIGHT_MODULES, bf16_to_f32
+    from ..formats import hf_packed
     from ..model import BitNetForCausalLM
     dtype = dtype or torch.float32
 
@@ -414,7 +435,7 @@ def to_torch(arrays: dict[str, np.ndarray], config: BitNetConfig, dtype=None):
                 m = block.get_submodule(name)
                 packed = arrays[f"{l}.{name}"]
                 packed = packed.make() if isinstance(packed, st.Lazy) else packed  # packed_arrays' lazies
-                codes = i2v.unpack(np.asarray(packed), n_out, n_in)
+                codes = WEIGHT_MODULES[weights].unpack(np.asarray(packed), n_out, n_in)
                 m.weight.copy_(torch.from_numpy(hf_packed.pack(codes)))
                 m.weight_scale.fill_(float(arrays["scales"][l, j]))
     return model.to(dtype)

@@ -1,4 +1,5 @@
-"""Native ternary x int8 kernels on the I2V layout (formats/i2v.py), and their thin binding.
+"""Native ternary x int8 kernels on the I2V layout (formats/i2v.py, 2 bits) or the T5 layout
+(formats/t5.py, 1.6 bits; PackedTernary.fmt, WEIGHT_FORMATS), and their thin binding.
 
 torch is imported inside the functions that take tensors, never at import: the native runtime
 (engine/native.py) loads `_native` through this package and must stay torch-free.
@@ -8,7 +9,7 @@ The C library (i2v.h, one file per instruction set, dispatch.c, pool.c) is built
 cannot load, everything here still works on the pure-torch path, slower, after a one-line warning.
 
     available() -> bool                 info() -> dict          summary() -> str (for `bitlm doctor`)
-    set_num_threads(n) -> int           pack(codes) / from_hf_packed(packed, out_features) -> PackedTernary
+    set_num_threads(n) -> int           pack(codes, fmt="i2v") / from_hf_packed(packed, out_features) -> PackedTernary
     gemm(xq, packed) -> int32 [M, N]    quantize(x) -> (xq int8 [M, K], s float32 [M, 1], xsum int32 [M])
     linear(x, packed, weight_scale) -> float32 [..., N]   (quantize + gemm + rescale, one native call)
     q6_gemv(xq, packed_q6, h) -> int32 [M, V]             (the 6-bit output head, formats/q6.py)
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..formats import hf_packed, i2v, q6
+from ..formats import hf_packed, i2v, q6, t5
 
 if TYPE_CHECKING:
     import torch
@@ -41,6 +42,16 @@ except ImportError as e:  # not built (no compiler at install time) or built for
                                        _LOAD_ERROR)
 
 PATHS = ("scalar", "avx2", "avx512vnni", "amx", "neon")  # indices as in i2v.h
+# packed ternary weight formats, indices as i2v.h's I2V_FMT_*: 2 bits (formats/i2v.py) or 1.6 (formats/t5.py)
+WEIGHT_FORMATS = ("i2v", "t5")
+_FORMAT_MODULES = {"i2v": i2v, "t5": t5}
+
+
+def format_module(fmt: str):
+    """The formats/ module of a weight format name (i2v or t5)."""
+    if fmt not in _FORMAT_MODULES:
+        raise ValueError(f"unknown weight format {fmt!r}: expected one of {', '.join(WEIGHT_FORMATS)}")
+    return _FORMAT_MODULES[fmt]
 
 
 def available() -> bool:
@@ -92,16 +103,18 @@ def set_num_threads(n: int) -> int:
 
 @dataclass(eq=False)
 class PackedTernary:
-    """Ternary weights W [n, k] in the I2V layout: data uint8 [ceil(n/16), ceil(k/16), 64]."""
+    """Ternary weights W [n, k] packed in format fmt: I2V, data uint8 [ceil(n/16), ceil(k/16), 64], or
+    T5 (1.6 bits), data uint8 [ceil(n/16), ceil(k/20), 64]."""
 
     data: torch.Tensor
     n: int
     k: int
+    fmt: str = "i2v"
     _dense: torch.Tensor | None = field(default=None, repr=False)  # torch fallback: float32 [n, k]
 
     def __post_init__(self):
         import torch
-        want = i2v.packed_shape(self.n, self.k)
+        want = format_module(self.fmt).packed_shape(self.n, self.k)
         if tuple(self.data.shape) != want or self.data.dtype != torch.uint8:
             raise ValueError(f"PackedTernary: data must be uint8 {list(want)}, got {self.data.dtype} "
                              f"{list(self.data.shape)}")
@@ -115,7 +128,7 @@ class PackedTernary:
     def codes(self) -> torch.Tensor:
         """The ternary weights int8 [n, k] in {-1, 0, 1}."""
         import torch
-        return torch.from_numpy(i2v.unpack(self.data.numpy(), self.n, self.k))
+        return torch.from_numpy(format_module(self.fmt).unpack(self.data.numpy(), self.n, self.k))
 
     def gemm(self, xq: torch.Tensor, xsum: torch.Tensor | None = None, path: str | None = None) -> torch.Tensor:
         return gemm(xq, self, xsum=xsum, path=path)
@@ -127,18 +140,18 @@ class PackedTernary:
         Row blocks are whole 16-row units, so every part but the last needs n % 16 == 0.
         """
         import torch
-        if not parts or any(p.k != parts[0].k for p in parts):
-            raise ValueError("PackedTernary.cat: parts must share their input width")
+        if not parts or any(p.k != parts[0].k or p.fmt != parts[0].fmt for p in parts):
+            raise ValueError("PackedTernary.cat: parts must share their input width and format")
         if any(p.n % i2v.ROWS for p in parts[:-1]):
             raise ValueError(f"PackedTernary.cat: all but the last part need a multiple of {i2v.ROWS} outputs")
-        return cls(torch.cat([p.data for p in parts]), sum(p.n for p in parts), parts[0].k)
+        return cls(torch.cat([p.data for p in parts]), sum(p.n for p in parts), parts[0].k, parts[0].fmt)
 
 
-def pack(codes: torch.Tensor | np.ndarray) -> PackedTernary:
-    """Ternary weights int [N, K] in {-1, 0, 1} (quant.quantize_weights' codes) -> PackedTernary."""
+def pack(codes: torch.Tensor | np.ndarray, fmt: str = "i2v") -> PackedTernary:
+    """Ternary weights int [N, K] in {-1, 0, 1} (quant.quantize_weights' codes) -> PackedTernary in fmt."""
     import torch
     w = codes.cpu().numpy() if isinstance(codes, torch.Tensor) else np.asarray(codes)
-    return PackedTernary(torch.from_numpy(i2v.pack(w)), w.shape[0], w.shape[1])
+    return PackedTernary(torch.from_numpy(format_module(fmt).pack(w)), w.shape[0], w.shape[1], fmt)
 
 
 def from_hf_packed(packed: torch.Tensor | np.ndarray, out_features: int) -> PackedTernary:
@@ -152,9 +165,11 @@ def from_hf_packed(packed: torch.Tensor | np.ndarray, out_features: int) -> Pack
     return PackedTernary(torch.from_numpy(from_hf_packed_array(a, out_features)), out_features, a.shape[1])
 
 
-def from_hf_packed_array(packed: np.ndarray, out_features: int) -> np.ndarray:
+def from_hf_packed_array(packed: np.ndarray, out_features: int, fmt: str = "i2v") -> np.ndarray:
     """from_hf_packed on numpy, without torch (the native file converter): uint8 [ceil(out/4), in] ->
-    I2V uint8 [Np/16, Kp/16, 64], in C where built, else formats/i2v.py's reference."""
+    I2V uint8 [Np/16, Kp/16, 64] (or T5 uint8 [Np/16, Kp/20, 64] for fmt "t5"), in C where built, else
+    the formats/ module's reference."""
+    mod = format_module(fmt)
     packed = np.asarray(packed)
     if packed.dtype != np.uint8 or packed.ndim != 2 or packed.shape[0] != hf_packed.packed_rows(out_features):
         raise ValueError(f"from_hf_packed: expected uint8 [{hf_packed.packed_rows(out_features)}, in], got "
@@ -162,9 +177,9 @@ def from_hf_packed_array(packed: np.ndarray, out_features: int) -> np.ndarray:
     packed = np.ascontiguousarray(packed)
     k = packed.shape[1]
     if _native is None:
-        return i2v.from_hf_packed(packed, out_features)
-    out = np.empty(i2v.packed_shape(out_features, k), dtype=np.uint8)
-    _native.from_hf(packed.ctypes.data, out_features, k, out.ctypes.data)
+        return mod.from_hf_packed(packed, out_features)
+    out = np.empty(mod.packed_shape(out_features, k), dtype=np.uint8)
+    _native.from_hf_fmt(WEIGHT_FORMATS.index(fmt), packed.ctypes.data, out_features, k, out.ctypes.data)
     return out
 
 
@@ -202,8 +217,8 @@ def gemm(xq: torch.Tensor, packed: PackedTernary, xsum: torch.Tensor | None = No
         xsum_ptr = xsum.data_ptr()
     else:
         xsum_ptr = 0
-    _native.gemm(xq.data_ptr(), xq.stride(0), xsum_ptr, m, k, packed.data.data_ptr(), packed.n,
-                 out.data_ptr(), out.stride(0), _path_index(path))
+    _native.gemm_fmt(WEIGHT_FORMATS.index(packed.fmt), xq.data_ptr(), xq.stride(0), xsum_ptr, m, k,
+                     packed.data.data_ptr(), packed.n, out.data_ptr(), out.stride(0), _path_index(path))
     return out
 
 
@@ -218,9 +233,9 @@ def linear(x: torch.Tensor, packed: PackedTernary, weight_scale: torch.Tensor | 
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     ws = float(weight_scale)
-    if _native is None:
-        xq, s, xsum = quantize(x2)
-        return (gemm(xq, packed, xsum=xsum).float() * (torch.tensor([ws]) / s)).reshape(*lead, packed.n)
+    if _native is None or packed.fmt != "i2v":  # the one-call C linear is I2V's; T5 quantizes, then gemm
+        xq, s, xsum = quantize(x2, path=path)
+        return (gemm(xq, packed, xsum=xsum, path=path).float() * (torch.tensor([ws]) / s)).reshape(*lead, packed.n)
     x2 = _as_rows(x2 if x2.dtype == torch.float32 else x2.float(), torch.float32, "x")
     m, k = x2.shape
     if k != packed.k:
@@ -286,5 +301,5 @@ def read_bandwidth_probe(buf: torch.Tensor) -> int:
     return _native.read_bytes(buf.data_ptr(), buf.numel() * buf.element_size())
 
 
-__all__ = ["PATHS", "PackedTernary", "available", "from_hf_packed", "gemm", "info", "linear", "pack", "q6_gemv",
+__all__ = ["PATHS", "WEIGHT_FORMATS", "PackedTernary", "format_module", "available", "from_hf_packed", "gemm", "info", "linear", "pack", "q6_gemv",
            "quantize", "set_num_threads", "summary"]

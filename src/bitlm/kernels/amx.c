@@ -9,7 +9,12 @@
  * Tiles: C00 C01 C10 C11 (tmm0-3) = 2 x 16 activation rows times 2 row blocks; A0 A1 (tmm4-5) are
  * the two row tiles, B0 B1 (tmm6-7) the two row blocks. The driver pads the activations to whole
  * 32-row, 64-column tiles with zeros; a missing second row block is unpacked as zero codes.
- * Below 16 rows the AVX-512 VNNI kernel runs instead. */
+ * Below 16 rows the AVX-512 VNNI kernel runs instead.
+ *
+ * T5 (formats/t5.py) takes the same tiles: a T5 block decoded digit by digit gives five such 64-byte
+ * rows (digit j = columns 4j..4j+3 of the block), so the decoded rows of consecutive blocks are B rows in
+ * column order, 16 to a tile; the rows past 20 Kb columns are zero codes (the activations are zero
+ * there too, padded to whole 64-column tiles by the driver). */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE /* syscall() */
 #endif
@@ -65,6 +70,24 @@ TAMX static void unpack_b(const i2v_gemm_args *a, int rb, int valid, int nq, uin
     }
 }
 
+/* T5: the same B tiles from T5 blocks, t_j = (y_j >= 86) + (y_j >= 171) as min(y - c saturated, 1),
+ * y_{j+1} = 3 y_j mod 256 */
+TAMX static void unpack_b_t5(const i2v_gemm_args *a, int rb, int valid, int nq, uint8_t *dst) {
+    size_t used = valid ? (size_t)a->Kb * 5 * 64 : 0, total = (size_t)nq * 1024;
+    const __m512i one = _mm512_set1_epi8(1), c85 = _mm512_set1_epi8(85), c170 = _mm512_set1_epi8((char)170);
+    const uint8_t *w = a->w + (size_t)rb * a->Kb * I2V_BLOCK;
+    for (int kb = 0; valid && kb < a->Kb; kb++) {
+        __m512i y = _mm512_loadu_si512((const void *)(w + (size_t)kb * I2V_BLOCK));
+        for (int j = 0; j < 5; j++) {
+            __m512i t = _mm512_add_epi8(_mm512_min_epu8(_mm512_subs_epu8(y, c85), one),
+                                        _mm512_min_epu8(_mm512_subs_epu8(y, c170), one));
+            _mm512_storeu_si512((void *)(dst + (size_t)(5 * kb + j) * 64), t);
+            y = _mm512_add_epi8(y, _mm512_add_epi8(y, y));
+        }
+    }
+    memset(dst + used, 0, total - used);
+}
+
 static void store_tile(const i2v_gemm_args *a, const int32_t *c, int m0, int rb) {
     for (int i = 0; i < 16 && m0 + i < a->M; i++) {
         int32_t *ym = a->y + (size_t)(m0 + i) * a->ldy;
@@ -112,12 +135,14 @@ static uint8_t *thread_scratch(size_t bytes) {
  * outgrows L2 (measured: N = 6912, M = 256 ran at half speed). */
 #define GROUP_BYTES (256 * 1024)
 
-TAMX void i2v_gemm_amx(const i2v_gemm_args *a, int rb0, int rb1) {
+TAMX static void gemm_amx(const i2v_gemm_args *a, int rb0, int rb1, int fmt) {
+    i2v_kernel_fn vnni = fmt == I2V_FMT_T5 ? t5_gemm_avx512vnni : i2v_gemm_avx512vnni;
+    void (*unpack)(const i2v_gemm_args *, int, int, int, uint8_t *) = fmt == I2V_FMT_T5 ? unpack_b_t5 : unpack_b;
     if (a->M < 16) {
-        i2v_gemm_avx512vnni(a, rb0, rb1);
+        vnni(a, rb0, rb1);
         return;
     }
-    int nq = (a->Kb + 3) / 4;
+    int nq = fmt == I2V_FMT_T5 ? (a->Kb * T5_COLS + 63) / 64 : (a->Kb + 3) / 4;
     int mp = (a->M + 31) / 32 * 32;
     size_t pair_bytes = (size_t)nq * 2048;  /* B tiles of two row blocks */
     int group = (int)(GROUP_BYTES / pair_bytes);
@@ -125,7 +150,7 @@ TAMX void i2v_gemm_amx(const i2v_gemm_args *a, int rb0, int rb1) {
     if (group > 16) group = 16;
     uint8_t *scratch = thread_scratch(pair_bytes * group + 4096);
     if (!scratch) {  /* out of memory: the VNNI kernel needs no scratch */
-        i2v_gemm_avx512vnni(a, rb0, rb1);
+        vnni(a, rb0, rb1);
         return;
     }
     uint8_t *b = scratch;
@@ -142,8 +167,8 @@ TAMX void i2v_gemm_amx(const i2v_gemm_args *a, int rb0, int rb1) {
         int g1 = g0 + 2 * group < rb1 ? g0 + 2 * group : rb1;
         for (int rb = g0; rb < g1; rb += 2) {
             uint8_t *b0 = b + (size_t)(rb - g0) / 2 * pair_bytes;
-            unpack_b(a, rb, 1, nq, b0);
-            unpack_b(a, rb + 1, rb + 1 < g1, nq, b0 + (size_t)nq * 1024);
+            unpack(a, rb, 1, nq, b0);
+            unpack(a, rb + 1, rb + 1 < g1, nq, b0 + (size_t)nq * 1024);
         }
         for (int m0 = 0; m0 < mp; m0 += 32) {
             const int8_t *x0 = a->x + (size_t)m0 * a->ldx, *x1 = x0 + 16 * a->ldx;
@@ -178,6 +203,9 @@ TAMX void i2v_gemm_amx(const i2v_gemm_args *a, int rb0, int rb1) {
     }
     _tile_release();
 }
+
+TAMX void i2v_gemm_amx(const i2v_gemm_args *a, int rb0, int rb1) { gemm_amx(a, rb0, rb1, I2V_FMT_I2V); }
+TAMX void t5_gemm_amx(const i2v_gemm_args *a, int rb0, int rb1) { gemm_amx(a, rb0, rb1, I2V_FMT_T5); }
 #else
 #include "i2v.h"
 
@@ -185,5 +213,6 @@ int i2v_amx_init(void) { return 0; }
 #if defined(__x86_64__) || defined(__i386__)
 /* never selected (i2v_amx_init is 0 here); keeps the dispatch table whole */
 void i2v_gemm_amx(const i2v_gemm_args *a, int rb0, int rb1) { i2v_gemm_avx512vnni(a, rb0, rb1); }
+void t5_gemm_amx(const i2v_gemm_args *a, int rb0, int rb1) { t5_gemm_avx512vnni(a, rb0, rb1); }
 #endif
 #endif

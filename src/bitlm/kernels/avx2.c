@@ -352,4 +352,110 @@ T256 uint64_t i2v_read_avx2(const uint8_t *p, size_t n) {
     return (uint64_t)_mm256_extract_epi64(a, 0) ^ (uint64_t)_mm256_extract_epi64(a, 1) ^
            (uint64_t)_mm256_extract_epi64(a, 2) ^ (uint64_t)_mm256_extract_epi64(a, 3);
 }
+/* ==== T5, the 1.6-bit layout (formats/t5.py) ==========================================================
+ * A ymm takes half a block (rows 0..7 or 8..15) as for I2V. Each digit step extracts the codes exactly,
+ * t_j = (y_j >= 86) + (y_j >= 171) (each comparison as min(y - c saturated, 1): AVX2 has no unsigned
+ * byte compare), then y_{j+1} = 3 y_j mod 256 by two byte adds, and vpmaddubsw multiplies t_j with the
+ * broadcast x[20kb + 4j .. +3]. (The raw bytes cannot go to vpmaddubsw as on AVX-512: 2 * 255 * 128
+ * saturates its int16 pairs.) int16 bound: the 5 steps of a block sum to at most 5 * 2 * 2 * 128 = 2560
+ * before they are widened to int32, once per block. */
+INLINE T256 __m256i t5_digit(__m256i y, __m256i one, __m256i c85, __m256i c170) {
+    return _mm256_add_epi8(_mm256_min_epu8(_mm256_subs_epu8(y, c85), one),
+                           _mm256_min_epu8(_mm256_subs_epu8(y, c170), one));
+}
+
+INLINE T256 __m256i t5_times3(__m256i y) { return _mm256_add_epi8(y, _mm256_add_epi8(y, y)); }
+
+/* Decode (M = 1): two row blocks side by side share the activation broadcasts */
+INLINE T256 void t5_gemv_rows(const i2v_gemm_args *a, int rb, const int NR) {
+    const size_t stride = (size_t)a->Kb * I2V_BLOCK;
+    const __m256i one = _mm256_set1_epi8(1), c85 = _mm256_set1_epi8(85), c170 = _mm256_set1_epi8((char)170),
+                  ones = _mm256_set1_epi16(1);
+    __m256i acc[2][2];
+#pragma GCC unroll 2
+    for (int r = 0; r < NR; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+    for (int kb = 0; kb < a->Kb; kb++) {
+        const int8_t *xk = a->x + kb * T5_COLS;
+        __m256i xs[5];
+#pragma GCC unroll 5
+        for (int j = 0; j < 5; j++) xs[j] = bcast4(xk + 4 * j);
+#pragma GCC unroll 2
+        for (int r = 0; r < NR; r++) {
+            const uint8_t *blk = a->w + (rb + r) * stride + (size_t)kb * I2V_BLOCK;
+            _mm_prefetch((const char *)(blk + PF_DIST * I2V_BLOCK), _MM_HINT_T0);
+#pragma GCC unroll 2
+            for (int h = 0; h < 2; h++) {
+                __m256i y = _mm256_loadu_si256((const __m256i *)(blk + 32 * h)), p = _mm256_setzero_si256();
+#pragma GCC unroll 5
+                for (int j = 0; j < 5; j++) {
+                    p = _mm256_add_epi16(p, _mm256_maddubs_epi16(t5_digit(y, one, c85, c170), xs[j]));
+                    y = t5_times3(y);
+                }
+                acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(p, ones));
+            }
+        }
+    }
+#pragma GCC unroll 2
+    for (int r = 0; r < NR; r++) {
+        store_half(a, 0, rb + r, 0, acc[r][0]);
+        store_half(a, 0, rb + r, 1, acc[r][1]);
+    }
+}
+
+/* Prefill (M > 1): a row block's codes decoded once per chunk of T5_CH blocks into planes (plane j of
+ * half h of block kb at planes[10 kb + 2 j + h]), then every activation row runs over the chunk. */
+#define T5_CH 16
+
+T256 void t5_gemm_avx2(const i2v_gemm_args *a, int rb0, int rb1) {
+    if (a->M == 1) {
+        int rb = rb0;
+        for (; rb + 2 <= rb1; rb += 2) t5_gemv_rows(a, rb, 2);
+        for (; rb < rb1; rb++) t5_gemv_rows(a, rb, 1);
+        return;
+    }
+    const size_t stride = (size_t)a->Kb * I2V_BLOCK;
+    const __m256i one = _mm256_set1_epi8(1), c85 = _mm256_set1_epi8(85), c170 = _mm256_set1_epi8((char)170),
+                  ones = _mm256_set1_epi16(1);
+    __m256i planes[T5_CH * 10];
+    for (int rb = rb0; rb < rb1; rb++) {
+        for (int m0 = 0; m0 < a->M; m0 += 64) {  /* a panel of 64 rows: their sums in acc */
+            int pm = a->M - m0 < 64 ? a->M - m0 : 64;
+            __m256i acc[64][2];
+            for (int m = 0; m < pm; m++) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+            for (int k0 = 0; k0 < a->Kb; k0 += T5_CH) {
+                int nkb = a->Kb - k0 < T5_CH ? a->Kb - k0 : T5_CH;
+                for (int kb = 0; kb < nkb; kb++)
+                    for (int h = 0; h < 2; h++) {
+                        __m256i y = _mm256_loadu_si256(
+                            (const __m256i *)(a->w + rb * stride + (size_t)(k0 + kb) * I2V_BLOCK + 32 * h));
+                        for (int j = 0; j < 5; j++) {
+                            planes[10 * kb + 2 * j + h] = t5_digit(y, one, c85, c170);
+                            y = t5_times3(y);
+                        }
+                    }
+                for (int m = 0; m < pm; m++) {
+                    const int8_t *xk = a->x + (size_t)(m0 + m) * a->ldx + (size_t)k0 * T5_COLS;
+                    __m256i a0 = acc[m][0], a1 = acc[m][1];
+                    for (int kb = 0; kb < nkb; kb++) {
+                        __m256i p0 = _mm256_setzero_si256(), p1 = p0;
+#pragma GCC unroll 5
+                        for (int j = 0; j < 5; j++) {
+                            __m256i xb = bcast4(xk + kb * T5_COLS + 4 * j);
+                            p0 = _mm256_add_epi16(p0, _mm256_maddubs_epi16(planes[10 * kb + 2 * j], xb));
+                            p1 = _mm256_add_epi16(p1, _mm256_maddubs_epi16(planes[10 * kb + 2 * j + 1], xb));
+                        }
+                        a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(p0, ones));
+                        a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(p1, ones));
+                    }
+                    acc[m][0] = a0, acc[m][1] = a1;
+                }
+            }
+            for (int m = 0; m < pm; m++) {
+                store_half(a, m0 + m, rb, 0, acc[m][0]);
+                store_half(a, m0 + m, rb, 1, acc[m][1]);
+            }
+        }
+    }
+}
+
 #endif

@@ -200,4 +200,165 @@ T512 uint64_t i2v_read_avx512(const uint8_t *p, size_t n) {
     __m512i a = _mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3));
     return (uint64_t)_mm512_reduce_or_epi64(a);
 }
+
+/* ==== T5, the 1.6-bit layout (formats/t5.py) ==========================================================
+ * Decode (M = 1) never isolates a code. With y_0 = the block's bytes and y_{j+1} = 3 y_j mod 256
+ * (byte-wise: y + y + y, wrapping), the code t_j = (3 y_j - y_{j+1}) / 256 exactly, so for a row
+ *     256 * sum_j x_j . t_j = 3 * sum_j x_j . y_j - sum_j x_j . y_{j+1}
+ * where x_j is the broadcast of x[20kb + 4j .. +3] and each dot is a vpdpbusd on the raw bytes (unsigned
+ * 0..255, as vpdpbusd wants). Two accumulators A (x_j . y_j) and B (x_j . y_{j+1}); per 64-byte block,
+ * 5 multiply-by-3 steps (10 byte adds) and 10 vpdpbusd for 320 weights (I2V: 4 ands and 4 vpdpbusd for
+ * 256). Bound: a lane of A or B gains at most 5 * 4 * 255 * 128 = 652800 per block, so over T5_FLUSH_KB
+ * = 512 blocks 3A < 1.003e9 < 2^31: no int32 overflow anywhere; longer rows flush every 512 blocks
+ * (10240 columns). (3A - B) is then an exact multiple of 256: the arithmetic shift divides exactly. */
+#define T5_FLUSH_KB 512
+
+INLINE T512 __m512i times3(__m512i y) { return _mm512_add_epi8(y, _mm512_add_epi8(y, y)); }
+
+INLINE T512 void t5_gemv_rows(const i2v_gemm_args *a, int rb, const int NR) {
+    const size_t stride = (size_t)a->Kb * I2V_BLOCK;
+    const uint8_t *w = a->w + rb * stride;
+    __m512i total[4];
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; r++) total[r] = _mm512_setzero_si512();
+    for (int k0 = 0; k0 < a->Kb; k0 += T5_FLUSH_KB) {
+        int k1 = a->Kb - k0 < T5_FLUSH_KB ? a->Kb : k0 + T5_FLUSH_KB;
+        __m512i A[4], B[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < NR; r++) A[r] = B[r] = _mm512_setzero_si512();
+        for (int kb = k0; kb < k1; kb++) {
+            const int8_t *xk = a->x + kb * T5_COLS;
+            __m512i x0 = bcast4(xk), x1 = bcast4(xk + 4), x2 = bcast4(xk + 8), x3 = bcast4(xk + 12),
+                    x4 = bcast4(xk + 16);
+            const size_t pf = PF_DIST * I2V_BLOCK + (kb + PF_DIST >= a->Kb ? (size_t)(NR - 1) * stride : 0);
+#pragma GCC unroll 4
+            for (int r = 0; r < NR; r++) {
+                const uint8_t *blk = w + r * stride + (size_t)kb * I2V_BLOCK;
+                __m512i y = _mm512_loadu_si512((const void *)blk);
+                _mm_prefetch((const char *)(blk + pf), _MM_HINT_T0);
+                A[r] = _mm512_dpbusd_epi32(A[r], y, x0);
+                y = times3(y);
+                B[r] = _mm512_dpbusd_epi32(B[r], y, x0);
+                A[r] = _mm512_dpbusd_epi32(A[r], y, x1);
+                y = times3(y);
+                B[r] = _mm512_dpbusd_epi32(B[r], y, x1);
+                A[r] = _mm512_dpbusd_epi32(A[r], y, x2);
+                y = times3(y);
+                B[r] = _mm512_dpbusd_epi32(B[r], y, x2);
+                A[r] = _mm512_dpbusd_epi32(A[r], y, x3);
+                y = times3(y);
+                B[r] = _mm512_dpbusd_epi32(B[r], y, x3);
+                A[r] = _mm512_dpbusd_epi32(A[r], y, x4);
+                y = times3(y);
+                B[r] = _mm512_dpbusd_epi32(B[r], y, x4);
+            }
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < NR; r++) {
+            __m512i s = _mm512_sub_epi32(_mm512_add_epi32(A[r], _mm512_add_epi32(A[r], A[r])), B[r]);
+            total[r] = _mm512_add_epi32(total[r], _mm512_srai_epi32(s, 8));
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; r++) store_rows(a, 0, rb + r, total[r]);
+}
+
+/* Prefill (M > 1): the codes are decoded once per chunk of T5_CH blocks of a row-block pair into planes
+ * (code bytes 0..2, plane j of block kb = the codes of columns 4j..4j+3 in each row's lane, the same
+ * vectors I2V's gemm_tile makes with its shifts), then every activation row of a panel runs over the
+ * chunk with plain vpdpbusd: 5 per block and row for 320 weights, as I2V's 4 for 256. The int32 sums
+ * of a panel live in a small buffer between chunks. t_j = (y_j >= 86) + (y_j >= 171), each comparison
+ * as min(y - c saturated, 1). Stack: planes 2 * 16 * 5 * 64 = 10 KB, sums 64 * 2 * 64 = 8 KB. */
+#define T5_CH 16
+#define T5_PANEL 64
+
+INLINE T512 void t5_decode_chunk(const uint8_t *blk, int nkb, __m512i *planes) {
+    const __m512i one = _mm512_set1_epi8(1), c85 = _mm512_set1_epi8(85), c170 = _mm512_set1_epi8((char)170);
+    for (int kb = 0; kb < nkb; kb++) {
+        __m512i y = _mm512_loadu_si512((const void *)(blk + (size_t)kb * I2V_BLOCK));
+        for (int j = 0; j < 5; j++) {
+            __m512i t = _mm512_add_epi8(_mm512_min_epu8(_mm512_subs_epu8(y, c85), one),
+                                        _mm512_min_epu8(_mm512_subs_epu8(y, c170), one));
+            _mm512_storeu_si512((void *)(planes + 5 * kb + j), t);
+            y = times3(y);
+        }
+    }
+}
+
+/* acc[m][r] (int32 [MT][NR][16] in memory) += the chunk's sums of rows x + m * ldx (x at the chunk) */
+INLINE T512 void t5_tile(const int8_t *x, size_t ldx, const __m512i *planes, int nkb, int32_t *acc,
+                         const int MT, const int NR) {
+    __m512i s[8][2];
+#pragma GCC unroll 8
+    for (int m = 0; m < MT; m++)
+#pragma GCC unroll 2
+        for (int r = 0; r < NR; r++) s[m][r] = _mm512_loadu_si512((const void *)(acc + (2 * m + r) * 16));
+    for (int kb = 0; kb < nkb; kb++) {
+#pragma GCC unroll 5
+        for (int j = 0; j < 5; j++) {
+            __m512i c0 = _mm512_loadu_si512((const void *)(planes + 5 * kb + j));
+            __m512i c1 = _mm512_loadu_si512((const void *)(planes + 5 * (T5_CH + kb) + j));
+#pragma GCC unroll 8
+            for (int m = 0; m < MT; m++) {
+                __m512i xb = bcast4(x + (size_t)m * ldx + kb * T5_COLS + 4 * j);
+                s[m][0] = _mm512_dpbusd_epi32(s[m][0], c0, xb);
+                if (NR > 1) s[m][1] = _mm512_dpbusd_epi32(s[m][1], c1, xb);
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MT; m++)
+#pragma GCC unroll 2
+        for (int r = 0; r < NR; r++) _mm512_storeu_si512((void *)(acc + (2 * m + r) * 16), s[m][r]);
+}
+
+#define T5_TILE_CASES(NR)                                                   \
+    switch (mt) {                                                           \
+    case 8: t5_tile(xm, a->ldx, planes, nkb, accm, 8, NR); break;           \
+    case 7: t5_tile(xm, a->ldx, planes, nkb, accm, 7, NR); break;           \
+    case 6: t5_tile(xm, a->ldx, planes, nkb, accm, 6, NR); break;           \
+    case 5: t5_tile(xm, a->ldx, planes, nkb, accm, 5, NR); break;           \
+    case 4: t5_tile(xm, a->ldx, planes, nkb, accm, 4, NR); break;           \
+    case 3: t5_tile(xm, a->ldx, planes, nkb, accm, 3, NR); break;           \
+    case 2: t5_tile(xm, a->ldx, planes, nkb, accm, 2, NR); break;           \
+    default: t5_tile(xm, a->ldx, planes, nkb, accm, 1, NR); break;          \
+    }
+
+T512 void t5_gemm_avx512vnni(const i2v_gemm_args *a, int rb0, int rb1) {
+    if (a->M == 1) {
+        int rb = rb0;
+        for (; rb + 4 <= rb1; rb += 4) t5_gemv_rows(a, rb, 4);
+        for (; rb < rb1; rb++) t5_gemv_rows(a, rb, 1);
+        return;
+    }
+    const size_t stride = (size_t)a->Kb * I2V_BLOCK;
+    __m512i planes[2 * T5_CH * 5];
+    int32_t acc[T5_PANEL * 2 * 16] __attribute__((aligned(64)));
+    for (int p0 = 0; p0 < a->M; p0 += T5_PANEL) {
+        int pm = a->M - p0 < T5_PANEL ? a->M - p0 : T5_PANEL;
+        for (int rb = rb0; rb < rb1; rb += 2) {
+            int nr = rb + 2 <= rb1 ? 2 : 1;
+            memset(acc, 0, sizeof acc);
+            for (int k0 = 0; k0 < a->Kb; k0 += T5_CH) {
+                int nkb = a->Kb - k0 < T5_CH ? a->Kb - k0 : T5_CH;
+                for (int r = 0; r < nr; r++)
+                    t5_decode_chunk(a->w + (rb + r) * stride + (size_t)k0 * I2V_BLOCK, nkb, planes + 5 * T5_CH * r);
+                for (int m0 = 0; m0 < pm; m0 += 8) {
+                    int mt = pm - m0 < 8 ? pm - m0 : 8;
+                    const int8_t *xm = a->x + (size_t)(p0 + m0) * a->ldx + (size_t)k0 * T5_COLS;
+                    int32_t *accm = acc + m0 * 2 * 16;
+                    if (nr == 2) {
+                        T5_TILE_CASES(2)
+                    } else {
+                        T5_TILE_CASES(1)
+                    }
+                }
+            }
+            for (int m = 0; m < pm; m++)
+                for (int r = 0; r < nr; r++)
+                    store_rows(a, p0 + m, rb + r, _mm512_loadu_si512((const void *)(acc + (2 * m + r) * 16)));
+        }
+    }
+}
+
 #endif

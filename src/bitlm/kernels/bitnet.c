@@ -70,6 +70,11 @@ bn_model *bn_model_new(const int64_t *ints, int nints, const double *flts, int n
     m->head_kind = (int)ints[BN_I_HEAD_KIND];
     m->path = (int)ints[BN_I_PATH];
     m->kv_f16 = (int)ints[BN_I_KV_KIND] == BN_F16;
+    m->wfmt = (int)ints[BN_I_WFMT];
+    if (m->wfmt < 0 || m->wfmt >= I2V_NFMTS) {
+        free(m);
+        return NULL;
+    }
     m->eps = (float)flts[0];
     int path = m->path < 0 ? i2v_best_path() : m->path;
     m->dot = bn_pick_dot(path);

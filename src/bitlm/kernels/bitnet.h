@@ -30,10 +30,12 @@ enum {
     BN_I_EMBED_FD, BN_I_EMBED_OFFSET,   /* -1, or a file descriptor to read embedding rows from with
                                            pread, row 0 at byte BN_I_EMBED_OFFSET (the rows then stay
                                            in the page cache instead of this process's resident set) */
+    BN_I_WFMT,                          /* the projections' packed format: I2V_FMT_I2V (2 bits) or I2V_FMT_T5
+                                           (1.6 bits), i2v.h; every projection of the model in that format */
     BN_NI
 };
 enum { BN_L_ATTN_NORM, BN_L_FFN_NORM, BN_L_ATTN_SUB_NORM, BN_L_FFN_SUB_NORM,
-       BN_L_Q, BN_L_K, BN_L_V, BN_L_O, BN_L_GATE, BN_L_UP, BN_L_DOWN, /* I2V packed weights */
+       BN_L_Q, BN_L_K, BN_L_V, BN_L_O, BN_L_GATE, BN_L_UP, BN_L_DOWN, /* packed weights (BN_I_WFMT) */
        BN_L_KCACHE, BN_L_VCACHE,        /* [kv_heads, max_len, head_dim], BN_I_KV_KIND elements (bn_forward's
                                            cache; bn_forward_paged uses its pool instead) */
        BN_NL };

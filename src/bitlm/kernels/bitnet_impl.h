@@ -44,6 +44,7 @@ enum { P_Q, P_K, P_V, P_O, P_GATE, P_UP, P_DOWN };
 
 struct bn_model {
     int L, H, I, nh, nkv, hd, V, max_len, act, embed_kind, head_kind, path, kv_f16, embed_fd;
+    int wfmt; /* the projections' packed format, I2V_FMT_* */
     int64_t embed_offset;
     float eps;
     const float *cos, *sin, *final_norm;
@@ -133,5 +134,8 @@ int bn_head(const bn_model *m, const float *h, int n, int8_t *q8, float *s, int3
             float *logits);
 
 static inline size_t bn_kpad(int k) { return (size_t)((k + I2V_COLS - 1) / I2V_COLS) * I2V_COLS; }
+/* the row stride of a projection's quantized input: whole blocks of either weight format (16 columns for
+ * I2V, 20 for T5; 80 = lcm), zeros past K written by the quantizer */
+static inline size_t bn_qpad(int k) { return (size_t)((k + 79) / 80) * 80; }
 
 #endif

@@ -14,6 +14,7 @@ typedef struct {
     const uint8_t *hf;
     int out, in, Kb, Nb;
     uint8_t *dst;
+    int fmt;  /* I2V_FMT_* */
 } convert_task;
 
 static uint32_t load32(const uint8_t *p) {
@@ -57,15 +58,42 @@ static void convert_rows(const convert_task *t, int rb0, int rb1) {
     }
 }
 
-static void convert_part(void *ctx, int p, int np) {
-    const convert_task *t = (const convert_task *)ctx;
-    convert_rows(t, (int)((long)t->Nb * p / np), (int)((long)t->Nb * (p + 1) / np));
+/* T5 (formats/t5.py): byte 4r+i of block (rb, kb) = ceil(256 v / 243), v the base-3 number of the codes of
+ * row 16rb+r at columns 20kb+4j+i, j = 0..4 (j = 0 most significant); padding code 1 */
+static void convert_rows_t5(const convert_task *t, int rb0, int rb1) {
+    int q = (t->out + 3) / 4;
+    for (int rb = rb0; rb < rb1; rb++)
+        for (int r = 0; r < I2V_ROWS; r++) {
+            int n = rb * I2V_ROWS + r;
+            uint8_t *d = t->dst + (size_t)rb * t->Kb * I2V_BLOCK + 4 * r;  /* + kb * 64 */
+            const uint8_t *h = n < t->out ? t->hf + (size_t)(n % q) * t->in : NULL;
+            int shift = 2 * (n / q);
+            for (int kb = 0; kb < t->Kb; kb++)
+                for (int i = 0; i < 4; i++) {
+                    unsigned v = 0;
+                    for (int j = 0; j < 5; j++) {
+                        int k = kb * T5_COLS + 4 * j + i;
+                        v = 3 * v + (h && k < t->in ? (unsigned)(h[k] >> shift) & 3 : 1);
+                    }
+                    d[(size_t)kb * I2V_BLOCK + i] = (uint8_t)((256 * v + 242) / 243);
+                }
+        }
 }
 
-int i2v_from_hf(const uint8_t *hf, int out, int in, uint8_t *dst) {
-    if (out <= 0 || in <= 0) return -1;
-    convert_task t = {hf, out, in, (in + I2V_COLS - 1) / I2V_COLS, (out + I2V_ROWS - 1) / I2V_ROWS, dst};
+static void convert_part(void *ctx, int p, int np) {
+    const convert_task *t = (const convert_task *)ctx;
+    int rb0 = (int)((long)t->Nb * p / np), rb1 = (int)((long)t->Nb * (p + 1) / np);
+    if (t->fmt == I2V_FMT_T5) convert_rows_t5(t, rb0, rb1);
+    else convert_rows(t, rb0, rb1);
+}
+
+int i2v_from_hf_fmt(int fmt, const uint8_t *hf, int out, int in, uint8_t *dst) {
+    if (out <= 0 || in <= 0 || fmt < 0 || fmt >= I2V_NFMTS) return -1;
+    int cols = i2v_fmt_cols(fmt);
+    convert_task t = {hf, out, in, (in + cols - 1) / cols, (out + I2V_ROWS - 1) / I2V_ROWS, dst, fmt};
     int parts = t.Nb < 4 * i2v_pool_threads() ? 1 : 4 * i2v_pool_threads();
     i2v_pool_run(convert_part, &t, parts);
     return 0;
 }
+
+int i2v_from_hf(const uint8_t *hf, int out, int in, uint8_t *dst) { return i2v_from_hf_fmt(I2V_FMT_I2V, hf, out, in, dst); }

@@ -75,7 +75,18 @@ int i2v_path_supported(int path) { return path >= 0 && path < I2V_NPATHS && cpu(
 const char *i2v_path_name(int path) { return path >= 0 && path < I2V_NPATHS ? PATH_NAMES[path] : "?"; }
 const char *i2v_cpu_features(void) { return cpu()->features; }
 
-static i2v_kernel_fn kernel_for(int path) {
+static i2v_kernel_fn kernel_for(int path, int fmt) {
+    if (fmt == I2V_FMT_T5) switch (path) {
+#if defined(__x86_64__) || defined(__i386__)
+        case I2V_PATH_AMX: return t5_gemm_amx;
+        case I2V_PATH_AVX512VNNI: return t5_gemm_avx512vnni;
+        case I2V_PATH_AVX2: return t5_gemm_avx2;
+#endif
+#if defined(__aarch64__)
+        case I2V_PATH_NEON: return t5_gemm_neon;
+#endif
+        default: return t5_gemm_scalar;
+        }
     switch (path) {
 #if defined(__x86_64__) || defined(__i386__)
     case I2V_PATH_AMX: return i2v_gemm_amx;
@@ -146,22 +157,23 @@ static void gemm_part(void *ctx, int p, int np) {
 #define PARTS_PER_THREAD 8
 #define GEMM_PARTS_PER_THREAD 16
 
-/* The activations a path reads: whole 16-column blocks; AMX (from 16 rows) whole tiles of 32 rows
- * and 64 columns. Padding is zeros, so it adds nothing to any sum. */
-static void pad_geometry(int path, int M, int K, int *mp, size_t *kp) {
+/* The activations a path reads: whole blocks of the format (16 columns for I2V, 20 for T5); AMX (from
+ * 16 rows) whole tiles of 32 rows and 64 columns past those. Padding is zeros, so it adds nothing. */
+static void pad_geometry(int path, int fmt, int M, int K, int *mp, size_t *kp) {
     int amx = path == I2V_PATH_AMX && M >= 16;
-    int cols = amx ? 64 : I2V_COLS;
+    int cols = i2v_fmt_cols(fmt);
     *mp = amx ? (M + 31) / 32 * 32 : M;
     *kp = (size_t)(K + cols - 1) / cols * cols;
+    if (amx) *kp = (*kp + 63) / 64 * 64;
 }
 
 /* x already zero-padded as pad_geometry says (ldx >= 16 * Kb), xsum given */
 static void gemm_padded(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int Kb, int nmat,
                         const uint8_t *const *w, const int *N, int32_t *const *y, const size_t *ldy,
-                        const float *wscale, const float *s, int path) {
+                        const float *wscale, const float *s, int path, int fmt) {
     gemm_task t;
     t.nmat = nmat;
-    t.fn = kernel_for(path);
+    t.fn = kernel_for(path, fmt);
     t.wscale = wscale;
     t.s = s;
     t.first[0] = 0;
@@ -192,16 +204,16 @@ static int checked_path(int path, int M, int K, int N, size_t ldx, size_t ldy) {
 
 static int gemm_multi(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int K, int nmat,
                       const uint8_t *const *w, const int *N, int32_t *const *y, const size_t *ldy,
-                      const float *wscale, const float *s, int path) {
-    if (nmat < 1 || nmat > I2V_MAX_MATS) return -1;
+                      const float *wscale, const float *s, int path, int fmt) {
+    if (nmat < 1 || nmat > I2V_MAX_MATS || fmt < 0 || fmt >= I2V_NFMTS) return -1;
     int p = path;
     for (int i = 0; i < nmat; i++)
         if ((p = checked_path(path, M, K, N[i], ldx, ldy[i])) < 0) return -1;
     path = p;
     if (M == 0) return 0;
-    int Kb = (K + I2V_COLS - 1) / I2V_COLS, mp;
+    int Kb = (K + i2v_fmt_cols(fmt) - 1) / i2v_fmt_cols(fmt), mp;
     size_t kp;
-    pad_geometry(path, M, K, &mp, &kp);
+    pad_geometry(path, fmt, M, K, &mp, &kp);
     int8_t *xpad = NULL;
     int32_t *sums = NULL;
     /* a ragged K (or M, for AMX) gets a zero-padded copy: Mp*Kp bytes, small next to the weights */
@@ -226,24 +238,40 @@ static int gemm_multi(const int8_t *x, size_t ldx, const int32_t *xsum, int M, i
         }
         xsum = sums;
     }
-    gemm_padded(x, ldx, xsum, M, Kb, nmat, w, N, y, ldy, wscale, s, path);
+    gemm_padded(x, ldx, xsum, M, Kb, nmat, w, N, y, ldy, wscale, s, path, fmt);
     free(xpad);
     free(sums);
     return 0;
 }
 
+int i2v_gemm_multi_fmt(int fmt, const int8_t *x, size_t ldx, const int32_t *xsum, int M, int K, int nmat,
+                       const uint8_t *const *w, const int *N, int32_t *const *y, const size_t *ldy, int path) {
+    return gemm_multi(x, ldx, xsum, M, K, nmat, w, N, y, ldy, NULL, NULL, path, fmt);
+}
+
+int i2v_gemm_multi_f32_fmt(int fmt, const int8_t *x, size_t ldx, const int32_t *xsum, const float *s, int M,
+                           int K, int nmat, const uint8_t *const *w, const int *N, const float *wscale,
+                           float *const *y, const size_t *ldy, int path) {
+    if (!s || !wscale || nmat < 1 || nmat > I2V_MAX_MATS) return -1;
+    int32_t *yi[I2V_MAX_MATS];  /* the sums are written where their floats go, then converted */
+    for (int i = 0; i < nmat; i++) yi[i] = (int32_t *)(void *)y[i];
+    return gemm_multi(x, ldx, xsum, M, K, nmat, w, N, yi, ldy, wscale, s, path, fmt);
+}
+
+int i2v_gemm_fmt(int fmt, const int8_t *x, size_t ldx, const int32_t *xsum, int M, int K, const uint8_t *w,
+                 int N, int32_t *y, size_t ldy, int path) {
+    return i2v_gemm_multi_fmt(fmt, x, ldx, xsum, M, K, 1, &w, &N, &y, &ldy, path);
+}
+
 int i2v_gemm_multi(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int K, int nmat,
                    const uint8_t *const *w, const int *N, int32_t *const *y, const size_t *ldy, int path) {
-    return gemm_multi(x, ldx, xsum, M, K, nmat, w, N, y, ldy, NULL, NULL, path);
+    return i2v_gemm_multi_fmt(I2V_FMT_I2V, x, ldx, xsum, M, K, nmat, w, N, y, ldy, path);
 }
 
 int i2v_gemm_multi_f32(const int8_t *x, size_t ldx, const int32_t *xsum, const float *s, int M, int K,
                        int nmat, const uint8_t *const *w, const int *N, const float *wscale,
                        float *const *y, const size_t *ldy, int path) {
-    if (!s || !wscale || nmat < 1 || nmat > I2V_MAX_MATS) return -1;
-    int32_t *yi[I2V_MAX_MATS];  /* the sums are written where their floats go, then converted */
-    for (int i = 0; i < nmat; i++) yi[i] = (int32_t *)(void *)y[i];
-    return gemm_multi(x, ldx, xsum, M, K, nmat, w, N, yi, ldy, wscale, s, path);
+    return i2v_gemm_multi_f32_fmt(I2V_FMT_I2V, x, ldx, xsum, s, M, K, nmat, w, N, wscale, y, ldy, path);
 }
 
 int i2v_gemm(const int8_t *x, size_t ldx, const int32_t *xsum, int M, int K, const uint8_t *w,
@@ -269,7 +297,7 @@ int i2v_linear(const float *x, size_t ldx, int M, int K, const uint8_t *w, int N
     if (M == 0 || N == 0) return 0;
     int Kb = (K + I2V_COLS - 1) / I2V_COLS, mp;
     size_t kp;
-    pad_geometry(path, M, K, &mp, &kp);
+    pad_geometry(path, I2V_FMT_I2V, M, K, &mp, &kp);
     /* one scratch: q int8 [Mp, Kp] | s float [M] | qsum int32 [M]; the int32 sums go into y itself */
     size_t qbytes = ((size_t)mp * kp + 63) & ~(size_t)63;
     char *buf = (char *)malloc(qbytes + (size_t)M * 8);
@@ -279,7 +307,7 @@ int i2v_linear(const float *x, size_t ldx, int M, int K, const uint8_t *w, int N
     float *s = (float *)(buf + qbytes);
     int32_t *qsum = (int32_t *)(s + M), *acc = (int32_t *)(void *)y;
     quantize_path(x, ldx, M, K, q, kp, s, qsum, path);
-    gemm_padded(q, kp, qsum, M, Kb, 1, &w, &N, &acc, &ldy, &wscale, s, path);
+    gemm_padded(q, kp, qsum, M, Kb, 1, &w, &N, &acc, &ldy, &wscale, s, path, I2V_FMT_I2V);
     free(buf);
     return 0;
 }

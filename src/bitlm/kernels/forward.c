@@ -38,7 +38,10 @@ static int project(const bn_model *m, int n, const bn_linear *const *ps, const i
         N[i] = ps[i]->N;
         scale[i] = ps[i]->scale;
     }
-    return i2v_gemm_multi_f32(q, ldq, qsum, s, T, ps[0]->K, n, w, N, scale, ys, ldys, m->path);
+    /* T5 reads whole 20-column blocks: q is zero up to ldq (bn_qpad), so claim the padded width and the
+     * driver needs no padded copy */
+    int K = m->wfmt == I2V_FMT_T5 ? (ps[0]->K + T5_COLS - 1) / T5_COLS * T5_COLS : ps[0]->K;
+    return i2v_gemm_multi_f32_fmt(m->wfmt, q, ldq, qsum, s, T, K, n, w, N, scale, ys, ldys, m->path);
 }
 
 static int project1(const bn_model *m, const bn_linear *p, const int8_t *q, size_t ldq, const float *s,
@@ -116,7 +119,7 @@ static int forward(bn_model *m, const int32_t *tokens, int T, const bn_span *spa
     int H = m->H, I = m->I, hd = m->hd, qn = m->nh * hd, kvn = m->nkv * hd;
     int wide = I > H ? I : H;
     if (qn > wide) wide = qn;
-    size_t kp = bn_kpad(wide);
+    size_t kp = bn_qpad(wide);
     int threads = i2v_pool_threads();
     int attn_parts = T * m->nkv < 4 * threads ? T * m->nkv : 4 * threads;
     /* scratch, one allocation */
@@ -167,39 +170,39 @@ static int forward(bn_model *m, const int32_t *tokens, int T, const bn_span *spa
     for (int l = 0; l < m->L && !rc; l++) {
         const bn_layer *y = &m->layers[l];
         /* attention */
-        if ((rc = norm_quant(m, x, (size_t)H, pending, NQ_ADD, y->attn_norm, H, T, xn, q8, bn_kpad(H), s, qsum))) break;
+        if ((rc = norm_quant(m, x, (size_t)H, pending, NQ_ADD, y->attn_norm, H, T, xn, q8, bn_qpad(H), s, qsum))) break;
         LAP(BN_PROF_NORM_QUANT);
         {
             const bn_linear *ps[3] = {&y->proj[P_Q], &y->proj[P_K], &y->proj[P_V]};
             float *ys[3] = {qkv, qkv + qn, qkv + qn + kvn};
             size_t ld[3] = {ldqkv, ldqkv, ldqkv};
-            if ((rc = project(m, 3, ps, q8, bn_kpad(H), s, qsum, T, ys, ld))) break;
+            if ((rc = project(m, 3, ps, q8, bn_qpad(H), s, qsum, T, ys, ld))) break;
         }
         LAP(BN_PROF_QKV);
         bn_rope_store(m, l, pool, spans, nspan, qkv, T, row_parts(T));
         LAP(BN_PROF_ROPE_KV);
         bn_attention(m, l, pool, spans, nspan, qkv, ldqkv, att, stat, work, attn_parts, T);
         LAP(BN_PROF_ATTN);
-        if ((rc = norm_quant(m, att, (size_t)qn, NULL, NQ_PLAIN, y->attn_sub_norm, qn, T, xn, q8, bn_kpad(qn), s, qsum)))
+        if ((rc = norm_quant(m, att, (size_t)qn, NULL, NQ_PLAIN, y->attn_sub_norm, qn, T, xn, q8, bn_qpad(qn), s, qsum)))
             break;
         LAP(BN_PROF_NORM_QUANT);
-        if ((rc = project1(m, &y->proj[P_O], q8, bn_kpad(qn), s, qsum, T, att, (size_t)H))) break;
+        if ((rc = project1(m, &y->proj[P_O], q8, bn_qpad(qn), s, qsum, T, att, (size_t)H))) break;
         LAP(BN_PROF_O);
         /* feed-forward: the residual x += o-projection first */
-        if ((rc = norm_quant(m, x, (size_t)H, att, NQ_ADD, y->ffn_norm, H, T, xn, q8, bn_kpad(H), s, qsum))) break;
+        if ((rc = norm_quant(m, x, (size_t)H, att, NQ_ADD, y->ffn_norm, H, T, xn, q8, bn_qpad(H), s, qsum))) break;
         LAP(BN_PROF_NORM_QUANT);
         {
             const bn_linear *ps[2] = {&y->proj[P_GATE], &y->proj[P_UP]};
             float *ys[2] = {g, u};
             size_t ld[2] = {(size_t)I, (size_t)I};
-            if ((rc = project(m, 2, ps, q8, bn_kpad(H), s, qsum, T, ys, ld))) break;
+            if ((rc = project(m, 2, ps, q8, bn_qpad(H), s, qsum, T, ys, ld))) break;
         }
         LAP(BN_PROF_GATE_UP);
         /* u is xn: row t of the norm's output overwrites row t of u, just read for that row's gate
          * (same stride I), so no part writes a row another part still reads */
-        if ((rc = norm_quant(m, g, (size_t)I, u, NQ_GATE, y->ffn_sub_norm, I, T, xn, q8, bn_kpad(I), s, qsum))) break;
+        if ((rc = norm_quant(m, g, (size_t)I, u, NQ_GATE, y->ffn_sub_norm, I, T, xn, q8, bn_qpad(I), s, qsum))) break;
         LAP(BN_PROF_NORM_QUANT);
-        if ((rc = project1(m, &y->proj[P_DOWN], q8, bn_kpad(I), s, qsum, T, att, (size_t)H))) break;
+        if ((rc = project1(m, &y->proj[P_DOWN], q8, bn_qpad(I), s, qsum, T, att, (size_t)H))) break;
         LAP(BN_PROF_DOWN);
         pending = att;
     }

@@ -105,6 +105,27 @@ void i2v_gemm_neon(const i2v_gemm_args *a, int rb0, int rb1);
 #endif
 int i2v_neon_dotprod_supported(void);  /* 0 off AArch64 */
 
+/* ---- T5: the 1.6-bit layout (formats/t5.py) ----
+ * Packed weights uint8 [Nb, Kb, 64], Nb = ceil(N/16), Kb = ceil(K/20). Block (rb, kb) holds rows
+ * 16rb..16rb+15 and columns 20kb..20kb+19; byte 4r+i holds the codes t_0..t_4 (c = w+1) of row 16rb+r
+ * at columns 20kb+4j+i as q = ceil(256 * (81 t0 + 27 t1 + 9 t2 + 3 t3 + t4) / 243); with y_0 = q and
+ * y_{j+1} = 3 y_j mod 256, t_j = (3 y_j) >> 8 = (y_j >= 86) + (y_j >= 171). Padding bytes 0x80.
+ * The kernels take i2v_gemm_args with Kb counted in 20-column blocks and x readable and zero up to
+ * column 20 Kb; they compute the same exact sums as the I2V kernels. */
+#define T5_COLS 20
+enum { I2V_FMT_I2V = 0, I2V_FMT_T5 = 1, I2V_NFMTS = 2 };
+static inline int i2v_fmt_cols(int fmt) { return fmt == I2V_FMT_T5 ? T5_COLS : I2V_COLS; }
+void t5_gemm_scalar(const i2v_gemm_args *a, int rb0, int rb1);
+#if defined(__x86_64__) || defined(__i386__)
+void t5_gemm_avx2(const i2v_gemm_args *a, int rb0, int rb1);
+void t5_gemm_avx512vnni(const i2v_gemm_args *a, int rb0, int rb1);
+/* AMX: activations zero-padded to [ceil(M/32)*32, ldx >= 64 * ceil(20 Kb / 64)] when M >= 16 */
+void t5_gemm_amx(const i2v_gemm_args *a, int rb0, int rb1);
+#endif
+#if defined(__aarch64__)
+void t5_gemm_neon(const i2v_gemm_args *a, int rb0, int rb1);
+#endif
+
 /* ---- thread pool (pool.c): a persistent pool; the caller runs part 0 itself ---- */
 typedef void (*i2v_task_fn)(void *ctx, int part, int nparts);
 int i2v_pool_set_threads(int n);  /* n <= 0: one per available CPU; returns the count in use */
@@ -137,6 +158,16 @@ int i2v_gemm_multi_f32(const int8_t *x, size_t ldx, const int32_t *xsum, const f
                        float *const *y, const size_t *ldy, int path);
 int i2v_quantize(const float *x, size_t ldx, int M, int K, int8_t *q, size_t ldq, float *scale,
                  int32_t *qsum, int path);
+/* The same three for weights in format fmt (I2V_FMT_*: I2V or T5 packed, the packed shapes above).
+ * T5 on AMX decodes its blocks into the same B tiles as I2V (amx.c). */
+int i2v_gemm_fmt(int fmt, const int8_t *x, size_t ldx, const int32_t *xsum, int M, int K, const uint8_t *w,
+                 int N, int32_t *y, size_t ldy, int path);
+int i2v_gemm_multi_fmt(int fmt, const int8_t *x, size_t ldx, const int32_t *xsum, int M, int K, int nmat,
+                       const uint8_t *const *w, const int *N, int32_t *const *y, const size_t *ldy, int path);
+int i2v_gemm_multi_f32_fmt(int fmt, const int8_t *x, size_t ldx, const int32_t *xsum, const float *s, int M,
+                           int K, int nmat, const uint8_t *const *w, const int *N, const float *wscale,
+                           float *const *y, const size_t *ldy, int path);
+
 /* The whole BitLinear inference forward, y float32 [M, N] = (xq @ W^T) * (wscale / s) with xq, s
  * from i2v_quantize: bit for bit what bitlinear.PackedBitLinear computes in float32. */
 int i2v_linear(const float *x, size_t ldx, int M, int K, const uint8_t *w, int N, float wscale, float *y,
@@ -144,6 +175,9 @@ int i2v_linear(const float *x, size_t ldx, int M, int K, const uint8_t *w, int N
 /* Hugging Face packed uint8 [ceil(out/4), in] -> I2V packed uint8 [ceil(out/16), ceil(in/16), 64]
  * (convert.c; formats/i2v.py's from_hf_packed is the reference). */
 int i2v_from_hf(const uint8_t *hf, int out, int in, uint8_t *dst);
+/* ... into weight format fmt (I2V_FMT_*): T5 packed uint8 [ceil(out/16), ceil(in/20), 64] for I2V_FMT_T5
+ * (formats/t5.py's from_hf_packed is the reference) */
+int i2v_from_hf_fmt(int fmt, const uint8_t *hf, int out, int in, uint8_t *dst);
 /* Q6 rows times int8 activations (see i2v_q6_args), rows split over the pool. AVX-512 VBMI when
  * the CPU has it and path is AVX-512 VNNI or AMX (or < 0); else AVX2 on the x86 paths; else the
  * scalar reference. x must be

@@ -43,6 +43,19 @@ static PyObject *py_gemm(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     return result(rc, "i2v_gemm", a[9]);
 }
 
+/* gemm_fmt(fmt, x, ldx, xsum or 0, M, K, w, N, y, ldy, path): fmt I2V_FMT_* (0 i2v, 1 t5) */
+static PyObject *py_gemm_fmt(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    long long a[11];
+    if (get_args(args, nargs, 11, a)) return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = i2v_gemm_fmt((int)a[0], PTR(const int8_t *, a[1]), (size_t)a[2], PTR(const int32_t *, a[3]), (int)a[4],
+                      (int)a[5], PTR(const uint8_t *, a[6]), (int)a[7], PTR(int32_t *, a[8]), (size_t)a[9],
+                      (int)a[10]);
+    Py_END_ALLOW_THREADS
+    return result(rc, "i2v_gemm_fmt", a[10]);
+}
+
 /* quantize(x, ldx, M, K, q, ldq, scale, qsum, path) */
 static PyObject *py_quantize(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     long long a[9];
@@ -95,6 +108,18 @@ static PyObject *py_from_hf(PyObject *self, PyObject *const *args, Py_ssize_t na
     rc = i2v_from_hf(PTR(const uint8_t *, a[0]), (int)a[1], (int)a[2], PTR(uint8_t *, a[3]));
     Py_END_ALLOW_THREADS
     if (rc) return PyErr_Format(PyExc_ValueError, "i2v_from_hf: bad shape %lld x %lld", a[1], a[2]);
+    Py_RETURN_NONE;
+}
+
+/* from_hf_fmt(fmt, hf, out, in, dst) */
+static PyObject *py_from_hf_fmt(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    long long a[5];
+    if (get_args(args, nargs, 5, a)) return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = i2v_from_hf_fmt((int)a[0], PTR(const uint8_t *, a[1]), (int)a[2], (int)a[3], PTR(uint8_t *, a[4]));
+    Py_END_ALLOW_THREADS
+    if (rc) return PyErr_Format(PyExc_ValueError, "i2v_from_hf_fmt: bad format %lld or shape %lld x %lld", a[0], a[2], a[3]);
     Py_RETURN_NONE;
 }
 
@@ -210,10 +235,14 @@ static PyMethodDef methods[] = {
     {"forward_paged", (PyCFunction)(void (*)(void))py_forward_paged, METH_FASTCALL,
      "forward_paged(model, tokens, seqs, nseq, pool, block_size, n_blocks, logits)"},
     {"gemm", (PyCFunction)(void (*)(void))py_gemm, METH_FASTCALL, "gemm(x, ldx, xsum, M, K, w, N, y, ldy, path)"},
+    {"gemm_fmt", (PyCFunction)(void (*)(void))py_gemm_fmt, METH_FASTCALL,
+     "gemm_fmt(fmt, x, ldx, xsum, M, K, w, N, y, ldy, path)"},
     {"quantize", (PyCFunction)(void (*)(void))py_quantize, METH_FASTCALL, "quantize(x, ldx, M, K, q, ldq, scale, qsum, path)"},
     {"linear", (PyCFunction)(void (*)(void))py_linear, METH_FASTCALL, "linear(x, ldx, M, K, w, N, wscale, y, ldy, path)"},
     {"q6_gemv", (PyCFunction)(void (*)(void))py_q6_gemv, METH_FASTCALL, "q6_gemv(w, V, H, x, ldx, xsum, M, out, ldo, path)"},
     {"from_hf", (PyCFunction)(void (*)(void))py_from_hf, METH_FASTCALL, "from_hf(hf, out, in, dst): HF packed -> I2V"},
+    {"from_hf_fmt", (PyCFunction)(void (*)(void))py_from_hf_fmt, METH_FASTCALL,
+     "from_hf_fmt(fmt, hf, out, in, dst): HF packed -> I2V or T5"},
     {"read_bytes", (PyCFunction)(void (*)(void))py_read_bytes, METH_FASTCALL, "read_bytes(ptr, n) -> checksum"},
     {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n) -> threads in use (n <= 0: all CPUs)"},
     {"num_threads", py_num_threads, METH_NOARGS, "threads in the pool"},

@@ -51,6 +51,50 @@ TDOT void i2v_gemm_neon(const i2v_gemm_args *a, int rb0, int rb1) {
     for (int rb = rb0; rb < rb1; rb++)
         for (int m = 0; m < a->M; m++) row_block(a, m, rb);
 }
+/* ==== T5, the 1.6-bit layout (formats/t5.py) ==========================================================
+ * A quarter block (16 bytes = rows 4h..4h+3) per register as for I2V. Digit j: t_j = (y_j >= 86) +
+ * (y_j >= 171) from two unsigned compares (all-ones where true, so t = -(c1 + c2)), then
+ * y_{j+1} = 3 y_j mod 256 (vmulq_u8 wraps); sdot by element with lane j of x[20kb..20kb+15] for j < 4,
+ * and a plain sdot with x[20kb+16..19] broadcast for j = 4. */
+TDOT static void t5_row_block(const i2v_gemm_args *a, int m, int rb) {
+    const uint8_t *w = a->w + (size_t)rb * a->Kb * I2V_BLOCK;
+    const int8_t *x = a->x + (size_t)m * a->ldx;
+    const uint8x16_t c86 = vdupq_n_u8(86), c171 = vdupq_n_u8(171), three = vdupq_n_u8(3);
+    int32x4_t acc[4] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)};
+    for (int kb = 0; kb < a->Kb; kb++) {
+        const int8_t *xk = x + kb * T5_COLS;
+        int8x16_t x03 = vld1q_s8(xk);
+        int32_t x4v;
+        memcpy(&x4v, xk + 16, 4);
+        int8x16_t x4 = vreinterpretq_s8_s32(vdupq_n_s32(x4v));
+        const uint8_t *blk = w + (size_t)kb * I2V_BLOCK;
+        for (int h = 0; h < 4; h++) {
+            uint8x16_t y = vld1q_u8(blk + 16 * h);
+            int8x16_t t[5];
+            for (int j = 0; j < 5; j++) {
+                uint8x16_t c = vaddq_u8(vcgeq_u8(y, c86), vcgeq_u8(y, c171));  /* -t, wrapping */
+                t[j] = vreinterpretq_s8_u8(vsubq_u8(vdupq_n_u8(0), c));
+                y = vmulq_u8(y, three);
+            }
+            acc[h] = vdotq_laneq_s32(acc[h], t[0], x03, 0);
+            acc[h] = vdotq_laneq_s32(acc[h], t[1], x03, 1);
+            acc[h] = vdotq_laneq_s32(acc[h], t[2], x03, 2);
+            acc[h] = vdotq_laneq_s32(acc[h], t[3], x03, 3);
+            acc[h] = vdotq_s32(acc[h], t[4], x4);
+        }
+    }
+    int32_t out[16];
+    int32x4_t off = vdupq_n_s32(a->xsum[m]);
+    for (int h = 0; h < 4; h++) vst1q_s32(out + 4 * h, vsubq_s32(acc[h], off));
+    int nrows = a->N - rb * I2V_ROWS;
+    if (nrows > I2V_ROWS) nrows = I2V_ROWS;
+    memcpy(a->y + (size_t)m * a->ldy + rb * I2V_ROWS, out, (size_t)nrows * sizeof(int32_t));
+}
+
+TDOT void t5_gemm_neon(const i2v_gemm_args *a, int rb0, int rb1) {
+    for (int rb = rb0; rb < rb1; rb++)
+        for (int m = 0; m < a->M; m++) t5_row_block(a, m, rb);
+}
 #else
 int i2v_neon_dotprod_supported(void) { return 0; }
 #endif

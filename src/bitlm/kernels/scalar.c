@@ -67,3 +67,31 @@ void i2v_q6_scalar(const i2v_q6_args *a, int v0, int v1) {
         }
     }
 }
+
+/* T5 (formats/t5.py): walks the layout as the SIMD kernels do, block by block, byte 4r+i, digit j by
+ * the multiply-by-3 steps y_{j+1} = 3 y_j mod 256, t_j = (3 y_j) >> 8 */
+void t5_gemm_scalar(const i2v_gemm_args *a, int rb0, int rb1) {
+    for (int rb = rb0; rb < rb1; rb++) {
+        const uint8_t *wrb = a->w + (size_t)rb * a->Kb * I2V_BLOCK;  /* [Kb, 64] of this row block */
+        int nrows = a->N - rb * I2V_ROWS;
+        if (nrows > I2V_ROWS) nrows = I2V_ROWS;
+        for (int m = 0; m < a->M; m++) {
+            const int8_t *xm = a->x + (size_t)m * a->ldx;
+            int32_t acc[I2V_ROWS] = {0};
+            for (int kb = 0; kb < a->Kb; kb++) {
+                const uint8_t *blk = wrb + (size_t)kb * I2V_BLOCK;
+                const int8_t *xk = xm + kb * T5_COLS;
+                for (int b = 0; b < I2V_BLOCK; b++) {
+                    int r = b >> 2, i = b & 3;
+                    unsigned y = blk[b];
+                    for (int j = 0; j < 5; j++) {
+                        acc[r] += (int32_t)((3 * y) >> 8) * xk[4 * j + i];
+                        y = (3 * y) & 255;
+                    }
+                }
+            }
+            int32_t *ym = a->y + (size_t)m * a->ldy + rb * I2V_ROWS;
+            for (int r = 0; r < nrows; r++) ym[r] = acc[r] - a->xsum[m];
+        }
+    }
+}

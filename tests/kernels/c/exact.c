@@ -40,13 +40,45 @@ static void pack(const int8_t *w, int N, int K, uint8_t *out) {
         }
 }
 
+/* T5 as documented (formats/t5.py): byte 4r+i of block (rb, kb) = ceil(256 v / 243), v the base-3 number
+ * of the codes at columns 20kb+4j+i, j = 0..4 (j = 0 the most significant digit) */
+static void pack_t5(const int8_t *w, int N, int K, uint8_t *out) {
+    int Nb = (N + 15) / 16, Kb = (K + 19) / 20;
+    for (int n = 0; n < Nb * 16; n++)
+        for (int kb = 0; kb < Kb; kb++)
+            for (int i = 0; i < 4; i++) {
+                int v = 0;
+                for (int j = 0; j < 5; j++) {
+                    int k = 20 * kb + 4 * j + i;
+                    v = 3 * v + ((n < N && k < K) ? w[(size_t)n * K + k] + 1 : 1);
+                }
+                out[((size_t)(n / 16) * Kb + kb) * 64 + 4 * (n % 16) + i] = (uint8_t)((256 * v + 242) / 243);
+            }
+}
+
+static const char *const FMT_NAMES[I2V_NFMTS] = {"i2v", "t5"};
+
+static size_t packed_bytes(int fmt, int N, int K) {
+    return (size_t)((N + 15) / 16) * ((K + i2v_fmt_cols(fmt) - 1) / i2v_fmt_cols(fmt)) * 64;
+}
+
+static void pack_fmt(int fmt, const int8_t *w, int N, int K, uint8_t *out) {
+    if (fmt == I2V_FMT_T5) pack_t5(w, N, K, out);
+    else pack(w, N, K, out);
+}
+
+static void check_fmt(int fmt, int M, int N, int K, int extreme);
 static void check(int M, int N, int K, int extreme) {
+    for (int fmt = 0; fmt < I2V_NFMTS; fmt++) check_fmt(fmt, M, N, K, extreme);
+}
+
+static void check_fmt(int fmt, int M, int N, int K, int extreme) {
     int8_t *w = malloc((size_t)N * K), *x = malloc((size_t)M * K);
-    uint8_t *p = malloc((size_t)((N + 15) / 16) * ((K + 15) / 16) * 64);
+    uint8_t *p = malloc(packed_bytes(fmt, N, K));
     int32_t *ref = malloc((size_t)M * N * 4), *y = malloc((size_t)M * N * 4);
     for (size_t i = 0; i < (size_t)N * K; i++) w[i] = (int8_t)(next() % 3) - 1;
     for (size_t i = 0; i < (size_t)M * K; i++) x[i] = extreme ? (extreme > 0 ? 127 : -128) : (int8_t)(next() & 255);
-    pack(w, N, K, p);
+    pack_fmt(fmt, w, N, K, p);
     for (int m = 0; m < M; m++)
         for (int n = 0; n < N; n++) {
             int32_t s = 0;
@@ -56,9 +88,10 @@ static void check(int M, int N, int K, int extreme) {
     for (int path = 0; path < I2V_NPATHS; path++) {
         if (!i2v_path_supported(path)) continue;
         memset(y, 0x7f, (size_t)M * N * 4);
-        if (i2v_gemm(x, (size_t)K, NULL, M, K, p, N, y, (size_t)N, path) != 0 ||
+        if (i2v_gemm_fmt(fmt, x, (size_t)K, NULL, M, K, p, N, y, (size_t)N, path) != 0 ||
             memcmp(y, ref, (size_t)M * N * 4) != 0) {
-            printf("MISMATCH path %s M %d N %d K %d extreme %d\n", i2v_path_name(path), M, N, K, extreme);
+            printf("MISMATCH %s path %s M %d N %d K %d extreme %d\n", FMT_NAMES[fmt], i2v_path_name(path), M, N, K,
+                   extreme);
             bad[path] = 1;
         }
     }
@@ -68,10 +101,10 @@ static void check(int M, int N, int K, int extreme) {
 /* i2v_gemm_multi and i2v_gemm_multi_f32: three matrices of one input width K (q, k, v) in one pool run,
  * outputs with row strides past N; the float form against sum * (wscale / s[m]) in float32, the
  * order of operations i2v.h gives, so bit-equal */
-static void check_multi(int M, int K, const int *N) {
+static void check_multi(int fmt, int M, int K, const int *N) {
     enum { NMAT = 3 };
     int8_t *x = malloc((size_t)M * K);
-    float s[64];
+    float s[128];
     const float wscale[NMAT] = {0.75f, 1.3f, 0.0123f};
     uint8_t *p[NMAT];
     int32_t *ref[NMAT], *y[NMAT];
@@ -82,8 +115,8 @@ static void check_multi(int M, int K, const int *N) {
     for (int i = 0; i < NMAT; i++) {
         int8_t *w = malloc((size_t)N[i] * K);
         for (size_t j = 0; j < (size_t)N[i] * K; j++) w[j] = (int8_t)(next() % 3) - 1;
-        p[i] = malloc((size_t)((N[i] + 15) / 16) * ((K + 15) / 16) * 64);
-        pack(w, N[i], K, p[i]);
+        p[i] = malloc(packed_bytes(fmt, N[i], K));
+        pack_fmt(fmt, w, N[i], K, p[i]);
         ldy[i] = (size_t)N[i] + 3;
         ref[i] = malloc((size_t)M * ldy[i] * 4);
         y[i] = malloc((size_t)M * ldy[i] * 4);
@@ -98,9 +131,10 @@ static void check_multi(int M, int K, const int *N) {
     }
     for (int path = 0; path < I2V_NPATHS; path++) {
         if (!i2v_path_supported(path)) continue;
-        int ok = i2v_gemm_multi(x, (size_t)K, NULL, M, K, NMAT, (const uint8_t *const *)p, N, y, ldy, path) == 0 &&
-                 i2v_gemm_multi_f32(x, (size_t)K, NULL, s, M, K, NMAT, (const uint8_t *const *)p, N, wscale, yf, ldy,
-                                    path) == 0;
+        int ok = i2v_gemm_multi_fmt(fmt, x, (size_t)K, NULL, M, K, NMAT, (const uint8_t *const *)p, N, y, ldy,
+                                    path) == 0 &&
+                 i2v_gemm_multi_f32_fmt(fmt, x, (size_t)K, NULL, s, M, K, NMAT, (const uint8_t *const *)p, N, wscale,
+                                        yf, ldy, path) == 0;
         for (int i = 0; ok && i < NMAT; i++)
             for (int m = 0; m < M; m++)
                 for (int n = 0; n < N[i]; n++) {
@@ -109,7 +143,8 @@ static void check_multi(int M, int K, const int *N) {
                     ok &= y[i][at] == ref[i][at] && memcmp(&yf[i][at], &want, 4) == 0;
                 }
         if (!ok) {
-            printf("MISMATCH gemm_multi path %s M %d K %d N %d %d %d\n", i2v_path_name(path), M, K, N[0], N[1], N[2]);
+            printf("MISMATCH %s gemm_multi path %s M %d K %d N %d %d %d\n", FMT_NAMES[fmt], i2v_path_name(path), M, K,
+                   N[0], N[1], N[2]);
             bad[path] = 1;
         }
     }
@@ -219,16 +254,20 @@ static int check_nested(void) {
 
 int main(void) {
     static const int shapes[][3] = {{1, 1, 1}, {1, 17, 15}, {1, 64, 2560}, {1, 129, 48}, {3, 33, 100},
-                                    {8, 16, 16}, {17, 65, 129}, {20, 100, 333}, {33, 48, 64}, {64, 31, 200}};
+                                    {8, 16, 16}, {17, 65, 129}, {20, 100, 333}, {33, 48, 64}, {64, 31, 200},
+                                    {1, 20, 12000}, {3, 17, 12000}};  /* past T5_FLUSH_KB blocks */
     int n = (int)(sizeof shapes / sizeof shapes[0]);
     printf("features: %s\n", i2v_cpu_features());
     for (int t = 1; t <= 2; t++) {
         i2v_pool_set_threads(t);
         for (int i = 0; i < n; i++)
             for (int e = -1; e <= 1; e++) check(shapes[i][0], shapes[i][1], shapes[i][2], e);
-        check_multi(1, 100, (const int[]){64, 16, 35});
-        check_multi(5, 2560, (const int[]){80, 17, 200});   /* several parts, each dequantizing its rows */
-        check_multi(21, 129, (const int[]){48, 33, 1});      /* AMX tiles */
+        for (int fmt = 0; fmt < I2V_NFMTS; fmt++) {
+            check_multi(fmt, 1, 100, (const int[]){64, 16, 35});
+            check_multi(fmt, 5, 2560, (const int[]){80, 17, 200});  /* several parts, each dequantizing its rows */
+            check_multi(fmt, 21, 129, (const int[]){48, 33, 1});    /* AMX tiles */
+            check_multi(fmt, 70, 45, (const int[]){32, 20, 5});     /* T5: a second panel of 64 rows */
+        }
     }
     for (int i = 0; i < 40; i++) check(1 + next() % 24, 1 + next() % 300, 1 + next() % 700, 0);
     static const int qshapes[][2] = {{1, 1}, {1, 15}, {7, 16}, {7, 17}, {3, 100}, {7, 2563}};
@@ -239,8 +278,9 @@ int main(void) {
     for (int path = 0; path < I2V_NPATHS; path++) {
         if (!i2v_path_supported(path)) continue;
         any |= bad[path];
-        printf("path %s: %s (gemm, gemm_multi, gemm_multi_f32, quantize; q6 head kernel %s)%s\n", i2v_path_name(path),
-               bad[path] ? "FAILED" : "exact", i2v_q6_kernel_name(path), EMULATED(path) ? " [SIMDe emulation]" : "");
+        printf("path %s: %s (gemm, gemm_multi, gemm_multi_f32 on i2v and t5, quantize; q6 head kernel %s)%s\n",
+               i2v_path_name(path), bad[path] ? "FAILED" : "exact", i2v_q6_kernel_name(path),
+               EMULATED(path) ? " [SIMDe emulation]" : "");
     }
     return any;
 }
