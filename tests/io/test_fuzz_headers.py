@@ -1,5 +1,5 @@
-"""Fuzzing the binary readers: random and mutated safetensors files (io/st.py) and native files
-(io/native.open_native). The only outcomes allowed are a correct load or a BitlmError: never another
+"""Fuzzing the binary readers: random and mutated safetensors files (io/st.py), native files
+(io/native.open_native) and GGUF files (io/gguf_read.py). The only outcomes allowed are a correct load or a BitlmError: never another
 exception, a crash, a hang, or an allocation of a size taken from the file unchecked. A load is correct
 when the reference reader (the safetensors package) reads the same file to the same bytes; an
 allocation is unchecked when this process's Python allocations (tracemalloc: numpy's included) grow by
@@ -251,3 +251,109 @@ def teardown_module():
     for f in _dir.iterdir():
         os.unlink(f)
     os.rmdir(_dir)
+
+
+# ---- GGUF (io/gguf_read.py) -------------------------------------------------------------------------
+
+_GGUF_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
+
+
+def gguf_int_fields(data: bytes) -> list[tuple[int, int]]:
+    """(offset, width) of every count, length, type, dimension and offset field of a valid GGUF file,
+    found by walking its layout (magic, version, counts, key/values, tensor infos) independently of
+    the reader under test."""
+    fields, pos = [(4, 4), (8, 8), (16, 8)], 24
+    n_tensors, n_kv = struct.unpack_from("<QQ", data, 8)
+
+    def u(fmt):
+        nonlocal pos
+        fields.append((pos, struct.calcsize(fmt)))
+        (v,) = struct.unpack_from(fmt, data, pos)
+        pos += struct.calcsize(fmt)
+        return v
+
+    def string():
+        nonlocal pos
+        n = u("<Q")
+        pos += n
+
+    def value(t):
+        nonlocal pos
+        if t == 8:
+            string()
+        elif t == 9:
+            et, n = u("<I"), u("<Q")
+            for _ in range(n):
+                value(et)
+        else:
+            pos += _GGUF_SCALAR[t]
+    for _ in range(n_kv):
+        string()
+        value(u("<I"))
+    for _ in range(n_tensors):
+        string()
+        for _ in range(u("<I")):
+            u("<Q")
+        u("<I")
+        u("<Q")
+    return fields
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory, tiny_tokenizer_dir) -> bytes:
+    """A small I2_S GGUF of a tiny model (rows of 128, I2_S's block), written by bitlm's exporter."""
+    pytest.importorskip("gguf")
+    import bitlm
+    from bitlm.io.gguf import export_gguf
+    from helpers import make_tiny_model_dir
+    d = tmp_path_factory.mktemp("gguf")
+    m = bitlm.load(make_tiny_model_dir(d / "m", tiny_tokenizer_dir, hidden_size=128, intermediate_size=256,
+                                       num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1))
+    return export_gguf(m, d / "m.gguf", "i2_s", "f16").read_bytes()
+
+
+def load_gguf(data: bytes) -> None:
+    """gguf_read.read: the config, every array and the tokenizer, or one BitlmError line."""
+    from bitlm.io import gguf_read
+
+    def read(f):
+        cfg, arrays, _ = gguf_read.read(f)
+        assert arrays["embed"].shape == (cfg.vocab_size, cfg.hidden_size)
+        return cfg
+    hypothesis.event("loaded" if read_checked(data, read) is not None else "refused")
+
+
+GGUF_FUZZ = settings(FUZZ, max_examples=100)
+
+
+def test_the_unmutated_gguf_loads(gguf_file):
+    from bitlm.io import gguf_read
+    assert read_checked(gguf_file, lambda f: gguf_read.read(f)) is not None
+    assert len(gguf_int_fields(gguf_file)) > 50  # the walker found the layout
+
+
+@GGUF_FUZZ
+@given(data=s.data())
+def test_mutated_gguf_files(gguf_file, data):
+    """A count, length, type, dimension or tensor offset set to an edge value (0, 2**32, 2**63, ...), bytes
+    flipped anywhere, or the file cut: a correct load or one BitlmError line, never a huge allocation."""
+    how = data.draw(s.sampled_from(["field", "flip", "cut"]))
+    out = bytearray(gguf_file)
+    if how == "field":
+        for _ in range(data.draw(s.integers(1, 3))):
+            pos, width = data.draw(s.sampled_from(gguf_int_fields(gguf_file)))
+            v = data.draw(JSON_INTS.filter(lambda x: 0 <= x < 1 << (8 * width)) | s.integers(0, (1 << (8 * width)) - 1))
+            out[pos:pos + width] = v.to_bytes(width, "little")
+    elif how == "flip":
+        for i, x in data.draw(s.lists(s.tuples(s.integers(0, len(out) - 1), s.integers(1, 255)), min_size=1,
+                                      max_size=4)):
+            out[i] ^= x
+    else:
+        out = out[:data.draw(s.integers(0, len(out) - 1))]
+    load_gguf(bytes(out))
+
+
+@GGUF_FUZZ
+@given(s.binary(max_size=200))
+def test_random_bytes_after_the_gguf_magic(rest):
+    load_gguf(b"GGUF" + rest)
