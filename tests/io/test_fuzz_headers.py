@@ -1,9 +1,10 @@
 """Fuzzing the binary readers: random and mutated safetensors files (io/st.py), native files
-(io/native.open_native) and GGUF files (io/gguf_read.py). The only outcomes allowed are a correct load or a BitlmError: never another
-exception, a crash, a hang, or an allocation of a size taken from the file unchecked. A load is correct
-when the reference reader (the safetensors package) reads the same file to the same bytes; an
-allocation is unchecked when this process's Python allocations (tracemalloc: numpy's included) grow by
-more than a small multiple of the file's size. Bounded: ~200 examples per property, a few seconds."""
+(io/native.open_native) and GGUF files (io/gguf_read.py). The only outcomes allowed are a correct load
+or a BitlmError: never another exception, a crash, a hang, or an allocation of a size taken from the
+file unchecked. A safetensors load is correct when the reference reader (the safetensors package) reads
+the same file to the same bytes; an allocation is unchecked when this process's Python allocations
+(tracemalloc: numpy's included) grow by more than a small multiple of the file's size. Bounded: 100-200
+examples per property, a few seconds."""
 
 import json
 import os
