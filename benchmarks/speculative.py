@@ -2,7 +2,8 @@
 
 The workload: a passage given in the prompt that the model is to repeat (as summarizing and
 code-editing users quote their input back), greedy. Plain decoding, then prompt lookup and a draft model
-at each --draft-max, in the same process, alternating within each round; medians over --rounds.
+at each --draft-max (k; with the adaptive schedule, k at most, and with k fixed), in the same process,
+alternating within each round; medians over --rounds.
 
     python benchmarks/speculative.py                          # the bundled Shakespeare model, ~10 s
     python benchmarks/speculative.py -m microsoft/bitnet-b1.58-2B-4T --chat --draft-layers 6 -t 2 --rounds 5
@@ -178,9 +179,13 @@ def main(argv=None):
         sys.exit("--passage-tokens: the prompt and --new-tokens do not fit the context")
     configs = [("plain", 0, None)]
     for k in args.draft_max:
-        configs.append(("lookup", k, Speculative("lookup", draft_max=k, ngram_max=args.lookup_ngram)))
-        if draft is not None:
-            configs.append(("draft", k, Speculative("draft", draft_max=k, draft_model=draft)))
+        for adaptive in (True, False):
+            tag = "" if adaptive else " fixed k"
+            configs.append(("lookup" + tag, k, Speculative("lookup", draft_max=k, ngram_max=args.lookup_ngram,
+                                                            adaptive=adaptive)))
+            if draft is not None:
+                configs.append(("draft" + tag, k, Speculative("draft", draft_max=k, draft_model=draft,
+                                                              adaptive=adaptive)))
     i = info()
     print(f"# {nm.config.num_hidden_layers} layers, hidden {nm.config.hidden_size}, vocab {nm.config.vocab_size}, "
           f"head {nm.head_format}; path {i['path']}, {args.threads} thread(s); prompt {len(prompt)} tokens, "

@@ -171,19 +171,25 @@ def test_greedy_equals_plain_on_every_kernel_path(tiny, other, path):
     wrong = NativeLM(NativeModel.from_model(other, head="q8", path=path))
     prompt = np.random.default_rng(1).integers(0, 512, 20).tolist() * 3
     for spec, rate in ((Speculative("lookup", draft_max=5), None), (Speculative("draft", draft_model=same), 1.0),
-                       (Speculative("draft", draft_max=3, draft_model=wrong), 0.1)):
+                       (Speculative("draft", draft_max=3, draft_model=wrong), 0.1),
+                       (Speculative("draft", draft_max=3, draft_model=wrong, adaptive=False), 0.1)):
         (tokens, reason), stats = assert_same(lm, prompt, spec, max_new_tokens=60, **GREEDY)
         assert len(tokens) == 60 and reason == "length" and stats.drafted > 0
         if rate == 1.0:  # the target drafting for itself: every draft accepted, k + 1 tokens a round
             assert stats.accepted == stats.drafted and stats.rounds == 60 // 9 + 1
         elif rate is not None:
             assert stats.acceptance_rate < rate
+            if spec.adaptive:  # k falls from 3 to 1 after rejections
+                assert stats.drafted <= stats.rounds + 3 + 4 * stats.accepted
+            else:  # 3 drafted every round but the last two (room for fewer tokens)
+                assert stats.drafted >= 3 * (stats.rounds - 2)
 
 
 def test_greedy_equals_plain_where_drafts_are_often_right_and_often_wrong(shakespeare, early_exit):
     prompt = passage_prompt(shakespeare)
-    for spec in (Speculative("lookup"), Speculative("lookup", draft_max=3, ngram_max=1),
-                 Speculative("draft", draft_max=6, draft_model=early_exit)):
+    for spec in (Speculative("lookup"), Speculative("lookup", draft_max=3, ngram_max=1, adaptive=False),
+                 Speculative("draft", draft_max=6, draft_model=early_exit),
+                 Speculative("draft", draft_max=4, draft_model=early_exit, adaptive=False)):
         (tokens, reason), stats = assert_same(shakespeare, prompt, spec, max_new_tokens=100, **GREEDY)
         assert len(tokens) == 100
         assert 0.2 < stats.acceptance_rate < 0.98, stats  # both outcomes, many times
@@ -194,7 +200,8 @@ def test_greedy_boundaries(shakespeare, early_exit):
     """max_new_tokens at and around k + 1, stop tokens inside a round, stop strings, the context limit."""
     prompt = passage_prompt(shakespeare)
     plain, _ = run(generate(shakespeare, prompt, 60, **GREEDY))
-    lookup, draft = Speculative("lookup", draft_max=4), Speculative("draft", draft_max=4, draft_model=early_exit)
+    lookup = Speculative("lookup", draft_max=4, adaptive=False)
+    draft = Speculative("draft", draft_max=4, draft_model=early_exit, adaptive=False)
     for spec in (lookup, draft):
         for n in list(range(0, 12)) + [31]:
             assert assert_same(shakespeare, prompt, spec, max_new_tokens=n, **GREEDY)[0] == (plain[:n], "length")

@@ -53,13 +53,17 @@ METHODS = ("lookup", "draft")
 class Speculative:
     """How to draft. method "lookup": n-grams of the history (ngram_max down to ngram_min tokens
     matched); "draft": `draft_model`, a model sharing the target's tokenizer. draft_max: tokens drafted
-    per round (k; each round emits 1 .. k + 1 tokens)."""
+    per round (k; each round emits 1 .. k + 1 tokens). adaptive: k starts at draft_max, grows by 2
+    (up to draft_max) after a round whose drafts were all accepted and shrinks by 1 (down to 1) after
+    one with a rejection (transformers' "heuristic" schedule): rows a verify runs in vain cost time,
+    and a schedule that looks only at past rounds leaves the output as it is."""
 
     method: str = "lookup"
     draft_max: int = 8
     ngram_max: int = 3
     ngram_min: int = 1
     draft_model: object | None = field(default=None, compare=False)
+    adaptive: bool = True
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -70,6 +74,8 @@ class Speculative:
                 raise BitlmError(f"speculative {name} must be an integer >= 1, got {v!r}")
         if self.ngram_min > self.ngram_max:
             raise BitlmError(f"speculative ngram_min ({self.ngram_min}) is above ngram_max ({self.ngram_max})")
+        if not isinstance(self.adaptive, bool):
+            raise BitlmError(f"speculative adaptive must be True or False, got {self.adaptive!r}")
         if self.method == "draft" and self.draft_model is None:
             raise BitlmError("speculative method 'draft' needs a draft model (--draft MODEL)")
         if self.method == "lookup" and self.draft_model is not None:
@@ -256,6 +262,7 @@ def speculative_tokens(model, ids: list[int], params: SamplingParams, stops: set
     drafter = drafter_for(spec, model, params, generator, cache.max_len)
     history = list(ids)
     n = 0
+    k_now = spec.draft_max  # the adaptive schedule's k
     try:
         cache.truncate(len(ids) - 1)  # the last prompt token is run with the first round's drafts
         start = cache.length
@@ -264,13 +271,15 @@ def speculative_tokens(model, ids: list[int], params: SamplingParams, stops: set
         while True:
             # a round emits up to k + 1 tokens (no more than are left) and writes positions
             # len(history) - 1 .. len(history) - 1 + k of the cache
-            k = max(0, min(spec.draft_max, budget - n - 1, cache.max_len - len(history)))
+            k = max(0, min(k_now, budget - n - 1, cache.max_len - len(history)))
             draft, q = drafter.propose(history, k) if k else ([], None)
             rows = model.last_logits([history[-1]] + draft, cache, len(draft) + 1)
             tokens, accepted = accept_drafts(rows, draft, q, params, generator)
             stats.rounds += 1
             stats.drafted += len(draft)
             stats.accepted += accepted
+            if spec.adaptive and draft:
+                k_now = min(spec.draft_max, k_now + 2) if accepted == len(draft) else max(1, k_now - 1)
             cache.truncate(len(history) + accepted)  # roll back the rejected drafts' positions
             for t in tokens:
                 if t in stops:
