@@ -19,7 +19,7 @@ from bitlm.data import bundled_model_dir
 from bitlm.engine import speculative as spec_mod
 from bitlm.engine.generate import ChatSession, generate, stream_text
 from bitlm.engine.sampling import SamplingParams, distribution
-from bitlm.engine.speculative import PromptLookup, Speculative, accept_drafts, shared_prefix_len
+from bitlm.engine.speculative import PromptLookup, Speculative, Speculator, accept_drafts, shared_prefix_len
 from bitlm.errors import BitlmError
 from helpers import make_tiny_model_dir
 
@@ -232,6 +232,26 @@ def test_greedy_chat_equals_plain_chat(shakespeare, early_exit):
             assert "".join(ra) == "".join(rb) and ra.token_ids == rb.token_ids
             assert rb.stats()["draft_tokens"] > 0
         assert a.messages == b.messages
+
+
+def test_a_caller_that_runs_the_target_itself(shakespeare, early_exit):
+    """A server's scheduler drives the rounds with its own forwards (Speculator's protocol)."""
+    prompt, nm = passage_prompt(shakespeare), shakespeare.nm
+    plain, _ = run(generate(shakespeare, prompt, 50, **GREEDY))
+    for spec in (Speculative("lookup"), Speculative("draft", draft_model=early_exit)):
+        sp = Speculator(spec, shakespeare, SamplingParams(temperature=0))
+        nm.reset()
+        nm.forward(prompt[:-1], 0)
+        history = list(prompt)
+        while len(history) < len(prompt) + 50:
+            draft = sp.propose(history, len(prompt) + 50 - len(history) - 1)
+            tokens, accepted = sp.accept(nm.forward([history[-1]] + draft, len(draft) + 1))
+            nm.truncate(len(history) + accepted)
+            history += tokens
+        assert history[len(prompt):] == plain and nm.pos == len(history) - 1
+        assert sp.stats.accepted > 0 and sp.stats.rounds < 50
+    with pytest.raises(BitlmError, match="call propose"):
+        sp.accept(nm.forward([1], 1))
 
 
 def test_stream_stats_and_early_close_leave_a_consistent_cache(shakespeare):

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import BitlmError
 from .sampling import SamplingParams, sample
-from .speculative import SpecStats, Speculative, SpeculativeTokens, check_draft_model, speculative_tokens
+from .speculative import Speculative, SpeculativeTokens, Speculator, speculative_tokens
 
 FINISH_REASONS = ("stop", "length", "context")  # stop token/string; max_new_tokens; context full
 
@@ -107,11 +107,10 @@ def generate(model, prompt_ids, max_new_tokens: int = 256, temperature: float = 
     if speculative is not None:
         if not isinstance(speculative, Speculative):
             raise BitlmError(f"speculative: expected a bitlm.engine.speculative.Speculative, got {speculative!r}")
-        if speculative.draft_model is not None:
-            check_draft_model(model, speculative.draft_model)  # now, not at the first token
-        stats = SpecStats()
+        # made now, so that an incompatible draft model is an error here, not at the first token
+        sp = Speculator(speculative, model, params, max_len=cache.max_len if cache is not None else None)
         return SpeculativeTokens(speculative_tokens(model, ids, params, stops, detok, budget, max_new_tokens,
-                                                    cache, speculative, stats), stats)
+                                                    cache, sp), sp.stats)
     return _tokens(model, ids, params, stops, detok, budget, max_new_tokens, cache)
 
 

@@ -32,8 +32,8 @@ Drafters:
     DraftModel      a smaller model sharing the tokenizer, with its own KV cache kept in step with the
                     accepted tokens; drafts are drawn from its processed distribution q (greedy: argmax)
 
-A server that drives the target's forward itself calls a drafter's propose(), runs the k + 1 rows, calls
-accept_drafts() on their logits and truncates the sequence to len(history) + accepted.
+A server that drives the target's forward itself uses a Speculator per sequence (propose, run the rows,
+accept, truncate), as generate() does.
 """
 
 from __future__ import annotations
@@ -249,20 +249,56 @@ def accept_drafts(rows: np.ndarray, draft: Sequence[int], q: np.ndarray | None, 
     return out + [int(sample(rows[-1:], params, generator)[0])], len(draft)
 
 
+# ---- one sequence's speculation -----------------------------------------------------------------
+class Speculator:
+    """The drafting and acceptance of one sequence, for a caller that runs the target itself (generate()
+    below; a server's scheduler, whose engine runs many sequences' rows in one step). Per round:
+
+        draft = sp.propose(history, room)       # history: the ids so far; the target's cache holds all but
+                                                # the last; room: tokens that may still be drafted
+        rows = <the target's logits of [history[-1]] + draft, run at the next positions: len(draft) + 1 rows>
+        tokens, accepted = sp.accept(rows)      # 1 .. len(draft) + 1 tokens to emit, in order
+        <truncate the target's cache to len(history) + accepted>
+
+    It keeps the adaptive k and the counts (`stats`)."""
+
+    def __init__(self, spec: Speculative, model, params: SamplingParams, generator=None, max_len: int | None = None):
+        self.spec, self.params = spec, params
+        self.generator = generator if generator is not None or params.greedy else params.generator()
+        self.drafter = drafter_for(spec, model, params, self.generator, max_len)
+        self.k = spec.draft_max
+        self.stats = SpecStats()
+        self._pending: tuple[list[int], np.ndarray | None] | None = None
+
+    def propose(self, history: Sequence[int], room: int) -> list[int]:
+        k = max(0, min(self.k, room))
+        self._pending = self.drafter.propose(history, k) if k else ([], None)
+        return list(self._pending[0])
+
+    def accept(self, rows: np.ndarray) -> tuple[list[int], int]:
+        if self._pending is None:
+            raise BitlmError("Speculator.accept: call propose() first, once per round")
+        (draft, q), self._pending = self._pending, None
+        tokens, accepted = accept_drafts(rows, draft, q, self.params, self.generator)
+        self.stats.rounds += 1
+        self.stats.drafted += len(draft)
+        self.stats.accepted += accepted
+        if self.spec.adaptive and draft:
+            self.k = min(self.spec.draft_max, self.k + 2) if accepted == len(draft) else max(1, self.k - 1)
+        return tokens, accepted
+
+
 # ---- the generation loop -------------------------------------------------------------------------
 def speculative_tokens(model, ids: list[int], params: SamplingParams, stops: set, detok, budget: int,
-                       max_new_tokens: int, cache, spec: Speculative, stats: SpecStats):
+                       max_new_tokens: int, cache, sp: Speculator):
     """generate()'s loop with drafts (its arguments once checked; see generate._tokens). The same
     tokens are yielded and the same finish reason returned as plain decoding would (greedy: exactly,
     given batch invariance; sampled: in distribution). Afterwards the cache holds at most the prompt and
     the yielded tokens, as with plain decoding."""
     if budget == 0:
         return "length" if max_new_tokens == 0 else "context"
-    generator = None if params.greedy else params.generator()
-    drafter = drafter_for(spec, model, params, generator, cache.max_len)
     history = list(ids)
     n = 0
-    k_now = spec.draft_max  # the adaptive schedule's k
     try:
         cache.truncate(len(ids) - 1)  # the last prompt token is run with the first round's drafts
         start = cache.length
@@ -271,15 +307,9 @@ def speculative_tokens(model, ids: list[int], params: SamplingParams, stops: set
         while True:
             # a round emits up to k + 1 tokens (no more than are left) and writes positions
             # len(history) - 1 .. len(history) - 1 + k of the cache
-            k = max(0, min(k_now, budget - n - 1, cache.max_len - len(history)))
-            draft, q = drafter.propose(history, k) if k else ([], None)
+            draft = sp.propose(history, min(budget - n - 1, cache.max_len - len(history)))
             rows = model.last_logits([history[-1]] + draft, cache, len(draft) + 1)
-            tokens, accepted = accept_drafts(rows, draft, q, params, generator)
-            stats.rounds += 1
-            stats.drafted += len(draft)
-            stats.accepted += accepted
-            if spec.adaptive and draft:
-                k_now = min(spec.draft_max, k_now + 2) if accepted == len(draft) else max(1, k_now - 1)
+            tokens, accepted = sp.accept(rows)
             cache.truncate(len(history) + accepted)  # roll back the rejected drafts' positions
             for t in tokens:
                 if t in stops:
