@@ -68,7 +68,7 @@ Than fly to others that we know not of?
 def load(args):
     """(target NativeLM, draft NativeLM or None, prompt ids)."""
     import bitlm
-    from bitlm.engine.native import NativeLM, NativeModel
+    from bitlm.engine.native import NativeLM
     if args.shape:
         from bitlm.engine.bench import synthetic_native_file
         from bitlm.io.native import open_native

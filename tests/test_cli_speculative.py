@@ -64,7 +64,8 @@ def test_chat_speculative_replies_as_plain_chat(capsys, monkeypatch):
 
 @pytest.mark.parametrize("flags, pattern", [
     (["--speculative", "draft"], r"--speculative draft needs a draft model: --draft MODEL"),
-    (["--speculative", "lookup", "--draft", "x"], r"--draft MODEL drafts with a model: it goes with --speculative draft"),
+    (["--speculative", "lookup", "--draft", "x"], r"--draft MODEL drafts with a model: it goes with --speculative "
+                                                  r"draft"),
     (["--speculative", "lookup", "--draft-max", "0"], r"speculative draft_max must be an integer >= 1, got 0"),
     (["--speculative", "lookup", "--lookup-ngram", "0"], r"speculative ngram_max must be an integer >= 1, got 0"),
 ])

@@ -101,7 +101,8 @@ def speculative_option(args) -> dict:
         return {"speculative": Speculative("lookup", draft_max=args.draft_max, ngram_max=args.lookup_ngram)}
     if not args.draft:
         raise BitlmError("--speculative draft needs a draft model: --draft MODEL (one sharing the model's tokenizer)")
-    return {"speculative": Speculative("draft", draft_max=args.draft_max, draft_model=_load_on(args.runtime, args.draft, args))}
+    draft = _load_on(args.runtime, args.draft, args)
+    return {"speculative": Speculative("draft", draft_max=args.draft_max, draft_model=draft)}
 
 
 def sampling_options(args) -> dict:
@@ -334,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lookup-ngram", type=int, default=3, metavar="N",
                    help="prompt lookup: the longest n-gram of the context matched, down to 1 (default 3)")
 
-    p = sub.add_parser("generate", parents=[model, sampling, speculative], help="continue a prompt, streaming to stdout",
+    p = sub.add_parser("generate", parents=[model, sampling, speculative],
+                       help="continue a prompt, streaming to stdout",
                        description="Continue PROMPT and stream the continuation to stdout.")
     p.add_argument("-p", "--prompt", required=True, help="the prompt text ('-' reads it from stdin)")
     p.set_defaults(run=cmd_generate)
