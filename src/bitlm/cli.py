@@ -331,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draft tokens by prompt lookup (n-grams of the context, no second model) or with a draft "
                         "model, and check them in one forward (default: draft with --draft, else none)")
     g.add_argument("--draft", metavar="MODEL", help="the draft model: a smaller model sharing the tokenizer")
-    g.add_argument("--draft-max", type=int, default=8, metavar="N", help="tokens drafted per step (default 8)")
+    g.add_argument("--draft-max", type=int, default=8, metavar="N",
+                   help="most tokens drafted per step (default 8; fewer while drafts are rejected)")
     g.add_argument("--lookup-ngram", type=int, default=3, metavar="N",
                    help="prompt lookup: the longest n-gram of the context matched, down to 1 (default 3)")
 
