@@ -4,8 +4,8 @@ Each round, with the target's KV cache holding the history but its last token:
 
     draft       a drafter proposes up to k tokens d_1 .. d_k to follow the history
     verify      the target runs [last, d_1, .., d_k] in ONE forward at the next positions: k + 1 rows of
-                logits, at the cost of about one decode step (decode reads every weight for a single
-                row; the prompt GEMM reads them once for all rows)
+                logits for one read of the weights (decode reads them once per token, and at the 2B4T
+                shape is bound by that read)
     accept      accept_drafts() keeps d_1 .. d_a and adds one token of the target's own (a correction at
                 the first rejection, or a bonus after k acceptances): 1 .. k + 1 tokens a round
     roll back   the cache is truncated to the history plus the accepted drafts: the rejected positions'
@@ -27,8 +27,10 @@ is accepted with probability p(x), and a rejection draws from p without x.
 
 Drafters:
     PromptLookup    n-grams of the history (no second model): the longest suffix of n = ngram_max ..
-                    ngram_min tokens that occurred before, proposing the tokens that followed its latest
-                    occurrence (transformers' prompt_lookup_num_tokens, vLLM's ngram speculator)
+                    ngram_min tokens that occurred before, proposing the tokens that followed it (the
+                    method of transformers' prompt_lookup_num_tokens and vLLM's ngram speculator; here
+                    the latest occurrence, nearest to what is being written, where transformers takes
+                    the first)
     DraftModel      a smaller model sharing the tokenizer, with its own KV cache kept in step with the
                     accepted tokens; drafts are drawn from its processed distribution q (greedy: argmax)
 
