@@ -108,7 +108,7 @@ def generate(model, prompt_ids, max_new_tokens: int = 256, temperature: float = 
         if not isinstance(speculative, Speculative):
             raise BitlmError(f"speculative: expected a bitlm.engine.speculative.Speculative, got {speculative!r}")
         # made now, so that an incompatible draft model is an error here, not at the first token
-        sp = Speculator(speculative, model, params, max_len=cache.max_len if cache is not None else None)
+        sp = Speculator(speculative, model, params)
         return SpeculativeTokens(speculative_tokens(model, ids, params, stops, detok, budget, max_new_tokens,
                                                     cache, sp), sp.stats)
     return _tokens(model, ids, params, stops, detok, budget, max_new_tokens, cache)

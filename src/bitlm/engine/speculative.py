@@ -40,6 +40,7 @@ accept, truncate), as generate() does.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -167,27 +168,44 @@ def check_draft_model(target, draft) -> None:
                          "load the draft separately")
 
 
-class DraftModel:
-    """Drafts with a second model (anything generate() runs). Its cache holds `self.cached`; each
-    propose() keeps the prefix of it that the history shares (the accepted drafts), runs the rest, then
-    draws k tokens one forward at a time, from q = the same processed distribution plain sampling uses."""
+class _DraftCache:
+    """A draft model's KV cache and the ids it holds. Kept with the model between generations (a chat's
+    next turn shares the conversation so far), so each propose() runs only what is new."""
 
-    def __init__(self, model, params: SamplingParams, generator: np.random.Generator | None,
-                 max_len: int | None = None):
+    def __init__(self, model):
+        self.cache = model.new_cache()  # the draft's whole context (a native model's is mapped lazily)
+        self.ids: list[int] = []
+
+
+_DRAFT_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+class DraftModel:
+    """Drafts with a second model (anything generate() runs). Its cache holds `state.ids`; each
+    propose() keeps the prefix of it that the history shares (the accepted drafts; a chat's earlier
+    turns), runs the rest, then draws k tokens one forward at a time, from q = the same processed
+    distribution plain sampling uses. One cache per draft model: generations that take turns with it
+    re-run what they do not share, and a draft is only ever slower for it, never wrong (the target
+    checks every draft)."""
+
+    def __init__(self, model, params: SamplingParams, generator: np.random.Generator | None):
         self.model, self.params, self.generator = model, params, generator
-        self.cache = model.new_cache(max_len=max_len)
-        self.cached: list[int] = []
+        self.state = _DRAFT_CACHES.get(model)
+        if self.state is None:
+            self.state = _DRAFT_CACHES[model] = _DraftCache(model)
 
     def propose(self, ids: Sequence[int], k: int) -> tuple[list[int], np.ndarray | None]:
         """Up to k tokens to follow `ids`, and q float64 [n, vocab], the distribution each was drawn
         from (None when greedy: the argmax, one-hot)."""
-        k = min(k, self.cache.max_len + 1 - len(ids))  # the draft writes positions up to len(ids) + k - 2
+        cache = self.state.cache
+        k = min(k, cache.max_len + 1 - len(ids))  # the draft writes positions up to len(ids) + k - 2
         if k <= 0:
             return [], None
         ids = list(ids)
-        keep = min(shared_prefix_len(ids, self.cached), self.cache.length, len(ids) - 1)
-        self.cache.truncate(keep)
-        logits = self.model.last_logits(ids[keep:], self.cache)
+        keep = min(shared_prefix_len(ids, self.state.ids), cache.length, len(ids) - 1)
+        cache.truncate(keep)
+        self.state.ids = ids[:keep]  # (if a forward below fails, the cache holds no more than this)
+        logits = self.model.last_logits(ids[keep:], cache)
         tokens, qs = [], []
         for j in range(k):
             if self.params.greedy:
@@ -197,16 +215,16 @@ class DraftModel:
                 qs.append(q)
                 tokens.append(draw(q, self.generator))
             if j + 1 < k:
-                logits = self.model.last_logits(tokens[-1:], self.cache)
-        self.cached = ids + tokens[:-1]
+                logits = self.model.last_logits(tokens[-1:], cache)
+        self.state.ids = ids + tokens[:-1]
         return tokens, (np.stack(qs) if qs else None)
 
 
-def drafter_for(spec: Speculative, model, params: SamplingParams, generator, max_len: int | None = None):
+def drafter_for(spec: Speculative, model, params: SamplingParams, generator):
     if spec.method == "lookup":
         return PromptLookup(spec.ngram_max, spec.ngram_min)
     check_draft_model(model, spec.draft_model)
-    return DraftModel(spec.draft_model, params, generator, max_len)
+    return DraftModel(spec.draft_model, params, generator)
 
 
 # ---- verification --------------------------------------------------------------------------------
@@ -264,10 +282,10 @@ class Speculator:
 
     It keeps the adaptive k and the counts (`stats`)."""
 
-    def __init__(self, spec: Speculative, model, params: SamplingParams, generator=None, max_len: int | None = None):
+    def __init__(self, spec: Speculative, model, params: SamplingParams, generator=None):
         self.spec, self.params = spec, params
         self.generator = generator if generator is not None or params.greedy else params.generator()
-        self.drafter = drafter_for(spec, model, params, self.generator, max_len)
+        self.drafter = drafter_for(spec, model, params, self.generator)
         self.k = spec.draft_max
         self.stats = SpecStats()
         self._pending: tuple[list[int], np.ndarray | None] | None = None
