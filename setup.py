@@ -12,7 +12,7 @@ from setuptools.command.build_ext import build_ext
 
 KDIR = os.path.join("src", "bitlm", "kernels")
 SOURCES = ["module.c", "dispatch.c", "pool.c", "scalar.c", "avx2.c", "avx512vnni.c", "avx512vbmi.c", "amx.c",
-           "neon.c", "convert.c", "bitnet.c"]
+           "neon.c", "convert.c", "bitnet.c", "vecops.c", "forward.c", "attention.c", "head.c"]
 
 
 class OptionalBuildExt(build_ext):
@@ -41,7 +41,7 @@ unix = os.name != "nt"
 ext = Extension(
     "bitlm.kernels._native",
     sources=[os.path.join(KDIR, s) for s in SOURCES],
-    depends=[os.path.join(KDIR, h) for h in ("i2v.h", "bitnet.h")],
+    depends=[os.path.join(KDIR, h) for h in ("i2v.h", "bitnet.h", "bitnet_impl.h", "x86_avx512.h")],
     # -fno-wrapv undoes the -fwrapv of Python's own CFLAGS: with it, int loop indices may wrap, the
     # compiler cannot widen them to pointer steps, and the SIMD kernels ran 1.5x slower (AVX2 GEMM).
     extra_compile_args=["-O3", "-std=c11", "-Wall", "-fno-strict-aliasing", "-fno-wrapv"] if unix else ["/O2"],

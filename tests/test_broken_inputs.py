@@ -81,8 +81,8 @@ FAULTS = {
     "config bad field": (lambda d: edit_config(d, num_attention_heads=5), r"config\.json: "),
     "config other model": (lambda d: edit_config(d, model_type="llama"), r"config\.json: model_type is 'llama'"),
     "truncated weights": (truncate, r"model\.safetensors: truncated"),
-    "corrupt header": (corrupt_header, r"model\.safetensors: not a readable safetensors file"),
-    "not safetensors": (lambda d: (d / WEIGHTS).write_bytes(b"\x05"), r"model\.safetensors: not a readable"),
+    "corrupt header": (corrupt_header, r"model\.safetensors: not a safetensors file \(its header is not JSON"),
+    "not safetensors": (lambda d: (d / WEIGHTS).write_bytes(b"\x05"), r"model\.safetensors: not a safetensors file \(only 1 bytes\)"),
     "shape vs config": (lambda d: edit_config(d, intermediate_size=192),
                         r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.ffn_sub_norm\.weight' has shape \[172\], "
                         r"expected \[192\] from config\.json"),
@@ -116,8 +116,13 @@ COMMANDS = {
     "generate torch": ["generate", "-m", "{m}", "-p", "hi", "-n", "2", "--runtime", "torch"],
     "chat": ["chat", "-m", "{m}"],
     "bench": ["bench", "-m", "{m}", "-p", "4", "-n", "2", "-r", "1"],
+    "serve": ["serve", "-m", "{m}", "--port", "0"],
+    "convert": ["convert", "{m}", "{out}", "--to", "hf"],
+    "convert native": ["convert", "{m}", "{out}", "--to", "native"],
+    "eval ppl": ["eval", "ppl", "-m", "{m}", "--data", "{data}", "--no-progress"],
+    "eval ppl torch": ["eval", "ppl", "-m", "{m}", "--data", "{data}", "--no-progress", "--runtime", "torch"],
 }
-NATIVE = {"generate", "chat", "bench"}
+NATIVE = {"generate", "chat", "bench", "serve", "eval ppl", "convert native"}
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
@@ -134,10 +139,23 @@ def test_every_command_refuses_every_broken_input(tiny_model_dir, tmp_path, caps
         shutil.copytree(tiny_model_dir, model)
         damage(model)
     monkeypatch.setattr("sys.stdin", __import__("io").StringIO("hello\n"))  # chat's input, never reached
-    assert main([a.format(m=model) for a in COMMANDS[command]]) == 2
+    if command == "serve":
+        pytest.importorskip("fastapi")
+
+        def started(*a, **k):  # the checks must refuse the model before a server would listen
+            raise AssertionError("the server started on a broken model")
+        monkeypatch.setattr("bitlm.serve.server.run", started)
+    data = tmp_path / "text.txt"
+    data.write_text("To be, or not to be, that is the question.\n" * 4)
+    out_file = tmp_path / "out"
+    assert main([a.format(m=model, data=data, out=out_file) for a in COMMANDS[command]]) == 2
     out, err = capsys.readouterr()
+    # a fault only the data shows (code 3, a NaN scale) is found while converting, after the one line
+    # that says the conversion has started
+    err = re.sub(r"\Abitlm: converting \S+ for the native runtime \(once; cached in \S+\)\n", "", err)
     assert out == "" and err.count("\n") == 1 and err.startswith("bitlm: error: "), err
     assert re.search(pattern, err), err
+    assert not out_file.exists()  # a conversion that fails leaves nothing behind
     if damage is not None and fault != "no such directory":
         assert str(model) in err, err  # the file or directory is named in full
 

@@ -59,6 +59,7 @@ def test_doctor_names_the_kernel_path():
     if native_available():
         import bitlm.kernels
         assert f"in use: {bitlm.kernels.info()['path']}" in p.stdout
+        assert "amx is tested only on CPUs that have it (no emulator)" in p.stdout
     else:
         assert "NOT available" in p.stdout or "not part of this install" in p.stdout
 

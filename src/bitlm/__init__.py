@@ -1,7 +1,8 @@
 """bitlm: BitNet b1.58 ternary ("1.58-bit") language models: train, run and serve them.
 
 The names below load on first use, so `import bitlm` (and the native runtime, `bitlm bench`) does not
-pull in torch until something that needs it is touched.
+pull in torch until something that needs it is touched. torch is an extra (`pip install 'bitlm[torch]'`):
+without it, a name that needs it raises a BitlmError saying so.
 """
 
 from importlib import import_module
@@ -22,7 +23,14 @@ _LAZY = {
 
 def __getattr__(name):
     if name in _LAZY:
-        value = getattr(import_module(_LAZY[name], __name__), name)
+        try:
+            module = import_module(_LAZY[name], __name__)
+        except ModuleNotFoundError as e:  # torch is an extra: pip install 'bitlm[torch]'
+            if (e.name or "").split(".")[0] != "torch":
+                raise
+            raise BitlmError(f"bitlm.{name} needs PyTorch, which is not installed: pip install 'bitlm[torch]' "
+                             "(the native runtime, bitlm.load_native, runs without it)") from None
+        value = getattr(module, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'bitlm' has no attribute {name!r}")

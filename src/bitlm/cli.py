@@ -3,12 +3,20 @@
     bitlm generate -m MODEL -p PROMPT [-n N] [sampling flags] [--stop STR ...] [--ignore-eos] [-t THREADS]
                    [--speculative lookup | --draft MODEL] [--draft-max N] [--lookup-ngram N]
     bitlm chat -m MODEL [--system S] [sampling flags] [speculative flags]
+        (generate and chat: --device cuda runs the torch model on a GPU with the Triton kernels)
     bitlm info [MODEL] [--json]
     bitlm bench (-m MODEL | --shape NAME) [-t THREADS] [-p N_PROMPT] [-n N_GEN] [-r REPS] [--json] [--profile]
+                [--device cuda]
+    bitlm serve -m MODEL [--host 127.0.0.1] [--port 8000] [--max-seqs N] [--api-key KEY] ...
+    bitlm convert IN OUT --to FORMAT [--embed-type T] [--head H]
     bitlm doctor
+    bitlm eval ppl -m MODEL --data FILE... [--ctx N] [--stride S] [--runtime native|torch] [--json]
+    bitlm eval harness --model_args pretrained=DIR --tasks TASKS [lm_eval's other flags]
+    bitlm report (-m MODEL | --shape NAME) [--out DIR]
     bitlm train | sft | dpo ...   (docs/training.md)
 
 A BitlmError (bad input, a bad file, a missing model) prints one line `bitlm: error: ...` and exits 2;
+so does a command that needs PyTorch where it is not installed (it names the extra to install);
 Ctrl-C exits 130 without a traceback.
 """
 
@@ -26,6 +34,8 @@ from .errors import BitlmError
 PROG = "bitlm"
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+TORCH_NEEDED = ("this needs PyTorch, which is not installed (training, latent checkpoints, --runtime torch, "
+                "bitlm.load's model): pip install 'bitlm[torch]'")
 
 
 def resolve_model_arg(arg: str | None) -> str:
@@ -61,30 +71,57 @@ def native_available() -> bool:
     return importlib.import_module(f"{__package__}.kernels").available()
 
 
+def add_device_option(parser) -> None:
+    """--device, shared by the commands that run a model."""
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (default) or cuda[:N]: the torch model on the GPU, packed weights multiplied "
+                             "by the Triton kernels (pip install 'bitlm[gpu]')")
+
+
+def check_device_arg(args):
+    """args.device as a torch.device (a one-line error when CUDA or Triton is missing); None for cpu,
+    without importing torch."""
+    if getattr(args, "device", "cpu") == "cpu":  # commands without --device (eval ppl) run on the CPU
+        return None
+    from .gpu import check_device, resolve_kernel
+    dev = check_device(args.device, "--device")
+    resolve_kernel(dev, "auto", "packed", "--device")
+    return dev
+
+
 def load_model(args):
     """The model on the runtime asked for: "native" (the C forward, the default where it is built) or
-    "torch" (the reference model)."""
+    "torch" (the reference model); with --device cuda, the torch model on the GPU."""
     source = resolve_model_arg(args.model)
     runtime = args.runtime
+    dev = check_device_arg(args)
+    if dev is not None:
+        if runtime == "native":
+            raise BitlmError(f"--runtime native runs on the CPU; --device {args.device} runs the torch model "
+                             "(drop --runtime native)")
+        runtime = "torch"
     if runtime == "auto":
         runtime = "native" if native_available() else "torch"
     set_threads(args.threads, torch_too=runtime == "torch")
     if runtime == "native" and not native_available():
         raise BitlmError("--runtime native: the native kernels are not built in this install; "
                          "run `bitlm doctor`, or use --runtime torch")
-    model = _load_on(runtime, source, args)
+    model = _load_on(runtime, source, args, dev)
     if model.tokenizer is None:
         raise BitlmError(f"{args.model}: no tokenizer.json next to the weights; `bitlm {args.command}` needs one")
     args.runtime = runtime  # a draft model is loaded on the same runtime
     return model
 
 
-def _load_on(runtime: str, source: str, args):
+def _load_on(runtime: str, source: str, args, dev=None):
     if runtime == "native":
         from .engine.native import NativeLM
         from .io.native import load_native
         return NativeLM(load_native(source, head=args.head, max_len=args.ctx_size, kv=args.kv, mmap=args.mmap))
     import bitlm
+    if dev is not None:
+        import torch
+        return bitlm.load(source, device=dev, dtype=torch.bfloat16)  # bf16 activations on a GPU
     return bitlm.load(source)
 
 
@@ -101,7 +138,7 @@ def speculative_option(args) -> dict:
         return {"speculative": Speculative("lookup", draft_max=args.draft_max, ngram_max=args.lookup_ngram)}
     if not args.draft:
         raise BitlmError("--speculative draft needs a draft model: --draft MODEL (one sharing the model's tokenizer)")
-    draft = _load_on(args.runtime, args.draft, args)
+    draft = _load_on(args.runtime, args.draft, args, check_device_arg(args))
     return {"speculative": Speculative("draft", draft_max=args.draft_max, draft_model=draft)}
 
 
@@ -206,6 +243,9 @@ def cmd_bench(args) -> int:
     from .io.native import load_native, open_native
     if bool(args.model) == bool(args.shape):
         raise BitlmError("bitlm bench: give exactly one of -m MODEL or --shape NAME (e.g. --shape 2b4t)")
+    dev = check_device_arg(args)
+    if dev is not None:
+        return _bench_torch(args, dev)
     if not native_available():
         raise BitlmError("bitlm bench measures the native runtime, which is not built in this install "
                          "(see `bitlm doctor`)")
@@ -235,13 +275,7 @@ def cmd_bench(args) -> int:
         return 0
     if made > 1:
         print(f"(made the random {args.shape} model file in {made:.0f} s, once: {nm.source['file']})")
-    size = records[0]["model_size"] / 2**30 if records else 0
-    print("| model | size | params | backend | threads | test | t/s |")
-    print("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
-    for r in records:
-        test = f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}"
-        print(f"| {r['model_type']} | {size:.2f} GiB | {r['model_n_params'] / 1e9:.2f} B | native | {r['n_threads']} "
-              f"| {test} | {r['avg_ts']:.2f} ± {r['stddev_ts']:.2f} |")
+    _print_bench_table(records)
     print(f"\nload {load_s:.2f} s, peak RSS {rss / 1e9:.3f} GB")
     if args.profile:
         prof = bench.phase_breakdown(nm, args.threads[-1], max(args.n_prompt), max(args.n_gen))
@@ -255,11 +289,61 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _print_bench_table(records) -> None:
+    size = records[0]["model_size"] / 2**30 if records else 0
+    print("| model | size | params | backend | threads | test | t/s |")
+    print("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
+    for r in records:
+        test = f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}"
+        print(f"| {r['model_type']} | {size:.2f} GiB | {r['model_n_params'] / 1e9:.2f} B | {r.get('backend', 'native')} "
+              f"| {r['n_threads']} | {test} | {r['avg_ts']:.2f} ± {r['stddev_ts']:.2f} |")
+
+
+def _bench_torch(args, dev) -> int:
+    """bench --device cuda: the torch model on the GPU, its products by the Triton kernels."""
+    from .engine import bench
+    if args.profile:
+        raise BitlmError("bench --profile times the native runtime's phases; it has no --device cuda form")
+    records = bench.measure_torch(args.model, args.shape, dev, args.n_prompt, args.n_gen, args.repetitions)
+    if args.json:
+        print(json.dumps(records, indent=2))
+    else:
+        _print_bench_table(records)
+        print(f"\nload {records[0]['load_s']:.2f} s, peak GPU memory {records[0]['peak_gpu_bytes'] / 1e9:.3f} GB")
+    return 0
+
+
 def _ms(v: float) -> str:
     """A phase's milliseconds: three decimals, or three significant digits below 0.1 ms, so that a
     tiny model's phases on a fast CPU show their size instead of 0.000."""
     import math
     return f"{v:.{3 if v >= 0.1 or v <= 0 else 2 - math.floor(math.log10(v))}f}"
+
+def cmd_serve(args) -> int:
+    """An OpenAI-compatible HTTP server (bitlm.serve; needs the `serve` extra: fastapi, uvicorn)."""
+    if args.runtime == "torch":
+        raise BitlmError("bitlm serve runs on the native runtime; leave out --runtime torch")
+    if args.device != "cpu":
+        raise BitlmError(f"bitlm serve runs on the CPU's native runtime; --device {args.device} is not supported "
+                         "by the server yet (generate, chat and bench take it)")
+    if not native_available():
+        raise BitlmError("bitlm serve needs the native kernels, which are not built in this install "
+                         "(see `bitlm doctor`)")
+    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
+        raise BitlmError("bitlm serve needs fastapi and uvicorn: pip install 'bitlm[serve]'")
+    from .io.native import load_native
+    from .serve.server import run, served_name
+    from .serve.settings import ServeSettings
+    source = resolve_model_arg(args.model)
+    settings = ServeSettings(model_name=args.served_model_name or served_name(source), host=args.host,
+                             port=args.port, max_seqs=args.max_seqs, max_queue=args.max_queue,
+                             kv_blocks=args.kv_blocks, prefill_chunk=args.prefill_chunk, api_key=args.api_key,
+                             drain_timeout=args.drain_timeout, engine=args.engine)
+    set_threads(args.threads, torch_too=False)
+    nm = load_native(source, head=args.head, max_len=args.ctx_size, kv=args.kv, mmap=args.mmap)
+    if nm.tokenizer is None:
+        raise BitlmError(f"{source}: no tokenizer.json next to the weights; `bitlm serve` needs one")
+    return run(nm, settings)
 
 
 def cmd_doctor(args) -> int:
@@ -282,6 +366,8 @@ def cmd_doctor(args) -> int:
         return 0
     print(f"cpu features: {' '.join(info['cpu_features']) or '-'}")
     print(f"kernel paths: {', '.join(info['paths'])}; in use: {info['path']}")
+    print("kernel tests: amx is tested only on CPUs that have it (no emulator); avx512vnni/vbmi and neon are "
+          "also tested in CI on any CPU, by emulation (SIMDe, qemu-user)")
     print(f"threads: {info['threads']}")
     return 0
 
@@ -290,6 +376,50 @@ def cmd_info(args) -> int:
     from .io.summary import describe, format_summary
     info = describe(resolve_model_arg(args.model_pos or args.model))
     print(json.dumps(info, indent=2) if args.json else format_summary(info))
+    return 0
+
+
+def cmd_eval_ppl(args) -> int:
+    from .eval.ppl import format_result, perplexity, read_text
+    texts = [read_text(f) for f in args.data]  # a bad --data fails before the model loads
+    args.ctx_size, args.mmap = args.ctx, True
+    model = load_model(args)
+    from .eval.scoring import scorer_for
+    scorer = scorer_for(model)
+    ctx = args.ctx or model.config.max_position_embeddings
+    stride = args.stride or max(1, ctx // 2)
+    r = perplexity(scorer, texts, ctx, stride, progress=args.progress)
+    r["model"] = args.model or "bundled shakespeare"
+    r["head"] = args.head if scorer.runtime == "native" else None
+    r["data"] = args.data
+    names = ", ".join(os.path.basename(f) for f in args.data)
+    print(json.dumps(r, indent=2) if args.json else format_result(r, names))
+    return 0
+
+
+def cmd_eval_harness(args) -> int:
+    if importlib.util.find_spec("lm_eval") is None:
+        raise BitlmError("bitlm eval harness needs lm-evaluation-harness: pip install 'bitlm[eval]'")
+    from .eval.harness import run_cli
+    return run_cli(args.lm_eval_args)
+
+
+def cmd_report(args) -> int:
+    from .eval.report import make_report
+    if bool(args.model) == bool(args.shape):
+        raise BitlmError("bitlm report: give exactly one of -m MODEL or --shape NAME (e.g. --shape 2b4t)")
+    if not native_available():
+        raise BitlmError("bitlm report measures the native runtime, which is not built in this install "
+                         "(see `bitlm doctor`)")
+    make_report(model=args.model, shape=args.shape, out=args.out, threads=args.threads, n_prompt=args.n_prompt,
+                n_gen=args.n_gen, twin_gen=args.twin_n_gen, reps=args.repetitions, head=args.head)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .io.convert import convert
+    out = convert(args.input, args.output, args.to, embed_type=args.embed_type, head=args.head)
+    print(f"wrote {out} ({args.to})", file=sys.stderr)
     return 0
 
 
@@ -313,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="native runtime: --mmap keeps the weights memory-mapped (instant load, page cache "
                             "shared with other processes); --no-mmap reads them into memory on huge pages "
                             "(here decode 3-5%% faster, prompts 4%% slower, a slower start; default --mmap)")
+    add_device_option(model)
 
     sampling = argparse.ArgumentParser(add_help=False)
     g = sampling.add_argument_group("sampling")
@@ -372,15 +503,101 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print llama-bench's JSON records")
     p.add_argument("--profile", action="store_true",
                    help="also print the per-token time of each phase of the forward (norms, products, attention, head)")
+    add_device_option(p)
     p.set_defaults(run=cmd_bench)
+
+    p = sub.add_parser("serve", parents=[model], help="an OpenAI-compatible HTTP server",
+                       description="Serve the model over the OpenAI API (/v1/completions, /v1/chat/completions, "
+                                   "/v1/models) with /health and Prometheus /metrics; many requests at once.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, logged)")
+    p.add_argument("--served-model-name", help="the model id of the API (default: the model directory's name)")
+    p.add_argument("--max-seqs", type=int, default=16, help="requests generated at once (default 16)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 429 (default 64)")
+    p.add_argument("--kv-blocks", type=int, help="KV cache budget in blocks of 16 positions (default: max-seqs "
+                                                  "full contexts, at most 2 GiB with --engine batch)")
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt tokens per step, so long prompts do not stall running requests (default 256)")
+    p.add_argument("--api-key", default=os.environ.get("BITLM_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on /v1/* (default: $BITLM_API_KEY, unset: no key)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds SIGINT/SIGTERM lets running requests finish (default 30)")
+    p.add_argument("--engine", choices=("batch", "sequential"), default="batch",
+                   help="batch: all sequences of a step in one forward (default); sequential: one after "
+                        "another, the reference")
+    p.set_defaults(run=cmd_serve)
+
+    from .io.convert import FORMATS
+    p = sub.add_parser("convert", help="convert a model between HF, GGUF (llama.cpp, bitnet.cpp) and native files",
+                       description="Convert IN (an HF directory or repo id, a .gguf file, a native file) to "
+                                   "FORMAT at OUT, atomically. Ternary weights cross over exactly.")
+    p.add_argument("input", metavar="IN", help="HF directory or repo id, .gguf file, or native file")
+    p.add_argument("output", metavar="OUT", help="the directory (hf, hf-bf16) or file to write")
+    p.add_argument("--to", required=True, choices=FORMATS, help="output format")
+    p.add_argument("--embed-type", choices=("f16", "bf16", "f32", "q8_0", "q6_k"), default="f16",
+                   help="GGUF: the token embedding's type (default f16, as the official I2_S file)")
+    p.add_argument("--head", choices=("q8", "q6", "bf16", "f32"), default="q8", help="native: output head format")
+    p.set_defaults(run=cmd_convert)
 
     p = sub.add_parser("doctor", help="CPU features and the kernel path in use")
     p.set_defaults(run=cmd_doctor)
+
+    add_eval_parsers(sub)
 
     from .train.cli import add_dpo_parser, add_sft_parser, add_train_parser
     for add in (add_train_parser, add_sft_parser, add_dpo_parser):
         add(sub).set_defaults(run=lambda args: args.func(args))
     return parser
+
+
+def add_eval_parsers(sub) -> None:
+    """`bitlm eval ppl`, `bitlm eval harness` and `bitlm report`."""
+    ev = sub.add_parser("eval", help="model quality: perplexity (ppl), lm-evaluation-harness tasks (harness)",
+                        description="Measure a model's quality.")
+    esub = ev.add_subparsers(dest="eval_command", metavar="WHAT", required=True)
+    p = esub.add_parser("ppl", help="perplexity and bits per byte of a text file (sliding window)",
+                        description="Perplexity and bits per byte of a UTF-8 text, scored in windows of --ctx "
+                                    "tokens that start every --stride tokens; each window scores only the "
+                                    "tokens the previous one did not (Hugging Face's method for fixed-length "
+                                    "models).")
+    p.add_argument("-m", "--model", help="model directory or Hugging Face repo id (default: the bundled model)")
+    p.add_argument("--data", required=True, nargs="+", metavar="FILE",
+                   help="UTF-8 text files, each scored as one document")
+    p.add_argument("--ctx", type=int, help="window length in tokens (default: the model's context)")
+    p.add_argument("--stride", type=int, help="tokens between window starts, below --ctx (default ctx / 2)")
+    p.add_argument("--runtime", choices=("auto", "native", "torch"), default="auto",
+                   help="native: the C forward (default where built); torch: the reference model")
+    p.add_argument("--head", choices=("q8", "q6", "bf16", "f32"), default="q8",
+                   help="native runtime: output head format (default q8)")
+    p.add_argument("--kv", choices=("f16", "f32"), default="f16", help="native runtime: KV cache type (default f16)")
+    p.add_argument("-t", "--threads", type=int, help="CPU threads (default: all)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
+    p.set_defaults(run=cmd_eval_ppl)
+
+    # Everything after `harness` goes to lm-eval's own parser (its -h included): '+' as the prefix
+    # character keeps argparse from reading lm-eval's --flags as ours.
+    p = esub.add_parser("harness", prefix_chars="+", add_help=False,
+                        help="lm-evaluation-harness tasks (lm_eval's flags; --model bitlm is implied)",
+                        description="Run lm-eval's command line with the bitlm model registered.")
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
+    p.set_defaults(run=cmd_eval_harness)
+
+    p = sub.add_parser("report", help="the 2B4T efficiency table on this machine: ternary beside its bf16 twin",
+                       description="Weight memory, peak RSS, prefill and decode latency per token and energy per "
+                                   "token of a ternary model (native runtime) and its bf16 twin of the same "
+                                   "shape (bitlm's torch model), each measured in its own process; a Markdown "
+                                   "table and a PNG chart in --out.")
+    p.add_argument("-m", "--model", help="model directory or Hugging Face repo id")
+    p.add_argument("--shape", help="random weights of a preset's shape instead (e.g. 2b4t); no download")
+    p.add_argument("--out", default="report", help="directory for report.md, report.json, report.png (default report)")
+    p.add_argument("-t", "--threads", type=int, default=os.cpu_count() or 1, help="CPU threads (default: all)")
+    p.add_argument("-p", "--n-prompt", type=int, default=64, help="prompt tokens for prefill (default 64)")
+    p.add_argument("-n", "--n-gen", type=int, default=32, help="tokens decoded by the ternary model (default 32)")
+    p.add_argument("--twin-n-gen", type=int, default=8, help="tokens decoded by the bf16 twin (default 8)")
+    p.add_argument("-r", "--repetitions", type=int, default=2, help="runs per test, after a warm-up (default 2)")
+    p.add_argument("--head", choices=("q8", "q6", "bf16", "f32"), default="q8", help="ternary model's head format")
+    p.set_defaults(run=cmd_report)
 
 
 def _one_line(e: BaseException) -> str:
@@ -400,6 +617,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except BitlmError as e:
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except ModuleNotFoundError as e:  # torch is an extra: the base install runs packed models natively
+        if (e.name or "").split(".")[0] != "torch":
+            raise
+        print(f"{PROG}: error: {TORCH_NEEDED}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(file=sys.stderr)

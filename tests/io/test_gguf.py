@@ -46,16 +46,20 @@ def test_export_refuses_shapes_llama_cpp_cannot_hold(tiny_model_dir, tmp_path):
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
-def test_llama_cpp_runs_the_export(model256, tmp_path):
+@pytest.mark.parametrize("ttype, etype", [("tq2_0", "f32"), ("tq1_0", "f16"), ("tq2_0", "bf16"), ("tq2_0", "q6_k"), ("tq1_0", "q8_0")])
+def test_llama_cpp_runs_the_export(model256, tmp_path, ttype, etype):
+    """llama.cpp runs each TQ type, and reads each embedding type as bitlm does (its Q6_K rows from
+    bitlm's own quantizer): compared with bitlm's reading of the same file."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    path = export_gguf(model256, tmp_path / "m.gguf", "tq2_0", "f32")
+    path = export_gguf(model256, tmp_path / "m.gguf", ttype, etype)
+    mine = bitlm.load(path)
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
     ids = model256.tokenizer.encode("To be, or not to be, that is the question")
     assert llm.tokenize(b"To be, or not to be, that is the question", add_bos=True) == ids
     llm.eval(ids)
     theirs = torch.tensor(np.array(llm.scores[: len(ids)]))
     with torch.no_grad():
-        ours = model256(torch.tensor([ids]))[0]
+        ours = mine(torch.tensor([ids]))[0]
     # llama.cpp quantizes activations per 256-block (q8_K) rather than per token: close, not identical
     # (seen: 1.5-4% per position, one outlier at 12%). A structural mismatch (RoPE, norms, scales,
     # GQA, token ids) gives errors of order 100%.

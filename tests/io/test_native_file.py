@@ -63,10 +63,10 @@ def test_convert_then_map_equals_the_torch_model(tiny_model_dir, tmp_path, monke
     got = nm.forward(ids[0].numpy(), n_out=15)
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
     assert nm.tokenizer.encode("To be") == ref.tokenizer.encode("To be")
-    files = list((tmp_path / "cache" / "native").iterdir())
-    assert len(files) == 1
-    bitlm.load_native(tiny_model_dir, head="f32")  # cached: no second file
-    assert list((tmp_path / "cache" / "native").iterdir()) == files
+    files = list((tmp_path / "cache" / "native").glob("*.safetensors"))  # (and a hidden lock file)
+    assert len(files) == 1 and nm.source["converted"]
+    again = bitlm.load_native(tiny_model_dir, head="f32")  # cached: no second file
+    assert list((tmp_path / "cache" / "native").glob("*.safetensors")) == files and not again.source["converted"]
 
 
 @pytest.mark.parametrize("variant", ["f32", "bf16", "untied", "bitlinear", "f32-file-bf16-model"])
@@ -128,14 +128,16 @@ def test_embedding_rows_read_from_the_file_equal_the_mapped_rows(tiny_model_dir,
 
 
 def test_cache_key_follows_the_checkpoint(tiny_model_dir, tmp_path):
+    """One cache file per checkpoint directory and head; what the checkpoint held is recorded inside
+    (tests/io/test_native_cache.py rebuilds a file whose checkpoint changed)."""
     import shutil
-    from bitlm.io.native import cache_path
+    from bitlm.io.native import cache_path, source_identity
     d = tmp_path / "m"
     shutil.copytree(tiny_model_dir, d)
-    a = cache_path(d, "q8")
-    assert cache_path(d, "f32") != a
-    bitlm.load(d).save_pretrained(d)  # rewritten weights: a new key
-    assert cache_path(d, "q8") != a
+    a, ident = cache_path(d, "q8"), source_identity(d, "q8")
+    assert cache_path(d, "f32") != a and cache_path(tmp_path / "m2", "q8") != a
+    bitlm.load(d).save_pretrained(d)  # rewritten weights: the same file name, another identity
+    assert cache_path(d, "q8") == a and source_identity(d, "q8") != ident
 
 
 def test_foreign_file_is_refused(tmp_path):

@@ -23,14 +23,14 @@ def test_read_header_of_a_hand_built_file(tmp_path):
     assert start == 8 + len(raw) and tensors.pop("__metadata__") == {"format": "pt"} and tensors["b"] == {"dtype": "U8", "shape": [3], "data_offsets": [8, 11]}
     assert torch.equal(load_file(f)["b"], torch.tensor([1, 2, 3], dtype=torch.uint8))  # a valid file
     f.write_bytes(f.read_bytes()[:-1])
-    with pytest.raises(BitlmError, match=rf"truncated: the header promises {8 + len(raw) + 11} bytes, "
-                                         rf"the file has {8 + len(raw) + 10}"):
+    with pytest.raises(BitlmError, match=r"x\.safetensors: truncated: the header promises 11 bytes of data, "
+                                         r"the file holds 10"):
         read_header(f)
     f.write_bytes(struct.pack("<Q", 1 << 40) + raw)
-    with pytest.raises(BitlmError, match="not a readable safetensors file"):
+    with pytest.raises(BitlmError, match="not a safetensors file"):
         read_header(f)
     f.write_bytes(struct.pack("<Q", 5) + b"{oops")
-    with pytest.raises(BitlmError, match="not a readable safetensors file"):
+    with pytest.raises(BitlmError, match="not a safetensors file"):
         read_header(f)
 
 

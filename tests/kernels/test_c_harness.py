@@ -1,9 +1,20 @@
-"""The kernel library alone, in C (tests/kernels/c/exact.c): natively, and for AArch64 under qemu-user
-when a cross compiler is installed (apt: gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static),
-which is how the NEON path is checked on an x86 machine."""
+"""The kernel library alone, in C (tests/kernels/c/exact.c): every kernel path against the scalar and naive
+references, whatever CPU runs the tests.
+
+- natively: the paths this CPU has (AMX only here: no emulator offers it);
+- the AVX-512 VNNI/VBMI kernels built on SIMDe's portable intrinsics (-DI2V_SIMDE, kernels/x86_avx512.h),
+  run natively and under qemu-user as an AVX2-only CPU, so they are checked on any x86-64 CPU;
+- the NEON kernels for AArch64 through a cross compiler, under qemu-user.
+
+The tools (Debian/Ubuntu): apt-get install libsimde-dev gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user
+(.ci/run installs them). Without them these tests skip on a developer's machine and fail in CI (CI set).
+"""
 
 from __future__ import annotations
 
+import os
+import platform
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,30 +23,136 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 KDIR = ROOT / "src" / "bitlm" / "kernels"
-LIBRARY = ["dispatch.c", "pool.c", "scalar.c", "avx2.c", "avx512vnni.c", "avx512vbmi.c", "amx.c", "neon.c",
-           "convert.c"]
+HARNESS = ROOT / "tests" / "kernels" / "c" / "exact.c"
+LIBRARY = ["dispatch.c", "pool.c", "scalar.c", "avx2.c", "amx.c", "neon.c", "convert.c"]
+AVX512 = ["avx512vnni.c", "avx512vbmi.c"]
+APT = "apt-get install libsimde-dev gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user"
+CFLAGS = ["-std=c11", "-Wall", "-Werror", f"-I{KDIR}"]
+X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
-def _build_and_run(cc: str, out: Path, runner: list[str], extra: list[str]) -> str:
-    src = [str(ROOT / "tests" / "kernels" / "c" / "exact.c")] + [str(KDIR / f) for f in LIBRARY]
-    subprocess.run([cc, "-O2", "-std=c11", "-Wall", "-Werror", f"-I{KDIR}", *src, "-o", str(out), *extra,
-                    "-lpthread", "-lm"], check=True, capture_output=True, text=True)
-    res = subprocess.run([*runner, str(out)], capture_output=True, text=True, timeout=120, check=False)
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() not in ("", "0", "false")
+
+
+def _require(found, what: str):
+    """found, or a skip naming what to install (a failure in CI, which must run every path)."""
+    if found:
+        return found
+    msg = f"{what} not found; install it (Debian/Ubuntu: sudo {APT})"
+    if _in_ci():
+        pytest.fail(f"{msg}: CI must run this test (.ci/run installs it)")
+    pytest.skip(msg)
+
+
+def _which(*names: str) -> str | None:
+    return next((p for p in map(shutil.which, names) if p), None)
+
+
+def _objects(cc: str, d: Path, units: list[tuple[str, list[str]]]) -> list[str]:
+    """Each (source, flags) compiled to an object in d, all at once (2 cores: a few seconds in all)."""
+    d.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for src, flags in units:
+        cmd = [cc, *CFLAGS, *flags, "-c", src, "-o", str(d / f"{Path(src).stem}.o")]
+        jobs.append((cmd, subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)))
+    for cmd, proc in jobs:
+        err = proc.communicate()[1]
+        assert proc.returncode == 0, f"{' '.join(cmd)}\n{err}"
+    return [cmd[-1] for cmd, _ in jobs]
+
+
+def _build(cc: str, d: Path, units: list[tuple[str, list[str]]], link: list[str], objs=()) -> Path:
+    """The harness d/exact from units and the objects objs already made."""
+    cmd = [cc, *_objects(cc, d, units), *objs, "-o", str(d / "exact"), *link, "-lpthread", "-lm"]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr}"
+    return d / "exact"
+
+
+def _sources(files: list[str], flags: list[str]) -> list[tuple[str, list[str]]]:
+    return [(str(KDIR / f), flags) for f in files]
+
+
+def _run(cmd: list[str]) -> str:
+    """The harness's output; a mismatch on any path fails here (exit status 1, the MISMATCH lines shown)."""
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
+    assert "MISMATCH" not in res.stdout and "FAILED" not in res.stdout, res.stdout
     return res.stdout
 
 
-def test_native_paths_exact(tmp_path):
-    cc = shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        pytest.skip("no C compiler")
-    out = _build_and_run(cc, tmp_path / "exact", [], [])
-    assert "path scalar: exact" in out
+def _exact_paths(out: str) -> list[str]:
+    return re.findall(r"^path (\w+): exact ", out, re.M)
+
+
+def _features(out: str) -> list[str]:
+    return re.search(r"^features: (.*)$", out, re.M).group(1).split()
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory) -> tuple[str, tuple[str, ...]]:
+    """The host C compiler and the library's objects that both x86 builds share (all but dispatch.c and
+    the AVX-512 kernels, which the SIMDe build compiles its own way)."""
+    cc = _require(_which("gcc", "cc"), "a C compiler")
+    common = [f for f in LIBRARY if f != "dispatch.c"]
+    objs = _objects(cc, tmp_path_factory.mktemp("host"), _sources(common, ["-O2"]))
+    return cc, tuple(objs)
+
+
+@pytest.fixture(scope="module")
+def simde_harness(host, tmp_path_factory) -> Path:
+    """exact.c with the AVX-512 kernels on SIMDe. Those two files at -O0: at -O2 GCC spends minutes
+    inlining the emulated intrinsics into the kernels' unrolled tiles; at -O0 they build in about a second
+    and run the harness's small shapes in about one."""
+    cc, objs = host
+    if not X86:
+        pytest.skip("the SIMDe build emulates the x86 AVX-512 kernels: x86-64 only")
+    _require(_has_simde(cc), "SIMDe (libsimde-dev)")
+    units = [(str(HARNESS), ["-O2", "-DI2V_SIMDE"]), *_sources(["dispatch.c"], ["-O2", "-DI2V_SIMDE"]),
+             *_sources(AVX512, ["-O0", "-Wno-psabi", "-DI2V_SIMDE"])]
+    return _build(cc, tmp_path_factory.mktemp("simde"), units, [], objs)
+
+
+def _has_simde(cc: str) -> bool:
+    res = subprocess.run([cc, "-E", "-x", "c", "-", "-o", os.devnull], input="#include <simde/x86/avx512.h>\n",
+                         capture_output=True, text=True, check=False)
+    return res.returncode == 0
+
+
+def test_native_paths_exact(host, tmp_path):
+    cc, objs = host
+    units = [(str(HARNESS), ["-O2"]), *_sources(["dispatch.c", *AVX512], ["-O2"])]
+    text = _run([str(_build(cc, tmp_path, units, [], objs))])
+    paths = _exact_paths(text)
+    assert "scalar" in paths
+    from bitlm import kernels
+    if kernels.available():  # the harness ran every path the binding offers on this CPU (AMX where it is)
+        assert sorted(paths) == sorted(kernels.info()["paths"]), text
+
+
+def test_avx512_kernels_exact_on_simde(simde_harness):
+    text = _run([str(simde_harness)])
+    assert "avx512vnni" in _exact_paths(text) and "amx" not in _exact_paths(text), text
+    assert re.search(r"^path avx512vnni: exact .*q6 head kernel avx512vbmi.*SIMDe", text, re.M), text
+
+
+def test_avx512_kernels_exact_on_an_avx2_only_cpu(simde_harness):
+    """The SIMDe build under qemu-user as a Haswell (AVX2, no AVX-512): the emulated paths are offered and
+    exact whatever CPUID says."""
+    if not X86:
+        pytest.skip("x86-64 only")
+    qemu = _require(_which("qemu-x86_64", "qemu-x86_64-static"), "qemu-user (qemu-x86_64)")
+    text = _run([qemu, "-cpu", "Haswell", str(simde_harness)])
+    assert "avx512f" not in _features(text), text  # the CPU qemu showed had no AVX-512
+    assert re.search(r"^path avx512vnni: exact .*q6 head kernel avx512vbmi.*SIMDe", text, re.M), text
 
 
 def test_neon_path_exact_under_qemu(tmp_path):
-    cc, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64-static")
-    if cc is None or qemu is None:
-        pytest.skip("no AArch64 cross compiler / qemu-user (see the module docstring)")
-    out = _build_and_run(cc, tmp_path / "exact-arm", [qemu, "-cpu", "max"], ["-static"])
-    assert "path neon: exact" in out and "path scalar: exact" in out
+    if not X86:
+        pytest.skip("the cross build targets AArch64 from x86-64; on ARM test_native_paths_exact runs NEON itself")
+    cc = _require(_which("aarch64-linux-gnu-gcc"), "the AArch64 cross compiler (gcc-aarch64-linux-gnu)")
+    qemu = _require(_which("qemu-aarch64", "qemu-aarch64-static"), "qemu-user (qemu-aarch64)")
+    units = [(str(HARNESS), ["-O2"]), *_sources(LIBRARY + AVX512, ["-O2"])]
+    text = _run([qemu, "-cpu", "max", str(_build(cc, tmp_path, units, ["-static"]))])
+    assert sorted(_exact_paths(text)) == ["neon", "scalar"], text

@@ -1,13 +1,15 @@
 """`bitlm bench`: prompt processing and generation speed, load time and peak memory, llama-bench style.
 
-Runs on the native runtime only (that is what is being measured) and imports no torch, so the peak
+Runs on the native runtime (that is what is being measured) and imports no torch, so the peak
 resident memory it reports is the model's, not a framework's. `--shape NAME` benchmarks a random model of
 a preset's shape (e.g. 2b4t), written once as a native file in the cache and then loaded like any other.
+
+`--device cuda` measures the torch model on a GPU instead, its packed products done by the Triton
+kernels (bitlm.gpu): random_torch_model and run_torch, the same two tests, torch imported in them only.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import statistics
@@ -36,13 +38,17 @@ def peak_rss_bytes() -> int:
 def synthetic_native_file(shape: str, head: str = "q8", seed: int = 0) -> Path:
     """A native file of random weights shaped like preset `shape` (made once, streamed to disk)."""
     from ..config import preset
-    from ..io import st
-    from ..io.native import FORMAT, cache_dir
-    from .native import NORMS, PROJS, f32_to_bf16, head_arrays
-    cfg = preset(shape)
+    from ..io.native import cache_dir, ensure_file
     path = cache_dir() / f"random-{shape}-{head}-seed{seed}.safetensors"
-    if path.exists():
-        return path
+    source = {"synthetic": shape, "head": head, "seed": seed}
+    ensure_file(path, source, lambda: _write_synthetic(path, preset(shape), head, seed, source))
+    return path
+
+
+def _write_synthetic(path: Path, cfg, head: str, seed: int, source: dict) -> None:
+    from ..io import st
+    from ..io.native import metadata
+    from .native import NORMS, PROJS, f32_to_bf16, head_arrays
     rng = np.random.default_rng(seed)
     V, H = cfg.vocab_size, cfg.hidden_size
     tensors: dict = {}
@@ -77,9 +83,7 @@ def synthetic_native_file(shape: str, head: str = "q8", seed: int = 0) -> Path:
                 made["head"] = head_arrays(made.pop("embed"), head)
             return made["head"][name]
         tensors[name] = st.Lazy(shape, dtype, make, "BF16" if dtype == np.uint16 else None)
-    meta = {"bitlm_format": FORMAT, "config": json.dumps(cfg.to_hf()), "head": head, "synthetic": f"seed {seed}"}
-    st.write(path, tensors, meta)
-    return path
+    st.write(path, tensors, metadata(cfg, head, source, tensors))
 
 
 class _TokenSource:
@@ -181,3 +185,112 @@ def phase_breakdown(nm, threads: int, n_prompt: int, n_gen: int, seed: int = 0) 
         out[name] = ms
     return out
 
+
+
+# ---- the torch model (bench --device cuda) -------------------------------------------------------
+def random_torch_model(shape: str, device, dtype=None, kernel: str = "auto", seed: int = 0):
+    """A packed torch model of preset `shape` with random ternary codes, made on `device` (no download,
+    no copy through the CPU); its products by `kernel` (bitlm.gpu.resolve_kernel)."""
+    import torch
+
+    from ..config import preset
+    from ..gpu import check_device, resolve_kernel
+    from ..model import BitNetForCausalLM
+    dev = check_device(device)
+    kernel = resolve_kernel(dev, kernel)
+    cfg = preset(shape)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    with torch.device(dev):
+        model = BitNetForCausalLM(cfg, linear="packed")  # embedding and norms initialised on the device
+        for _, m in model.ternary_layers():
+            codes = torch.randint(0, 3, (4, *m.weight.shape), generator=g, dtype=torch.uint8)  # c = w + 1
+            m.weight.copy_(codes[0] | codes[1] << 2 | codes[2] << 4 | codes[3] << 6)
+            m.weight_scale.fill_(m.in_features ** -0.5)
+    model.to(dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32))
+    model.requires_grad_(False)
+    if kernel == "triton":
+        from ..gpu.linear import use_triton
+        use_triton(model)
+    model.source = {"file": f"random {shape}"}
+    return model
+
+
+def run_torch(model, n_prompt: int, n_gen: int, reps: int, seed: int = 0) -> list[dict]:
+    """`run`'s two tests on a torch model (BitNetForCausalLM): pp<n_prompt> and tg<n_gen>, the device
+    synchronised before each clock reading."""
+    import torch
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    rng = _TokenSource(seed, model.config.vocab_size)
+    cache = model.new_cache(max_len=n_prompt + n_gen + 1)
+    records = []
+
+    def timed(fn) -> float:
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t
+
+    with torch.inference_mode():
+        if n_prompt:
+            ids = torch.from_numpy(rng.tokens(n_prompt)).long()[None].to(model.device)
+
+            def pp():
+                cache.reset()
+                model(ids, cache, logits_to_keep=1)
+
+            pp()
+            records.append(_torch_record(model, n_prompt, 0, [n_prompt / timed(pp) for _ in range(reps)]))
+        if n_gen:
+            def tg():
+                cache.reset()
+                tok = torch.tensor([[rng.token()]], device=model.device)
+                for _ in range(n_gen):
+                    tok = model(tok, cache, logits_to_keep=1)[:, -1].argmax(-1, keepdim=True)
+
+            tg()
+            records.append(_torch_record(model, 0, n_gen, [n_gen / timed(tg) for _ in range(reps)]))
+    return records
+
+
+def measure_torch(model_path, shape, device, n_prompts, n_gens, reps: int) -> list[dict]:
+    """bench --device cuda: the checkpoint at `model_path` (or a random model of preset `shape`) on
+    `device` in bf16, run_torch for each prompt and generation length; load time and the device's peak
+    memory in every record."""
+    import torch
+    t0 = time.perf_counter()
+    if shape:
+        model = random_torch_model(shape, device)
+    else:
+        from ..io.hf import load
+        model = load(model_path, device=device, dtype=torch.bfloat16, tokenizer=False)
+    load_s = time.perf_counter() - t0
+    records = [r for n in n_prompts for r in run_torch(model, n, 0, reps)]
+    records += [r for n in n_gens for r in run_torch(model, 0, n, reps)]
+    peak = torch.cuda.max_memory_allocated(model.device) if model.device.type == "cuda" else 0
+    for r in records:
+        r["load_s"], r["peak_gpu_bytes"] = load_s, peak
+    return records
+
+
+def _torch_record(model, n_prompt, n_gen, samples) -> dict:
+    import torch
+    cfg = model.config
+    size = sum(t.numel() * t.element_size() for t in {id(t): t for t in
+               [*model.parameters(), *model.buffers()]}.values())
+    kernel = getattr(model, "kernel", "torch")
+    return {
+        "build_commit": os.environ.get("BITLM_COMMIT", ""),
+        "model_filename": (model.source or {}).get("file", (model.source or {}).get("path", "")),
+        "model_type": f"bitnet {cfg.num_hidden_layers}L {cfg.hidden_size}H ternary, {str(model.dtype)[6:]}",
+        "model_size": size,
+        "model_n_params": cfg.num_parameters()["total"],
+        "backend": f"{kernel} ({model.device.type})",
+        "n_threads": torch.get_num_threads(),
+        "n_prompt": n_prompt,
+        "n_gen": n_gen,
+        "avg_ts": statistics.mean(samples),
+        "stddev_ts": statistics.stdev(samples) if len(samples) > 1 else 0.0,
+        "median_ts": statistics.median(samples),
+        "samples_ts": samples,
+    }

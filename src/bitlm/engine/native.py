@@ -144,10 +144,14 @@ def _zeros_small_pages(n: int, shape: tuple, dtype) -> tuple[object, list[np.nda
     """n zeroed arrays in one anonymous mapping of ordinary pages. numpy asks for transparent huge
     pages on large arrays, and a KV cache is written a row per position: each first row of a head
     would make 2 MB resident (the 2B4T cache at 4,096 positions took 180 MB after one token)."""
+    import math
     import mmap
-    count = int(np.prod(shape))
+    count = math.prod(shape)  # Python ints: a context length from a file cannot wrap around
     each = -(-count * np.dtype(dtype).itemsize // 64) * 64
-    buf = mmap.mmap(-1, max(each * n, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        buf = mmap.mmap(-1, max(each * n, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except (OSError, OverflowError) as e:
+        raise MemoryError(f"{each * n / 2**30:.3g} GiB: {e}") from None
     if hasattr(mmap, "MADV_NOHUGEPAGE"):
         buf.madvise(mmap.MADV_NOHUGEPAGE)
     return buf, [np.frombuffer(buf, dtype, count, i * each).reshape(shape) for i in range(n)]
@@ -219,7 +223,11 @@ class NativeModel:
             head_ptrs = (get("head", np.float32 if head_kind == _F32 else np.uint16, (V, H)), 0, 0)
         # RoPE tables for every position, filled as positions are reached (_fill_rope): untouched pages of
         # the mapping cost no memory (4 MB at 4,096 positions of the 2B4T shape)
-        self._rope_map, (cos, sin) = _zeros_small_pages(2, (self.max_len, c.head_dim), np.float32)
+        try:
+            self._rope_map, (cos, sin) = _zeros_small_pages(2, (self.max_len, c.head_dim), np.float32)
+        except MemoryError as e:
+            raise BitlmError(f"native model: the RoPE tables of {self.max_len} positions cannot be allocated "
+                             f"({e}); pass a smaller context length (max_len, --ctx-size)") from None
         self._rope = (cos, sin)
         self._rope_filled = 0
         self.rope_chunk = 256  # positions filled at a time
@@ -229,13 +237,16 @@ class NativeModel:
                 _kernel_path(path),
                 KV_KINDS[kv][1], *embed_fd]
         assert len(ints) == _NI
+        get("scales", np.float32, (c.num_hidden_layers, len(PROJS)))  # present, of that dtype and shape
         scales = arrays["scales"]
-        if scales.shape != (c.num_hidden_layers, len(PROJS)):
-            raise BitlmError(f"native model: scales has shape {list(scales.shape)}")
         flts = [c.rms_norm_eps]
         norm_sizes = dict(zip(NORMS, (H, H, c.q_size, c.intermediate_size)))
         kv_shape = (c.num_key_value_heads, self.max_len, c.head_dim)
-        self._kv_map, kv_arrays = _zeros_small_pages(2 * c.num_hidden_layers, kv_shape, KV_KINDS[kv][0])
+        try:
+            self._kv_map, kv_arrays = _zeros_small_pages(2 * c.num_hidden_layers, kv_shape, KV_KINDS[kv][0])
+        except MemoryError as e:
+            raise BitlmError(f"native model: a KV cache of {self.max_len} positions cannot be allocated ({e}); "
+                             "pass a smaller context length (max_len, --ctx-size)") from None
         self.k_cache, self.v_cache = kv_arrays[0::2], kv_arrays[1::2]
         shapes = c.projection_shapes()
         for l in range(c.num_hidden_layers):

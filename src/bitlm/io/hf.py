@@ -94,12 +94,30 @@ def _fill_projection(module, t: _Tensors, prefix: str, out_f: int, in_f: int, cf
 
 
 def load(path_or_repo_id, dtype: torch.dtype = torch.float32, linear: str = "packed",
-         revision: str | None = None, tokenizer: bool = True) -> BitNetForCausalLM:
+         revision: str | None = None, tokenizer: bool = True, device="cpu",
+         kernel: str = "auto") -> BitNetForCausalLM:
     """Load a BitNet b1.58 checkpoint (packed or latent) from a directory or a hub repo id.
 
     linear="packed" gives the inference form; "latent" the training form (latent weights that quantize
     to the checkpoint's codes); "fp" the full-precision twin initialised from the same weights.
+    device: "cpu" (default) or "cuda[:N]"; on a GPU the packed weights stay packed in GPU memory.
+    kernel: the packed products' implementation (bitlm.gpu): "auto" (Triton on a GPU, torch on the
+    CPU), "torch" (unpack to float), or "triton" (on the CPU only under TRITON_INTERPRET=1: tests).
+    A GGUF file (recognised by its first bytes) is read by io/gguf_read.py.
     """
+    from .. import gpu
+    from . import gguf_read
+    dev = gpu.check_device(device, "device")  # before reading anything: a missing GPU fails at once
+    kernel = gpu.resolve_kernel(dev, kernel, linear, "device")
+    if gguf_read.is_gguf(path_or_repo_id):
+        model = gguf_read.load_torch(path_or_repo_id, dtype, tokenizer=tokenizer)
+        model = model if linear == "packed" else _relinear(model, linear)
+        if dev.type != "cpu":
+            model.to(dev)
+        if kernel == "triton":
+            from ..gpu.linear import use_triton
+            use_triton(model)
+        return model
     ck = open_checkpoint(path_or_repo_id, revision)
     path, cfg = ck.path, ck.config
     t = _Tensors(path)
@@ -117,11 +135,22 @@ def load(path_or_repo_id, dtype: torch.dtype = torch.float32, linear: str = "pac
             for name, (out_f, in_f) in cfg.projection_shapes().items():
                 _fill_projection(block.get_submodule(name), t, names.layer(i, name), out_f, in_f, cfg)
     model.to(dtype)
+    if dev.type != "cpu":
+        model.to(dev)
+    if kernel == "triton":
+        from ..gpu.linear import use_triton
+        use_triton(model)
     model.source = {"path": str(path), "format": cfg.quantization_mode}
     if tokenizer:
         from ..engine.tokenizer import Tokenizer
         model.tokenizer = Tokenizer.from_dir(path, cfg)
     return model
+
+
+def _relinear(model: BitNetForCausalLM, linear: str) -> BitNetForCausalLM:
+    if linear == "latent":
+        return model.to_latent()
+    raise BitlmError(f"load: linear={linear!r} is not available for a GGUF file (use 'packed' or 'latent')")
 
 
 # ---- writing --------------------------------------------------------------------------------------
@@ -156,8 +185,30 @@ def save_pretrained(model: BitNetForCausalLM, path) -> None:
     atomic_dir_write(dest, lambda tmp: _write_files(tmp, cfg, tensors, model, save_file))
 
 
-def _write_files(tmp: Path, cfg: BitNetConfig, tensors, model, save_file) -> None:
+def save_latent(model: BitNetForCausalLM, path, dtype: str = "bfloat16") -> None:
+    """Write the Hugging Face latent format (quantization_mode online, as
+    microsoft/bitnet-b1.58-2B-4T-bf16), atomically: every weight in `dtype`, the projections as latent
+    floats that load() quantizes on the fly; loadable for training (linear="latent").
+
+    From a packed model, PackedBitLinear.to_latent's weights (codes * scale / mean|codes|) come back
+    as the same codes; their scale moves by the rounding of the weights to bf16 (at most one bf16
+    step, about 0.4%).
+    """
+    from safetensors.torch import save_file
+    if model.linear_kind != "latent":
+        raise BitlmError("save_latent: convert the model to its latent form first (model.to_latent())")
+    store = _FLOAT_DTYPES.get(dtype)
+    if store is None:
+        raise BitlmError(f"save_latent: dtype {dtype!r} is not one of {', '.join(_FLOAT_DTYPES)}")
+    cfg = model.config.replace(quantization_mode="online", linear_class="autobitlinear", torch_dtype=dtype)
+    with torch.no_grad():
+        tensors = {name: p.detach().to(store).contiguous() for name, p in model.named_parameters()
+                   if not (name == names.LM_HEAD and cfg.tie_word_embeddings)}
+    atomic_dir_write(Path(path), lambda tmp: _write_files(tmp, cfg, tensors, model, save_file, "hf-latent"))
+
+
+def _write_files(tmp: Path, cfg: BitNetConfig, tensors, model, save_file, fmt: str = "hf-packed") -> None:
     (tmp / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2) + "\n")
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "bitlm_format": "hf-packed"})
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "bitlm_format": fmt})
     if model.tokenizer is not None:
         model.tokenizer.save(tmp)

@@ -8,6 +8,7 @@ dtype, so it is read and written as uint16 bit patterns (names ending the same, 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -18,7 +19,12 @@ from ..errors import BitlmError
 from .files import atomic_file
 
 _NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64, "I8": np.int8, "U8": np.uint8,
-       "I16": np.int16, "U16": np.uint16, "I32": np.int32, "I64": np.int64, "BOOL": np.bool_}
+       "I16": np.int16, "U16": np.uint16, "I32": np.int32, "I64": np.int64, "BOOL": np.bool_, "U32": np.uint32,
+       "U64": np.uint64}
+# bits per element of every dtype the format defines (safetensors 0.6), read or not: a header naming
+# another is malformed; one naming a dtype numpy lacks (F8_E4M3, ...) is whole but cannot be mapped
+_BITS = {**{k: 8 * np.dtype(v).itemsize for k, v in _NP.items()}, "C64": 64, "F4": 4, "F6_E2M3": 6,
+         "F6_E3M2": 6, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8}
 _ST = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.float64): "F64",
        np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.int16): "I16", np.dtype(np.int32): "I32",
        np.dtype(np.int64): "I64", np.dtype(np.uint16): "U16"}
@@ -26,64 +32,108 @@ _ALIGN = 64  # tensor data starts on 64-byte boundaries: SIMD loads straight fro
 PAD = "__pad"  # names of the padding tensors that keep them there (skipped by open_arrays)
 
 
-def _check_entries(path, header) -> None:
-    """Each tensor entry: a dtype, a shape and data offsets that hold exactly that many bytes (a
-    damaged or hand-made header would otherwise fail deep inside numpy)."""
+_MAX_HEADER = 100 << 20  # bytes of JSON header accepted: a real one is a few MB at most
+_MAX_DIMS = 32
+
+
+class DamagedFile(BitlmError):
+    """A safetensors file that is not whole or not well formed. .reason says what is wrong, without
+    the file name or the advice, for callers that word their own message (the native cache)."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"{path}: {reason}; write or download it again")
+        self.reason = reason
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_entries(path, header, data_size: int) -> None:
+    """Each tensor entry: a dtype, a shape and data offsets that hold exactly that many bytes, and the
+    entries together tile the data section (data_size bytes) from 0 to its end without gaps or overlaps,
+    as the reference reader (safetensors) demands. Sizes are Python ints: a shape of 2**40 x 2**40
+    cannot wrap around, and nothing is allocated or mapped before it fits the file."""
     if not isinstance(header, dict):
-        raise BitlmError(f"{path}: not a safetensors file (its header is not a JSON object)")
+        raise DamagedFile(path, "not a safetensors file (its header is not a JSON object)")
+    meta = header.get("__metadata__", {})
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise DamagedFile(path, "malformed __metadata__ (it must map names to strings)")
+    spans = []
     for name, v in header.items():
         if name == "__metadata__":
             continue
         try:
             (b, e), shape, dt = v["data_offsets"], v["shape"], v["dtype"]
-            itemsize = np.dtype(_NP[dt]).itemsize if dt in _NP else None
-            ok = 0 <= b <= e and all(isinstance(d, int) and d >= 0 for d in shape) and \
-                (itemsize is None or e - b == int(np.prod(shape, dtype=np.int64)) * itemsize)
+            ok = _is_int(b) and _is_int(e) and 0 <= b <= e and isinstance(shape, list) and \
+                len(shape) <= _MAX_DIMS and all(_is_int(d) and d >= 0 for d in shape) and \
+                isinstance(dt, str) and dt in _BITS and (e - b) * 8 == math.prod(shape) * _BITS[dt]
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
-            raise BitlmError(f"{path}: tensor {name!r} has a malformed header entry ({str(v)[:120]}); "
-                             "the file is damaged: write or download it again")
+            raise DamagedFile(path, f"tensor {name!r} has a malformed header entry ({str(v)[:120]})")
+        spans.append((b, e, name))
+    end = 0
+    for b, e, name in sorted(spans):
+        if b != end:
+            what = "overlaps the tensor before it" if b < end else f"leaves a gap of {b - end} bytes before it"
+            raise DamagedFile(path, f"tensor {name!r} {what} (data_offsets [{b}, {e}])")
+        end = e
+    if end != data_size:
+        if end > data_size:
+            raise DamagedFile(path, f"truncated: the header promises {end} bytes of data, the file holds "
+                                    f"{data_size}")
+        raise DamagedFile(path, f"{data_size - end} bytes after the last tensor (the header accounts for "
+                                f"{end} of {data_size})")
 
 
 def read_header(path) -> tuple[dict, int]:
-    """(header dict, offset of the data section)."""
+    """(header dict, offset of the data section). Reads only the header (its length is checked against
+    the file's size and a cap before any of it is read)."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             raw = f.read(8)
             if len(raw) != 8:
-                raise ValueError("shorter than 8 bytes")
+                raise DamagedFile(path, f"not a safetensors file (only {len(raw)} bytes)")
             (n,) = struct.unpack("<Q", raw)
-            if n > 100 << 20:
-                raise ValueError(f"header length {n} is implausible")
-            header = json.loads(f.read(n))
-        size = path.stat().st_size
-    except (OSError, ValueError) as e:
-        raise BitlmError(f"{path}: not a readable safetensors file ({e})") from None
-    _check_entries(path, header)
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        raise BitlmError(f"{path}: truncated: the header promises {8 + n + end} bytes, the file has {size}; "
-                         "write or download it again")
+            if n > min(_MAX_HEADER, size - 8):
+                what = "truncated" if n <= _MAX_HEADER else "not a safetensors file"
+                raise DamagedFile(path, f"{what}: its header length is {n} bytes, the file has {size}")
+            text = f.read(n)
+            if len(text) != n:
+                raise DamagedFile(path, f"truncated: its header length is {n} bytes, it could read {len(text)}")
+        header = json.loads(text)
+    except OSError as e:
+        raise BitlmError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise DamagedFile(path, f"not a safetensors file (its header is not JSON: {str(e)[:120]})") from None
+    _check_entries(path, header, size - 8 - n)
     return header, 8 + n
 
 
 def open_arrays(path) -> tuple[dict[str, np.ndarray], dict]:
     """name -> read-only memory-mapped array (BF16 as uint16), and the __metadata__ dict."""
     header, start = read_header(path)
-    return map_arrays(path, header, start), header.get("__metadata__", {}) or {}
+    return map_arrays(path, header, start), header.get("__metadata__") or {}
 
 
 def map_arrays(path, header: dict, start: int) -> dict[str, np.ndarray]:
-    """open_arrays' arrays from a header read_header has already read (header, start)."""
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    """open_arrays' arrays from a header read_header has already read and checked (header, start)."""
+    for name, info in header.items():
+        if name != "__metadata__" and not name.startswith(PAD) and info["dtype"] not in _NP:
+            raise BitlmError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+    try:
+        mm = np.memmap(path, dtype=np.uint8, mode="r")
+    except OSError as e:
+        raise BitlmError(f"{path}: cannot map ({e.strerror or e})") from None
+    except ValueError:  # an empty file cannot be mapped; read_header refuses those first
+        raise DamagedFile(path, "empty") from None
     out = {}
     for name, info in header.items():
         if name == "__metadata__" or name.startswith(PAD):
             continue
-        if info["dtype"] not in _NP:
-            raise BitlmError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
         b, e = info["data_offsets"]
         out[name] = mm[start + b:start + e].view(_NP[info["dtype"]]).reshape(info["shape"])
     return out
@@ -180,10 +230,9 @@ def read_to_memory(arrays: dict[str, np.ndarray], names) -> dict[str, np.ndarray
     return out
 
 
-def write(path, tensors: dict, metadata: dict[str, str]) -> None:
-    """Write tensors atomically, streaming. A value is an array, (dtype name, array) for BF16 bit
-    patterns stored as uint16, or a Lazy."""
-    path = Path(path)
+def _layout(tensors: dict) -> tuple[list, int]:
+    """[(name, dtype name, array or Lazy, offset)] with the padding tensors that keep each aligned, and
+    the data section's size in bytes."""
     items = []
     offset = 0
     for name, v in tensors.items():
@@ -197,21 +246,42 @@ def write(path, tensors: dict, metadata: dict[str, str]) -> None:
             offset += gap
         items.append((name, dt, a, offset))
         offset += a.nbytes
+    return items, offset
+
+
+def data_size(tensors: dict) -> int:
+    """The bytes of the data section write() makes of these tensors (a writer can record it in the
+    metadata, for a reader to check the file against)."""
+    return _layout(tensors)[1]
+
+
+def write(path, tensors: dict, metadata: dict[str, str], progress=None) -> None:
+    """Write tensors atomically (a unique temporary file beside `path`, renamed over it when complete:
+    concurrent writers of one path never mix their bytes), streaming. A value is an array, (dtype
+    name, array) for BF16 bit patterns stored as uint16, or a Lazy. progress.update(1) is called after
+    each tensor (io/progress.Progress)."""
+    path = Path(path)
+    items, _ = _layout(tensors)
     header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
     for name, dt, a, off in items:
         header[name] = {"dtype": dt, "shape": list(a.shape), "data_offsets": [off, off + a.nbytes]}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % _ALIGN)  # the data section starts aligned too
-    with atomic_file(path) as tmp, open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        pos = 0
-        for name, dt, a, off in items:
-            f.write(b"\0" * (off - pos))
-            if isinstance(a, Lazy):
-                made = np.asarray(a.make(), dtype=a.dtype)
-                if made.shape != a.shape:
-                    raise ValueError(f"{name}: made {made.shape}, declared {a.shape}")
-                a = made
-            f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
-            pos = off + a.nbytes
+    try:
+        with atomic_file(path) as tmp, open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            pos = 0
+            for name, dt, a, off in items:
+                f.write(b"\0" * (off - pos))
+                if isinstance(a, Lazy):
+                    made = np.asarray(a.make(), dtype=a.dtype)
+                    if made.shape != a.shape:
+                        raise ValueError(f"{name}: made {made.shape}, declared {a.shape}")
+                    a = made
+                f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
+                pos = off + a.nbytes
+                if progress is not None:
+                    progress.update(1)
+    except OSError as e:  # a full disk, a directory that cannot be written
+        raise BitlmError(f"{path}: cannot write ({e.strerror or e})") from None

@@ -43,7 +43,10 @@ def format_description(cfg: BitNetConfig) -> str:
 
 def describe(path_or_repo_id) -> dict:
     """A JSON-ready summary of a checkpoint directory (or a hub repo id already in the local cache or
-    downloadable)."""
+    downloadable), or of a GGUF file (io/gguf_read.describe)."""
+    from . import gguf_read
+    if gguf_read.is_gguf(path_or_repo_id):
+        return gguf_read.describe(path_or_repo_id)
     ck = open_checkpoint(path_or_repo_id)
     check_values(ck)  # a checkpoint that the loaders refuse is refused here too
     path, cfg = ck.path, ck.config

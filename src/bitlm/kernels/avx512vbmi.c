@@ -5,11 +5,11 @@
  * 64 codes in column order, and vpdpbusd multiplies them (unsigned) with 64 consecutive int8
  * activations. Four rows share each activation load; one horizontal sum per row at the end. */
 #if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
 
 #include "i2v.h"
+#include "x86_avx512.h"  /* <immintrin.h>, or SIMDe's portable intrinsics with -DI2V_SIMDE */
 
-#define TVBMI __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi")))
+#define TVBMI I2V_TARGET("avx512f,avx512bw,avx512vnni,avx512vbmi")
 #define INLINE static inline __attribute__((always_inline))
 #define Q6_PF 8  /* groups of software prefetch ahead in each row */
 

@@ -4,12 +4,12 @@
  * of row r at columns 4s..4s+3; vpdpbusd with x[4s..4s+3] broadcast to all lanes adds their four
  * products to lane r. So a row block accumulates in one zmm, with no horizontal reduction. */
 #if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
 #include <string.h>
 
 #include "i2v.h"
+#include "x86_avx512.h"  /* <immintrin.h>, or SIMDe's portable intrinsics with -DI2V_SIMDE */
 
-#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+#define T512 I2V_TARGET("avx512f,avx512bw,avx512vl,avx512vnni")
 #define INLINE static inline __attribute__((always_inline))
 
 /* x[0..3] as one int32, broadcast to the 16 lanes */

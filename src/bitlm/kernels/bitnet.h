@@ -2,6 +2,8 @@
  *
  * Plain C on raw pointers: Python describes a model once (bn_model_new) with pointers into arrays it
  * keeps alive (memory-mapped weights, the KV cache), then calls bn_forward per step. No torch.
+ * bn_forward_paged runs many sequences in one step over the same weights, their keys and values in a
+ * paged pool (engine/batch.py). The implementation is split by concern (bitnet_impl.h).
  *
  * Descriptor layout (all int64; pointers as integers, floats as float64 in a second array):
  *   ints[0..BN_NI)    config and global pointers, indexed by the BN_I_* names below
@@ -32,7 +34,8 @@ enum {
 };
 enum { BN_L_ATTN_NORM, BN_L_FFN_NORM, BN_L_ATTN_SUB_NORM, BN_L_FFN_SUB_NORM,
        BN_L_Q, BN_L_K, BN_L_V, BN_L_O, BN_L_GATE, BN_L_UP, BN_L_DOWN, /* I2V packed weights */
-       BN_L_KCACHE, BN_L_VCACHE,        /* [kv_heads, max_len, head_dim], BN_I_KV_KIND elements */
+       BN_L_KCACHE, BN_L_VCACHE,        /* [kv_heads, max_len, head_dim], BN_I_KV_KIND elements (bn_forward's
+                                           cache; bn_forward_paged uses its pool instead) */
        BN_NL };
 enum { BN_F32 = 0, BN_BF16 = 1, BN_Q8 = 2, BN_F16 = 3, BN_Q6 = 4 };
 
@@ -56,5 +59,19 @@ void bn_profile(bn_model *m, int enable, int64_t *out /* [BN_NPROF] or NULL */, 
 
 /* Final hidden states instead of logits: float32 [T, hidden] (for tests and embeddings). */
 int bn_forward_hidden(const bn_model *m, const int32_t *tokens, int T, int pos, float *hidden);
+
+/* Many sequences in one step. The step's tokens are the rows of nseq sequences one after another,
+ * sequence i described by seqs[BN_NS * i + BN_S_*]: its n rows (>= 1) go at positions pos .. pos+n-1,
+ * logits float32 [V] are written for its last n_out rows (0..n; all sequences' rows in order,
+ * [sum of n_out, V] in all), and its keys and values live in the pool blocks listed by its block
+ * table: int32 block ids, entry b holding positions b*block_size .. (b+1)*block_size - 1, entries
+ * for positions 0 .. pos+n-1. The pool: n_blocks blocks of block_size positions, each
+ * [layers][2 (keys, values)][kv_heads][block_size][head_dim] elements of BN_I_KV_KIND, one after
+ * another. The projections run once over all rows; attention per sequence over its own blocks. A
+ * row's logits do not depend on the other rows of the step, bit for bit, and equal bn_forward's for
+ * the same tokens and positions. Returns as bn_forward (-1 also for a block id out of range). */
+enum { BN_S_N, BN_S_POS, BN_S_NOUT, BN_S_BLOCKS /* pointer to int32 ids */, BN_NS };
+int bn_forward_paged(const bn_model *m, const int32_t *tokens, const int64_t *seqs, int nseq, void *pool,
+                     int block_size, int n_blocks, float *logits);
 
 #endif

@@ -33,10 +33,19 @@ static cpu_info detect(void) {
     }
     c.have[I2V_PATH_AVX2] = on[0] && on[1];
     c.have[I2V_PATH_AVX512VNNI] = c.have[I2V_PATH_AVX2] && on[2] && on[3] && on[4] && on[5];
+#ifndef I2V_SIMDE
     c.have[I2V_PATH_AMX] = c.have[I2V_PATH_AVX512VNNI] && i2v_amx_init();
     c.vbmi = c.have[I2V_PATH_AVX512VNNI] && __builtin_cpu_supports("avx512vbmi");
     if (c.vbmi) strcat(c.features, " avx512vbmi");
     if (c.have[I2V_PATH_AMX]) strcat(c.features, " amx-int8");
+#else
+    /* The AVX-512 kernels built on SIMDe's portable intrinsics (x86_avx512.h; the test harness's
+     * second build): they run on any x86-64 CPU, so they are offered whatever CPUID says. AMX has no
+     * portable emulation: that path is left out of this build. */
+    if (__builtin_cpu_supports("avx512vbmi")) strcat(c.features, " avx512vbmi");
+    c.have[I2V_PATH_AVX512VNNI] = 1;
+    c.vbmi = 1;
+#endif
 #elif defined(__aarch64__)
     c.have[I2V_PATH_NEON] = i2v_neon_dotprod_supported();
     strcpy(c.features, c.have[I2V_PATH_NEON] ? "neon dotprod" : "neon");
@@ -284,6 +293,24 @@ int i2v_quantize(const float *x, size_t ldx, int M, int K, int8_t *q, size_t ldq
 
 int i2v_has_avx512vbmi(void) { return cpu()->vbmi; }
 
+/* The Q6 kernel of a path: AVX-512 VBMI on the AVX-512 paths when the CPU has it, else AVX2 on the
+ * x86 paths, else the scalar reference. */
+enum { Q6_SCALAR, Q6_AVX2, Q6_VBMI };
+
+static int q6_kernel(int path) {
+#if defined(__x86_64__) || defined(__i386__)
+    if (i2v_path_has_avx512vnni(path) && cpu()->vbmi) return Q6_VBMI;
+    if (path == I2V_PATH_AVX2 || i2v_path_has_avx512vnni(path)) return Q6_AVX2;
+#endif
+    (void)path;
+    return Q6_SCALAR;
+}
+
+const char *i2v_q6_kernel_name(int path) {
+    static const char *const names[] = {"scalar", "avx2", "avx512vbmi"};
+    return names[q6_kernel(path)];
+}
+
 typedef struct {
     i2v_q6_args a;
     i2v_q6_fn fn;
@@ -314,8 +341,9 @@ int i2v_q6_gemv(const uint8_t *w, int V, int H, const int8_t *x, size_t ldx, con
     q6_task t = {{w, V, H, x, ldx, xsum, M, out, ldo, NULL}, i2v_q6_scalar};
     int16_t *x16 = NULL;
 #if defined(__x86_64__) || defined(__i386__)
-    if (i2v_path_has_avx512vnni(path) && cpu()->vbmi) t.fn = i2v_q6_avx512vbmi;
-    else if (path == I2V_PATH_AVX2 || i2v_path_has_avx512vnni(path)) {
+    int kernel = q6_kernel(path);
+    if (kernel == Q6_VBMI) t.fn = i2v_q6_avx512vbmi;
+    else if (kernel == Q6_AVX2) {
         t.fn = i2v_q6_avx2;  /* it multiplies int16 activations: make them once, for every part */
         if (!(x16 = (int16_t *)malloc((size_t)M * hp * sizeof(int16_t)))) {
             free(sums);

@@ -1,7 +1,8 @@
 /* Ternary x int8 kernels on the I2V packed layout (drawn in src/bitlm/formats/i2v.py).
  *
  * Plain C on raw pointers: no Python, no torch. One instruction set per .c file, compiled with
- * target attributes (never global -m flags), chosen once at run time in dispatch.c.
+ * target attributes (never global -m flags), chosen once at run time in dispatch.c. The AVX-512
+ * files also build on SIMDe's portable intrinsics, for the tests (x86_avx512.h).
  *
  * Packed weights: uint8 [Nb, Kb, 64], Nb = ceil(N/16), Kb = ceil(K/16). Block (rb, kb) holds rows
  * 16rb..16rb+15 and columns 16kb..16kb+15; byte 4r+j, bits 2s..2s+1 = code c = w+1 of row 16rb+r,
@@ -150,6 +151,7 @@ int i2v_from_hf(const uint8_t *hf, int out, int in, uint8_t *dst);
 int i2v_q6_gemv(const uint8_t *w, int V, int H, const int8_t *x, size_t ldx, const int32_t *xsum, int M,
                 int32_t *out, size_t ldo, int path);
 int i2v_has_avx512vbmi(void);
+const char *i2v_q6_kernel_name(int path);  /* the kernel i2v_q6_gemv runs on that path */
 /* Read n bytes with SIMD loads split over the pool (the bandwidth probe); returns a checksum. */
 uint64_t i2v_read_bytes(const uint8_t *p, size_t n);
 

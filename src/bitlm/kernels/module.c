@@ -169,6 +169,25 @@ static PyObject *py_forward(PyObject *self, PyObject *const *args, Py_ssize_t na
     Py_RETURN_NONE;
 }
 
+/* forward_paged(model, tokens_ptr, seqs_ptr, nseq, pool_ptr, block_size, n_blocks, logits_ptr): seqs int64
+ * [nseq, BN_NS] (bitnet.h); logits [sum of n_out, V] */
+static PyObject *py_forward_paged(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 8) return PyErr_Format(PyExc_TypeError, "forward_paged expects 8 arguments, got %zd", nargs);
+    bn_model *m = (bn_model *)PyCapsule_GetPointer(args[0], "bitlm.bn_model");
+    if (!m) return NULL;
+    long long a[8];
+    if (get_args(args + 1, nargs - 1, 7, a + 1)) return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = bn_forward_paged(m, PTR(const int32_t *, a[1]), PTR(const int64_t *, a[2]), (int)a[3], PTR(void *, a[4]),
+                          (int)a[5], (int)a[6], PTR(float *, a[7]));
+    Py_END_ALLOW_THREADS
+    if (rc == -1) return PyErr_Format(PyExc_ValueError, "bn_forward_paged: positions past the context, token ids or block ids out of range");
+    if (rc == -3) return PyErr_Format(PyExc_OSError, "bn_forward_paged: an embedding row could not be read from its file");
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 /* profile(model, enable, reset) -> tuple of BN_NPROF nanosecond totals; enable < 0 leaves it as is */
 static PyObject *py_profile(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3) return PyErr_Format(PyExc_TypeError, "profile expects 3 arguments, got %zd", nargs);
@@ -188,6 +207,8 @@ static PyMethodDef methods[] = {
     {"profile", (PyCFunction)(void (*)(void))py_profile, METH_FASTCALL, "profile(model, enable, reset) -> ns per phase"},
     {"model_new", (PyCFunction)(void (*)(void))py_model_new, METH_FASTCALL, "model_new(ints, nints, flts, nflts) -> model"},
     {"forward", (PyCFunction)(void (*)(void))py_forward, METH_FASTCALL, "forward(model, tokens, T, pos, out, n_out, hidden)"},
+    {"forward_paged", (PyCFunction)(void (*)(void))py_forward_paged, METH_FASTCALL,
+     "forward_paged(model, tokens, seqs, nseq, pool, block_size, n_blocks, logits)"},
     {"gemm", (PyCFunction)(void (*)(void))py_gemm, METH_FASTCALL, "gemm(x, ldx, xsum, M, K, w, N, y, ldy, path)"},
     {"quantize", (PyCFunction)(void (*)(void))py_quantize, METH_FASTCALL, "quantize(x, ldx, M, K, q, ldq, scale, qsum, path)"},
     {"linear", (PyCFunction)(void (*)(void))py_linear, METH_FASTCALL, "linear(x, ldx, M, K, w, N, wscale, y, ldy, path)"},

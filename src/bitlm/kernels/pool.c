@@ -77,7 +77,9 @@ static void run_parts(unsigned g, int me) {
         for (;;) {
             unsigned long long c = atomic_load_explicit(&P.claim[t].v, memory_order_acquire);
             if ((unsigned)(c >> 32) != g) return;  /* a newer task: this one is over */
-            int nparts = P.nparts;  /* may be a newer task's value, but then the CAS below fails */
+            int nparts = P.nparts;  /* a newer task's value only once the counters have left g: then
+                                       the CAS below fails (i2v_pool_run resets them first) */
+            atomic_thread_fence(memory_order_acquire);  /* that read before the CAS's (free on x86) */
             int part = range_begin(t, nparts, nthreads) + (int)(c & 0xFFFFFFFFu);
             if (part >= range_begin(t + 1, nparts, nthreads)) break;
             if (atomic_compare_exchange_weak_explicit(&P.claim[t].v, &c, c + 1, memory_order_acq_rel,
@@ -213,12 +215,20 @@ void i2v_pool_run(i2v_task_fn fn, void *ctx, int nparts) {
     }
     pthread_mutex_lock(&P.run_mu);
     unsigned g = atomic_load(&P.gen) + 1;
+    /* The counters move to the new generation BEFORE the task's fn, ctx and nparts are written: a
+     * worker still in run_parts for the last task, holding a counter value of the old generation,
+     * must fail its compare-and-swap. In the other order it could read the new nparts (a part index
+     * that was past its range now within it), claim on a counter not yet reset, and run an extra part
+     * of the new task, counted in done: the caller then returned while a real part still ran (wrong
+     * results, or a fault in scratch the next call replaced). Workers enter run_parts for g only
+     * after seeing P.gen = g below, so they see this task's fn, ctx and nparts. */
+    for (int t = 0; t < P.nthreads; t++)
+        atomic_store_explicit(&P.claim[t].v, (unsigned long long)g << 32, memory_order_seq_cst);
+    atomic_thread_fence(memory_order_seq_cst);  /* the resets before the writes below, on weak-memory CPUs too */
     P.fn = fn;
     P.ctx = ctx;
     P.nparts = nparts;
     atomic_store(&P.done, 0);
-    for (int t = 0; t < P.nthreads; t++)
-        atomic_store_explicit(&P.claim[t].v, (unsigned long long)g << 32, memory_order_release);
     atomic_store(&P.gen, g);  /* seq_cst: a worker going to sleep either sees the new gen or is
                                  counted in sleepers below and gets the broadcast */
     if (atomic_load(&P.sleepers) > 0) {

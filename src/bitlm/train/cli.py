@@ -72,8 +72,9 @@ def _common(p: argparse.ArgumentParser, task: str) -> None:
     g.add_argument("--save-dtype", choices=("float32", "bfloat16", "float16"),
                    help="dtype of the non-ternary tensors of the saved model (default float32)")
     g.add_argument("--distributed", choices=("ddp", "fsdp"), help="under torchrun: DDP (default) or FSDP2")
-    g.add_argument("--device", help="auto (default), cpu or cuda")
-    g.add_argument("--amp", choices=("none", "bf16"), help="bf16: autocast the forward pass (default none)")
+    g.add_argument("--device", help="auto (default: cuda when there is one), cpu or cuda")
+    g.add_argument("--amp", choices=("auto", "none", "bf16"),
+                   help="bf16: autocast the forward pass; auto (default): bf16 on a GPU, none on the CPU")
     g.add_argument("--threads", type=int, help="torch CPU threads per process (default: torch's choice)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     g.add_argument("--no-plot", dest="plot", action="store_false", default=None)

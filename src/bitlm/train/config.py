@@ -64,7 +64,7 @@ class TrainConfig:
     seed: int = 0
     distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard)
     device: str = "auto"
-    amp: str = "none"  # "bf16": autocast the forward pass to bfloat16 (GPUs; CPUs with AMX/AVX512-BF16)
+    amp: str = "auto"  # "bf16": autocast the forward pass to bfloat16; "auto": bf16 on a GPU, none on the CPU
     threads: int | None = None  # torch CPU threads (None: torch's default)
 
     def __post_init__(self):
@@ -79,8 +79,8 @@ class TrainConfig:
             raise BitlmError(f"--precision must be 'ternary' or 'fp', got {self.precision!r}")
         if self.loss_aggregation not in ("sum", "mean"):
             raise BitlmError(f"--loss-aggregation must be 'sum' or 'mean', got {self.loss_aggregation!r}")
-        if self.amp not in ("none", "bf16"):
-            raise BitlmError(f"--amp must be 'none' or 'bf16', got {self.amp!r}")
+        if self.amp not in ("auto", "none", "bf16"):
+            raise BitlmError(f"--amp must be 'auto', 'none' or 'bf16', got {self.amp!r}")
         if self.save_dtype not in ("float32", "bfloat16", "float16"):
             raise BitlmError(f"--save-dtype must be float32, bfloat16 or float16, got {self.save_dtype!r}")
         for name in ("batch_size", "grad_accum", "eval_every", "eval_batches", "log_every", "checkpoint_every"):

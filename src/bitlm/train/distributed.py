@@ -38,6 +38,9 @@ class Dist:
 
 def setup(device: str | None = None) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device not in (None, "auto"):
+        from ..gpu import check_device
+        check_device(device, "--device")  # a one-line error when it names no device, or CUDA is missing
     use_cuda = torch.cuda.is_available() if device in (None, "auto") else device.startswith("cuda")
     if world <= 1:
         return Dist(device=torch.device("cuda" if use_cuda else "cpu"))

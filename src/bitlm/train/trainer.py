@@ -166,6 +166,7 @@ def _run(cfg: TrainConfig, d: distributed.Dist) -> dict:
     sched = Schedule.from_config(cfg, steps)
 
     model.to(d.device)
+    amp = resolve_amp(cfg.amp, d.device)
     if cfg.task == "dpo":  # the frozen reference: the starting model
         import copy
         task.reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -220,7 +221,7 @@ def _run(cfg: TrainConfig, d: distributed.Dist) -> dict:
             for m in range(cfg.grad_accum):
                 offset = step * cfg.batch_size + (m * d.world + d.rank) * per_rank
                 micro_batches.append(task.train_batch(sampler.rows(offset, per_rank)))
-            sums, tokens, gnorm = train_step(trained, optimizer, task, micro_batches, d, cfg.grad_clip, cfg.amp)
+            sums, tokens, gnorm = train_step(trained, optimizer, task, micro_batches, d, cfg.grad_clip, amp)
             step += 1
             stats = task.summarize({k: distributed.all_sum(v) for k, v in sums.items()})
             tokens = int(distributed.all_sum(torch.tensor(tokens)))
@@ -231,7 +232,7 @@ def _run(cfg: TrainConfig, d: distributed.Dist) -> dict:
                 log.write({"split": "train", **last})
             progress.update(last)
             if task.n_val and (step % cfg.eval_every == 0 or step == steps):
-                val = evaluate(trained, task, cfg.batch_size, per_rank, cfg.eval_batches, d, cfg.amp)
+                val = evaluate(trained, task, cfg.batch_size, per_rank, cfg.eval_batches, d, amp)
                 if val:
                     log.write({"split": "val", "step": step, **val})
                     progress.note(f"step {step}: val loss {val['loss']:.4f}" +
@@ -254,6 +255,13 @@ def _run(cfg: TrainConfig, d: distributed.Dist) -> dict:
         plot_losses(out / "metrics.jsonl", out / "loss.png")
     return {"steps": step, "finished": True, "train": last, "val": val, "out": str(out),
             "model": str(model_dir)}
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """--amp auto: bf16 on a GPU that has it (the latent BitLinear's matmuls in bfloat16), none on the CPU."""
+    if amp != "auto":
+        return amp
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
 
 
 def autocast(device: torch.device, amp: str):

@@ -1,13 +1,24 @@
-/* Exactness harness for the kernel library in C alone (no Python): every path this CPU supports
- * against a naive reference on random ternary weights, ragged shapes and extreme activations.
- * Built and run by tests/kernels/test_c_harness.py, natively and, when a cross compiler and
- * qemu-user are installed, for AArch64 (the NEON path). Prints one line per path; exit 1 on a
- * mismatch. */
+/* Exactness harness for the kernel library in C alone (no Python): every path this build offers
+ * against a naive reference (ternary products, the several-matrix and dequantizing drivers, the 6-bit
+ * head) or against the scalar path (the activation quantizer: int8 codes, scales and sums bit-equal),
+ * on random ternary weights, ragged shapes and extreme activations.
+ * Built and run by tests/kernels/test_c_harness.py: natively; with -DI2V_SIMDE, where the AVX-512
+ * kernels run on SIMDe's portable intrinsics on any x86-64 CPU (x86_avx512.h); and for AArch64 under
+ * qemu-user (the NEON path). Prints the CPU features, then one line per path; exit 1 on a mismatch. */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "i2v.h"
+
+#ifdef I2V_SIMDE
+#define EMULATED(path) i2v_path_has_avx512vnni(path)  /* the AVX-512 kernels on SIMDe (x86_avx512.h) */
+#else
+#define EMULATED(path) 0
+#endif
+
+static int bad[I2V_NPATHS];  /* a mismatch seen on path p */
 
 static unsigned long long rng = 88172645463325252ull;
 static unsigned next(void) {
@@ -29,7 +40,7 @@ static void pack(const int8_t *w, int N, int K, uint8_t *out) {
         }
 }
 
-static int check(int M, int N, int K, int extreme) {
+static void check(int M, int N, int K, int extreme) {
     int8_t *w = malloc((size_t)N * K), *x = malloc((size_t)M * K);
     uint8_t *p = malloc((size_t)((N + 15) / 16) * ((K + 15) / 16) * 64);
     int32_t *ref = malloc((size_t)M * N * 4), *y = malloc((size_t)M * N * 4);
@@ -42,23 +53,106 @@ static int check(int M, int N, int K, int extreme) {
             for (int k = 0; k < K; k++) s += x[(size_t)m * K + k] * w[(size_t)n * K + k];
             ref[(size_t)m * N + n] = s;
         }
-    int bad = 0;
     for (int path = 0; path < I2V_NPATHS; path++) {
         if (!i2v_path_supported(path)) continue;
         memset(y, 0x7f, (size_t)M * N * 4);
         if (i2v_gemm(x, (size_t)K, NULL, M, K, p, N, y, (size_t)N, path) != 0 ||
             memcmp(y, ref, (size_t)M * N * 4) != 0) {
             printf("MISMATCH path %s M %d N %d K %d extreme %d\n", i2v_path_name(path), M, N, K, extreme);
-            bad = 1;
+            bad[path] = 1;
         }
     }
     free(w), free(x), free(p), free(ref), free(y);
-    return bad;
+}
+
+/* i2v_gemm_multi and i2v_gemm_multi_f32: three matrices of one input width K (q, k, v) in one pool run,
+ * outputs with row strides past N; the float form against sum * (wscale / s[m]) in float32, the
+ * order of operations i2v.h gives, so bit-equal */
+static void check_multi(int M, int K, const int *N) {
+    enum { NMAT = 3 };
+    int8_t *x = malloc((size_t)M * K);
+    float s[64];
+    const float wscale[NMAT] = {0.75f, 1.3f, 0.0123f};
+    uint8_t *p[NMAT];
+    int32_t *ref[NMAT], *y[NMAT];
+    float *yf[NMAT];
+    size_t ldy[NMAT];
+    for (size_t i = 0; i < (size_t)M * K; i++) x[i] = (int8_t)(next() & 255);
+    for (int m = 0; m < M; m++) s[m] = 127.0f / (float)(1 + next() % 1000) * 0.37f;
+    for (int i = 0; i < NMAT; i++) {
+        int8_t *w = malloc((size_t)N[i] * K);
+        for (size_t j = 0; j < (size_t)N[i] * K; j++) w[j] = (int8_t)(next() % 3) - 1;
+        p[i] = malloc((size_t)((N[i] + 15) / 16) * ((K + 15) / 16) * 64);
+        pack(w, N[i], K, p[i]);
+        ldy[i] = (size_t)N[i] + 3;
+        ref[i] = malloc((size_t)M * ldy[i] * 4);
+        y[i] = malloc((size_t)M * ldy[i] * 4);
+        yf[i] = malloc((size_t)M * ldy[i] * 4);
+        for (int m = 0; m < M; m++)
+            for (int n = 0; n < N[i]; n++) {
+                int32_t acc = 0;
+                for (int k = 0; k < K; k++) acc += x[(size_t)m * K + k] * w[(size_t)n * K + k];
+                ref[i][(size_t)m * ldy[i] + n] = acc;
+            }
+        free(w);
+    }
+    for (int path = 0; path < I2V_NPATHS; path++) {
+        if (!i2v_path_supported(path)) continue;
+        int ok = i2v_gemm_multi(x, (size_t)K, NULL, M, K, NMAT, (const uint8_t *const *)p, N, y, ldy, path) == 0 &&
+                 i2v_gemm_multi_f32(x, (size_t)K, NULL, s, M, K, NMAT, (const uint8_t *const *)p, N, wscale, yf, ldy,
+                                    path) == 0;
+        for (int i = 0; ok && i < NMAT; i++)
+            for (int m = 0; m < M; m++)
+                for (int n = 0; n < N[i]; n++) {
+                    size_t at = (size_t)m * ldy[i] + n;
+                    float want = (float)ref[i][at] * (wscale[i] / s[m]);
+                    ok &= y[i][at] == ref[i][at] && memcmp(&yf[i][at], &want, 4) == 0;
+                }
+        if (!ok) {
+            printf("MISMATCH gemm_multi path %s M %d K %d N %d %d %d\n", i2v_path_name(path), M, K, N[0], N[1], N[2]);
+            bad[path] = 1;
+        }
+    }
+    for (int i = 0; i < NMAT; i++) free(p[i]), free(ref[i]), free(y[i]), free(yf[i]);
+    free(x);
+}
+
+/* The activation quantizer of each path against the scalar one, which tests/kernels/test_gemm.py holds
+ * to torch's: int8 codes (and the zero padding to ldq), scales and row sums bit-equal. Row kinds:
+ * random at several magnitudes, all zero, exact halves (max 127 gives s = 1), one huge outlier. */
+static void check_quant(int M, int K) {
+    size_t ldq = (size_t)K + 5;
+    float *x = malloc((size_t)M * K * 4), s0[8], s[8];
+    int8_t *q0 = malloc((size_t)M * ldq), *q = malloc((size_t)M * ldq);
+    int32_t sum0[8], sum[8];
+    static const float mag[] = {1e-9f, 1.0f, 3.7f, 1e4f};
+    for (int m = 0; m < M; m++) {
+        float *xm = x + (size_t)m * K;
+        int kind = m % 7;
+        for (int k = 0; k < K; k++) {
+            float r = (float)((int)(next() % 2000001) - 1000000) / 1e6f;
+            float half = (float)((int)(next() % 255) - 127) * 0.5f;
+            xm[k] = kind < 4 ? r * mag[kind] : kind == 4 ? 0.0f : kind == 5 ? half : r;
+        }
+        if (kind == 5) xm[0] = 127.0f;
+        if (kind == 6) xm[K / 2] = 3e5f;
+    }
+    i2v_quantize(x, (size_t)K, M, K, q0, ldq, s0, sum0, I2V_PATH_SCALAR);
+    for (int path = 0; path < I2V_NPATHS; path++) {
+        if (!i2v_path_supported(path)) continue;
+        memset(q, 0x55, (size_t)M * ldq);
+        if (i2v_quantize(x, (size_t)K, M, K, q, ldq, s, sum, path) != 0 || memcmp(q, q0, (size_t)M * ldq) != 0 ||
+            memcmp(s, s0, (size_t)M * 4) != 0 || memcmp(sum, sum0, (size_t)M * 4) != 0) {
+            printf("MISMATCH quantize path %s M %d K %d\n", i2v_path_name(path), M, K);
+            bad[path] = 1;
+        }
+    }
+    free(x), free(q0), free(q);
 }
 
 /* Q6 rows as documented (formats/q6.py): column 64g + 8L + j at bits 6j of the little-endian 6-byte
  * piece L of group g, code q + 32; padding columns code 32 */
-static int check_q6(int M, int V, int H) {
+static void check_q6(int M, int V, int H) {
     int ng = (H + 63) / 64, hp = 64 * ng;
     int8_t *q = malloc((size_t)V * H), *x = calloc((size_t)M, hp);
     uint8_t *p = calloc((size_t)V, (size_t)ng * 48);
@@ -80,17 +174,16 @@ static int check_q6(int M, int V, int H) {
             for (int h = 0; h < H; h++) s += x[(size_t)m * hp + h] * q[(size_t)v * H + h];
             ref[(size_t)m * V + v] = s;
         }
-    int bad = 0;
     for (int path = 0; path < I2V_NPATHS; path++) {
         if (!i2v_path_supported(path)) continue;
         if (i2v_q6_gemv(p, V, H, x, (size_t)hp, NULL, M, y, (size_t)V, path) != 0 ||
             memcmp(y, ref, (size_t)M * V * 4) != 0) {
-            printf("MISMATCH q6 path %s M %d V %d H %d\n", i2v_path_name(path), M, V, H);
-            bad = 1;
+            printf("MISMATCH q6 path %s (kernel %s) M %d V %d H %d\n", i2v_path_name(path), i2v_q6_kernel_name(path),
+                   M, V, H);
+            bad[path] = 1;
         }
     }
     free(q), free(x), free(p), free(ref), free(y);
-    return bad;
 }
 
 /* a kernel called from inside a pool task must not deadlock on the pool (runs inline) */
@@ -127,16 +220,27 @@ static int check_nested(void) {
 int main(void) {
     static const int shapes[][3] = {{1, 1, 1}, {1, 17, 15}, {1, 64, 2560}, {1, 129, 48}, {3, 33, 100},
                                     {8, 16, 16}, {17, 65, 129}, {20, 100, 333}, {33, 48, 64}, {64, 31, 200}};
-    int bad = 0, n = (int)(sizeof shapes / sizeof shapes[0]);
+    int n = (int)(sizeof shapes / sizeof shapes[0]);
+    printf("features: %s\n", i2v_cpu_features());
     for (int t = 1; t <= 2; t++) {
         i2v_pool_set_threads(t);
         for (int i = 0; i < n; i++)
-            for (int e = -1; e <= 1; e++) bad |= check(shapes[i][0], shapes[i][1], shapes[i][2], e);
+            for (int e = -1; e <= 1; e++) check(shapes[i][0], shapes[i][1], shapes[i][2], e);
+        check_multi(1, 100, (const int[]){64, 16, 35});
+        check_multi(5, 2560, (const int[]){80, 17, 200});   /* several parts, each dequantizing its rows */
+        check_multi(21, 129, (const int[]){48, 33, 1});      /* AMX tiles */
     }
-    for (int i = 0; i < 40; i++) bad |= check(1 + next() % 24, 1 + next() % 300, 1 + next() % 700, 0);
-    bad |= check_nested();
-    bad |= check_q6(1, 1, 1) | check_q6(1, 37, 100) | check_q6(2, 301, 640) | check_q6(3, 8, 2560);
-    for (int path = 0; path < I2V_NPATHS; path++)
-        if (i2v_path_supported(path)) printf("path %s: %s\n", i2v_path_name(path), bad ? "FAILED" : "exact");
-    return bad;
+    for (int i = 0; i < 40; i++) check(1 + next() % 24, 1 + next() % 300, 1 + next() % 700, 0);
+    static const int qshapes[][2] = {{1, 1}, {1, 15}, {7, 16}, {7, 17}, {3, 100}, {7, 2563}};
+    for (int i = 0; i < (int)(sizeof qshapes / sizeof qshapes[0]); i++) check_quant(qshapes[i][0], qshapes[i][1]);
+    int nested_bad = check_nested();
+    check_q6(1, 1, 1), check_q6(1, 37, 100), check_q6(2, 301, 640), check_q6(3, 8, 2560);
+    int any = nested_bad;
+    for (int path = 0; path < I2V_NPATHS; path++) {
+        if (!i2v_path_supported(path)) continue;
+        any |= bad[path];
+        printf("path %s: %s (gemm, gemm_multi, gemm_multi_f32, quantize; q6 head kernel %s)%s\n", i2v_path_name(path),
+               bad[path] ? "FAILED" : "exact", i2v_q6_kernel_name(path), EMULATED(path) ? " [SIMDe emulation]" : "");
+    }
+    return any;
 }

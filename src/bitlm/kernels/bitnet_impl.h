@@ -1,0 +1,137 @@
+/* Internal to the forward pass (bitnet.h is the public header): the model struct and what its files
+ * share. The forward is split by concern:
+ *   bitnet.c     the model from its descriptor, its scratch memory, the profile counters
+ *   vecops.c     float loops per instruction set (dot products, norms, softmax pieces, f16 <-> f32)
+ *   forward.c    the layer loop: embedding, norms + int8 quantization, the ternary projections, residuals
+ *   attention.c  RoPE, the KV store and attention, over the model's own cache or a paged pool
+ *   head.c       the output head (float, int8 or 6-bit rows)
+ */
+#ifndef BITLM_BITNET_IMPL_H
+#define BITLM_BITNET_IMPL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "bitnet.h"
+#include "i2v.h"
+
+typedef float (*dot_fn)(const float *, const float *, int);
+/* out[r * ldo] = scale * (q_r . k) for the nq rows q_r = q + r * n (the q heads of one kv head) */
+typedef void (*dots_fn)(const float *q, int nq, int n, const float *k, float scale, float *out, size_t ldo);
+/* softmax numerators in place, s[j] = exp(s[j] - mx) for j < n; returns their sum */
+typedef float (*expsum_fn)(float *s, int n, float mx);
+/* o_r += sum over j < n of p[r * ldp + j] * v_j, for the nq rows o_r = o + r * hd and v_j = v + j * hd.
+ * Each o element takes its n terms one after another in j order, so a call over keys 0..n equals two
+ * calls over 0..a and a..n bit for bit (attention relies on it to follow a paged cache's blocks). */
+typedef void (*pv_fn)(float *o, int nq, int hd, const float *p, size_t ldp, const float *v, int n);
+/* float16 <-> float32 for the KV cache (round to nearest even) */
+typedef void (*cvt_fn)(const void *, void *, int);
+
+typedef struct {
+    const uint8_t *w;
+    int N, K;
+    float scale;
+} bn_linear;
+
+typedef struct {
+    const float *attn_norm, *ffn_norm, *attn_sub_norm, *ffn_sub_norm;
+    bn_linear proj[7]; /* q k v o gate up down */
+    void *kc, *vc;     /* [kv_heads, max_len, head_dim], float32 or float16 (BN_I_KV_KIND) */
+} bn_layer;
+
+enum { P_Q, P_K, P_V, P_O, P_GATE, P_UP, P_DOWN };
+
+struct bn_model {
+    int L, H, I, nh, nkv, hd, V, max_len, act, embed_kind, head_kind, path, kv_f16, embed_fd;
+    int64_t embed_offset;
+    float eps;
+    const float *cos, *sin, *final_norm;
+    const void *embed, *head;
+    const float *head_scale;
+    const int32_t *head_rowsum;
+    bn_layer *layers;
+    dot_fn dot;
+    dots_fn dots;
+    expsum_fn expsum;
+    pv_fn pv;
+    cvt_fn h2f, f2h;
+    int profiling;
+    int64_t prof[BN_NPROF];
+    char *scratch; /* the forward's scratch, kept between calls (grown when a call needs more) */
+    size_t scratch_bytes;
+};
+
+/* ---- bitnet.c ---- */
+char *bn_scratch(bn_model *m, size_t bytes); /* at least `bytes` of scratch, or NULL */
+int64_t bn_now_ns(void);
+
+/* ---- vecops.c: picked once per model from its kernel path ---- */
+dot_fn bn_pick_dot(int path);
+dots_fn bn_pick_dots(int path);
+void bn_pick_attn(int path, expsum_fn *expsum, pv_fn *pv);
+void bn_pick_cvt(int path, cvt_fn *h2f, cvt_fn *f2h);
+void bn_rmsnorm(dot_fn dot, const float *x, const float *w, float *out, int n, float eps);
+void bn_axpy(float *y, float a, const float *x, int n);
+void bn_gate_act(float *g, const float *u, size_t n, int act); /* g = act(g) * u */
+float bn_dot_bf16(const uint16_t *a, const float *b, int n);
+
+static inline float bn_bf16_to_f32(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* ---- the rows of one step, by sequence ----
+ * A step's T rows are the rows of one or more sequences, each sequence's rows consecutive and at
+ * consecutive positions. The sequences' keys and values live either in the model's own cache (one
+ * sequence: bn_forward) or in a paged pool (bn_forward_paged). */
+typedef struct {
+    int row0, n;           /* rows row0 .. row0+n-1 of the step */
+    int pos;               /* the position of row row0 */
+    int n_out;             /* logits for the last n_out rows */
+    const int32_t *blocks; /* paged: the block ids of positions 0, bs, 2 bs, ... (NULL: the model's cache) */
+} bn_span;
+
+typedef struct {
+    char *base;  /* NULL: the model's own cache; else block b at base + b * block_bytes */
+    int bs;      /* positions per block (max_len for the model's own cache: one block) */
+    int n_blocks;
+} bn_pool;
+
+/* the row of kv head h at position p of sequence sp in layer l, kv 0 = keys, 1 = values: the paged pool
+ * holds a block as [layers][2][kv_heads][bs][head_dim] elements; the model's cache, per layer,
+ * [kv_heads][max_len][head_dim] (bitnet.h BN_L_KCACHE) */
+static inline void *bn_kv_row(const bn_model *m, const bn_pool *pool, const bn_span *sp, int l, int kv, int h, int p) {
+    size_t es = m->kv_f16 ? 2 : 4, hd = (size_t)m->hd;
+    if (!pool->base) {
+        const bn_layer *y = &m->layers[l];
+        return (char *)(kv ? y->vc : y->kc) + ((size_t)h * m->max_len + p) * hd * es;
+    }
+    size_t bs = (size_t)pool->bs, b = (size_t)sp->blocks[p / pool->bs];
+    size_t row = (((b * m->L + l) * 2 + kv) * m->nkv + h) * bs + (size_t)(p % pool->bs);
+    return pool->base + row * hd * es;
+}
+
+/* ---- attention.c ---- */
+#define ATT_BLK 64 /* keys per step of the online softmax (fixed: it sets every row's reduction order) */
+/* RoPE on rows' q and k heads of qkv [T, ldqkv = q | k | v], then k and v into each sequence's cache */
+void bn_rope_store(const bn_model *m, int l, const bn_pool *pool, const bn_span *spans, int nspan, float *qkv, int T,
+                   int nparts);
+/* attention of every row over its own sequence's keys: out [T, nh * hd]; stat [T, nh, 2] and work
+ * [nparts, ldwork] scratch (bn_attention_work) */
+size_t bn_attention_ldwork(const bn_model *m);
+void bn_attention(const bn_model *m, int l, const bn_pool *pool, const bn_span *spans, int nspan, const float *qkv,
+                  size_t ldqkv, float *out, float *stat, float *work, int nparts, int T);
+
+/* ---- head.c ---- */
+/* logits [n, V] of the n normed rows h [n, H]; q8 [n, max(kpad(H), 64-padded H)], s [n], qsum [n] and,
+ * for the int8 head on AVX2, ax [n, kpad(H)] are scratch (bn_head_needs_ax). h may be overwritten. */
+int bn_head_needs_ax(const bn_model *m);
+int bn_head(const bn_model *m, const float *h, int n, int8_t *q8, float *s, int32_t *qsum, int8_t *ax,
+            float *logits);
+
+static inline size_t bn_kpad(int k) { return (size_t)((k + I2V_COLS - 1) / I2V_COLS) * I2V_COLS; }
+
+#endif

@@ -1,0 +1,121 @@
+"""A many-sequence engine that runs its sequences one after another (`bitlm serve --engine sequential`):
+the reference beside the batched engine, and the engine the server was first built on.
+
+SequentialEngine has the interface of the batched engine (engine/batch.py, BatchEngine): sequences are
+added and freed by id, and one `step` advances several of them, each by its own tokens, returning the
+logits of each one's last token. Here every sequence is a NativeModel of its own over the SAME weight
+arrays (memory-mapped once; only the KV cache and RoPE tables are per sequence, in lazily backed
+mappings), and step() runs the sequences' forwards in turn. So it is real and exact, just not batched:
+its cost grows with the number of sequences where the batched engine's barely does.
+
+KV memory is accounted in blocks of `block_size` positions as the paged cache hands them out: a
+sequence of length L holds ceil(L / block_size) blocks, and a step that would need more blocks than are
+free is refused whole, like the batched engine, so the scheduler's admission logic is exercised the same
+way on either engine.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..engine.native import NativeModel
+from ..errors import BitlmError
+
+
+class SequentialEngine:
+    def __init__(self, nm: NativeModel, max_seqs: int = 16, kv_blocks: int | None = None, block_size: int = 16,
+                 max_len: int | None = None):
+        """nm: the loaded model (its weights are shared by every sequence; its own cache becomes the first
+        sequence's). kv_blocks: the KV budget in blocks (default: enough for max_seqs full contexts)."""
+        if not isinstance(max_seqs, int) or max_seqs < 1:
+            raise BitlmError(f"max_seqs must be an integer >= 1, got {max_seqs!r}")
+        if not isinstance(block_size, int) or block_size < 1:
+            raise BitlmError(f"block_size must be an integer >= 1, got {block_size!r}")
+        self.nm = nm
+        self.config = nm.config
+        self.tokenizer = nm.tokenizer
+        self.max_len = min(max_len or nm.max_len, nm.max_len)
+        self.max_seqs = max_seqs
+        self.block_size = block_size
+        full = -(-self.max_len // block_size)
+        self._total = max_seqs * full if kv_blocks is None else kv_blocks
+        if not isinstance(self._total, int) or self._total < 1:
+            raise BitlmError(f"kv_blocks must be an integer >= 1, got {kv_blocks!r}")
+        self._pool: list[NativeModel] = [nm]  # idle models, reused so their touched KV pages are too
+        self._seqs: dict[int, NativeModel] = {}
+        self._next_sid = 0
+
+    # ---- sequences ---------------------------------------------------------------------------------
+    def add_sequence(self) -> int:
+        if len(self._seqs) >= self.max_seqs:
+            raise BitlmError(f"all {self.max_seqs} sequences are in use; free one first")
+        if self._pool:
+            m = self._pool.pop()
+        else:
+            m = NativeModel(self.nm.config, self.nm.arrays, max_len=self.max_len, kv=self.nm.kv)
+        m.reset()
+        sid = self._next_sid
+        self._next_sid += 1
+        self._seqs[sid] = m
+        return sid
+
+    def free_sequence(self, sid: int) -> None:
+        self._pool.append(self._model(sid))
+        del self._seqs[sid]
+
+    def seq_len(self, sid: int) -> int:
+        return self._model(sid).pos
+
+    def truncate(self, sid: int, length: int) -> None:
+        self._model(sid).truncate(length)
+
+    def _model(self, sid: int) -> NativeModel:
+        try:
+            return self._seqs[sid]
+        except (KeyError, TypeError):
+            raise BitlmError(f"sequence {sid!r} is not live") from None
+
+    # ---- KV blocks ---------------------------------------------------------------------------------
+    def _blocks(self, length: int) -> int:
+        return -(-length // self.block_size)
+
+    def blocks_needed(self, sid: int, n_tokens: int) -> int:
+        """Blocks that appending n_tokens to sequence sid would take beyond those it holds."""
+        n = self.seq_len(sid)
+        return self._blocks(n + n_tokens) - self._blocks(n)
+
+    @property
+    def total_blocks(self) -> int:
+        return self._total
+
+    @property
+    def used_blocks(self) -> int:
+        return sum(self._blocks(m.pos) for m in self._seqs.values())
+
+    @property
+    def free_blocks(self) -> int:
+        return self._total - self.used_blocks
+
+    # ---- running -----------------------------------------------------------------------------------
+    def step(self, work: list[tuple[int, np.ndarray | list[int]]]) -> list[np.ndarray]:
+        """Append each entry's tokens to its sequence; float32 [vocab] logits of each entry's last token.
+        Every entry is checked before any runs: on a BitlmError nothing has been consumed."""
+        V = self.config.vocab_size
+        seen, arrays, need = set(), [], 0
+        for sid, tokens in work:
+            m = self._model(sid)
+            if sid in seen:
+                raise BitlmError(f"sequence {sid} appears twice in one step")
+            seen.add(sid)
+            t = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(-1))
+            if t.size == 0:
+                raise BitlmError(f"sequence {sid}: a step needs at least one token")
+            if m.pos + t.size > self.max_len:
+                raise BitlmError(f"sequence {sid}: {m.pos + t.size} tokens exceed the context length {self.max_len}")
+            if t.min() < 0 or t.max() >= V:
+                raise BitlmError(f"sequence {sid}: token id out of range [0, {V})")
+            need += self.blocks_needed(sid, t.size)
+            arrays.append((m, t.astype(np.int32)))
+        if need > self.free_blocks:
+            raise BitlmError(f"the step needs {need} KV blocks and {self.free_blocks} are free")
+        return [m.forward(t, 1)[0] for m, t in arrays]
