@@ -340,23 +340,8 @@ def v16(tmp_path_factory):
 N_DRAWS = 20000
 
 
-@pytest.fixture
-def one_thread():
-    """One thread, so the kernels' thread pool is not used (parts run inline). The statistical tests run
-    ~20k forwards of a model with 16 logits, pool tasks microseconds apart, where the pool of
-    kernels/pool.c crashes (about one process in ten at 2 threads, also with no generation code at all:
-    forwards of 2 rows and 1 row alternating): a worker still scanning a finished task's claim counter
-    can pair it with the next task's part count, function and context, run a part twice and let the
-    caller return while that part still runs. The draws do not depend on the thread count."""
-    from bitlm import kernels
-    before = kernels.info()["threads"]
-    kernels.set_num_threads(1)
-    yield
-    kernels.set_num_threads(before)
-
-
 @pytest.mark.parametrize("method", ["lookup", "draft"])
-def test_sampled_tokens_follow_the_target_distribution(v16, monkeypatch, method, one_thread):
+def test_sampled_tokens_follow_the_target_distribution(v16, monkeypatch, method):
     """The first two tokens' joint distribution from N_DRAWS speculative generations (fixed seeds) against
     the exact one, chi-square at a 1e-4 tail. The first token is decided by the accept/reject rule on
     the first draft; the second by the next draft, the bonus token, or a second round.
