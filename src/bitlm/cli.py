@@ -1,7 +1,8 @@
 """The `bitlm` command: subcommands that call the library.
 
     bitlm generate -m MODEL -p PROMPT [-n N] [sampling flags] [--stop STR ...] [--ignore-eos] [-t THREADS]
-    bitlm chat -m MODEL [--system S] [sampling flags]
+                   [--speculative lookup | --draft MODEL] [--draft-max N] [--lookup-ngram N]
+    bitlm chat -m MODEL [--system S] [sampling flags] [speculative flags]
         (generate and chat: --device cuda runs the torch model on a GPU with the Triton kernels)
     bitlm info [MODEL] [--json]
     bitlm bench (-m MODEL | --shape NAME) [-t THREADS] [-p N_PROMPT] [-n N_GEN] [-r REPS] [--json] [--profile]
@@ -102,25 +103,44 @@ def load_model(args):
     if runtime == "auto":
         runtime = "native" if native_available() else "torch"
     set_threads(args.threads, torch_too=runtime == "torch")
-    if runtime == "native":
-        if not native_available():
-            raise BitlmError("--runtime native: the native kernels are not built in this install; "
-                             "run `bitlm doctor`, or use --runtime torch")
-        from .engine.native import NativeLM
-        from .io.native import load_native
-        model = NativeLM(load_native(source, head=args.head, max_len=args.ctx_size, kv=args.kv, mmap=args.mmap,
-                                     weights=getattr(args, "weights", "i2v")))
-    elif dev is not None:
-        import torch
-
-        import bitlm
-        model = bitlm.load(source, device=dev, dtype=torch.bfloat16)  # bf16 activations on a GPU
-    else:
-        import bitlm
-        model = bitlm.load(source)
+    if runtime == "native" and not native_available():
+        raise BitlmError("--runtime native: the native kernels are not built in this install; "
+                         "run `bitlm doctor`, or use --runtime torch")
+    model = _load_on(runtime, source, args, dev)
     if model.tokenizer is None:
         raise BitlmError(f"{args.model}: no tokenizer.json next to the weights; `bitlm {args.command}` needs one")
+    args.runtime = runtime  # a draft model is loaded on the same runtime
     return model
+
+
+def _load_on(runtime: str, source: str, args, dev=None):
+    if runtime == "native":
+        from .engine.native import NativeLM
+        from .io.native import load_native
+        return NativeLM(load_native(source, head=args.head, max_len=args.ctx_size, kv=args.kv, mmap=args.mmap,
+                                    weights=getattr(args, "weights", "i2v")))
+    import bitlm
+    if dev is not None:
+        import torch
+        return bitlm.load(source, device=dev, dtype=torch.bfloat16)  # bf16 activations on a GPU
+    return bitlm.load(source)
+
+
+def speculative_option(args) -> dict:
+    """{"speculative": Speculative(...)} from --speculative, --draft, --draft-max, --lookup-ngram (the
+    draft model loaded on the target's runtime), or {} for plain decoding."""
+    method = args.speculative or ("draft" if args.draft else "none")
+    if args.draft and method != "draft":
+        raise BitlmError(f"--draft MODEL drafts with a model: it goes with --speculative draft, not {method}")
+    if method == "none":
+        return {}
+    from .engine.speculative import Speculative
+    if method == "lookup":
+        return {"speculative": Speculative("lookup", draft_max=args.draft_max, ngram_max=args.lookup_ngram)}
+    if not args.draft:
+        raise BitlmError("--speculative draft needs a draft model: --draft MODEL (one sharing the model's tokenizer)")
+    draft = _load_on(args.runtime, args.draft, args, check_device_arg(args))
+    return {"speculative": Speculative("draft", draft_max=args.draft_max, draft_model=draft)}
 
 
 def sampling_options(args) -> dict:
@@ -137,8 +157,12 @@ def write_stream(stream, out) -> None:
 def report_stats(stream, err) -> None:
     s = stream.stats()
     rate = f"{s['decode_tokens_per_s']:.1f} tokens/s" if s.get("decode_tokens_per_s") else "n/a"
+    spec = ""
+    if "draft_tokens" in s:
+        rate_a = f"{s['acceptance_rate']:.0%}" if s["acceptance_rate"] is not None else "n/a"
+        spec = f"; drafts accepted {s['accepted_tokens']}/{s['draft_tokens']} ({rate_a})"
     err.write(f"[prompt {s['prompt_tokens']} tokens, prefill {s['prefill_s'] * 1000:.0f} ms; "
-              f"{s['new_tokens']} new tokens, decode {rate}; finished: {s['finish_reason']}]\n")
+              f"{s['new_tokens']} new tokens, decode {rate}{spec}; finished: {s['finish_reason']}]\n")
 
 
 # ---- subcommands ---------------------------------------------------------------------------------
@@ -146,7 +170,7 @@ def cmd_generate(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model = load_model(args)
     from .engine.generate import stream_text
-    stream = stream_text(model, prompt, **sampling_options(args))
+    stream = stream_text(model, prompt, **sampling_options(args), **speculative_option(args))
     write_stream(stream, sys.stdout)
     sys.stdout.write("\n")
     sys.stdout.flush()
@@ -164,7 +188,7 @@ CHAT_HELP = "Type a message and press Enter. /reset starts over, /quit or Ctrl-D
 def cmd_chat(args) -> int:
     model = load_model(args)
     from .engine.generate import ChatSession
-    session = ChatSession(model, system=args.system, **sampling_options(args))
+    session = ChatSession(model, system=args.system, **sampling_options(args), **speculative_option(args))
     interactive = sys.stdin.isatty()
     if interactive:
         try:
@@ -437,12 +461,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-text tokens")
     g.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
 
-    p = sub.add_parser("generate", parents=[model, sampling], help="continue a prompt, streaming to stdout",
+    speculative = argparse.ArgumentParser(add_help=False)
+    g = speculative.add_argument_group("speculative decoding (the same output, faster where drafts are often right)")
+    g.add_argument("--speculative", choices=("none", "lookup", "draft"),
+                   help="draft tokens by prompt lookup (n-grams of the context, no second model) or with a draft "
+                        "model, and check them in one forward (default: draft with --draft, else none)")
+    g.add_argument("--draft", metavar="MODEL", help="the draft model: a smaller model sharing the tokenizer")
+    g.add_argument("--draft-max", type=int, default=8, metavar="N",
+                   help="most tokens drafted per step (default 8; fewer while drafts are rejected)")
+    g.add_argument("--lookup-ngram", type=int, default=3, metavar="N",
+                   help="prompt lookup: the longest n-gram of the context matched, down to 1 (default 3)")
+
+    p = sub.add_parser("generate", parents=[model, sampling, speculative],
+                       help="continue a prompt, streaming to stdout",
                        description="Continue PROMPT and stream the continuation to stdout.")
     p.add_argument("-p", "--prompt", required=True, help="the prompt text ('-' reads it from stdin)")
     p.set_defaults(run=cmd_generate)
 
-    p = sub.add_parser("chat", parents=[model, sampling], help="interactive multi-turn chat",
+    p = sub.add_parser("chat", parents=[model, sampling, speculative], help="interactive multi-turn chat",
                        description="Chat through the model's chat template. " + CHAT_HELP)
     p.add_argument("--system", help="a system message")
     p.set_defaults(run=cmd_chat)

@@ -11,6 +11,7 @@ and the output head are not. The projections come in three kinds (`linear=`):
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -236,11 +237,14 @@ class BitNetForCausalLM(nn.Module):
 
     # ---- generation (bitlm.engine.generate) --------------------------------------------------------
     @torch.inference_mode()
-    def last_logits(self, ids: list[int], cache: KVCache | None = None):
-        """Float32 numpy logits (1, vocab) of the last of `ids` (one sequence), appending them to `cache`:
-        the step the generation engine takes."""
+    def last_logits(self, ids: list[int], cache: KVCache | None = None, n: int = 1):
+        """Float32 numpy logits (n, vocab) of the last n of `ids` (one sequence), appending them to
+        `cache`: the step the generation engine takes (n=0 only fills the cache)."""
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        return self(x, cache=cache, logits_to_keep=1)[:, -1].float().cpu().numpy()
+        if n == 0:
+            self.hidden_states(x, cache)
+            return np.zeros((0, self.config.vocab_size), dtype=np.float32)
+        return self(x, cache=cache, logits_to_keep=n)[0].float().cpu().numpy()
 
     def generate(self, prompt, **kwargs) -> str:
         """The text continuation of `prompt` (a string or token ids); options as for engine.generate."""

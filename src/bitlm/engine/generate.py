@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import BitlmError
 from .sampling import SamplingParams, sample
+from .speculative import Speculative, SpeculativeTokens, Speculator, speculative_tokens
 
 FINISH_REASONS = ("stop", "length", "context")  # stop token/string; max_new_tokens; context full
 
@@ -68,7 +69,8 @@ def _id_list(prompt_ids) -> list[int]:
 
 def generate(model, prompt_ids, max_new_tokens: int = 256, temperature: float = 0.8, top_k: int = 40,
              top_p: float = 0.95, seed: int | None = None, stop_token_ids: Sequence[int] | None = None,
-             stop_strings: Sequence[str] = (), ignore_eos: bool = False, cache=None) -> Iterator[int]:
+             stop_strings: Sequence[str] = (), ignore_eos: bool = False, cache=None,
+             speculative: Speculative | None = None) -> Iterator[int]:
     """An iterator of the new token ids after `prompt_ids` (a list, or a tensor (T,) or (1, T)), one at a time.
 
     Stops at max_new_tokens; at a stop token (default: the tokenizer's eos and <|eot_id|>), which is not
@@ -80,6 +82,11 @@ def generate(model, prompt_ids, max_new_tokens: int = 256, temperature: float = 
     `cache`: a KVCache whose first cache.length positions already hold prompt_ids[:cache.length] (a chat
     reusing its shared prefix); only the rest is prefilled. Afterwards it holds the prompt and every
     yielded token but the last.
+
+    `speculative`: a Speculative (engine/speculative.py) drafts tokens by prompt lookup or a draft model
+    and verifies them in one forward of the model: the same tokens (greedy) or the same distribution
+    (sampled) as without it, faster where drafts are often right. The iterator then also carries the
+    draft counts (`.speculative`, a SpecStats).
     """
     params = SamplingParams(temperature, top_k, top_p, seed)
     ids = _id_list(prompt_ids)
@@ -97,6 +104,13 @@ def generate(model, prompt_ids, max_new_tokens: int = 256, temperature: float = 
     budget = min(max_new_tokens, limit - len(ids))  # the whole sequence must fit the context
     if cache is None and budget:
         cache = model.new_cache(max_len=len(ids) + budget)
+    if speculative is not None:
+        if not isinstance(speculative, Speculative):
+            raise BitlmError(f"speculative: expected a bitlm.engine.speculative.Speculative, got {speculative!r}")
+        # made now, so that an incompatible draft model is an error here, not at the first token
+        sp = Speculator(speculative, model, params)
+        return SpeculativeTokens(speculative_tokens(model, ids, params, stops, detok, budget, max_new_tokens,
+                                                    cache, sp), sp.stats)
     return _tokens(model, ids, params, stops, detok, budget, max_new_tokens, cache)
 
 
@@ -243,15 +257,21 @@ class TextStream:
                 self._on_end(self)
 
     def stats(self) -> dict:
-        """Prompt and generated token counts, prefill seconds (to the first token), decode tokens/s."""
+        """Prompt and generated token counts, prefill seconds (to the first token), decode tokens/s; with
+        speculative decoding also the rounds, drafted and accepted tokens and the acceptance rate."""
         if self._t_end is None:
             return {}
         first = self._t_first or self._t_end
         n = len(self.token_ids)
         decode_s = self._t_end - first
-        return {"prompt_tokens": self.n_prompt, "new_tokens": n, "prefill_s": first - self._t0,
-                "decode_tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else None,
-                "finish_reason": self.finish_reason}
+        out = {"prompt_tokens": self.n_prompt, "new_tokens": n, "prefill_s": first - self._t0,
+               "decode_tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else None,
+               "finish_reason": self.finish_reason}
+        spec = getattr(self._tokens, "speculative", None)
+        if spec is not None:
+            out.update(draft_rounds=spec.rounds, draft_tokens=spec.drafted, accepted_tokens=spec.accepted,
+                       acceptance_rate=spec.acceptance_rate)
+        return out
 
 
 def stream_text(model, prompt: str | Sequence[int], stop_strings: Sequence[str] = (),

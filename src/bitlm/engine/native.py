@@ -415,11 +415,12 @@ class NativeLM:
             raise BitlmError("the native runtime runs one sequence at a time (batch size 1)")
         return NativeCache(self.nm, max_len)
 
-    def last_logits(self, ids, cache: NativeCache | None = None) -> np.ndarray:
-        """Float32 logits (1, vocab) of the last of `ids` (the generation engine's step, no torch)."""
+    def last_logits(self, ids, cache: NativeCache | None = None, n: int = 1) -> np.ndarray:
+        """Float32 logits (n, vocab) of the last n of `ids` (the generation engine's step, no torch; n=0
+        only fills the cache)."""
         if cache is None:  # a stateless call: run from position 0
             self.nm.reset()
-        return self.nm.forward(ids, 1)
+        return self.nm.forward(ids, n)
 
     def __call__(self, input_ids, cache: NativeCache | None = None, logits_to_keep: int = 0):
         """BitNetForCausalLM's call: torch ids (1, T) in, torch logits (1, n, vocab) out."""

@@ -113,27 +113,66 @@ def _temperature_top_k(logits, params: SamplingParams) -> np.ndarray:
     return top_k_filter(np.asarray(logits, dtype=np.float32) / np.float32(params.temperature), params.top_k)
 
 
-def sample(logits, params: SamplingParams, generator: np.random.Generator | None = None) -> np.ndarray:
-    """Next token ids (B,) int64 from logits (B, V) (a numpy array, or anything np.asarray takes)."""
+def _check_logits(logits, what: str) -> np.ndarray:
     x = np.asarray(logits, dtype=np.float32)
     if x.ndim != 2:
-        raise BitlmError(f"sample: expected logits of shape (batch, vocab), got {x.shape}")
+        raise BitlmError(f"{what}: expected logits of shape (batch, vocab), got {x.shape}")
     if not np.all(np.isfinite(x) | (x == -np.inf)):
-        raise BitlmError("sample: the logits hold NaN or +inf (the model's output overflowed); "
+        raise BitlmError(f"{what}: the logits hold NaN or +inf (the model's output overflowed); "
                          "check the model's weights")
+    return x
+
+
+def _support(row: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """The ids that one row of logits (after temperature and top-k) can draw, and their float32 weights
+    exp(v - max): top-p's nucleus (most likely first), else every drawable id (in id order)."""
+    if top_p < 1:
+        ids = nucleus(row, top_p)
+        v = row[ids]
+    else:
+        ids = _drawable(row)  # in id order: the whole row needs no copy
+        v = row if ids.size == row.size else row[ids]
+    return ids, np.exp(v - v.max())
+
+
+def sample(logits, params: SamplingParams, generator: np.random.Generator | None = None) -> np.ndarray:
+    """Next token ids (B,) int64 from logits (B, V) (a numpy array, or anything np.asarray takes)."""
+    x = _check_logits(logits, "sample")
     if params.greedy:
         return x.argmax(axis=-1)  # the first of equal maxima
     rng = generator if generator is not None else params.generator()
     x = _temperature_top_k(x, params)
     out = np.empty(x.shape[0], dtype=np.int64)
     for r, row in enumerate(x):
-        if params.top_p < 1:
-            ids = nucleus(row, params.top_p)  # most likely first
-            v = row[ids]
-        else:
-            ids = _drawable(row)  # in id order: the whole row needs no copy
-            v = row if ids.size == row.size else row[ids]
-        cum = np.cumsum(np.exp(v - v.max()), dtype=np.float64)
+        ids, w = _support(row, params.top_p)
+        cum = np.cumsum(w, dtype=np.float64)
         i = int(np.searchsorted(cum, rng.random() * cum[-1], side="right"))
         out[r] = ids[min(i, ids.size - 1)]
     return out
+
+
+def distribution(logits, params: SamplingParams) -> np.ndarray:
+    """Float64 probabilities (B, V) that `sample` draws each row's token from: after temperature, top-k
+    and top-p, normalised (exact speculative decoding compares these). Greedy: one-hot at the argmax."""
+    x = _check_logits(logits, "distribution")
+    out = np.zeros(x.shape, dtype=np.float64)
+    if params.greedy:
+        out[np.arange(x.shape[0]), x.argmax(axis=-1)] = 1.0
+        return out
+    x = _temperature_top_k(x, params)
+    for r, row in enumerate(x):
+        ids, w = _support(row, params.top_p)
+        w = w.astype(np.float64)
+        out[r, ids] = w / w.sum()
+    return out
+
+
+def draw(probs: np.ndarray, generator: np.random.Generator) -> int:
+    """One id from float64 probabilities (V,) (not necessarily normalised), drawn as `sample` draws."""
+    cum = np.cumsum(probs, dtype=np.float64)
+    if not cum[-1] > 0:
+        raise BitlmError("draw: the probabilities are all zero: there is nothing to sample")
+    i = int(np.searchsorted(cum, generator.random() * cum[-1], side="right"))
+    if i >= probs.shape[-1]:  # u * total rounded up to the total: the last id that can be drawn
+        i = int(np.flatnonzero(probs)[-1])
+    return i
