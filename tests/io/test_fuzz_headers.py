@@ -23,7 +23,7 @@ from hypothesis import strategies as s  # noqa: E402
 from bitlm.errors import BitlmError  # noqa: E402
 from bitlm.io import native, st  # noqa: E402
 
-FUZZ = settings(max_examples=200, deadline=None, database=None,
+FUZZ = settings(max_examples=200, deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 DTYPES = ["F32", "F16", "BF16", "F64", "I8", "U8", "I16", "U16", "I32", "I64", "BOOL", "U32", "U64", "C64", "F4",

@@ -410,8 +410,12 @@ def tokenizer_from_gguf(g: GGUFFile, cfg: BitNetConfig, warn=None):
     llama3 = pre in ("llama-bpe", "llama3", "llama-v3")
     # Llama 3's tokenizer.json sets ignore_merges (a piece that is a whole token is not merged up from
     # bytes), and llama.cpp does the same for its llama-bpe pre-tokenizer
-    bpe = models.BPE(vocab=vocab, merges=[tuple(x.split(" ", 1)) for x in merges], fuse_unk=False,
-                     ignore_merges=llama3)
+    try:
+        bpe = models.BPE(vocab=vocab, merges=[tuple(x.split(" ", 1)) for x in merges], fuse_unk=False,
+                         ignore_merges=llama3)
+    except Exception as e:  # the tokenizers library's own error, e.g. a merge naming a token not in the list
+        raise BitlmError(f"{g.path}: tokenizer.ggml.tokens/merges do not make a BPE tokenizer "
+                         f"({str(e).splitlines()[0][:160]}); the file is damaged: convert it again") from None
     tok = HFTokenizer(bpe)
     if llama3:
         tok.pre_tokenizer = pre_tokenizers.Sequence([
