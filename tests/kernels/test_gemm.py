@@ -84,6 +84,17 @@ def test_gemm_exact(path, fmt, m, n, k):
     assert torch.equal(y, kernels.gemm(x, packed, path="scalar"))
 
 
+@pytest.mark.parametrize("m", range(1, 21))
+def test_gemm_every_m(path, fmt, threads, m):
+    # every M of a decode step of up to 20 sequences: the GEMV (1), the small-M streams (4 row blocks
+    # side by side at 2 and 3, pairs of 8-row tiles up to 16), AMX from 16. N = 7 row blocks (one
+    # group of 4, a pair, a single; the last partial), K past the 24-block prefetch distance.
+    n, k = 6 * 16 + 9, 30 * 16 + 7
+    w, x = _case(m, n, k, seed=1000 + m)
+    y = kernels.gemm(x, kernels.pack(w, fmt), path=path)
+    assert torch.equal(y.long(), _reference(x, w))
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_gemm_random_shapes(path, fmt, threads, seed):
     rng = np.random.default_rng(seed)
