@@ -311,6 +311,20 @@ def test_pool_survives_fork():
     assert torch.equal(y.long(), _reference(x, w))
 
 
+@pytest.mark.parametrize("m", range(1, 21))
+def test_q6_gemv_every_m(path, m):
+    """Every M of a decode step of up to 20 sequences: tiles of 4 activation rows x 4 head rows, a
+    partial last tile, 7 head rows (a group of 4 and 3 single rows), a partial last 64-column group."""
+    from bitlm.formats import q6
+
+    v, h = 7, 9 * 64 + 17
+    rng = np.random.default_rng(7000 + m)
+    q = rng.integers(-31, 32, size=(v, h), dtype=np.int8)
+    x = torch.from_numpy(rng.integers(-128, 128, size=(m, h), dtype=np.int8))
+    y = kernels.q6_gemv(x, torch.from_numpy(q6.pack(q)), h, path=path)
+    assert torch.equal(y.long(), x.long() @ torch.from_numpy(q).long().t())
+
+
 def test_q6_gemv_long_rows_at_the_extremes(path):
     """40000 columns of q = +31 (code 63) against x = -128: sums the AVX2 kernel's int32 lanes could not
     hold without being emptied every 256 groups (hand-computed results)."""

@@ -275,6 +275,7 @@ int main(void) {
     for (int i = 0; i < (int)(sizeof qshapes / sizeof qshapes[0]); i++) check_quant(qshapes[i][0], qshapes[i][1]);
     int nested_bad = check_nested();
     check_q6(1, 1, 1), check_q6(1, 37, 100), check_q6(2, 301, 640), check_q6(3, 8, 2560);
+    for (int m = 1; m <= 20; m++) check_q6(m, 7, 9 * 64 + 17);  /* every decode-step M */
     int any = nested_bad;
     for (int path = 0; path < I2V_NPATHS; path++) {
         if (!i2v_path_supported(path)) continue;
