@@ -68,7 +68,7 @@ SHAPES = [
     (1, 1, 1), (1, 15, 17), (1, 16, 16), (1, 17, 15), (1, 33, 100), (1, 64, 64), (1, 65, 31),
     (1, 100, 333), (1, 129, 48), (1, 640, 2560), (3, 1, 5), (3, 48, 31), (5, 17, 16), (7, 63, 49),
     (8, 32, 32), (9, 20, 17), (12, 50, 64), (17, 81, 47), (20, 16, 100), (33, 65, 129),
-    # AMX from 16 rows: whole and partial 32-row pairs of tiles, 64-column tiles, odd row blocks
+    # AMX from 20 rows (I2V; T5 from 16): whole and partial 32-row pairs of tiles, 64-column tiles, odd row blocks
     (16, 16, 64), (32, 32, 128), (31, 48, 65), (50, 33, 600), (64, 100, 200), (97, 16, 1000),
 ]
 
@@ -87,7 +87,7 @@ def test_gemm_exact(path, fmt, m, n, k):
 @pytest.mark.parametrize("m", range(1, 21))
 def test_gemm_every_m(path, fmt, threads, m):
     # every M of a decode step of up to 20 sequences: the GEMV (1), the small-M streams (4 row blocks
-    # side by side at 2 and 3, pairs of 8-row tiles up to 16), AMX from 16. N = 7 row blocks (one
+    # side by side at 2 and 3, pairs of 8-row tiles up to 19), AMX from 20 (T5 16). N = 7 row blocks (one
     # group of 4, a pair, a single; the last partial), K past the 24-block prefetch distance.
     n, k = 6 * 16 + 9, 30 * 16 + 7
     w, x = _case(m, n, k, seed=1000 + m)

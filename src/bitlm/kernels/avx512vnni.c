@@ -139,10 +139,10 @@ INLINE T512 void gemm_tile(const i2v_gemm_args *a, int m0, int rb, const int MT,
     default: gemm_tile(a, m0, rb, 1, NR, PF); break;        \
     }
 
-/* Up to SMALL_M rows, the weights stream from memory once per call (decode of a few sequences):
- * prefetch ahead; M = 2, 3 stream 4 row blocks side by side as gemv_rows does. Larger M (prefill)
- * re-reads each row-block pair from L1/L2 for every 8-row tile and needs no prefetch. */
-#define SMALL_M 16
+/* Up to SMALL_M rows (below the AMX path's 20, i2v_amx_min_m), the weights stream from memory once per
+ * call (decode of a few sequences): prefetch ahead; M = 2, 3 stream 4 row blocks side by side as
+ * gemv_rows does. Larger M (prefill) re-reads each row-block pair from L1/L2 for every 8-row tile and needs no prefetch. */
+#define SMALL_M 19
 
 static T512 void gemm_small_m(const i2v_gemm_args *a, int rb0, int rb1) {
     int rb = rb0;
