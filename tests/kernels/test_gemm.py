@@ -68,7 +68,7 @@ SHAPES = [
     (1, 1, 1), (1, 15, 17), (1, 16, 16), (1, 17, 15), (1, 33, 100), (1, 64, 64), (1, 65, 31),
     (1, 100, 333), (1, 129, 48), (1, 640, 2560), (3, 1, 5), (3, 48, 31), (5, 17, 16), (7, 63, 49),
     (8, 32, 32), (9, 20, 17), (12, 50, 64), (17, 81, 47), (20, 16, 100), (33, 65, 129),
-    # AMX from 16 rows: whole and partial 32-row pairs of tiles, 64-column tiles, odd row blocks
+    # AMX from 20 rows (I2V; T5 from 16): whole and partial 32-row pairs of tiles, 64-column tiles, odd row blocks
     (16, 16, 64), (32, 32, 128), (31, 48, 65), (50, 33, 600), (64, 100, 200), (97, 16, 1000),
 ]
 
@@ -82,6 +82,17 @@ def test_gemm_exact(path, fmt, m, n, k):
     assert y.dtype == torch.int32 and y.shape == (m, n)
     assert torch.equal(y.long(), ref)
     assert torch.equal(y, kernels.gemm(x, packed, path="scalar"))
+
+
+@pytest.mark.parametrize("m", range(1, 21))
+def test_gemm_every_m(path, fmt, threads, m):
+    # every M of a decode step of up to 20 sequences: the GEMV (1), the small-M streams (4 row blocks
+    # side by side at 2 and 3, pairs of 8-row tiles up to 19), AMX from 20 (T5 16). N = 7 row blocks (one
+    # group of 4, a pair, a single; the last partial), K past the 24-block prefetch distance.
+    n, k = 6 * 16 + 9, 30 * 16 + 7
+    w, x = _case(m, n, k, seed=1000 + m)
+    y = kernels.gemm(x, kernels.pack(w, fmt), path=path)
+    assert torch.equal(y.long(), _reference(x, w))
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -298,6 +309,20 @@ def test_pool_survives_fork():
     with ctx.Pool(1) as pool:
         y = pool.apply_async(kernels.gemm, (x, packed)).get(timeout=60)
     assert torch.equal(y.long(), _reference(x, w))
+
+
+@pytest.mark.parametrize("m", range(1, 21))
+def test_q6_gemv_every_m(path, m):
+    """Every M of a decode step of up to 20 sequences: tiles of 4 activation rows x 4 head rows, a
+    partial last tile, 7 head rows (a group of 4 and 3 single rows), a partial last 64-column group."""
+    from bitlm.formats import q6
+
+    v, h = 7, 9 * 64 + 17
+    rng = np.random.default_rng(7000 + m)
+    q = rng.integers(-31, 32, size=(v, h), dtype=np.int8)
+    x = torch.from_numpy(rng.integers(-128, 128, size=(m, h), dtype=np.int8))
+    y = kernels.q6_gemv(x, torch.from_numpy(q6.pack(q)), h, path=path)
+    assert torch.equal(y.long(), x.long() @ torch.from_numpy(q).long().t())
 
 
 def test_q6_gemv_long_rows_at_the_extremes(path):

@@ -1,5 +1,5 @@
-/* AMX-INT8 path for prefill (M >= 16): tdpbsud, a 16x64 tile of signed activations times a 16x64
- * tile of unsigned codes, 16x16 int32 sums per instruction (16K products).
+/* AMX-INT8 path for prefill (M >= i2v_amx_min_m: 20 rows for I2V, 16 for T5): tdpbsud, a 16x64 tile of
+ * signed activations times a 16x64 tile of unsigned codes, 16x16 int32 sums per instruction (16K products).
  *
  * The I2V layout is already what the B tile wants: B row kk holds, for each of 16 outputs n, the
  * 4 codes of columns 4kk..4kk+3 in bytes 4n..4n+3, which is exactly (v >> 2s) & 3 of an I2V block
@@ -9,7 +9,7 @@
  * Tiles: C00 C01 C10 C11 (tmm0-3) = 2 x 16 activation rows times 2 row blocks; A0 A1 (tmm4-5) are
  * the two row tiles, B0 B1 (tmm6-7) the two row blocks. The driver pads the activations to whole
  * 32-row, 64-column tiles with zeros; a missing second row block is unpacked as zero codes.
- * Below 16 rows the AVX-512 VNNI kernel runs instead.
+ * Below i2v_amx_min_m rows the AVX-512 VNNI kernel runs instead.
  *
  * T5 (formats/t5.py) takes the same tiles: a T5 block decoded digit by digit gives five such 64-byte
  * rows (digit j = columns 4j..4j+3 of the block), so the decoded rows of consecutive blocks are B rows in
@@ -138,7 +138,7 @@ static uint8_t *thread_scratch(size_t bytes) {
 TAMX static void gemm_amx(const i2v_gemm_args *a, int rb0, int rb1, int fmt) {
     i2v_kernel_fn vnni = fmt == I2V_FMT_T5 ? t5_gemm_avx512vnni : i2v_gemm_avx512vnni;
     void (*unpack)(const i2v_gemm_args *, int, int, int, uint8_t *) = fmt == I2V_FMT_T5 ? unpack_b_t5 : unpack_b;
-    if (a->M < 16) {
+    if (a->M < i2v_amx_min_m(fmt)) {
         vnni(a, rb0, rb1);
         return;
     }

@@ -81,24 +81,29 @@ INLINE T512 void gemv_rows(const i2v_gemm_args *a, int rb, const int NR) {
     for (int r = 0; r < NR; r++) store_rows(a, 0, rb + r, total[r]);
 }
 
-/* Prefill (M > 1): a tile of MT activation rows x NR row blocks. Each block is loaded and split
- * into its four shifted code vectors once, then used by all MT rows: 4*NR code registers and
- * MT*NR accumulators (MT = 8, NR = 2: 8 + 16 of the 32 zmm). */
-INLINE T512 void gemm_tile(const i2v_gemm_args *a, int m0, int rb, const int MT, const int NR) {
+/* M > 1: a tile of MT activation rows x NR row blocks. Each block is loaded and split into its four
+ * shifted code vectors once, then used by all MT rows: 4*NR code registers and MT*NR accumulators
+ * (MT = 8, NR = 2: 8 + 16 of the 32 zmm; MT <= 3, NR = 4: 16 + 12). With pf, each of the NR streams
+ * is prefetched PF_DIST blocks ahead as in gemv_rows: small-M decode steps (a few sequences) read
+ * cold weights like M = 1 and were bound by the lines in flight without it (M = 2 cost twice M = 1). */
+INLINE T512 void gemm_tile(const i2v_gemm_args *a, int m0, int rb, const int MT, const int NR, int pf_on) {
     const size_t stride = (size_t)a->Kb * I2V_BLOCK;
     const uint8_t *w = a->w + rb * stride;
     const int8_t *x = a->x + (size_t)m0 * a->ldx;
     const __m512i m3 = _mm512_set1_epi8(3);
-    __m512i acc[8][2];
+    __m512i acc[8][4];
 #pragma GCC unroll 8
     for (int m = 0; m < MT; m++)
-#pragma GCC unroll 2
+#pragma GCC unroll 4
         for (int r = 0; r < NR; r++) acc[m][r] = _mm512_setzero_si512();
     for (int kb = 0; kb < a->Kb; kb++) {
-        __m512i c[2][4];
-#pragma GCC unroll 2
+        __m512i c[4][4];
+        const size_t pf = PF_DIST * I2V_BLOCK + (kb + PF_DIST >= a->Kb ? (size_t)(NR - 1) * stride : 0);
+#pragma GCC unroll 4
         for (int r = 0; r < NR; r++) {
-            __m512i v = _mm512_loadu_si512((const void *)(w + r * stride + (size_t)kb * I2V_BLOCK));
+            const uint8_t *blk = w + r * stride + (size_t)kb * I2V_BLOCK;
+            __m512i v = _mm512_loadu_si512((const void *)blk);
+            if (pf_on) _mm_prefetch((const char *)(blk + pf), _MM_HINT_T0);
             c[r][0] = _mm512_and_si512(v, m3);
             c[r][1] = _mm512_and_si512(_mm512_srli_epi16(v, 2), m3);
             c[r][2] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m3);
@@ -110,29 +115,55 @@ INLINE T512 void gemm_tile(const i2v_gemm_args *a, int m0, int rb, const int MT,
 #pragma GCC unroll 4
             for (int s = 0; s < 4; s++) {
                 __m512i xb = bcast4(xk + 4 * s);
-#pragma GCC unroll 2
+#pragma GCC unroll 4
                 for (int r = 0; r < NR; r++) acc[m][r] = _mm512_dpbusd_epi32(acc[m][r], c[r][s], xb);
             }
         }
     }
 #pragma GCC unroll 8
     for (int m = 0; m < MT; m++)
-#pragma GCC unroll 2
+#pragma GCC unroll 4
         for (int r = 0; r < NR; r++) store_rows(a, m0 + m, rb + r, acc[m][r]);
 }
 
 /* constant MT and NR for each instantiation, so acc[][] and c[][] live in registers */
-#define TILE_CASES(NR)                                  \
-    switch (mt) {                                       \
-    case 8: gemm_tile(a, m0, rb, 8, NR); break;         \
-    case 7: gemm_tile(a, m0, rb, 7, NR); break;         \
-    case 6: gemm_tile(a, m0, rb, 6, NR); break;         \
-    case 5: gemm_tile(a, m0, rb, 5, NR); break;         \
-    case 4: gemm_tile(a, m0, rb, 4, NR); break;         \
-    case 3: gemm_tile(a, m0, rb, 3, NR); break;         \
-    case 2: gemm_tile(a, m0, rb, 2, NR); break;         \
-    default: gemm_tile(a, m0, rb, 1, NR); break;        \
+#define TILE_CASES(NR, PF)                                  \
+    switch (mt) {                                           \
+    case 8: gemm_tile(a, m0, rb, 8, NR, PF); break;         \
+    case 7: gemm_tile(a, m0, rb, 7, NR, PF); break;         \
+    case 6: gemm_tile(a, m0, rb, 6, NR, PF); break;         \
+    case 5: gemm_tile(a, m0, rb, 5, NR, PF); break;         \
+    case 4: gemm_tile(a, m0, rb, 4, NR, PF); break;         \
+    case 3: gemm_tile(a, m0, rb, 3, NR, PF); break;         \
+    case 2: gemm_tile(a, m0, rb, 2, NR, PF); break;         \
+    default: gemm_tile(a, m0, rb, 1, NR, PF); break;        \
     }
+
+/* Up to SMALL_M rows (below the AMX path's 20, i2v_amx_min_m), the weights stream from memory once per
+ * call (decode of a few sequences): prefetch ahead; M = 2, 3 stream 4 row blocks side by side as
+ * gemv_rows does. Larger M (prefill) re-reads each row-block pair from L1/L2 for every 8-row tile and needs no prefetch. */
+#define SMALL_M 19
+
+static T512 void gemm_small_m(const i2v_gemm_args *a, int rb0, int rb1) {
+    int rb = rb0;
+    if (a->M <= 3) {
+        for (; rb + 4 <= rb1; rb += 4) {
+            int m0 = 0, mt = a->M;
+            if (mt == 3) gemm_tile(a, m0, rb, 3, 4, 1);
+            else gemm_tile(a, m0, rb, 2, 4, 1);
+        }
+    }
+    for (; rb < rb1; rb += 2) {
+        for (int m0 = 0; m0 < a->M; m0 += 8) {
+            int mt = a->M - m0 < 8 ? a->M - m0 : 8;
+            if (rb + 2 <= rb1) {
+                TILE_CASES(2, m0 == 0)
+            } else {
+                TILE_CASES(1, m0 == 0)
+            }
+        }
+    }
+}
 
 T512 void i2v_gemm_avx512vnni(const i2v_gemm_args *a, int rb0, int rb1) {
     if (a->M == 1) {
@@ -141,14 +172,18 @@ T512 void i2v_gemm_avx512vnni(const i2v_gemm_args *a, int rb0, int rb1) {
         for (; rb < rb1; rb++) gemv_rows(a, rb, 1);
         return;
     }
+    if (a->M <= SMALL_M) {
+        gemm_small_m(a, rb0, rb1);
+        return;
+    }
     /* row-block pairs outer: their 2 * Kb * 64 bytes of codes stay in L1/L2 across all m tiles */
     for (int rb = rb0; rb < rb1; rb += 2) {
         for (int m0 = 0; m0 < a->M; m0 += 8) {
             int mt = a->M - m0 < 8 ? a->M - m0 : 8;
             if (rb + 2 <= rb1) {
-                TILE_CASES(2)
+                TILE_CASES(2, 0)
             } else {
-                TILE_CASES(1)
+                TILE_CASES(1, 0)
             }
         }
     }

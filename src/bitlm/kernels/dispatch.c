@@ -158,9 +158,10 @@ static void gemm_part(void *ctx, int p, int np) {
 #define GEMM_PARTS_PER_THREAD 16
 
 /* The activations a path reads: whole blocks of the format (16 columns for I2V, 20 for T5); AMX (from
- * 16 rows) whole tiles of 32 rows and 64 columns past those. Padding is zeros, so it adds nothing. */
+ * i2v_amx_min_m rows) whole tiles of 32 rows and 64 columns past those. Padding is zeros, so it adds
+ * nothing. */
 static void pad_geometry(int path, int fmt, int M, int K, int *mp, size_t *kp) {
-    int amx = path == I2V_PATH_AMX && M >= 16;
+    int amx = path == I2V_PATH_AMX && M >= i2v_amx_min_m(fmt);
     int cols = i2v_fmt_cols(fmt);
     *mp = amx ? (M + 31) / 32 * 32 : M;
     *kp = (size_t)(K + cols - 1) / cols * cols;

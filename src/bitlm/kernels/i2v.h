@@ -91,7 +91,7 @@ void i2v_gemm_avx512vnni(const i2v_gemm_args *a, int rb0, int rb1);
 void i2v_quant_avx512(const float *x, size_t ldx, int M, int K, int8_t *q, size_t ldq,
                       float *scale, int32_t *qsum);
 uint64_t i2v_read_avx2(const uint8_t *p, size_t n);
-/* AMX: activations zero-padded to [ceil(M/32)*32, ldx >= 64*ceil(Kb/4)] when M >= 16 (i2v_pad_geometry) */
+/* AMX: activations zero-padded to [ceil(M/32)*32, ldx >= 64*ceil(Kb/4)] when M >= i2v_amx_min_m (pad_geometry) */
 void i2v_gemm_amx(const i2v_gemm_args *a, int rb0, int rb1);
 uint64_t i2v_read_avx512(const uint8_t *p, size_t n);
 void i2v_q6_avx512vbmi(const i2v_q6_args *a, int v0, int v1);
@@ -115,6 +115,11 @@ int i2v_neon_dotprod_supported(void);  /* 0 off AArch64 */
 #define T5_COLS 20
 enum { I2V_FMT_I2V = 0, I2V_FMT_T5 = 1, I2V_NFMTS = 2 };
 static inline int i2v_fmt_cols(int fmt) { return fmt == I2V_FMT_T5 ? T5_COLS : I2V_COLS; }
+/* The fewest activation rows the AMX path runs on AMX tiles; below, its AVX-512 VNNI kernel. I2V: 20, as
+ * the VNNI small-M kernel (weights streamed once, prefetched) beat AMX at 16 rows (2.1-2.2 ms against
+ * 2.6-2.7 for a 13824 x 2560 GEMM on 2 threads, cold weights) and was even with it at 20 and behind at
+ * 24. T5 has no small-M streaming kernel: 16. */
+static inline int i2v_amx_min_m(int fmt) { return fmt == I2V_FMT_T5 ? 16 : 20; }
 void t5_gemm_scalar(const i2v_gemm_args *a, int rb0, int rb1);
 #if defined(__x86_64__) || defined(__i386__)
 void t5_gemm_avx2(const i2v_gemm_args *a, int rb0, int rb1);

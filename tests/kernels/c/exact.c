@@ -269,11 +269,13 @@ int main(void) {
             check_multi(fmt, 70, 45, (const int[]){32, 20, 5});     /* T5: a second panel of 64 rows */
         }
     }
+    for (int m = 1; m <= 20; m++) check(m, 6 * 16 + 9, 30 * 16 + 7, 0);  /* every decode-step M, 7 row blocks */
     for (int i = 0; i < 40; i++) check(1 + next() % 24, 1 + next() % 300, 1 + next() % 700, 0);
     static const int qshapes[][2] = {{1, 1}, {1, 15}, {7, 16}, {7, 17}, {3, 100}, {7, 2563}};
     for (int i = 0; i < (int)(sizeof qshapes / sizeof qshapes[0]); i++) check_quant(qshapes[i][0], qshapes[i][1]);
     int nested_bad = check_nested();
     check_q6(1, 1, 1), check_q6(1, 37, 100), check_q6(2, 301, 640), check_q6(3, 8, 2560);
+    for (int m = 1; m <= 20; m++) check_q6(m, 7, 9 * 64 + 17);  /* every decode-step M */
     int any = nested_bad;
     for (int path = 0; path < I2V_NPATHS; path++) {
         if (!i2v_path_supported(path)) continue;
