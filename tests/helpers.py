@@ -65,3 +65,13 @@ def make_tiny_model_dir(d: Path, tokenizer_dir: Path | None = None, seed: int = 
         for f in Path(tokenizer_dir).iterdir():
             shutil.copy2(f, Path(d) / f.name)
     return Path(d)
+
+
+def finish(gen):
+    """The items of a generator (generate()'s token ids) and its return value (the finish reason)."""
+    out = []
+    while True:
+        try:
+            out.append(next(gen))
+        except StopIteration as stop:
+            return out, stop.value

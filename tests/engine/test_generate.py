@@ -11,6 +11,7 @@ import bitlm
 from bitlm.engine.generate import ChatSession, Detokenizer, decode_one, generate, generate_text, prefill, stream_text
 from bitlm.engine.sampling import SamplingParams, sample
 from bitlm.errors import BitlmError
+from helpers import finish
 
 GREEDY = dict(temperature=0, stop_token_ids=[])  # no stop tokens: a fixed number of tokens
 
@@ -71,16 +72,6 @@ def test_prompt_as_tensor_and_model_method(model):
     for bad in (torch.tensor([prompt, prompt]), torch.tensor(prompt, dtype=torch.float32), np.array([[prompt]])):
         with pytest.raises(BitlmError, match=r"prompt_ids: expected integer token ids of shape \(T,\) or \(1, T\)"):
             generate(model, bad)
-
-
-def finish(gen):
-    """The tokens of a generate() iterator and its finish reason."""
-    out = []
-    while True:
-        try:
-            out.append(next(gen))
-        except StopIteration as stop:
-            return out, stop.value
 
 
 def test_max_new_tokens(model):

@@ -21,7 +21,7 @@ from bitlm.engine.generate import ChatSession, generate, stream_text
 from bitlm.engine.sampling import SamplingParams, distribution
 from bitlm.engine.speculative import PromptLookup, Speculative, Speculator, accept_drafts, shared_prefix_len
 from bitlm.errors import BitlmError
-from helpers import make_tiny_model_dir
+from helpers import finish, make_tiny_model_dir
 
 if not __import__("bitlm.kernels", fromlist=["available"]).available():
     pytest.skip("native kernels not built", allow_module_level=True)
@@ -30,16 +30,6 @@ from bitlm.kernels import info  # noqa: E402
 
 PATHS = info()["paths"]
 GREEDY = dict(temperature=0, ignore_eos=True)
-
-
-def run(gen):
-    """(tokens, finish reason) of a generate() iterator."""
-    out = []
-    while True:
-        try:
-            out.append(next(gen))
-        except StopIteration as stop:
-            return out, stop.value
 
 
 @pytest.fixture(scope="module")
@@ -154,11 +144,11 @@ def test_accept_drafts_greedy_hand_case():
 def assert_same(model, prompt, spec, **opts):
     """Plain and speculative generation give the same tokens and finish reason and leave the same cache."""
     c1, c2 = model.new_cache(), None
-    plain = run(generate(model, prompt, cache=c1, **opts))
+    plain = finish(generate(model, prompt, cache=c1, **opts))
     n1 = c1.length
     c2 = model.new_cache()
     it = generate(model, prompt, cache=c2, speculative=spec, **opts)
-    got = run(it)
+    got = finish(it)
     assert got == plain
     assert c2.length <= len(prompt) + len(plain[0]) and c2.length >= n1
     return plain, it.speculative
@@ -199,7 +189,7 @@ def test_greedy_equals_plain_where_drafts_are_often_right_and_often_wrong(shakes
 def test_greedy_boundaries(shakespeare, early_exit):
     """max_new_tokens at and around k + 1, stop tokens inside a round, stop strings, the context limit."""
     prompt = passage_prompt(shakespeare)
-    plain, _ = run(generate(shakespeare, prompt, 60, **GREEDY))
+    plain, _ = finish(generate(shakespeare, prompt, 60, **GREEDY))
     lookup = Speculative("lookup", draft_max=4, adaptive=False)
     draft = Speculative("draft", draft_max=4, draft_model=early_exit, adaptive=False)
     for spec in (lookup, draft):
@@ -237,7 +227,7 @@ def test_greedy_chat_equals_plain_chat(shakespeare, early_exit):
 def test_a_caller_that_runs_the_target_itself(shakespeare, early_exit):
     """A server's scheduler drives the rounds with its own forwards (Speculator's protocol)."""
     prompt, nm = passage_prompt(shakespeare), shakespeare.nm
-    plain, _ = run(generate(shakespeare, prompt, 50, **GREEDY))
+    plain, _ = finish(generate(shakespeare, prompt, 50, **GREEDY))
     for spec in (Speculative("lookup"), Speculative("draft", draft_model=early_exit)):
         sp = Speculator(spec, shakespeare, SamplingParams(temperature=0))
         nm.reset()
@@ -267,8 +257,8 @@ def test_stream_stats_and_early_close_leave_a_consistent_cache(shakespeare):
     got = [next(gen) for _ in range(5)]
     gen.close()
     assert cache.length <= len(prompt) + 5
-    rest, _ = run(generate(shakespeare, prompt + got, 10, cache=cache, **GREEDY))
-    assert got + rest == run(generate(shakespeare, prompt, 15, **GREEDY))[0]
+    rest, _ = finish(generate(shakespeare, prompt + got, 10, cache=cache, **GREEDY))
+    assert got + rest == finish(generate(shakespeare, prompt, 15, **GREEDY))[0]
 
 
 def test_torch_model_runs_speculative_decoding_greedy_up_to_near_ties(tiny):
@@ -278,7 +268,7 @@ def test_torch_model_runs_speculative_decoding_greedy_up_to_near_ties(tiny):
     import torch
     prompt = np.random.default_rng(2).integers(0, 512, 12).tolist() * 3
     for spec in (Speculative("lookup"), Speculative("draft", draft_model=tiny)):
-        tokens, reason = run(generate(tiny, prompt, 20, speculative=spec, **GREEDY))
+        tokens, reason = finish(generate(tiny, prompt, 20, speculative=spec, **GREEDY))
         assert len(tokens) == 20 and reason == "length"
         with torch.no_grad():
             full = tiny(torch.tensor([prompt + tokens]))[0, len(prompt) - 1:-1].numpy()

@@ -134,7 +134,6 @@ def check_values(ck: Checkpoint) -> None:
 
 def scale_value(a: np.ndarray, dtype: str) -> np.float32:
     """The one value of a weight_scale array as float32 (BF16 arrives as its uint16 bits)."""
+    from ..engine.native import bf16_to_f32
     a = np.asarray(a).reshape(-1)
-    if dtype == "BF16":
-        return (a.astype(np.uint32) << 16).view(np.float32)[0]
-    return np.float32(a[0])
+    return bf16_to_f32(a)[0] if dtype == "BF16" else np.float32(a[0])
