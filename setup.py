@@ -12,7 +12,7 @@ from setuptools.command.build_ext import build_ext
 
 KDIR = os.path.join("src", "bitlm", "kernels")
 SOURCES = ["module.c", "dispatch.c", "pool.c", "scalar.c", "avx2.c", "avx512vnni.c", "avx512vbmi.c", "amx.c",
-           "neon.c", "convert.c", "bitnet.c", "vecops.c", "forward.c", "attention.c", "head.c"]
+           "neon.c", "convert.c", "bitnet.c", "vecops.c", "kvops.c", "forward.c", "attention.c", "head.c"]
 
 
 class OptionalBuildExt(build_ext):

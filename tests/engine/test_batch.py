@@ -3,8 +3,9 @@ single-sequence NativeModel, one sequence at a time, on every kernel path.
 
 The bar is bit-for-bit equality (np.array_equal), not closeness: the single-sequence forward and the
 batched one run the same kernels, every float operation is per row (norms, int8 quantization, the
-dequantization of exact integer sums, the head), and attention reduces over blocks of 64 keys counted
-from position 0 whatever the rows around, so a row's logits depend only on its sequence's tokens."""
+dequantization of exact integer sums, the head), and attention reduces over chunks of 256 keys counted
+from position 0, merged in chunk order, whatever the rows around, so a row's logits depend only on its
+sequence's tokens.""" 
 
 import numpy as np
 import pytest
@@ -35,7 +36,9 @@ def model(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return bitlm.load(make_tiny_model_dir(tmp_path_factory.mktemp("tiny"), None), tokenizer=False)
+    # 360 positions: sequences past the 256-key attention chunks
+    return bitlm.load(make_tiny_model_dir(tmp_path_factory.mktemp("tiny"), None, max_position_embeddings=360),
+                      tokenizer=False)
 
 
 def plans(rng, V, n_seqs=16):
@@ -86,7 +89,7 @@ def assert_same(got, want, what):
             assert np.array_equal(a, b), f"{what}: sequence {i}, chunk {j}"
 
 
-@pytest.mark.parametrize("kv", ["f16", "f32"])
+@pytest.mark.parametrize("kv", ["f16", "f32", "q8_0"])
 def test_batched_steps_equal_the_native_model_one_sequence_at_a_time(model, kv):
     """16 sequences joining at different steps, prompts in chunks beside decode rows, against a
     NativeModel running each sequence alone: equal bit for bit, on every kernel path."""
@@ -117,10 +120,34 @@ def test_block_sizes_that_cut_the_attention_blocks_anywhere(tiny, block_size):
     V = tiny.config.vocab_size
     arrays = native.arrays_from_model(tiny, "q8")
     p = plans(np.random.default_rng(3), V, n_seqs=5)
-    for kv in ("f16", "f32"):
+    for kv in ("f16", "f32", "q8_0"):
         nm = native.NativeModel(tiny.config, arrays, max_len=128, kv=kv)
         got = run_batched(BatchEngine(nm, max_seqs=5, block_size=block_size), p)
         assert_same(got, [run_alone(nm, c) for _, c in p], kv)
+
+
+@pytest.mark.parametrize("kv", ["f16", "q8_0"])
+def test_sequences_past_one_attention_chunk_batched_equal_alone(tiny, kv):
+    """Contexts past the 256-key chunks of attention (their partial softmaxes merged per row): prompts of
+    200 to 300 tokens in chunks, then decode rows across the chunk boundary, beside each other, in
+    blocks of 5 positions that do not divide a chunk; equal bit for bit to each sequence alone, on
+    every kernel path, and for 1 or 2 threads (a row's chunks may run on either)."""
+    V = tiny.config.vocab_size
+    rng = np.random.default_rng(4)
+    p = []
+    for i in range(3):
+        prompt = rng.integers(0, V, int(rng.integers(200, 300)))
+        p.append((i, np.split(prompt, [100, 180]) + [rng.integers(0, V, 1) for _ in range(40)]))
+    arrays = native.arrays_from_model(tiny, "q8")
+    for path in PATHS:
+        nm = native.NativeModel(tiny.config, arrays, max_len=360, kv=kv, path=path)
+        want = [run_alone(nm, c) for _, c in p]
+        for threads in (1, 2):
+            kernels.set_num_threads(threads)
+            try:
+                assert_same(run_batched(BatchEngine(nm, max_seqs=3, block_size=5), p), want, (path, threads))
+            finally:
+                kernels.set_num_threads(0)
 
 
 def serve(eng, prompt, n_new, others=()):

@@ -34,7 +34,9 @@ GREEDY = dict(temperature=0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return bitlm.load(make_tiny_model_dir(tmp_path_factory.mktemp("spec_tiny"), None), tokenizer=False)
+    # 320 positions: rounds across the 256-key attention chunks
+    return bitlm.load(make_tiny_model_dir(tmp_path_factory.mktemp("spec_tiny"), None, max_position_embeddings=320),
+                      tokenizer=False)
 
 
 @pytest.fixture(scope="module")
@@ -76,18 +78,19 @@ def test_a_rows_logits_are_the_same_bits_alone_or_among_many(tiny, path):
     """Plain decoding runs one row per forward (and the last prompt row among the prompt's); a
     speculative round runs k + 1 rows. Every row's logits must be bit-identical either way, also after
     a rollback over positions that held other tokens, for every head and KV type: the integer products
-    are exact, and every float step (norms, quantization, RoPE, attention over key blocks at fixed
-    positions, the head's dequantization) is done per row in one order. 17 and 33 rows reach AMX's
+    are exact, and every float step (norms, quantization, RoPE, attention over key chunks at fixed
+    positions merged in order, the head's dequantization) is done per row in one order. 17 and 33 rows reach AMX's
     GEMM (from 16 rows), 60 the micro-batch split (48)."""
     rng = np.random.default_rng(0)
     V = tiny.config.vocab_size
     for head in ("f32", "bf16", "q8", "q6"):
         arrays = arrays_from_model(tiny, head)
-        for kv in ("f16", "f32"):
-            nm = NativeModel(tiny.config, arrays, max_len=200, kv=kv, path=path)
+        for kv in ("f16", "f32", "q8_0"):
+            nm = NativeModel(tiny.config, arrays, max_len=300, kv=kv, path=path)
             nm.rope_chunk = 5  # RoPE rows filled in the middle of rounds and rollbacks
-            ids = rng.integers(0, V, 200).astype(np.int32)
-            for P, B in ((1, 2), (5, 2), (30, 9), (40, 17), (60, 33), (100, 60)):
+            ids = rng.integers(0, V, 300).astype(np.int32)
+            # (240, 30): rows on both sides of the 256-key attention chunks
+            for P, B in ((1, 2), (5, 2), (30, 9), (40, 17), (60, 33), (100, 60), (240, 30)):
                 nm.reset()
                 plain = [nm.forward(ids[:P], 1)[0]] + [nm.forward(ids[i:i + 1], 1)[0] for i in range(P, P + B - 1)]
                 nm.reset()

@@ -8,13 +8,14 @@ bn_forward_paged): the projections once over all rows, attention per sequence ov
 step may mix decode rows (1 token) with chunks of new prompts (chunked prefill).
 
 The KV cache is paged, as vLLM does it: one pool of kv_blocks blocks, each holding block_size
-positions of every layer's keys and values, [layers][2][kv_heads][block_size][head_dim] elements of
-the NativeModel's kv type (f16 or f32). A sequence takes a block from the pool when it reaches a new
-block_size positions and gives its blocks back when it is freed or truncated, so memory follows the
-tokens actually held, not max_seqs full contexts. Its block table (int32 block ids in position order)
+positions of every layer's keys and values, [layers][2][kv_heads][block_size] rows of head_dim values
+in the NativeModel's kv type (f16, f32, or q8_0: ceil(head_dim / 32) blocks of 34 bytes). A sequence
+takes a block from the pool when it reaches a new block_size positions and gives its blocks back when
+it is freed or truncated, so memory follows the tokens actually held, not max_seqs full contexts. Its block table (int32 block ids in position order)
 is passed to C with each step. At the 2B4T shape (30 layers, 5 KV heads, head_dim 128) a block of 16
 positions is 30 * 2 * 5 * 16 * 128 * 2 = 1,228,800 bytes in f16 (76.8 KB a position; twice that in
-f32): the default 2 GiB budget holds 1,747 blocks, 27,952 positions, e.g. 16 sequences of 1,747.
+f32; 30 * 2 * 5 * 16 * 136 = 652,800 in q8_0): the default 2 GiB budget holds 1,747 f16 blocks, 27,952
+positions, e.g. 16 sequences of 1,747 (3,289 blocks in q8_0).
 The pool is an anonymous mapping: untouched blocks cost no memory, and free blocks are handed out
 lowest id first so the touched part stays compact. fork_sequence shares a sequence's blocks with a
 new one (a common prompt run once, several completions of it): blocks carry reference counts, and a
@@ -41,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import BitlmError
-from .native import KV_KINDS, NativeModel, _zeros_small_pages
+from .native import NativeModel, _zeros_small_pages, kv_row
 
 DEFAULT_KV_BUDGET = 2 << 30  # bytes of KV pool when kv_blocks is None (see the module docstring)
 _NS = 4  # bitnet.h BN_NS: n, pos, n_out, block table pointer per sequence
@@ -49,11 +50,9 @@ _NS = 4  # bitnet.h BN_NS: n, pos, n_out, block table pointer per sequence
 
 def kv_block_bytes(config, kv: str = "f16", block_size: int = 16) -> int:
     """Bytes of one pool block: block_size positions of every layer's keys and values."""
-    if kv not in KV_KINDS:
-        raise BitlmError(f"KV cache type {kv!r} is not one of {', '.join(KV_KINDS)}")
     c = config
-    return (c.num_hidden_layers * 2 * c.num_key_value_heads * block_size * c.head_dim
-            * np.dtype(KV_KINDS[kv][0]).itemsize)
+    dtype, row = kv_row(kv, c.head_dim)
+    return c.num_hidden_layers * 2 * c.num_key_value_heads * block_size * row * np.dtype(dtype).itemsize
 
 
 def _locked(method):
@@ -94,8 +93,8 @@ class BatchEngine:
         self.max_seqs = int(max_seqs)
         self.block_size = int(block_size)
         c = nm.config
-        dtype = KV_KINDS[nm.kv][0]
-        self.block_shape = (c.num_hidden_layers, 2, c.num_key_value_heads, self.block_size, c.head_dim)
+        dtype, row = kv_row(nm.kv, c.head_dim)  # a row: head_dim floats, or q8_0 blocks (bytes)
+        self.block_shape = (c.num_hidden_layers, 2, c.num_key_value_heads, self.block_size, row)
         self.block_bytes = kv_block_bytes(c, nm.kv, self.block_size)
         per_seq = -(-self.max_len // self.block_size)
         if kv_blocks is None:

@@ -57,7 +57,22 @@ def check_weights(weights: str) -> str:
         raise BitlmError(f"weight format {weights!r} is not one of {', '.join(WEIGHTS)}")
     return weights
 _NI = 23  # bitnet.h: BN_NI
-KV_KINDS = {"f32": (np.float32, 0), "f16": (np.float16, 3)}  # bitnet.h BN_F32, BN_F16
+# KV cache element types: numpy dtype of the cache array, bitnet.h BN_F32 / BN_F16 / BN_Q8_0. q8_0 rows are
+# bytes (formats/q8_0.py: ceil(head_dim / 32) blocks of 34 bytes, 0.53 of f16's bytes).
+KV_KINDS = {"f32": (np.float32, 0), "f16": (np.float16, 3), "q8_0": (np.uint8, 5)}
+
+
+def check_kv(kv: str) -> str:
+    """A KV cache type name, checked (a one-line BitlmError naming the choices otherwise)."""
+    if kv not in KV_KINDS:
+        raise BitlmError(f"KV cache type {kv!r} is not one of {', '.join(KV_KINDS)}")
+    return kv
+
+
+def kv_row(kv: str, head_dim: int) -> tuple[type, int]:
+    """(dtype, elements) of one cached row of head_dim keys or values."""
+    from ..formats import q8_0
+    return KV_KINDS[check_kv(kv)][0], q8_0.row_bytes(head_dim) if kv == "q8_0" else head_dim
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
@@ -199,12 +214,12 @@ def _kernel_path(path: str | None) -> int:
 class NativeModel:
     def __init__(self, config, arrays: dict[str, np.ndarray], max_len: int | None = None, kv: str = "f16",
                  path: str | None = None, weights: str | None = None):
-        """kv: the KV cache's element type, "f16" (half the bytes, as llama.cpp keeps it) or "f32".
+        """kv: the KV cache's element type (KV_KINDS), "f16" (half the bytes of f32, as llama.cpp keeps it),
+        "q8_0" (8-bit blocks, formats/q8_0.py: 0.53 of f16's bytes, for long contexts) or "f32".
         path: the kernel path to run ("scalar", "avx2", ...; bitlm.kernels.info()["paths"]), None for the
         best this CPU has. weights: the format of the packed projections in arrays (WEIGHTS; a converted
         file's metadata says which); None: the format a NativeArrays dict records, else "i2v"."""
-        if kv not in KV_KINDS:
-            raise BitlmError(f"KV cache type {kv!r} is not one of {', '.join(KV_KINDS)}")
+        check_kv(kv)
         c = self.config = config
         self.kv = kv
         recorded = getattr(arrays, "weights", None)
@@ -277,9 +292,10 @@ class NativeModel:
         scales = arrays["scales"]
         flts = [c.rms_norm_eps]
         norm_sizes = dict(zip(NORMS, (H, H, c.q_size, c.intermediate_size)))
-        kv_shape = (c.num_key_value_heads, self.max_len, c.head_dim)
+        kv_dtype, kv_elems = kv_row(kv, c.head_dim)
+        kv_shape = (c.num_key_value_heads, self.max_len, kv_elems)
         try:
-            self._kv_map, kv_arrays = _zeros_small_pages(2 * c.num_hidden_layers, kv_shape, KV_KINDS[kv][0])
+            self._kv_map, kv_arrays = _zeros_small_pages(2 * c.num_hidden_layers, kv_shape, kv_dtype)
         except MemoryError as e:
             raise BitlmError(f"native model: a KV cache of {self.max_len} positions cannot be allocated ({e}); "
                              "pass a smaller context length (max_len, --ctx-size)") from None

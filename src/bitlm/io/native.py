@@ -376,14 +376,16 @@ def load_native(path_or_repo_id, head: str = "q8", max_len: int | None = None, r
     """A Hugging Face checkpoint (directory or repo id), or a GGUF file (io/gguf_read.py), on the native
     runtime, converting it once (per head and weight format: weights "i2v", 2 bits, or "t5", 1.6 bits).
     tokenizer=False leaves the tokenizer out (nm.tokenizer None): Llama 3's takes 70 MB of memory, which
-    a benchmark of token ids does not need."""
-    from ..engine.native import HEADS, check_weights
+    a benchmark of token ids does not need. kv: the KV cache type, engine.native.KV_KINDS ("f16", "f32",
+    or "q8_0": 8-bit blocks, formats/q8_0.py)."""
+    from ..engine.native import HEADS, check_kv, check_weights
     from ..engine.tokenizer import Tokenizer
     from . import gguf_read
     from .checkpoint import open_checkpoint
     if head not in HEADS:
         raise BitlmError(f"head format {head!r} is not one of {', '.join(HEADS)}")
     check_weights(weights)
+    check_kv(kv)
     if gguf_read.is_gguf(path_or_repo_id):  # a GGUF file (by its first bytes): converted once the same way
         return gguf_read.load_native(path_or_repo_id, head=head, max_len=max_len, kv=kv, mmap=mmap,
                                      tokenizer=tokenizer, weights=weights)

@@ -3,6 +3,7 @@
  * of a paged pool. Every row's arithmetic depends only on its sequence and position, never on what
  * else is in the step: a row gives the same bits alone or among others (batch invariance). */
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "bitnet_impl.h"
@@ -49,14 +50,8 @@ static void rope_part(void *ctx, int part, int np) {
         for (int h = 0; h < m->nh; h++) rope(qt + (size_t)h * hd, c, sn, hd);
         for (int h = 0; h < m->nkv; h++) {
             rope(kt + (size_t)h * hd, c, sn, hd);
-            void *kd = bn_kv_row(m, a->pool, sp, a->l, 0, h, ps), *vd = bn_kv_row(m, a->pool, sp, a->l, 1, h, ps);
-            if (m->kv_f16) {
-                m->f2h(kt + (size_t)h * hd, kd, hd);
-                m->f2h(vt + (size_t)h * hd, vd, hd);
-            } else {
-                memcpy(kd, kt + (size_t)h * hd, sizeof(float) * hd);
-                memcpy(vd, vt + (size_t)h * hd, sizeof(float) * hd);
-            }
+            bn_kv_store(m->kv_kind, kt + (size_t)h * hd, hd, bn_kv_row(m, a->pool, sp, a->l, 0, h, ps));
+            bn_kv_store(m->kv_kind, vt + (size_t)h * hd, hd, bn_kv_row(m, a->pool, sp, a->l, 1, h, ps));
         }
     }
 }
@@ -67,130 +62,202 @@ void bn_rope_store(const bn_model *m, int l, const bn_pool *pool, const bn_span 
     i2v_pool_run(rope_part, &rt, nparts);
 }
 
-/* ---- attention: one part = a range of (kv head, row) pairs -----------------------------------
- * The q heads that share a kv head (grouped-query attention) are done together, over the keys in
- * blocks of ATT_BLK with an online softmax (a running maximum and sum per q row; the output rows are
- * rescaled when the maximum grows). The blocks start at key 0 whatever the row, so a row's reduction
- * order is fixed by its position alone. A block of keys and values is converted from f16 once per
- * part and used by all of the part's rows of that sequence, so scratch is a block per part whatever
- * the context length. In a paged pool a block of ATT_BLK keys spans several cache blocks: its keys are
- * taken in runs, each contiguous in memory; pv_fn sums its keys in order, so runs give the same bits
- * as one contiguous block. */
+/* ---- attention ------------------------------------------------------------------------------
+ * Split-K over fixed chunks (flash-decoding). Row t at position pos sees keys 0 .. pos; they are cut
+ * into chunks c = 0 .. pos / ATT_CHUNK of keys c * ATT_CHUNK .. (c + 1) * ATT_CHUNK - 1 (the last one
+ * short). A unit is (sequence, kv head, chunk, up to ATT_ROWS of the sequence's rows that see the chunk):
+ * for each of its rows and each of the kv head's `group` q heads it takes the chunk's scores
+ * s_j = scale * q . k_j, m = max_j s_j, p_j = exp(s_j - m), l = sum_j p_j, o = sum_j p_j v_j (keys in
+ * order), into the row's partials [T][nch][nh] x (o [hd], m, l). Then each row merges its chunks in
+ * chunk order: M = max_c m_c, e_c = exp(m_c - M), out = (sum_c e_c o_c) / (sum_c e_c l_c).
+ * Every step of that depends on the row's position only: the chunk bounds are fixed multiples of
+ * ATT_CHUNK, a chunk's arithmetic is the same whichever thread or unit does it (its keys are taken in
+ * runs contiguous in memory, a paged pool's blocks, and the kernels give the bits of one call for any
+ * cut into runs: kvops.c), and the merge order is the chunk order. So a row gives the same bits alone
+ * or among others, prefill, decode or verify, for any thread count, while one row's 4,000 keys still
+ * spread over 16 chunks x 5 kv heads = 80 units for the threads (decode has T = 1: split by kv head
+ * alone, 5 heads on 2 threads ran 3:2). */
+#define ATT_ROWS 16 /* rows of a sequence per unit: a chunk's keys stay in cache across them */
+
+typedef struct {
+    int span, kvh, c; /* keys c * ATT_CHUNK .. of kv head kvh of sequence `span` */
+    int ta, tb;       /* for rows ta .. tb - 1 of the step */
+} att_unit;
+
+struct bn_attn_plan {
+    const bn_span *spans;
+    int T, nch;        /* rows, and chunks of the longest row (the partials' stride) */
+    att_unit *units;
+    int nunits, nparts;
+    int *first;        /* part p: units first[p] .. first[p + 1] - 1 */
+};
+
+void bn_attention_plan_free(bn_attn_plan *plan) {
+    if (!plan) return;
+    free(plan->units);
+    free(plan->first);
+    free(plan);
+}
+
+bn_attn_plan *bn_attention_plan(const bn_model *m, const bn_span *spans, int nspan, int T, int threads) {
+    bn_attn_plan *p = (bn_attn_plan *)calloc(1, sizeof *p);
+    if (!p) return NULL;
+    p->spans = spans;
+    p->T = T;
+    long n = 0, cost_all = 0;
+    for (int pass = 0; pass < 2; pass++) {
+        n = 0;
+        for (int s = 0; s < nspan; s++) {
+            const bn_span *sp = &spans[s];
+            int last = sp->pos + sp->n - 1, nc = last / ATT_CHUNK + 1;
+            if (nc > p->nch) p->nch = nc;
+            for (int h = 0; h < m->nkv; h++)
+                for (int c = 0; c < nc; c++) {
+                    int t0 = c * ATT_CHUNK - sp->pos; /* the first row (of the span) that sees chunk c */
+                    t0 = t0 > 0 ? t0 : 0;
+                    for (int t = t0; t < sp->n; t += ATT_ROWS, n++) {
+                        if (!pass) continue;
+                        int te = t + ATT_ROWS < sp->n ? t + ATT_ROWS : sp->n;
+                        p->units[n] = (att_unit){s, h, c, sp->row0 + t, sp->row0 + te};
+                    }
+                }
+        }
+        if (!pass) {
+            p->nunits = (int)n;
+            p->units = (att_unit *)malloc((size_t)(n ? n : 1) * sizeof(att_unit));
+            if (!p->units) {
+                bn_attention_plan_free(p);
+                return NULL;
+            }
+        }
+    }
+    /* parts of about equal cost (rows x keys), up to 8 a thread: the pool lets a thread that is done
+     * take another's parts */
+    long *cost = (long *)malloc((size_t)(n ? n : 1) * sizeof(long));
+    int np = (int)(n < 8L * threads ? n : 8L * threads);
+    p->nparts = np > 0 ? np : 1;
+    p->first = (int *)malloc((size_t)(p->nparts + 1) * sizeof(int));
+    if (!cost || !p->first) {
+        free(cost);
+        bn_attention_plan_free(p);
+        return NULL;
+    }
+    for (long u = 0; u < n; u++) {
+        const att_unit *a = &p->units[u];
+        const bn_span *sp = &spans[a->span];
+        int keys = sp->pos + (a->tb - 1 - sp->row0) + 1 - a->c * ATT_CHUNK;
+        cost[u] = (long)(a->tb - a->ta) * (keys < ATT_CHUNK ? keys : ATT_CHUNK) + 64; /* + a unit's overhead */
+        cost_all += cost[u];
+    }
+    long acc = 0, u = 0;
+    p->first[0] = 0;
+    for (int q = 0; q < p->nparts; q++) {
+        long until = cost_all * (q + 1) / p->nparts;
+        while (u < n && (acc + cost[u] / 2 <= until || q == p->nparts - 1)) acc += cost[u++];
+        p->first[q + 1] = (int)u;
+    }
+    free(cost);
+    return p;
+}
+
+static size_t partials(const bn_model *m, const bn_attn_plan *p) { return (size_t)p->T * p->nch * m->nh; }
+
+size_t bn_attention_scratch(const bn_model *m, const bn_attn_plan *p) {
+    return partials(m, p) * ((size_t)m->hd + 2) + (size_t)p->nparts * (m->nh / m->nkv) * ATT_CHUNK + 64;
+}
+
 typedef struct {
     const bn_model *m;
     int l;
     const bn_pool *pool;
-    const bn_span *spans;
-    int nspan;
+    const bn_attn_plan *plan;
     const float *q; /* [T, ldq]: the q heads first in each row */
     size_t ldq;
-    float *out;     /* [T, nh*hd], accumulated in place */
-    float *stat;    /* [T, nh, 2]: running maximum and sum */
-    float *work;    /* [nparts, ldwork] */
-    size_t ldwork;
-    int T;
+    float *po, *pms; /* partials: o [T][nch][nh][hd], (m, l) [T][nch][nh][2] */
+    float *sc;       /* [nparts][group][ATT_CHUNK] scores, then probabilities */
+    float *out;      /* [T, nh*hd] */
 } attn_task;
 
-size_t bn_attention_ldwork(const bn_model *m) {
-    return (size_t)(m->nh / m->nkv) * ATT_BLK + (m->kv_f16 ? 2 * (size_t)ATT_BLK * m->hd : 0);
-}
-
-typedef struct {
-    int j, n;           /* keys j .. j+n-1 of the block (0-based in the block) */
-    const float *k, *v; /* their rows, head_dim apart */
-} kv_run;
-
-/* rows ta .. tb (exclusive; rows of the step, all in sequence sp) of kv head kvh */
-static void attend_span(const attn_task *a, const bn_span *sp, int kvh, int ta, int tb, float *work) {
+static void attend_unit(const attn_task *a, const att_unit *u, float *sc) {
     const bn_model *m = a->m;
-    int group = m->nh / m->nkv, hd = m->hd, qn = m->nh * hd;
+    const bn_span *sp = &a->plan->spans[u->span];
+    int group = m->nh / m->nkv, hd = m->hd, j0 = u->c * ATT_CHUNK;
     float scale = 1.0f / sqrtf((float)hd);
-    float *sc = work, *kb = work + (size_t)group * ATT_BLK, *vb = kb + (size_t)ATT_BLK * hd;
     int bs = a->pool->base ? a->pool->bs : m->max_len; /* positions contiguous in memory */
-    kv_run run[ATT_BLK + 1];
-    for (int t = ta; t < tb; t++) {
-        memset(a->out + (size_t)t * qn + (size_t)kvh * group * hd, 0, sizeof(float) * group * hd);
-        for (int r = 0; r < group; r++) {
-            a->stat[((size_t)t * m->nh + kvh * group + r) * 2] = -INFINITY;
-            a->stat[((size_t)t * m->nh + kvh * group + r) * 2 + 1] = 0.0f;
-        }
-    }
-    int first = sp->pos + (ta - sp->row0), n_all = first + (tb - ta); /* keys the last row sees */
-    for (int j0 = 0; j0 < n_all; j0 += ATT_BLK) {
-        int nb = n_all - j0 < ATT_BLK ? n_all - j0 : ATT_BLK, nrun = 0;
-        for (int j = j0; j < j0 + nb; nrun++) {
-            int e = (j / bs + 1) * bs;
-            if (e > j0 + nb) e = j0 + nb;
-            kv_run r = {j - j0, e - j, (const float *)bn_kv_row(m, a->pool, sp, a->l, 0, kvh, j),
-                        (const float *)bn_kv_row(m, a->pool, sp, a->l, 1, kvh, j)};
-            if (m->kv_f16) { /* into one contiguous f32 block */
-                m->h2f(r.k, kb + (size_t)r.j * hd, r.n * hd);
-                m->h2f(r.v, vb + (size_t)r.j * hd, r.n * hd);
-            }
-            run[nrun] = r;
+    for (int t = u->ta; t < u->tb; t++) {
+        int pos = sp->pos + (t - sp->row0), n = pos + 1 - j0;
+        n = n < ATT_CHUNK ? n : ATT_CHUNK;
+        const float *q = a->q + (size_t)t * a->ldq + (size_t)u->kvh * group * hd;
+        size_t slot = ((size_t)t * a->plan->nch + u->c) * m->nh + (size_t)u->kvh * group;
+        float *o = a->po + slot * hd, *ms = a->pms + slot * 2;
+        for (int j = j0; j < j0 + n;) {
+            int e = (j / bs + 1) * bs < j0 + n ? (j / bs + 1) * bs : j0 + n;
+            m->scores(q, group, hd, bn_kv_row(m, a->pool, sp, a->l, 0, u->kvh, j), m->kv_row, e - j, scale,
+                      sc + (j - j0), ATT_CHUNK);
             j = e;
         }
-        if (m->kv_f16) {
-            run[0] = (kv_run){0, nb, kb, vb};
-            nrun = 1;
+        for (int r = 0; r < group; r++) {
+            float *sr = sc + (size_t)r * ATT_CHUNK, mx = m->rowmax(sr, n);
+            ms[2 * r] = mx;
+            ms[2 * r + 1] = m->expsum(sr, n, mx);
         }
-        for (int t = ta; t < tb; t++) {
-            int n = first + (t - ta) + 1 - j0; /* keys 0 .. its position, of which this block holds n */
-            if (n <= 0) continue;
-            if (n > nb) n = nb;
-            size_t off = (size_t)kvh * group * hd; /* the group's q rows */
-            const float *q = a->q + (size_t)t * a->ldq + off;
-            float *o = a->out + (size_t)t * qn + off, *st = a->stat + ((size_t)t * m->nh + kvh * group) * 2;
-            for (int i = 0; i < nrun && run[i].j < n; i++) {
-                int e = run[i].j + run[i].n < n ? run[i].j + run[i].n : n;
-                for (int j = run[i].j; j < e; j++)
-                    m->dots(q, group, hd, run[i].k + (size_t)(j - run[i].j) * hd, scale, sc + j, ATT_BLK);
-            }
-            for (int r = 0; r < group; r++) {
-                float *sr = sc + (size_t)r * ATT_BLK, mx = st[2 * r];
-                for (int j = 0; j < n; j++) mx = sr[j] > mx ? sr[j] : mx;
-                float sum = m->expsum(sr, n, mx);
-                if (mx > st[2 * r]) { /* the maximum grew: rescale what is summed so far */
-                    float d = st[2 * r] - mx, c = d < -104.0f ? 0.0f : expf(d);
-                    st[2 * r + 1] *= c;
-                    for (int i = 0; i < hd; i++) o[(size_t)r * hd + i] *= c;
-                    st[2 * r] = mx;
-                }
-                st[2 * r + 1] += sum;
-            }
-            for (int i = 0; i < nrun && run[i].j < n; i++) {
-                int e = run[i].j + run[i].n < n ? run[i].j + run[i].n : n;
-                m->pv(o, group, hd, sc + run[i].j, ATT_BLK, run[i].v, e - run[i].j);
-            }
+        memset(o, 0, sizeof(float) * (size_t)group * hd);
+        for (int j = j0; j < j0 + n;) {
+            int e = (j / bs + 1) * bs < j0 + n ? (j / bs + 1) * bs : j0 + n;
+            m->pv(o, group, hd, sc + (j - j0), ATT_CHUNK, bn_kv_row(m, a->pool, sp, a->l, 1, u->kvh, j), m->kv_row,
+                  e - j);
+            j = e;
         }
     }
-    for (int t = ta; t < tb; t++)
-        for (int r = 0; r < group; r++) {
-            float inv = 1.0f / a->stat[((size_t)t * m->nh + kvh * group + r) * 2 + 1];
-            float *o = a->out + (size_t)t * qn + (size_t)(kvh * group + r) * hd;
-            for (int i = 0; i < hd; i++) o[i] *= inv;
-        }
 }
 
 static void attn_part(void *ctx, int part, int np) {
     const attn_task *a = (const attn_task *)ctx;
-    long T = a->T, total = T * a->m->nkv, i0 = total * part / np, i1 = total * (part + 1) / np;
-    float *work = a->work + (size_t)part * a->ldwork;
-    while (i0 < i1) { /* (kv head, row) pairs are kv-head-major: split at kv heads and sequences */
-        long kvh = i0 / T, end = (kvh + 1) * T < i1 ? (kvh + 1) * T : i1;
-        int t = (int)(i0 - kvh * T), tend = (int)(end - kvh * T), s = span_at(a->spans, 0, t);
-        while (t < tend) {
-            const bn_span *sp = &a->spans[s = span_at(a->spans, s, t)];
-            int e = sp->row0 + sp->n < tend ? sp->row0 + sp->n : tend;
-            attend_span(a, sp, (int)kvh, t, e, work);
-            t = e;
+    (void)np;
+    float *sc = a->sc + (size_t)part * (a->m->nh / a->m->nkv) * ATT_CHUNK;
+    for (int u = a->plan->first[part]; u < a->plan->first[part + 1]; u++) attend_unit(a, &a->plan->units[u], sc);
+}
+
+/* rows t0 .. t1: each q head's chunks merged in chunk order */
+static void merge_rows(const attn_task *a, int t0, int t1) {
+    const bn_model *m = a->m;
+    const bn_attn_plan *p = a->plan;
+    int hd = m->hd, s = 0;
+    for (int t = t0; t < t1; t++) {
+        while (t >= p->spans[s].row0 + p->spans[s].n) s++;
+        int nc = (p->spans[s].pos + (t - p->spans[s].row0)) / ATT_CHUNK + 1;
+        for (int h = 0; h < m->nh; h++) {
+            size_t slot0 = (size_t)t * p->nch * m->nh + h, st = (size_t)m->nh; /* chunk c: slot0 + c * st */
+            float M = a->pms[slot0 * 2], L = 0.0f, *o = a->out + ((size_t)t * m->nh + h) * hd;
+            for (int c = 1; c < nc; c++) M = a->pms[(slot0 + c * st) * 2] > M ? a->pms[(slot0 + c * st) * 2] : M;
+            for (int c = 0; c < nc; c++) {
+                const float *ms = a->pms + (slot0 + c * st) * 2, *oc = a->po + (slot0 + c * st) * hd;
+                float d = ms[0] - M, e = d < -104.0f ? 0.0f : expf(d);
+                L += e * ms[1];
+                if (c == 0)
+                    for (int i = 0; i < hd; i++) o[i] = e * oc[i];
+                else
+                    for (int i = 0; i < hd; i++) o[i] += e * oc[i];
+            }
+            float inv = 1.0f / L;
+            for (int i = 0; i < hd; i++) o[i] *= inv;
         }
-        i0 = end;
     }
 }
 
-void bn_attention(const bn_model *m, int l, const bn_pool *pool, const bn_span *spans, int nspan, const float *qkv,
-                  size_t ldqkv, float *out, float *stat, float *work, int nparts, int T) {
-    attn_task at = {m, l, pool, spans, nspan, qkv, ldqkv, out, stat, work, bn_attention_ldwork(m), T};
-    i2v_pool_run(attn_part, &at, nparts);
+static void merge_part(void *ctx, int part, int np) {
+    const attn_task *a = (const attn_task *)ctx;
+    merge_rows(a, (int)((long)a->plan->T * part / np), (int)((long)a->plan->T * (part + 1) / np));
+}
+
+void bn_attention(const bn_model *m, int l, const bn_pool *pool, const bn_attn_plan *plan, const float *qkv,
+                  size_t ldqkv, float *out, float *work) {
+    size_t np = partials(m, plan);
+    float *po = work, *pms = po + np * m->hd, *sc = pms + np * 2;
+    attn_task at = {m, l, pool, plan, qkv, ldqkv, po, pms, sc, out};
+    i2v_pool_run(attn_part, &at, plan->nparts);
+    int parts = plan->T < 4 ? 1 : 2 * i2v_pool_threads();
+    if (parts > plan->T) parts = plan->T;
+    if (parts <= 1) merge_rows(&at, 0, plan->T);
+    else i2v_pool_run(merge_part, &at, parts);
 }

@@ -69,7 +69,7 @@ bn_model *bn_model_new(const int64_t *ints, int nints, const double *flts, int n
     m->embed_kind = (int)ints[BN_I_EMBED_KIND];
     m->head_kind = (int)ints[BN_I_HEAD_KIND];
     m->path = (int)ints[BN_I_PATH];
-    m->kv_f16 = (int)ints[BN_I_KV_KIND] == BN_F16;
+    m->kv_kind = (int)ints[BN_I_KV_KIND];
     m->wfmt = (int)ints[BN_I_WFMT];
     if (m->wfmt < 0 || m->wfmt >= I2V_NFMTS) {
         free(m);
@@ -78,9 +78,10 @@ bn_model *bn_model_new(const int64_t *ints, int nints, const double *flts, int n
     m->eps = (float)flts[0];
     int path = m->path < 0 ? i2v_best_path() : m->path;
     m->dot = bn_pick_dot(path);
-    m->dots = bn_pick_dots(path);
-    bn_pick_attn(path, &m->expsum, &m->pv);
-    bn_pick_cvt(path, &m->h2f, &m->f2h);
+    m->expsum = bn_pick_expsum(path);
+    m->rowmax = bn_pick_rowmax(path);
+    bn_pick_kv(path, m->kv_kind, m->hd, &m->scores, &m->pv);
+    m->kv_row = bn_kv_row_bytes(m->kv_kind, m->hd);
     m->cos = PTR(const float *, ints[BN_I_ROPE_COS]);
     m->sin = PTR(const float *, ints[BN_I_ROPE_SIN]);
     m->final_norm = PTR(const float *, ints[BN_I_FINAL_NORM]);
@@ -91,7 +92,7 @@ bn_model *bn_model_new(const int64_t *ints, int nints, const double *flts, int n
     m->head_scale = PTR(const float *, ints[BN_I_HEAD_SCALE]);
     m->head_rowsum = PTR(const int32_t *, ints[BN_I_HEAD_ROWSUM]);
     if (m->H <= 0 || m->I <= 0 || m->nh <= 0 || m->nkv <= 0 || m->nh % m->nkv || m->hd <= 0 || m->hd % 2 ||
-        m->V <= 0 || m->max_len <= 0 || m->hd > 1024 || (ints[BN_I_KV_KIND] != BN_F32 && ints[BN_I_KV_KIND] != BN_F16) || m->act < 0 || m->act > 1 || m->embed_kind < 0 || m->embed_kind > 1 ||
+        m->V <= 0 || m->max_len <= 0 || m->hd > 1024 || (m->kv_kind != BN_F32 && m->kv_kind != BN_F16 && m->kv_kind != BN_Q8_0) || m->act < 0 || m->act > 1 || m->embed_kind < 0 || m->embed_kind > 1 ||
         m->head_kind < 0 || m->head_kind > 4 || m->head_kind == BN_F16 ||
         (m->head_kind == BN_Q8 && (!m->head_scale || !m->head_rowsum)) || (m->head_kind == BN_Q6 && !m->head_scale) ||
         (!m->embed && m->embed_fd < 0) || m->embed_offset < 0 || !m->head || !m->cos || !m->sin || !m->final_norm) {

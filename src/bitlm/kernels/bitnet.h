@@ -26,7 +26,8 @@ enum {
     BN_I_HEAD, BN_I_HEAD_SCALE, BN_I_HEAD_ROWSUM, /* rows [vocab, hidden]; for BN_Q8: float32 [vocab]
                                                      row scales and int32 [vocab] row sums */
     BN_I_PATH,                          /* kernel path, -1 = best */
-    BN_I_KV_KIND,                       /* KV cache element: BN_F32 or BN_F16 */
+    BN_I_KV_KIND,                       /* KV cache element: BN_F32, BN_F16 or BN_Q8_0 (formats/q8_0.py: a row of
+                                           head_dim values is ceil(head_dim / 32) blocks of 34 bytes) */
     BN_I_EMBED_FD, BN_I_EMBED_OFFSET,   /* -1, or a file descriptor to read embedding rows from with
                                            pread, row 0 at byte BN_I_EMBED_OFFSET (the rows then stay
                                            in the page cache instead of this process's resident set) */
@@ -36,10 +37,10 @@ enum {
 };
 enum { BN_L_ATTN_NORM, BN_L_FFN_NORM, BN_L_ATTN_SUB_NORM, BN_L_FFN_SUB_NORM,
        BN_L_Q, BN_L_K, BN_L_V, BN_L_O, BN_L_GATE, BN_L_UP, BN_L_DOWN, /* packed weights (BN_I_WFMT) */
-       BN_L_KCACHE, BN_L_VCACHE,        /* [kv_heads, max_len, head_dim], BN_I_KV_KIND elements (bn_forward's
+       BN_L_KCACHE, BN_L_VCACHE,        /* [kv_heads, max_len, row], rows of head_dim BN_I_KV_KIND elements (bn_forward's
                                            cache; bn_forward_paged uses its pool instead) */
        BN_NL };
-enum { BN_F32 = 0, BN_BF16 = 1, BN_Q8 = 2, BN_F16 = 3, BN_Q6 = 4 };
+enum { BN_F32 = 0, BN_BF16 = 1, BN_Q8 = 2, BN_F16 = 3, BN_Q6 = 4, BN_Q8_0 = 5 };
 
 typedef struct bn_model bn_model;
 
@@ -68,7 +69,7 @@ int bn_forward_hidden(const bn_model *m, const int32_t *tokens, int T, int pos, 
  * [sum of n_out, V] in all), and its keys and values live in the pool blocks listed by its block
  * table: int32 block ids, entry b holding positions b*block_size .. (b+1)*block_size - 1, entries
  * for positions 0 .. pos+n-1. The pool: n_blocks blocks of block_size positions, each
- * [layers][2 (keys, values)][kv_heads][block_size][head_dim] elements of BN_I_KV_KIND, one after
+ * [layers][2 (keys, values)][kv_heads][block_size] rows of head_dim BN_I_KV_KIND elements, one after
  * another. The projections run once over all rows; attention per sequence over its own blocks. A
  * row's logits do not depend on the other rows of the step, bit for bit, and equal bn_forward's for
  * the same tokens and positions. Returns as bn_forward (-1 also for a block id out of range). */

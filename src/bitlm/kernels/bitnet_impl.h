@@ -1,7 +1,8 @@
 /* Internal to the forward pass (bitnet.h is the public header): the model struct and what its files
  * share. The forward is split by concern:
  *   bitnet.c     the model from its descriptor, its scratch memory, the profile counters
- *   vecops.c     float loops per instruction set (dot products, norms, softmax pieces, f16 <-> f32)
+ *   vecops.c     float loops per instruction set (dot products, norms, softmax pieces)
+ *   kvops.c      attention's loops over the KV cache per element type (f32, f16, q8_0) and instruction set
  *   forward.c    the layer loop: embedding, norms + int8 quantization, the ternary projections, residuals
  *   attention.c  RoPE, the KV store and attention, over the model's own cache or a paged pool
  *   head.c       the output head (float, int8 or 6-bit rows)
@@ -18,15 +19,17 @@
 
 typedef float (*dot_fn)(const float *, const float *, int);
 /* out[r * ldo] = scale * (q_r . k) for the nq rows q_r = q + r * n (the q heads of one kv head) */
-typedef void (*dots_fn)(const float *q, int nq, int n, const float *k, float scale, float *out, size_t ldo);
 /* softmax numerators in place, s[j] = exp(s[j] - mx) for j < n; returns their sum */
 typedef float (*expsum_fn)(float *s, int n, float mx);
-/* o_r += sum over j < n of p[r * ldp + j] * v_j, for the nq rows o_r = o + r * hd and v_j = v + j * hd.
+typedef float (*rowmax_fn)(const float *s, int n); /* max of s[0 .. n), n >= 1 */
+/* attention over a run of n keys of one kv head, rows of the KV element kind (kvops.c):
+ * scores: out[r * ldo + j] = scale * (q_r . k_j), q_r = q + r * hd (r < nq), k_j = k + j * ldk bytes
+ * pv:     o_r += sum over j < n of p[r * ldp + j] * v_j, v_j = v + j * ldv bytes.
  * Each o element takes its n terms one after another in j order, so a call over keys 0..n equals two
  * calls over 0..a and a..n bit for bit (attention relies on it to follow a paged cache's blocks). */
-typedef void (*pv_fn)(float *o, int nq, int hd, const float *p, size_t ldp, const float *v, int n);
-/* float16 <-> float32 for the KV cache (round to nearest even) */
-typedef void (*cvt_fn)(const void *, void *, int);
+typedef void (*scores_fn)(const float *q, int nq, int hd, const void *k, size_t ldk, int n, float scale, float *out,
+                          size_t ldo);
+typedef void (*pv_fn)(float *o, int nq, int hd, const float *p, size_t ldp, const void *v, size_t ldv, int n);
 
 typedef struct {
     const uint8_t *w;
@@ -37,13 +40,14 @@ typedef struct {
 typedef struct {
     const float *attn_norm, *ffn_norm, *attn_sub_norm, *ffn_sub_norm;
     bn_linear proj[7]; /* q k v o gate up down */
-    void *kc, *vc;     /* [kv_heads, max_len, head_dim], float32 or float16 (BN_I_KV_KIND) */
+    void *kc, *vc;     /* [kv_heads, max_len] rows of head_dim BN_I_KV_KIND elements */
 } bn_layer;
 
 enum { P_Q, P_K, P_V, P_O, P_GATE, P_UP, P_DOWN };
 
 struct bn_model {
-    int L, H, I, nh, nkv, hd, V, max_len, act, embed_kind, head_kind, path, kv_f16, embed_fd;
+    int L, H, I, nh, nkv, hd, V, max_len, act, embed_kind, head_kind, path, kv_kind, embed_fd;
+    size_t kv_row; /* bytes of one cached row of head_dim elements (bn_kv_row_bytes) */
     int wfmt; /* the projections' packed format, I2V_FMT_* */
     int64_t embed_offset;
     float eps;
@@ -53,10 +57,10 @@ struct bn_model {
     const int32_t *head_rowsum;
     bn_layer *layers;
     dot_fn dot;
-    dots_fn dots;
     expsum_fn expsum;
+    rowmax_fn rowmax;
+    scores_fn scores;
     pv_fn pv;
-    cvt_fn h2f, f2h;
     int profiling;
     int64_t prof[BN_NPROF];
     char *scratch; /* the forward's scratch, kept between calls (grown when a call needs more) */
@@ -69,13 +73,21 @@ int64_t bn_now_ns(void);
 
 /* ---- vecops.c: picked once per model from its kernel path ---- */
 dot_fn bn_pick_dot(int path);
-dots_fn bn_pick_dots(int path);
-void bn_pick_attn(int path, expsum_fn *expsum, pv_fn *pv);
-void bn_pick_cvt(int path, cvt_fn *h2f, cvt_fn *f2h);
+expsum_fn bn_pick_expsum(int path);
+rowmax_fn bn_pick_rowmax(int path);
 void bn_rmsnorm(dot_fn dot, const float *x, const float *w, float *out, int n, float eps);
 void bn_axpy(float *y, float a, const float *x, int n);
 void bn_gate_act(float *g, const float *u, size_t n, int act); /* g = act(g) * u */
 float bn_dot_bf16(const uint16_t *a, const float *b, int n);
+
+/* ---- kvops.c: the KV cache's rows ---- */
+#define BN_Q8_0_BLOCK 32 /* q8_0 (formats/q8_0.py): 32 values as an f16 scale and 32 int8 */
+#define BN_Q8_0_BYTES 34
+size_t bn_kv_row_bytes(int kind, int hd);
+void bn_q8_0_row(const float *x, int n, uint8_t *dst);
+void bn_kv_store(int kind, const float *x, int n, void *dst); /* one row of n values into the cache */
+/* the attention kernels of a path for a KV kind and head_dim; returns the instruction set's name */
+const char *bn_pick_kv(int path, int kind, int hd, scores_fn *scores, pv_fn *pv);
 
 static inline float bn_bf16_to_f32(uint16_t v) {
     uint32_t u = (uint32_t)v << 16;
@@ -105,26 +117,32 @@ typedef struct {
  * holds a block as [layers][2][kv_heads][bs][head_dim] elements; the model's cache, per layer,
  * [kv_heads][max_len][head_dim] (bitnet.h BN_L_KCACHE) */
 static inline void *bn_kv_row(const bn_model *m, const bn_pool *pool, const bn_span *sp, int l, int kv, int h, int p) {
-    size_t es = m->kv_f16 ? 2 : 4, hd = (size_t)m->hd;
     if (!pool->base) {
         const bn_layer *y = &m->layers[l];
-        return (char *)(kv ? y->vc : y->kc) + ((size_t)h * m->max_len + p) * hd * es;
+        return (char *)(kv ? y->vc : y->kc) + ((size_t)h * m->max_len + p) * m->kv_row;
     }
     size_t bs = (size_t)pool->bs, b = (size_t)sp->blocks[p / pool->bs];
     size_t row = (((b * m->L + l) * 2 + kv) * m->nkv + h) * bs + (size_t)(p % pool->bs);
-    return pool->base + row * hd * es;
+    return pool->base + row * m->kv_row;
 }
 
 /* ---- attention.c ---- */
-#define ATT_BLK 64 /* keys per step of the online softmax (fixed: it sets every row's reduction order) */
+/* Keys per chunk: a row's keys are cut at fixed multiples of ATT_CHUNK counted from position 0, each
+ * chunk's softmax taken alone, then the chunks merged in order (split-K, as flash-decoding): the chunks
+ * of one row can run on different threads while the row's arithmetic stays fixed by its position. */
+#define ATT_CHUNK 256
 /* RoPE on rows' q and k heads of qkv [T, ldqkv = q | k | v], then k and v into each sequence's cache */
 void bn_rope_store(const bn_model *m, int l, const bn_pool *pool, const bn_span *spans, int nspan, float *qkv, int T,
                    int nparts);
-/* attention of every row over its own sequence's keys: out [T, nh * hd]; stat [T, nh, 2] and work
- * [nparts, ldwork] scratch (bn_attention_work) */
-size_t bn_attention_ldwork(const bn_model *m);
-void bn_attention(const bn_model *m, int l, const bn_pool *pool, const bn_span *spans, int nspan, const float *qkv,
-                  size_t ldqkv, float *out, float *stat, float *work, int nparts, int T);
+/* The step's attention work, the same for every layer: units of (sequence, kv head, chunk, rows), cut
+ * into parts by cost. bn_attention_plan fills it (NULL out of memory), bn_attention_plan_free frees it. */
+typedef struct bn_attn_plan bn_attn_plan;
+bn_attn_plan *bn_attention_plan(const bn_model *m, const bn_span *spans, int nspan, int T, int threads);
+void bn_attention_plan_free(bn_attn_plan *plan);
+size_t bn_attention_scratch(const bn_model *m, const bn_attn_plan *plan); /* floats of scratch it needs */
+/* attention of every row over its own sequence's keys: out [T, nh * hd]; work: bn_attention_scratch floats */
+void bn_attention(const bn_model *m, int l, const bn_pool *pool, const bn_attn_plan *plan, const float *qkv,
+                  size_t ldqkv, float *out, float *work);
 
 /* ---- head.c ---- */
 /* logits [n, V] of the n normed rows h [n, H]; q8 [n, max(kpad(H), 64-padded H)], s [n], qsum [n] and,

@@ -120,25 +120,28 @@ static int forward(bn_model *m, const int32_t *tokens, int T, const bn_span *spa
     int wide = I > H ? I : H;
     if (qn > wide) wide = qn;
     size_t kp = bn_qpad(wide);
-    int threads = i2v_pool_threads();
-    int attn_parts = T * m->nkv < 4 * threads ? T * m->nkv : 4 * threads;
+    bn_attn_plan *plan = bn_attention_plan(m, spans, nspan, T, i2v_pool_threads());
+    if (!plan) return -2;
     /* scratch, one allocation */
     size_t ld6 = (size_t)((H + 63) / 64) * 64; /* the 6-bit head's activation rows */
     size_t n_x = (size_t)T * H, n_xn = (size_t)T * (wide > qn + 2 * kvn ? wide : qn + 2 * kvn), n_q8 = (size_t)T * (kp > ld6 ? kp : ld6);
     size_t n_att = (size_t)T * (qn > H ? qn : H), n_g = (size_t)T * I;
-    size_t n_work = (size_t)attn_parts * bn_attention_ldwork(m), n_stat = (size_t)T * m->nh * 2;
+    size_t n_work = bn_attention_scratch(m, plan);
     size_t n_ax = bn_head_needs_ax(m) ? (size_t)n_out * bn_kpad(H) : 0;
-    size_t bytes = 4 * (n_x + n_xn + n_att + n_g + 2 * (size_t)T + n_work + n_stat) + n_q8 + n_ax +
+    size_t bytes = 4 * (n_x + n_xn + n_att + n_g + 2 * (size_t)T + n_work) + n_q8 + n_ax +
                    64 * 11;
     char *buf = bn_scratch(m, bytes);
-    if (!buf) return -2;
+    if (!buf) {
+        bn_attention_plan_free(plan);
+        return -2;
+    }
     char *p = buf;
 #define TAKE(T_, n_) ((T_ *)(p = (char *)(((uintptr_t)(p) + 63) & ~(uintptr_t)63), p += (n_) * sizeof(T_), p - (n_) * sizeof(T_)))
     /* xn holds each norm's output only until it is quantized into q8; then it takes q|k|v (attention
      * reads q from it in place) and the up projection */
     float *x = TAKE(float, n_x), *xn = TAKE(float, n_xn), *att = TAKE(float, n_att);
     float *g = TAKE(float, n_g), *s = TAKE(float, T), *qkv = xn, *u = xn;
-    float *work = TAKE(float, n_work), *stat = TAKE(float, n_stat);
+    float *work = TAKE(float, n_work);
     int32_t *qsum = TAKE(int32_t, T);
     int8_t *q8 = TAKE(int8_t, n_q8), *ax = n_ax ? TAKE(int8_t, n_ax) : NULL;
 #undef TAKE
@@ -181,7 +184,7 @@ static int forward(bn_model *m, const int32_t *tokens, int T, const bn_span *spa
         LAP(BN_PROF_QKV);
         bn_rope_store(m, l, pool, spans, nspan, qkv, T, row_parts(T));
         LAP(BN_PROF_ROPE_KV);
-        bn_attention(m, l, pool, spans, nspan, qkv, ldqkv, att, stat, work, attn_parts, T);
+        bn_attention(m, l, pool, plan, qkv, ldqkv, att, work);
         LAP(BN_PROF_ATTN);
         if ((rc = norm_quant(m, att, (size_t)qn, NULL, NQ_PLAIN, y->attn_sub_norm, qn, T, xn, q8, bn_qpad(qn), s, qsum)))
             break;
@@ -221,6 +224,7 @@ static int forward(bn_model *m, const int32_t *tokens, int T, const bn_span *spa
         rc = bn_head(m, xn, n_out, q8, s, qsum, ax, logits);
         LAP(BN_PROF_HEAD);
     }
+    bn_attention_plan_free(plan);
     return rc;
 }
 

@@ -59,52 +59,6 @@ __attribute__((target("avx2,fma"))) static float dot_avx2(const float *a, const 
 }
 #endif
 
-static void dots_scalar(const float *q, int nq, int n, const float *k, float scale, float *out, size_t ldo) {
-    for (int r = 0; r < nq; r++) out[(size_t)r * ldo] = dot_scalar(q + (size_t)r * n, k, n) * scale;
-}
-
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
-/* four q rows per pass over k: each 8 floats of k loaded once for the four, two accumulators a row */
-__attribute__((target("avx2,fma"))) static void dots_avx2(const float *q, int nq, int n, const float *k, float scale,
-                                                          float *out, size_t ldo) {
-    int n16 = n & ~15;
-    for (int r0 = 0; r0 < nq; r0 += 4) {
-        int nr = nq - r0 < 4 ? nq - r0 : 4;
-        const float *q0 = q + (size_t)r0 * n;
-        const float *qr[4] = {q0, q0 + (nr > 1 ? n : 0), q0 + (nr > 2 ? 2 * n : 0), q0 + (nr > 3 ? 3 * n : 0)};
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0, d0 = a0, d1 = a0;
-        for (int i = 0; i < n16; i += 16) {
-            __m256 k0 = _mm256_loadu_ps(k + i), k1 = _mm256_loadu_ps(k + i + 8);
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr[0] + i), k0, a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qr[0] + i + 8), k1, a1);
-            b0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr[1] + i), k0, b0);
-            b1 = _mm256_fmadd_ps(_mm256_loadu_ps(qr[1] + i + 8), k1, b1);
-            c0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr[2] + i), k0, c0);
-            c1 = _mm256_fmadd_ps(_mm256_loadu_ps(qr[2] + i + 8), k1, c1);
-            d0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr[3] + i), k0, d0);
-            d1 = _mm256_fmadd_ps(_mm256_loadu_ps(qr[3] + i + 8), k1, d1);
-        }
-        __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(b0, b1)),
-                                  _mm256_hadd_ps(_mm256_add_ps(c0, c1), _mm256_add_ps(d0, d1)));
-        float r4[4];
-        _mm_storeu_ps(r4, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
-        for (int r = 0; r < nr; r++) {
-            float t = r4[r];
-            for (int i = n16; i < n; i++) t += qr[r][i] * k[i];
-            out[(size_t)(r0 + r) * ldo] = t * scale;
-        }
-    }
-}
-#endif
-
-dots_fn bn_pick_dots(int path) {
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
-    if (path == I2V_PATH_AVX2 || i2v_path_has_avx512vnni(path)) return dots_avx2;  /* AVX-512 CPUs have AVX2 */
-#endif
-    (void)path;
-    return dots_scalar;
-}
-
 dot_fn bn_pick_dot(int path) {
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
     if (i2v_path_has_avx512vnni(path)) return dot_avx512;
@@ -114,61 +68,6 @@ dot_fn bn_pick_dot(int path) {
     return dot_scalar;
 }
 
-
-static void h2f_scalar(const void *src, void *dst, int n) {
-    const _Float16 *h = (const _Float16 *)src;
-    for (int i = 0; i < n; i++) ((float *)dst)[i] = (float)h[i];
-}
-
-static void f2h_scalar(const void *src, void *dst, int n) {
-    for (int i = 0; i < n; i++) ((_Float16 *)dst)[i] = (_Float16)((const float *)src)[i];
-}
-
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
-__attribute__((target("avx512f"))) static void h2f_avx512(const void *src, void *dst, int n) {
-    int i = 0;
-    for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps((float *)dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)src + i))));
-    h2f_scalar((const uint16_t *)src + i, (float *)dst + i, n - i);
-}
-
-__attribute__((target("avx512f"))) static void f2h_avx512(const void *src, void *dst, int n) {
-    int i = 0;
-    for (; i + 16 <= n; i += 16)
-        _mm256_storeu_si256((__m256i *)((uint16_t *)dst + i),
-                            _mm512_cvtps_ph(_mm512_loadu_ps((const float *)src + i), _MM_FROUND_TO_NEAREST_INT));
-    f2h_scalar((const float *)src + i, (uint16_t *)dst + i, n - i);
-}
-
-__attribute__((target("avx2,f16c"))) static void h2f_avx2(const void *src, void *dst, int n) {
-    int i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps((float *)dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)src + i))));
-    h2f_scalar((const uint16_t *)src + i, (float *)dst + i, n - i);
-}
-
-__attribute__((target("avx2,f16c"))) static void f2h_avx2(const void *src, void *dst, int n) {
-    int i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm_storeu_si128((__m128i *)((uint16_t *)dst + i),
-                         _mm256_cvtps_ph(_mm256_loadu_ps((const float *)src + i), _MM_FROUND_TO_NEAREST_INT));
-    f2h_scalar((const float *)src + i, (uint16_t *)dst + i, n - i);
-}
-#endif
-
-void bn_pick_cvt(int path, cvt_fn *h2f, cvt_fn *f2h) {
-    *h2f = h2f_scalar;
-    *f2h = f2h_scalar;
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
-    if (i2v_path_has_avx512vnni(path)) {
-        *h2f = h2f_avx512;
-        *f2h = f2h_avx512;
-    } else if (path == I2V_PATH_AVX2 && __builtin_cpu_supports("f16c")) {
-        *h2f = h2f_avx2;
-        *f2h = f2h_avx2;
-    }
-#endif
-}
 
 I2V_VEC void bn_rmsnorm(dot_fn dot, const float *restrict x, const float *restrict w, float *restrict out,
                         int n, float eps) {
@@ -187,11 +86,6 @@ static float expsum_scalar(float *s, int n, float mx) {
         sum += (s[j] = d < -104.0f ? 0.0f : expf(d));
     }
     return sum;
-}
-
-static void pv_scalar(float *o, int nq, int hd, const float *p, size_t ldp, const float *v, int n) {
-    for (int j = 0; j < n; j++)
-        for (int r = 0; r < nq; r++) bn_axpy(o + (size_t)r * hd, p[(size_t)r * ldp + j], v + (size_t)j * hd, hd);
 }
 
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
@@ -230,58 +124,49 @@ __attribute__((target("avx2,fma"))) static float expsum_avx2(float *s, int n, fl
     h = _mm_add_ss(h, _mm_movehdup_ps(h));
     return _mm_cvtss_f32(h) + expsum_scalar(s + j, n - j, mx);
 }
+#endif
 
-/* four rows of o by 16 columns in registers while the n rows of v stream past: the outputs are
- * loaded and stored once per block of keys instead of once per key */
-__attribute__((target("avx2,fma"))) static void pv_avx2(float *o, int nq, int hd, const float *p, size_t ldp,
-                                                        const float *v, int n) {
-    int h16 = hd & ~15;
-    for (int r0 = 0; r0 < nq; r0 += 4) {
-        int nr = nq - r0 < 4 ? nq - r0 : 4;
-        /* short groups repeat their first row: the repeats compute and store the same values */
-        const float *p0 = p + (size_t)r0 * ldp, *p1 = p0 + (nr > 1 ? ldp : 0), *p2 = p0 + (nr > 2 ? 2 * ldp : 0),
-                    *p3 = p0 + (nr > 3 ? 3 * ldp : 0);
-        float *o0 = o + (size_t)r0 * hd, *o1 = o0 + (nr > 1 ? hd : 0), *o2 = o0 + (nr > 2 ? 2 * hd : 0),
-              *o3 = o0 + (nr > 3 ? 3 * hd : 0);
-        for (int c = 0; c < h16; c += 16) {
-            __m256 a0 = _mm256_loadu_ps(o0 + c), a1 = _mm256_loadu_ps(o0 + c + 8);
-            __m256 b0 = _mm256_loadu_ps(o1 + c), b1 = _mm256_loadu_ps(o1 + c + 8);
-            __m256 c0 = _mm256_loadu_ps(o2 + c), c1 = _mm256_loadu_ps(o2 + c + 8);
-            __m256 d0 = _mm256_loadu_ps(o3 + c), d1 = _mm256_loadu_ps(o3 + c + 8);
-            for (int j = 0; j < n; j++) {
-                const float *vj = v + (size_t)j * hd + c;
-                __m256 v0 = _mm256_loadu_ps(vj), v1 = _mm256_loadu_ps(vj + 8), w;
-#define PV_ROW(pr, lo, hi) (w = _mm256_broadcast_ss(pr + j), lo = _mm256_fmadd_ps(w, v0, lo), hi = _mm256_fmadd_ps(w, v1, hi))
-                PV_ROW(p0, a0, a1);
-                PV_ROW(p1, b0, b1);
-                PV_ROW(p2, c0, c1);
-                PV_ROW(p3, d0, d1);
-#undef PV_ROW
-            }
-            _mm256_storeu_ps(o3 + c, d0), _mm256_storeu_ps(o3 + c + 8, d1);
-            _mm256_storeu_ps(o2 + c, c0), _mm256_storeu_ps(o2 + c + 8, c1);
-            _mm256_storeu_ps(o1 + c, b0), _mm256_storeu_ps(o1 + c + 8, b1);
-            _mm256_storeu_ps(o0 + c, a0), _mm256_storeu_ps(o0 + c + 8, a1);
-        }
-        for (int r = 0; r < nr; r++)
-            for (int c = h16; c < hd; c++) {
-                float t = o[(size_t)(r0 + r) * hd + c];
-                for (int j = 0; j < n; j++) t += p[(size_t)(r0 + r) * ldp + j] * v[(size_t)j * hd + c];
-                o[(size_t)(r0 + r) * hd + c] = t;
-            }
+/* the largest of s[0 .. n) (n >= 1). A maximum is exact, so any order gives the same bits: the scalar loop
+ * is one dependent chain (4 cycles a key), the AVX2 one 4 x 8 lanes */
+static float rowmax_scalar(const float *s, int n) {
+    float mx = s[0];
+    for (int j = 1; j < n; j++) mx = s[j] > mx ? s[j] : mx;
+    return mx;
+}
+
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+__attribute__((target("avx2"))) static float rowmax_avx2(const float *s, int n) {
+    if (n < 32) return rowmax_scalar(s, n);
+    __m256 a = _mm256_loadu_ps(s), b = _mm256_loadu_ps(s + 8), c = _mm256_loadu_ps(s + 16), d = _mm256_loadu_ps(s + 24);
+    int j = 32;
+    for (; j + 32 <= n; j += 32) {
+        a = _mm256_max_ps(a, _mm256_loadu_ps(s + j));
+        b = _mm256_max_ps(b, _mm256_loadu_ps(s + j + 8));
+        c = _mm256_max_ps(c, _mm256_loadu_ps(s + j + 16));
+        d = _mm256_max_ps(d, _mm256_loadu_ps(s + j + 24));
     }
+    a = _mm256_max_ps(_mm256_max_ps(a, b), _mm256_max_ps(c, d));
+    float t[8], mx;
+    _mm256_storeu_ps(t, a);
+    mx = rowmax_scalar(t, 8);
+    return j < n ? (mx > rowmax_scalar(s + j, n - j) ? mx : rowmax_scalar(s + j, n - j)) : mx;
 }
 #endif
 
-void bn_pick_attn(int path, expsum_fn *expsum, pv_fn *pv) {
-    *expsum = expsum_scalar;
-    *pv = pv_scalar;
+rowmax_fn bn_pick_rowmax(int path) {
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
-    if (path == I2V_PATH_AVX2 || i2v_path_has_avx512vnni(path)) { /* AVX-512 CPUs have AVX2 */
-        *expsum = expsum_avx2;
-        *pv = pv_avx2;
-    }
+    if (path == I2V_PATH_AVX2 || i2v_path_has_avx512vnni(path)) return rowmax_avx2;
 #endif
+    (void)path;
+    return rowmax_scalar;
+}
+
+expsum_fn bn_pick_expsum(int path) {
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+    if (path == I2V_PATH_AVX2 || i2v_path_has_avx512vnni(path)) return expsum_avx2; /* AVX-512 CPUs have AVX2 */
+#endif
+    (void)path;
+    return expsum_scalar;
 }
 
 /* g = act(g) * u. relu2 clears negative inputs with their sign bit, so the loop has no branch (the

@@ -1,0 +1,397 @@
+/* The inner loops of attention over the KV cache (bitnet_impl.h scores_fn, pv_fn), per KV element type
+ * (BN_F32, BN_F16, BN_Q8_0) and instruction set, and the q8_0 row quantizer of the KV store.
+ *
+ * Elements are widened to float32 in registers as they are loaded (no f32 copy of the cache): f16 by
+ * vcvtph2ps, q8_0 (formats/q8_0.py: per 32 values an f16 scale d and 32 int8 q) as d * q, which is
+ * exact in float32 (an 11-bit by 8-bit product). So every path computes on exactly the values
+ * formats/q8_0.dequantize gives, and q and the probabilities stay float32.
+ * Why not llama.cpp's int8 dot (q quantized to q8_0, vpdpbusd against the keys)? It would add the
+ * quantization error of q to that of the keys, and decode attention is bound by the bytes of the cache,
+ * not by the float multiply-adds (at the 2B4T shape a key of one kv head is 136 bytes of q8_0 for 512
+ * multiply-adds of its 4 q heads: 32 AVX-512 FMAs, ~16 cycles, against ~4.4 ns = ~11 cycles of the
+ * machine's read bandwidth per core).
+ *
+ * Shapes: q [nq, hd] (the nq q heads of one kv head, rows hd apart), k_j = k + j * ldk bytes (key j's
+ * row of hd elements), p [nq, ldp] (probabilities), o [nq, hd].
+ * Fixed order: each score is one dot product summed in an order fixed by hd and the path (never by
+ * the key's place in a call: a key batch short of a whole group repeats its last key), and pv adds
+ * each o element's terms one after another in key order, so calls over keys 0..a and a..n give the
+ * bits of one call over 0..n. */
+#include <math.h>
+#include <string.h>
+
+#include "bitnet_impl.h"
+
+static inline float f16_to_f32(const uint8_t *p) {
+    _Float16 h;
+    memcpy(&h, p, 2);
+    return (float)h;
+}
+
+/* element i of a row of kind `kind` */
+static inline float kv_at(int kind, const uint8_t *row, int i) {
+    if (kind == BN_F16) return f16_to_f32(row + 2 * (size_t)i);
+    if (kind == BN_Q8_0) {
+        const uint8_t *b = row + (size_t)(i / BN_Q8_0_BLOCK) * BN_Q8_0_BYTES;
+        return f16_to_f32(b) * (float)(int8_t)b[2 + i % BN_Q8_0_BLOCK];
+    }
+    float f;
+    memcpy(&f, row + 4 * (size_t)i, 4);
+    return f;
+}
+
+size_t bn_kv_row_bytes(int kind, int hd) {
+    if (kind == BN_Q8_0) return (size_t)(hd + BN_Q8_0_BLOCK - 1) / BN_Q8_0_BLOCK * BN_Q8_0_BYTES;
+    return (size_t)hd * (kind == BN_F16 ? 2 : 4);
+}
+
+/* x [n] -> one q8_0 row, as llama.cpp's quantize_row_q8_0_ref: d = amax / 127, q = roundf(x * (1 / d))
+ * (half away from zero), d stored as f16; a last block short of 32 values is padded with zeros */
+void bn_q8_0_row(const float *x, int n, uint8_t *dst) {
+    for (int b0 = 0; b0 < n; b0 += BN_Q8_0_BLOCK, dst += BN_Q8_0_BYTES) {
+        int nb = n - b0 < BN_Q8_0_BLOCK ? n - b0 : BN_Q8_0_BLOCK;
+        float amax = 0.0f;
+        for (int i = 0; i < nb; i++) amax = fabsf(x[b0 + i]) > amax ? fabsf(x[b0 + i]) : amax;
+        float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        _Float16 h = (_Float16)d;
+        memcpy(dst, &h, 2);
+        for (int i = 0; i < BN_Q8_0_BLOCK; i++) dst[2 + i] = (uint8_t)(int8_t)(i < nb ? roundf(x[b0 + i] * id) : 0.0f);
+    }
+}
+
+void bn_kv_store(int kind, const float *x, int n, void *dst) {
+    if (kind == BN_Q8_0) bn_q8_0_row(x, n, (uint8_t *)dst);
+    else if (kind == BN_F16)
+        for (int i = 0; i < n; i++) ((_Float16 *)dst)[i] = (_Float16)x[i];
+    else
+        memcpy(dst, x, sizeof(float) * (size_t)n);
+}
+
+/* ---- scalar: the reference ---- */
+static inline void scores_scalar(int kind, const float *q, int nq, int hd, const uint8_t *k, size_t ldk, int n,
+                                 float scale, float *out, size_t ldo) {
+    for (int j = 0; j < n; j++) {
+        const uint8_t *kj = k + (size_t)j * ldk;
+        for (int r = 0; r < nq; r++) {
+            const float *qr = q + (size_t)r * hd;
+            float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+            int i = 0;
+            for (; i + 4 <= hd; i += 4) {
+                s0 += qr[i] * kv_at(kind, kj, i);
+                s1 += qr[i + 1] * kv_at(kind, kj, i + 1);
+                s2 += qr[i + 2] * kv_at(kind, kj, i + 2);
+                s3 += qr[i + 3] * kv_at(kind, kj, i + 3);
+            }
+            for (; i < hd; i++) s0 += qr[i] * kv_at(kind, kj, i);
+            out[(size_t)r * ldo + j] = ((s0 + s1) + (s2 + s3)) * scale;
+        }
+    }
+}
+
+static inline void pv_scalar(int kind, float *o, int nq, int hd, const float *p, size_t ldp, const uint8_t *v,
+                             size_t ldv, int n) {
+    for (int j = 0; j < n; j++)
+        for (int i = 0; i < hd; i++) {
+            float x = kv_at(kind, v + (size_t)j * ldv, i);
+            for (int r = 0; r < nq; r++) o[(size_t)r * hd + i] += p[(size_t)r * ldp + j] * x;
+        }
+}
+
+#define KINDS(ATTR, isa)                                                                                          \
+    ATTR static void scores_##isa##_f32(const float *q, int nq, int hd, const void *k, size_t ldk, int n, float s, \
+                                   float *out, size_t ldo) {                                                \
+        scores_##isa(BN_F32, q, nq, hd, (const uint8_t *)k, ldk, n, s, out, ldo);                            \
+    }                                                                                                          \
+    ATTR static void scores_##isa##_f16(const float *q, int nq, int hd, const void *k, size_t ldk, int n, float s, \
+                                   float *out, size_t ldo) {                                                \
+        scores_##isa(BN_F16, q, nq, hd, (const uint8_t *)k, ldk, n, s, out, ldo);                            \
+    }                                                                                                          \
+    ATTR static void scores_##isa##_q8_0(const float *q, int nq, int hd, const void *k, size_t ldk, int n, float s, \
+                                    float *out, size_t ldo) {                                               \
+        scores_##isa(BN_Q8_0, q, nq, hd, (const uint8_t *)k, ldk, n, s, out, ldo);                           \
+    }                                                                                                          \
+    ATTR static void pv_##isa##_f32(float *o, int nq, int hd, const float *p, size_t ldp, const void *v, size_t ldv, \
+                               int n) {                                                                     \
+        pv_##isa(BN_F32, o, nq, hd, p, ldp, (const uint8_t *)v, ldv, n);                                     \
+    }                                                                                                          \
+    ATTR static void pv_##isa##_f16(float *o, int nq, int hd, const float *p, size_t ldp, const void *v, size_t ldv, \
+                               int n) {                                                                     \
+        pv_##isa(BN_F16, o, nq, hd, p, ldp, (const uint8_t *)v, ldv, n);                                     \
+    }                                                                                                          \
+    ATTR static void pv_##isa##_q8_0(float *o, int nq, int hd, const float *p, size_t ldp, const void *v,          \
+                                size_t ldv, int n) {                                                        \
+        pv_##isa(BN_Q8_0, o, nq, hd, p, ldp, (const uint8_t *)v, ldv, n);                                    \
+    }
+
+KINDS(, scalar)
+
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#include <immintrin.h>
+
+/* ---- AVX-512: 16 elements a register ---- */
+#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,f16c,fma"), always_inline)) static inline
+
+T512 __m512 ld16(int kind, const uint8_t *row, int i) {
+    if (kind == BN_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(row + 2 * (size_t)i)));
+    if (kind == BN_Q8_0) {
+        const uint8_t *b = row + (size_t)(i / BN_Q8_0_BLOCK) * BN_Q8_0_BYTES;
+        __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 2 + i % BN_Q8_0_BLOCK))));
+        uint16_t h;
+        memcpy(&h, b, 2);
+        return _mm512_mul_ps(x, _mm512_set1_ps(_cvtsh_ss(h)));
+    }
+    return _mm512_loadu_ps((const float *)(const void *)(row + 4 * (size_t)i));
+}
+
+/* elements i .. i + 31 (i % 32 == 0): for q8_0 one block, its scale widened once */
+T512 void ld32(int kind, const uint8_t *row, int i, __m512 *a, __m512 *b) {
+    if (kind == BN_Q8_0) {
+        const uint8_t *blk = row + (size_t)(i / BN_Q8_0_BLOCK) * BN_Q8_0_BYTES;
+        uint16_t h;
+        memcpy(&h, blk, 2);
+        __m512 d = _mm512_set1_ps(_cvtsh_ss(h));
+        *a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2)))), d);
+        *b = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18)))), d);
+        return;
+    }
+    *a = ld16(kind, row, i);
+    *b = ld16(kind, row, i + 16);
+}
+
+/* 16 registers -> their 16 sums, every sum by the same tree (halves, quarters, then pairs): out[4 * (v % 4)
+ * + v / 4] = sum of v[v] (the 4 x 4 block of q rows by keys comes out transposed) */
+T512 __m512 sum16x16(const __m512 *v) {
+    __m512 t[8], u[4];
+    for (int k = 0; k < 8; k++)
+        t[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0xEE));
+    for (int k = 0; k < 4; k++)
+        u[k] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * k], t[2 * k + 1], 0x88),
+                             _mm512_shuffle_f32x4(t[2 * k], t[2 * k + 1], 0xDD));
+    __m512 w01 = _mm512_add_ps(_mm512_unpacklo_ps(u[0], u[1]), _mm512_unpackhi_ps(u[0], u[1]));
+    __m512 w23 = _mm512_add_ps(_mm512_unpacklo_ps(u[2], u[3]), _mm512_unpackhi_ps(u[2], u[3]));
+    return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(w01), _mm512_castps_pd(w23))),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(w01), _mm512_castps_pd(w23))));
+}
+
+/* 4 q rows by 4 keys a pass, hd % 16 == 0: 16 accumulators, each key row widened once for the 4 rows */
+T512 void scores_avx512(int kind, const float *q, int nq, int hd, const uint8_t *k, size_t ldk, int n, float scale,
+                        float *out, size_t ldo) {
+    __m512 sc = _mm512_set1_ps(scale);
+    const __m512i tr = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    for (int r0 = 0; r0 < nq; r0 += 4) {
+        int nr = nq - r0 < 4 ? nq - r0 : 4;
+        const float *qr[4];
+        for (int r = 0; r < 4; r++) qr[r] = q + (size_t)(r0 + (r < nr ? r : 0)) * hd;
+        for (int j = 0; j < n; j += 4) {
+            const uint8_t *kj[4];
+            for (int x = 0; x < 4; x++) kj[x] = k + (size_t)(j + x < n ? j + x : n - 1) * ldk;
+            __m512 acc[16];
+            for (int a = 0; a < 16; a++) acc[a] = _mm512_setzero_ps();
+            int i = 0;
+            for (; i + 32 <= hd; i += 32) { /* each accumulator: elements i .. i + 15, then i + 16 .. i + 31 */
+                __m512 q0 = _mm512_loadu_ps(qr[0] + i), q1 = _mm512_loadu_ps(qr[1] + i);
+                __m512 q2 = _mm512_loadu_ps(qr[2] + i), q3 = _mm512_loadu_ps(qr[3] + i);
+                __m512 p0 = _mm512_loadu_ps(qr[0] + i + 16), p1 = _mm512_loadu_ps(qr[1] + i + 16);
+                __m512 p2 = _mm512_loadu_ps(qr[2] + i + 16), p3 = _mm512_loadu_ps(qr[3] + i + 16);
+                for (int x = 0; x < 4; x++) {
+                    __m512 ka, kb;
+                    ld32(kind, kj[x], i, &ka, &kb);
+                    acc[x] = _mm512_fmadd_ps(p0, kb, _mm512_fmadd_ps(q0, ka, acc[x]));
+                    acc[4 + x] = _mm512_fmadd_ps(p1, kb, _mm512_fmadd_ps(q1, ka, acc[4 + x]));
+                    acc[8 + x] = _mm512_fmadd_ps(p2, kb, _mm512_fmadd_ps(q2, ka, acc[8 + x]));
+                    acc[12 + x] = _mm512_fmadd_ps(p3, kb, _mm512_fmadd_ps(q3, ka, acc[12 + x]));
+                }
+            }
+            if (i < hd) {
+                __m512 q0 = _mm512_loadu_ps(qr[0] + i), q1 = _mm512_loadu_ps(qr[1] + i);
+                __m512 q2 = _mm512_loadu_ps(qr[2] + i), q3 = _mm512_loadu_ps(qr[3] + i);
+                for (int x = 0; x < 4; x++) {
+                    __m512 kx = ld16(kind, kj[x], i);
+                    acc[x] = _mm512_fmadd_ps(q0, kx, acc[x]);
+                    acc[4 + x] = _mm512_fmadd_ps(q1, kx, acc[4 + x]);
+                    acc[8 + x] = _mm512_fmadd_ps(q2, kx, acc[8 + x]);
+                    acc[12 + x] = _mm512_fmadd_ps(q3, kx, acc[12 + x]);
+                }
+            }
+            /* lanes 4 * key + row -> 4 * row + key, then row r's 4 keys (lanes 4r .. 4r + 3) to its scores */
+            __m512 s = _mm512_permutexvar_ps(tr, _mm512_mul_ps(sum16x16(acc), sc));
+            __mmask16 keys = (__mmask16)((1u << (n - j < 4 ? n - j : 4)) - 1);
+            for (int r = 0; r < nr; r++)
+                _mm512_mask_storeu_ps(out + (size_t)(r0 + r) * ldo + j - 4 * r, (__mmask16)(keys << (4 * r)), s);
+        }
+    }
+}
+
+/* 4 rows of o by 64 columns (then 16) in registers while the keys' value rows stream past, hd % 16 == 0 */
+T512 void pv_avx512(int kind, float *o, int nq, int hd, const float *p, size_t ldp, const uint8_t *v, size_t ldv,
+                    int n) {
+    for (int r0 = 0; r0 < nq; r0 += 4) {
+        int nr = nq - r0 < 4 ? nq - r0 : 4;
+        /* short groups repeat their first row: the repeats compute and store the same values */
+        const float *pr[4];
+        float *orow[4];
+        for (int r = 0; r < 4; r++) {
+            int rr = r0 + (r < nr ? r : 0);
+            pr[r] = p + (size_t)rr * ldp;
+            orow[r] = o + (size_t)rr * hd;
+        }
+        int c = 0;
+        for (; c + 64 <= hd; c += 64) {
+            __m512 acc[16];
+            for (int r = 0; r < 4; r++)
+                for (int x = 0; x < 4; x++) acc[4 * r + x] = _mm512_loadu_ps(orow[r] + c + 16 * x);
+            for (int j = 0; j < n; j++) {
+                const uint8_t *vj = v + (size_t)j * ldv;
+                __m512 v0, v1, v2, v3;
+                ld32(kind, vj, c, &v0, &v1);
+                ld32(kind, vj, c + 32, &v2, &v3);
+                for (int r = 0; r < 4; r++) {
+                    __m512 w = _mm512_set1_ps(pr[r][j]);
+                    acc[4 * r] = _mm512_fmadd_ps(w, v0, acc[4 * r]);
+                    acc[4 * r + 1] = _mm512_fmadd_ps(w, v1, acc[4 * r + 1]);
+                    acc[4 * r + 2] = _mm512_fmadd_ps(w, v2, acc[4 * r + 2]);
+                    acc[4 * r + 3] = _mm512_fmadd_ps(w, v3, acc[4 * r + 3]);
+                }
+            }
+            for (int r = 3; r >= 0; r--) /* row 0 last: a repeated row stores row 0's values */
+                for (int x = 0; x < 4; x++) _mm512_storeu_ps(orow[r] + c + 16 * x, acc[4 * r + x]);
+        }
+        for (; c < hd; c += 16) {
+            __m512 acc[4];
+            for (int r = 0; r < 4; r++) acc[r] = _mm512_loadu_ps(orow[r] + c);
+            for (int j = 0; j < n; j++) {
+                __m512 v0 = ld16(kind, v + (size_t)j * ldv, c);
+                for (int r = 0; r < 4; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(pr[r][j]), v0, acc[r]);
+            }
+            for (int r = 3; r >= 0; r--) _mm512_storeu_ps(orow[r] + c, acc[r]);
+        }
+    }
+}
+
+KINDS(__attribute__((target("avx512f,avx512bw,avx512vl,f16c,fma"))), avx512)
+
+/* ---- AVX2: 8 elements a register ---- */
+#define T256 __attribute__((target("avx2,f16c,fma"), always_inline)) static inline
+
+T256 __m256 ld8(int kind, const uint8_t *row, int i) {
+    if (kind == BN_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 2 * (size_t)i)));
+    if (kind == BN_Q8_0) {
+        const uint8_t *b = row + (size_t)(i / BN_Q8_0_BLOCK) * BN_Q8_0_BYTES;
+        __m256 x = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b + 2 + i % BN_Q8_0_BLOCK))));
+        uint16_t h;
+        memcpy(&h, b, 2);
+        return _mm256_mul_ps(x, _mm256_set1_ps(_cvtsh_ss(h)));
+    }
+    return _mm256_loadu_ps((const float *)(const void *)(row + 4 * (size_t)i));
+}
+
+/* 8 registers -> their 8 sums (out[k] = sum of v[k]), every sum by the same tree */
+T256 __m256 sum8x8(const __m256 *v) {
+    __m256 h01 = _mm256_hadd_ps(v[0], v[1]), h23 = _mm256_hadd_ps(v[2], v[3]);
+    __m256 h45 = _mm256_hadd_ps(v[4], v[5]), h67 = _mm256_hadd_ps(v[6], v[7]);
+    __m256 a = _mm256_hadd_ps(h01, h23), b = _mm256_hadd_ps(h45, h67);
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+/* 4 q rows by 2 keys a pass, hd % 8 == 0 */
+T256 void scores_avx2(int kind, const float *q, int nq, int hd, const uint8_t *k, size_t ldk, int n, float scale,
+                      float *out, size_t ldo) {
+    __m256 sc = _mm256_set1_ps(scale);
+    for (int r0 = 0; r0 < nq; r0 += 4) {
+        int nr = nq - r0 < 4 ? nq - r0 : 4;
+        const float *qr[4];
+        for (int r = 0; r < 4; r++) qr[r] = q + (size_t)(r0 + (r < nr ? r : 0)) * hd;
+        for (int j = 0; j < n; j += 2) {
+            const uint8_t *k0 = k + (size_t)j * ldk, *k1 = k + (size_t)(j + 1 < n ? j + 1 : j) * ldk;
+            __m256 acc[8];
+            for (int a = 0; a < 8; a++) acc[a] = _mm256_setzero_ps();
+            for (int i = 0; i < hd; i += 8) {
+                __m256 x0 = ld8(kind, k0, i), x1 = ld8(kind, k1, i);
+                for (int r = 0; r < 4; r++) {
+                    __m256 qv = _mm256_loadu_ps(qr[r] + i);
+                    acc[2 * r] = _mm256_fmadd_ps(qv, x0, acc[2 * r]);
+                    acc[2 * r + 1] = _mm256_fmadd_ps(qv, x1, acc[2 * r + 1]);
+                }
+            }
+            float s[8]; /* s[2 * row + key] */
+            _mm256_storeu_ps(s, _mm256_mul_ps(sum8x8(acc), sc));
+            for (int r = 0; r < nr; r++) {
+                out[(size_t)(r0 + r) * ldo + j] = s[2 * r];
+                if (j + 1 < n) out[(size_t)(r0 + r) * ldo + j + 1] = s[2 * r + 1];
+            }
+        }
+    }
+}
+
+/* 4 rows of o by 16 columns (then 8) in registers, hd % 8 == 0 */
+T256 void pv_avx2(int kind, float *o, int nq, int hd, const float *p, size_t ldp, const uint8_t *v, size_t ldv,
+                  int n) {
+    for (int r0 = 0; r0 < nq; r0 += 4) {
+        int nr = nq - r0 < 4 ? nq - r0 : 4;
+        const float *pr[4];
+        float *orow[4];
+        for (int r = 0; r < 4; r++) {
+            int rr = r0 + (r < nr ? r : 0);
+            pr[r] = p + (size_t)rr * ldp;
+            orow[r] = o + (size_t)rr * hd;
+        }
+        int c = 0;
+        for (; c + 16 <= hd; c += 16) {
+            __m256 acc[8];
+            for (int r = 0; r < 4; r++) {
+                acc[2 * r] = _mm256_loadu_ps(orow[r] + c);
+                acc[2 * r + 1] = _mm256_loadu_ps(orow[r] + c + 8);
+            }
+            for (int j = 0; j < n; j++) {
+                const uint8_t *vj = v + (size_t)j * ldv;
+                __m256 v0 = ld8(kind, vj, c), v1 = ld8(kind, vj, c + 8);
+                for (int r = 0; r < 4; r++) {
+                    __m256 w = _mm256_broadcast_ss(pr[r] + j);
+                    acc[2 * r] = _mm256_fmadd_ps(w, v0, acc[2 * r]);
+                    acc[2 * r + 1] = _mm256_fmadd_ps(w, v1, acc[2 * r + 1]);
+                }
+            }
+            for (int r = 3; r >= 0; r--) {
+                _mm256_storeu_ps(orow[r] + c, acc[2 * r]);
+                _mm256_storeu_ps(orow[r] + c + 8, acc[2 * r + 1]);
+            }
+        }
+        for (; c < hd; c += 8) {
+            __m256 acc[4];
+            for (int r = 0; r < 4; r++) acc[r] = _mm256_loadu_ps(orow[r] + c);
+            for (int j = 0; j < n; j++) {
+                __m256 v0 = ld8(kind, v + (size_t)j * ldv, c);
+                for (int r = 0; r < 4; r++) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(pr[r] + j), v0, acc[r]);
+            }
+            for (int r = 3; r >= 0; r--) _mm256_storeu_ps(orow[r] + c, acc[r]);
+        }
+    }
+}
+
+KINDS(__attribute__((target("avx2,f16c,fma"))), avx2)
+#endif
+
+#define PICK(isa)                                                                                       \
+    do {                                                                                                \
+        *scores = kind == BN_F16 ? scores_##isa##_f16 : kind == BN_Q8_0 ? scores_##isa##_q8_0 : scores_##isa##_f32; \
+        *pv = kind == BN_F16 ? pv_##isa##_f16 : kind == BN_Q8_0 ? pv_##isa##_q8_0 : pv_##isa##_f32;     \
+    } while (0)
+
+/* the kernels of a path for a KV kind and head_dim: AVX-512 on the AVX-512 paths when hd % 16 == 0, AVX2
+ * on the x86 paths when hd % 8 == 0, else the scalar reference */
+const char *bn_pick_kv(int path, int kind, int hd, scores_fn *scores, pv_fn *pv) {
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+    if (i2v_path_has_avx512vnni(path) && hd % 16 == 0) {
+        PICK(avx512);
+        return "avx512";
+    }
+    if ((path == I2V_PATH_AVX2 || i2v_path_has_avx512vnni(path)) && hd % 8 == 0 && __builtin_cpu_supports("f16c")) {
+        PICK(avx2);
+        return "avx2";
+    }
+#endif
+    (void)path;
+    PICK(scalar);
+    return "scalar";
+}
