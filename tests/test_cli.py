@@ -216,8 +216,18 @@ def test_usage_errors(capsys):
     assert capsys.readouterr().err.splitlines()[-1] == "bitlm: error: unrecognized arguments: --frobnicate"
     assert main(["generate", "-m", "x", "-n", "many", "-p", "hi"]) == 2
     assert "argument -n/--max-tokens: invalid int value: 'many'" in capsys.readouterr().err
+    for cmd in (["generate", "-m", "x", "-p", "hi"], ["bench", "--shape", "tiny"], ["serve", "-m", "x"]):
+        assert main([*cmd, "--kv", "q4"]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) >= 1 and "argument --kv: invalid choice: 'q4' (choose from" in err[-1] and "q8_0" in err[-1]
     assert main([]) == 2
     assert main(["--help"]) == 0
+
+
+def test_the_kv_choices_are_the_native_runtimes_kv_types():
+    from bitlm.cli import KV_TYPES
+    from bitlm.engine.native import KV_KINDS
+    assert set(KV_TYPES) == set(KV_KINDS)
 
 
 def test_ctrl_c_exits_130_quietly(tiny_model_dir, capsys, monkeypatch):

@@ -40,6 +40,13 @@ def test_bench_random_shape_in_the_t5_weight_format(capsys):
 
 
 @needs_native
+def test_bench_with_the_q8_0_kv_cache(capsys):
+    assert main(["bench", "--shape", "tiny", "-p", "8", "-n", "4", "-r", "1", "--kv", "q8_0", "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert records and all(r["model_type"].endswith(", kv q8_0") and r["avg_ts"] > 0 for r in records)
+
+
+@needs_native
 def test_bench_profile_breaks_each_token_into_phases(capsys):
     from bitlm.engine.native import PROFILE_PHASES
     assert main(["bench", "--shape", "tiny", "-p", "8", "-n", "4", "-r", "1", "-t", "1", "--profile"]) == 0

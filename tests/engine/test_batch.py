@@ -346,6 +346,9 @@ def test_bytes_per_block_at_the_2b4t_shape():
     cfg = bitlm.preset("2b4t")
     assert (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim) == (30, 5, 128)
     assert kv_block_bytes(cfg, "f16", 16) == 1_228_800 and kv_block_bytes(cfg, "f32", 16) == 2_457_600
+    assert kv_block_bytes(cfg, "q8_0", 16) == 30 * 2 * 5 * 16 * 136 == 652_800  # 4 blocks of 34 bytes a row
+    with pytest.raises(BitlmError, match="KV cache type 'q4' is not one of f32, f16, q8_0"):
+        kv_block_bytes(cfg, "q4")
     assert DEFAULT_KV_BUDGET // kv_block_bytes(cfg) == 1747
 
 

@@ -65,6 +65,98 @@ def test_prefill_and_decode_equal_the_reference(model, n):
     assert nm.pos == n
 
 
+def q8_0_cache(config, max_len):
+    """The torch model's KVCache with its keys and values stored as q8_0 and read back (formats/q8_0.py's
+    numpy reference): the reference for kv="q8_0"."""
+    from bitlm.formats import q8_0
+    from bitlm.model import KVCache
+
+    def rt(x):  # (B, kv heads, T, head_dim) float32 -> its q8_0 values
+        return torch.from_numpy(q8_0.dequantize(q8_0.quantize(x.numpy()), x.shape[-1]))
+
+    class Q8Cache(KVCache):
+        def update(self, layer, k, v):
+            return super().update(layer, rt(k), rt(v))
+
+    return Q8Cache(config, max_len=max_len)
+
+
+def test_q8_0_kv_store_bytes_equal_the_numpy_reference(model):
+    """The C store quantizes each key and value row as formats/q8_0.quantize does, byte for byte: block 0's
+    keys and values (the same floats whatever the cache type, computed before any attention) of a
+    kv="f32" model, quantized in numpy, against a kv="q8_0" model's cache (head_dim 6 and 16: a padded
+    block)."""
+    from bitlm.formats import q8_0
+    ids = torch.randint(0, model.config.vocab_size, (40,)).numpy()
+    f32 = native.NativeModel.from_model(model, head="f32", max_len=64, kv="f32")
+    q8 = native.NativeModel.from_model(model, head="f32", max_len=64, kv="q8_0")
+    f32.forward(ids[:30], n_out=0), q8.forward(ids[:30], n_out=0)
+    for i in range(30, 40):
+        f32.forward(ids[i:i + 1]), q8.forward(ids[i:i + 1])
+    hd = model.config.head_dim
+    assert q8.k_cache[0].shape == (model.config.num_key_value_heads, 64, q8_0.row_bytes(hd))
+    assert q8.k_cache[0].dtype == np.uint8
+    for got, floats in ((q8.k_cache[0], f32.k_cache[0]), (q8.v_cache[0], f32.v_cache[0])):
+        assert np.array_equal(got[:, :40], q8_0.quantize(floats[:, :40]))
+        assert not got[:, 40:].any()
+
+
+@pytest.mark.parametrize("n", [40, 150])
+def test_q8_0_kv_cache_equals_a_reference_that_quantizes_its_cache(model, n):
+    """The torch model with its cached keys and values stored as q8_0 (the numpy reference) and read
+    back: the same logits up to float rounding at most positions, for a prefill and decode steps after it.
+    A last-bit difference can flip an int8 activation (a position off by ~1e-2), or a key's q8_0 code
+    (every later position off a little): 6 positions in 400 over 10 seeds at this shape, against 1 with
+    f16, so the bar is the median position and no position beyond a flip."""
+    nm = native.NativeModel.from_model(model, head="f32", max_len=160, kv="q8_0")
+    ids = torch.randint(0, model.config.vocab_size, (1, n))
+    cache = q8_0_cache(model.config, 160)
+    first = n // 2
+    with torch.no_grad():
+        ref = np.concatenate([model(ids[:, :first], cache)[0].numpy()] +
+                             [model(ids[:, i:i + 1], cache)[0].numpy() for i in range(first, n)])
+    got = np.concatenate([nm.forward(ids[0, :first].numpy(), n_out=first)] +
+                         [nm.forward(ids[0, i:i + 1].numpy()) for i in range(first, n)])
+    assert_close_over_a_long_sequence(got, ref)
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """2B4T's attention geometry in small: 4 q heads on one kv head of head_dim 64 (the AVX-512 loops'
+    32-value blocks and 64-column tiles), 400 positions (past a 256-key attention chunk)."""
+    return bitlm.load(make_tiny_model_dir(tmp_path_factory.mktemp("wide"), None, hidden_size=256,
+                                          intermediate_size=344, num_attention_heads=4, num_key_value_heads=1,
+                                          max_position_embeddings=400), tokenizer=False)
+
+
+@pytest.mark.parametrize("kv", ["f16", "q8_0"])
+def test_every_kernel_path_and_kv_type_past_an_attention_chunk(wide, kv):
+    """300 positions (a prefill of 260, across the 256-key chunk, then decode steps) on every kernel path
+    against the torch model whose cache holds the same f16 or q8_0 values: float rounding apart, and
+    every path against the scalar reference likewise (the paths sum in different orders)."""
+    from bitlm import kernels
+    ids = torch.randint(0, wide.config.vocab_size, (1, 300))
+    cache = q8_0_cache(wide.config, 300)
+    if kv == "f16":
+        from bitlm.model import KVCache
+
+        class HalfCache(KVCache):
+            def update(self, layer, k, v):
+                return super().update(layer, k.half().float(), v.half().float())
+        cache = HalfCache(wide.config, max_len=300)
+    with torch.no_grad():
+        ref = np.concatenate([wide(ids[:, :260], cache)[0, -20:].numpy()] +
+                             [wide(ids[:, i:i + 1], cache)[0].numpy() for i in range(260, 300)])
+    arrays = native.arrays_from_model(wide, "f32")
+    out = {}
+    for path in kernels.info()["paths"]:
+        nm = native.NativeModel(wide.config, arrays, max_len=300, kv=kv, path=path)
+        out[path] = np.concatenate([nm.forward(ids[0, :260].numpy(), n_out=20)] +
+                                   [nm.forward(ids[0, i:i + 1].numpy()) for i in range(260, 300)])
+        assert_close_over_a_long_sequence(out[path], ref)
+        assert_close_over_a_long_sequence(out[path], out["scalar"])
+
+
 def test_rope_tables_filled_as_positions_are_reached(model):
     nm = native.NativeModel.from_model(model, head="f32", max_len=64, kv="f32")
     nm.rope_chunk = 5  # a fill per few positions, in the middle of prefills and decode steps

@@ -157,7 +157,8 @@ def _record(nm, threads, n_prompt, n_gen, samples) -> dict:
     return {
         "build_commit": os.environ.get("BITLM_COMMIT", ""),
         "model_filename": getattr(nm, "source", {}).get("file", ""),
-        "model_type": f"bitnet {nm.config.num_hidden_layers}L {nm.config.hidden_size}H ternary {nm.weights}, head {nm.head_format}",
+        "model_type": (f"bitnet {nm.config.num_hidden_layers}L {nm.config.hidden_size}H ternary {nm.weights}, "
+                       f"head {nm.head_format}, kv {nm.kv}"),
         "model_size": sizes["ternary"] + sizes["head"] + sizes["embedding"] + sizes["norms"],
         "model_n_params": nm.config.num_parameters()["total"],
         "n_threads": threads,
