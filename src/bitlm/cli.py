@@ -250,7 +250,7 @@ def cmd_bench(args) -> int:
     if not native_available():
         raise BitlmError("bitlm bench measures the native runtime, which is not built in this install "
                          "(see `bitlm doctor`)")
-    longest = max(args.n_prompt) + max(args.n_gen) + 1
+    longest = max(args.n_depth) + max(max(args.n_prompt), max(args.n_gen)) + 1
     t0 = time.perf_counter()
     if args.shape:
         path = bench.synthetic_native_file(args.shape, args.head, weights=args.weights)
@@ -265,10 +265,11 @@ def cmd_bench(args) -> int:
     load_s = time.perf_counter() - t0
     records = []
     for threads in args.threads:
-        for n_prompt in args.n_prompt:
-            records += bench.run(nm, threads, n_prompt, 0, args.repetitions)
-        for n_gen in args.n_gen:
-            records += bench.run(nm, threads, 0, n_gen, args.repetitions)
+        for depth in args.n_depth:
+            for n_prompt in args.n_prompt:
+                records += bench.run(nm, threads, n_prompt, 0, args.repetitions, depth=depth)
+            for n_gen in args.n_gen:
+                records += bench.run(nm, threads, 0, n_gen, args.repetitions, depth=depth)
     rss = bench.peak_rss_bytes()
     for r in records:
         r["load_s"], r["peak_rss_bytes"] = load_s, rss
@@ -280,7 +281,8 @@ def cmd_bench(args) -> int:
     _print_bench_table(records)
     print(f"\nload {load_s:.2f} s, peak RSS {rss / 1e9:.3f} GB")
     if args.profile:
-        prof = bench.phase_breakdown(nm, args.threads[-1], max(args.n_prompt), max(args.n_gen))
+        prof = bench.phase_breakdown(nm, args.threads[-1], max(args.n_prompt), max(args.n_gen),
+                                     depth=max(args.n_depth))
         tests = list(prof)
         print(f"\nms per token by phase ({args.threads[-1]} threads; one profiled run of each test)")
         print("| phase | " + " | ".join(tests) + " |")
@@ -292,11 +294,12 @@ def cmd_bench(args) -> int:
 
 
 def _print_bench_table(records) -> None:
+    from .engine.bench import test_name
     size = records[0]["model_size"] / 2**30 if records else 0
     print("| model | size | params | backend | threads | test | t/s |")
     print("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
     for r in records:
-        test = f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}"
+        test = test_name(r)
         print(f"| {r['model_type']} | {size:.2f} GiB | {r['model_n_params'] / 1e9:.2f} B | {r.get('backend', 'native')} "
               f"| {r['n_threads']} | {test} | {r['avg_ts']:.2f} ± {r['stddev_ts']:.2f} |")
 
@@ -306,6 +309,8 @@ def _bench_torch(args, dev) -> int:
     from .engine import bench
     if args.profile:
         raise BitlmError("bench --profile times the native runtime's phases; it has no --device cuda form")
+    if max(args.n_depth):
+        raise BitlmError("bench -d/--n-depth is measured on the native runtime; it has no --device cuda form")
     records = bench.measure_torch(args.model, args.shape, dev, args.n_prompt, args.n_gen, args.repetitions)
     if args.json:
         print(json.dumps(records, indent=2))
@@ -498,6 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--threads", type=_int_list, default=[os.cpu_count() or 1], help="threads, e.g. 1,2")
     p.add_argument("-p", "--n-prompt", type=_int_list, default=[512], help="prompt lengths (default 512)")
     p.add_argument("-n", "--n-gen", type=_int_list, default=[128], help="tokens to generate (default 128)")
+    p.add_argument("-d", "--n-depth", type=_int_list, default=[0],
+                   help="tokens already in the context when each test starts, e.g. 0,1024,4000 (default 0)")
     p.add_argument("-r", "--repetitions", type=int, default=5, help="runs per test (default 5)")
     p.add_argument("--head", choices=("q8", "q6", "bf16", "f32"), default="q8", help="output head format")
     p.add_argument("--kv", choices=("f16", "f32"), default="f16", help="KV cache type (default f16)")
