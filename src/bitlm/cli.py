@@ -263,6 +263,9 @@ def cmd_bench(args) -> int:
                          weights=args.weights)
         made = 0.0
     load_s = time.perf_counter() - t0
+    if longest > nm.max_len:
+        raise BitlmError(f"bitlm bench: -d {max(args.n_depth)} plus {longest - 1 - max(args.n_depth)} test tokens "
+                         f"exceed the model's context of {nm.max_len} tokens; lower -d, -p or -n")
     records = []
     for threads in args.threads:
         for depth in args.n_depth:
