@@ -97,4 +97,4 @@ def test_bench_depth_past_the_context_is_a_one_line_error(capsys):
     too_deep = preset("tiny").max_position_embeddings
     assert main(["bench", "--shape", "tiny", "-p", "8", "-n", "4", "-r", "1", "-d", str(too_deep)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("bitlm: error:") and "context length" in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("bitlm: error:") and "-d " in err and f"context of {too_deep} tokens" in err and len(err.strip().splitlines()) == 1
