@@ -428,7 +428,7 @@ def cmd_report(args) -> int:
 
 def cmd_convert(args) -> int:
     from .io.convert import convert
-    out = convert(args.input, args.output, args.to, embed_type=args.embed_type, head=args.head)
+    out = convert(args.input, args.output, args.to, embed_type=args.embed_type, head=args.head, weights=args.weights)
     print(f"wrote {out} ({args.to})", file=sys.stderr)
     return 0
 
@@ -554,6 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embed-type", choices=("f16", "bf16", "f32", "q8_0", "q6_k"), default="f16",
                    help="GGUF: the token embedding's type (default f16, as the official I2_S file)")
     p.add_argument("--head", choices=("q8", "q6", "bf16", "f32"), default="q8", help="native: output head format")
+    p.add_argument("--weights", choices=("i2v", "t5"), default="i2v",
+                   help="native: ternary weight format, i2v (2 bits a weight) or t5 (1.6 bits; default i2v)")
     p.set_defaults(run=cmd_convert)
 
     p = sub.add_parser("doctor", help="CPU features and the kernel path in use")

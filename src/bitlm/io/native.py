@@ -339,6 +339,28 @@ def save(arrays: dict[str, np.ndarray], config: BitNetConfig, dest, head: str, s
                  progress=bar)
 
 
+def retarget(arrays: dict, config: BitNetConfig, weights: str) -> dict:
+    """The native array dict with its I2V projections in the weight format `weights`, each made as it is
+    written (st.Lazy, one projection in memory at a time): the codes unpacked from I2V and packed again,
+    exactly (formats/i2v.py, formats/t5.py). A lazy I2V projection is made first (its maker may fill
+    "scales", which save writes last)."""
+    from ..engine.native import PROJS, WEIGHT_MODULES, check_weights, pack_projection
+    from ..formats import hf_packed, i2v
+    if check_weights(weights) == "i2v":
+        return arrays
+    shapes = config.projection_shapes()
+    out = dict(arrays)
+    for l in range(config.num_hidden_layers):
+        for name in PROJS:
+            key, (n, k) = f"{l}.{name}", shapes[name]
+
+            def make(a=arrays[key], n=n, k=k):
+                codes = i2v.unpack(a.make() if isinstance(a, st.Lazy) else a, n, k)
+                return pack_projection(hf_packed.pack(codes), n, weights)
+            out[key] = st.Lazy(WEIGHT_MODULES[weights].packed_shape(n, k), np.uint8, make)
+    return out
+
+
 def metadata(config: BitNetConfig, head: str, source: dict, tensors: dict, weights: str = "i2v") -> dict[str, str]:
     """The native file's metadata (module docstring) for the tensors st.write is given."""
     return {"bitlm_format": FORMAT, "config": json.dumps(config.to_hf()), "head": head, "weights": weights,
