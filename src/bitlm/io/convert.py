@@ -163,6 +163,7 @@ def write(s: Source, dest, to: str, embed_type: str = "f16", head: str = "q8", p
                               name=s.name, progress=bar, warn=_warn)
     if to == "native":
         from ..engine.native import head_arrays
+        from . import st
         from .native import retarget, save
         arrays = {k: v for k, v in s.arrays.items() if k != "head"}
         rows = s.arrays["embed"] if s.config.tie_word_embeddings else s.arrays["head"]
@@ -170,6 +171,7 @@ def write(s: Source, dest, to: str, embed_type: str = "f16", head: str = "q8", p
         source = {"converted_from": s.origin, "head": head, **({} if weights == "i2v" else {"weights": weights})}
         save(retarget(arrays, s.config, weights), s.config, dest, head, source,
              extra=_tokenizer_metadata(s.tokenizer), weights=weights)
+        st.release_page_cache(dest)  # its first load maps it in 2 MB folios (st.advise_huge_pages)
         return dest
     if to == "hf":
         _torch_model(s).save_pretrained(dest)

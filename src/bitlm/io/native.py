@@ -220,6 +220,7 @@ def ensure_file(dest: Path, source: dict, build, what: str | None = None) -> boo
             build()
         finally:
             _announce.reset(token)
+        st.release_page_cache(dest)  # its first load maps it in 2 MB folios (st.advise_huge_pages)
         return True
 
 
@@ -386,7 +387,9 @@ def open_native(path, max_len: int | None = None, kv: str = "f16", mmap: bool = 
     except (KeyError, ValueError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
         raise BitlmError(f"{path}: metadata has no readable config ({type(e).__name__}: {str(e)[:120]}); "
                          "convert the checkpoint again") from None
-    if not mmap:
+    if mmap:
+        st.advise_huge_pages(arrays)
+    else:
         arrays.update(st.read_to_memory(arrays, [k for k in arrays if k != "embed"]))
     if "embed" in arrays:
         st.prefetch_to_page_cache(arrays["embed"])  # its rows are read with pread as tokens need them
