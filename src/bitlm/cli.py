@@ -3,15 +3,15 @@
     bitlm generate -m MODEL -p PROMPT [-n N] [sampling flags] [--stop STR ...] [--ignore-eos] [-t THREADS]
                    [--speculative lookup | --draft MODEL] [--draft-max N] [--lookup-ngram N]
     bitlm chat -m MODEL [--system S] [sampling flags] [speculative flags]
-        (generate and chat: --device cuda runs the torch model on a GPU with the Triton kernels)
+        (generate, chat, serve, bench, eval: --device cuda runs the torch model on a GPU with the Triton kernels)
     bitlm info [MODEL] [--json]
     bitlm bench (-m MODEL | --shape NAME) [-t THREADS] [-p N_PROMPT] [-n N_GEN] [-r REPS] [--json] [--profile]
                 [--device cuda]
-    bitlm serve -m MODEL [--host 127.0.0.1] [--port 8000] [--max-seqs N] [--api-key KEY] ...
+    bitlm serve -m MODEL [--host 127.0.0.1] [--port 8000] [--max-seqs N] [--api-key KEY] [--device cuda] ...
     bitlm convert IN OUT --to FORMAT [--embed-type T] [--head H]
     bitlm doctor
-    bitlm eval ppl -m MODEL --data FILE... [--ctx N] [--stride S] [--runtime native|torch] [--json]
-    bitlm eval harness --model_args pretrained=DIR --tasks TASKS [lm_eval's other flags]
+    bitlm eval ppl -m MODEL --data FILE... [--ctx N] [--stride S] [--runtime native|torch] [--json] [--device cuda]
+    bitlm eval harness --model_args pretrained=DIR --tasks TASKS [--device cuda] [lm_eval's other flags]
     bitlm report (-m MODEL | --shape NAME) [--out DIR]
     bitlm train | sft | dpo ...   (docs/training.md)
 
@@ -72,16 +72,16 @@ def native_available() -> bool:
 
 
 def add_device_option(parser) -> None:
-    """--device, shared by the commands that run a model."""
+    """--device, shared by the commands that run a model (generate, chat, serve, bench, eval ppl)."""
     parser.add_argument("--device", default="cpu",
-                        help="cpu (default) or cuda[:N]: the torch model on the GPU, packed weights multiplied "
-                             "by the Triton kernels (pip install 'bitlm[gpu]')")
+                        help="cpu (default) or cuda[:N]: the torch model on the GPU in bf16, packed weights "
+                             "multiplied by the Triton kernels (pip install 'bitlm[gpu]')")
 
 
 def check_device_arg(args):
     """args.device as a torch.device (a one-line error when CUDA or Triton is missing); None for cpu,
     without importing torch."""
-    if getattr(args, "device", "cpu") == "cpu":  # commands without --device (eval ppl) run on the CPU
+    if getattr(args, "device", "cpu") == "cpu":  # commands without --device (report) run on the CPU
         return None
     from .gpu import check_device, resolve_kernel
     dev = check_device(args.device, "--device")
@@ -330,30 +330,28 @@ def _ms(v: float) -> str:
     return f"{v:.{3 if v >= 0.1 or v <= 0 else 2 - math.floor(math.log10(v))}f}"
 
 def cmd_serve(args) -> int:
-    """An OpenAI-compatible HTTP server (bitlm.serve; needs the `serve` extra: fastapi, uvicorn)."""
-    if args.runtime == "torch":
-        raise BitlmError("bitlm serve runs on the native runtime; leave out --runtime torch")
-    if args.device != "cpu":
-        raise BitlmError(f"bitlm serve runs on the CPU's native runtime; --device {args.device} is not supported "
-                         "by the server yet (generate, chat and bench take it)")
-    if not native_available():
-        raise BitlmError("bitlm serve needs the native kernels, which are not built in this install "
-                         "(see `bitlm doctor`)")
+    """An OpenAI-compatible HTTP server (bitlm.serve; needs the `serve` extra: fastapi, uvicorn). The model
+    loads as for generate (load_model): the native runtime by default, served by --engine batch or
+    sequential; the torch model with --runtime torch or --device cuda, served by serve/torch_engine.py."""
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
         raise BitlmError("bitlm serve needs fastapi and uvicorn: pip install 'bitlm[serve]'")
-    from .io.native import load_native
     from .serve.server import run, served_name
     from .serve.settings import ServeSettings
+    torch_model = args.runtime == "torch" or args.device != "cpu"
+    if args.runtime == "auto" and not torch_model and not native_available():
+        raise BitlmError("bitlm serve: the native kernels are not built in this install (see `bitlm doctor`); "
+                         "--runtime torch serves the torch model instead (slower)")
+    if torch_model and args.engine == "batch":
+        raise BitlmError("bitlm serve: --engine batch runs the native runtime; the torch model (--runtime torch, "
+                         "--device cuda) is served one sequence after another (leave out --engine)")
+    engine = args.engine or ("sequential" if torch_model else "batch")
     source = resolve_model_arg(args.model)
     settings = ServeSettings(model_name=args.served_model_name or served_name(source), host=args.host,
                              port=args.port, max_seqs=args.max_seqs, max_queue=args.max_queue,
                              kv_blocks=args.kv_blocks, prefill_chunk=args.prefill_chunk, api_key=args.api_key,
-                             drain_timeout=args.drain_timeout, engine=args.engine)
-    set_threads(args.threads, torch_too=False)
-    nm = load_native(source, head=args.head, max_len=args.ctx_size, kv=args.kv, mmap=args.mmap, weights=args.weights)
-    if nm.tokenizer is None:
-        raise BitlmError(f"{source}: no tokenizer.json next to the weights; `bitlm serve` needs one")
-    return run(nm, settings)
+                             drain_timeout=args.drain_timeout, engine=engine,
+                             max_len=args.ctx_size if torch_model else None)
+    return run(load_model(args), settings)
 
 
 def cmd_doctor(args) -> int:
@@ -401,6 +399,7 @@ def cmd_eval_ppl(args) -> int:
     r = perplexity(scorer, texts, ctx, stride, progress=args.progress)
     r["model"] = args.model or "bundled shakespeare"
     r["head"] = args.head if scorer.runtime == "native" else None
+    r["device"] = str(model.device)
     r["data"] = args.data
     names = ", ".join(os.path.basename(f) for f in args.data)
     print(json.dumps(r, indent=2) if args.json else format_result(r, names))
@@ -450,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--weights", choices=("i2v", "t5"), default="i2v",
                        help="native runtime: ternary weight format made at conversion, i2v (2 bits a weight) or "
                             "t5 (1.6 bits: decode reads 20%% fewer bytes; same outputs; default i2v)")
-    model.add_argument("-c", "--ctx-size", type=int, help="native runtime: context to allocate (default: the model's)")
+    model.add_argument("-c", "--ctx-size", type=int,
+                       help="native runtime, and serve on any runtime: context to allocate (default: the model's)")
     model.add_argument("--kv", choices=("f16", "f32"), default="f16", help="native runtime: KV cache type (default f16)")
     model.add_argument("--mmap", action=argparse.BooleanOptionalAction, default=True,
                        help="native runtime: --mmap keeps the weights memory-mapped (instant load, page cache "
@@ -525,7 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", parents=[model], help="an OpenAI-compatible HTTP server",
                        description="Serve the model over the OpenAI API (/v1/completions, /v1/chat/completions, "
-                                   "/v1/models) with /health and Prometheus /metrics; many requests at once.")
+                                   "/v1/models) with /health and Prometheus /metrics; many requests at once. "
+                                   "--device cuda serves the torch model on a GPU (the Triton kernels).")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, logged)")
     p.add_argument("--served-model-name", help="the model id of the API (default: the model directory's name)")
@@ -539,9 +540,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require `Authorization: Bearer KEY` on /v1/* (default: $BITLM_API_KEY, unset: no key)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGINT/SIGTERM lets running requests finish (default 30)")
-    p.add_argument("--engine", choices=("batch", "sequential"), default="batch",
-                   help="batch: all sequences of a step in one forward (default); sequential: one after "
-                        "another, the reference")
+    p.add_argument("--engine", choices=("batch", "sequential"),
+                   help="native runtime: batch, all sequences of a step in one forward (its default), or "
+                        "sequential, one after another (the reference); the torch model (--runtime torch, "
+                        "--device cuda) is always served sequentially")
     p.set_defaults(run=cmd_serve)
 
     from .io.convert import FORMATS
@@ -592,12 +594,14 @@ def add_eval_parsers(sub) -> None:
     p.add_argument("-t", "--threads", type=int, help="CPU threads (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
+    add_device_option(p)
     p.set_defaults(run=cmd_eval_ppl)
 
     # Everything after `harness` goes to lm-eval's own parser (its -h included): '+' as the prefix
     # character keeps argparse from reading lm-eval's --flags as ours.
     p = esub.add_parser("harness", prefix_chars="+", add_help=False,
-                        help="lm-evaluation-harness tasks (lm_eval's flags; --model bitlm is implied)",
+                        help="lm-evaluation-harness tasks (lm_eval's flags; --model bitlm is implied; lm_eval's "
+                             "--device cuda runs the torch model on a GPU)",
                         description="Run lm-eval's command line with the bitlm model registered.")
     p.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
     p.set_defaults(run=cmd_eval_harness)

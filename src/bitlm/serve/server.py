@@ -19,10 +19,23 @@ from .settings import ServeSettings
 log = logging.getLogger("bitlm.serve")
 
 
-def make_engine(nm, settings: ServeSettings):
-    """The many-sequence engine the scheduler drives: BatchEngine (engine/batch.py) runs every sequence
-    of a step in one forward; SequentialEngine runs them one after another (exact, not batched: the
-    reference)."""
+def make_engine(model, settings: ServeSettings):
+    """The many-sequence engine the scheduler drives. For the native runtime (a NativeModel, or the
+    NativeLM cli.load_model gives): BatchEngine (engine/batch.py) runs every sequence of a step in one
+    forward; SequentialEngine runs them one after another (exact, not batched: the reference). For the
+    torch model (--runtime torch, --device cuda): TorchEngine (serve/torch_engine.py), one sequence after
+    another."""
+    from ..engine.native import NativeLM, NativeModel
+    if isinstance(model, NativeLM):
+        model = model.nm
+    if not isinstance(model, NativeModel):
+        if settings.engine != "sequential":
+            raise BitlmError(f"bitlm serve: --engine {settings.engine} runs the native runtime; the torch model "
+                             "is served one sequence after another (--engine sequential, its default there)")
+        from .torch_engine import TorchEngine
+        return TorchEngine(model, max_seqs=settings.max_seqs, kv_blocks=settings.kv_blocks,
+                           block_size=settings.block_size, max_len=settings.max_len)
+    nm = model
     if settings.engine == "batch":
         from ..engine.batch import BatchEngine
         cls = BatchEngine
@@ -38,13 +51,14 @@ def served_name(source: str) -> str:
     return p.resolve().name if p.is_dir() else source
 
 
-def run(nm, settings: ServeSettings) -> int:
-    """Serve `nm` (a NativeModel with a tokenizer) until a signal ends it."""
+def run(model, settings: ServeSettings) -> int:
+    """Serve `model` (a NativeModel or NativeLM, or bitlm's torch model; with a tokenizer) until a signal
+    ends it."""
     import uvicorn
 
     from .app import create_app
     _setup_logging()
-    engine = make_engine(nm, settings)
+    engine = make_engine(model, settings)
     app = create_app(engine, settings)
 
     class Server(uvicorn.Server):

@@ -23,6 +23,8 @@ class ServeSettings:
     max_body_bytes: int = 1 << 20  # request bodies above: 413
     drain_timeout: float = 30.0  # seconds SIGINT/SIGTERM waits for running requests before cancelling them
     engine: str = "batch"  # "batch": engine/batch.py, one forward for all; "sequential": one at a time
+    max_len: int | None = None  # the torch engine's context per sequence (None: the model's); the native
+    #                             runtime's is set when the model is loaded (--ctx-size there too)
 
     def __post_init__(self):
         for name in ("max_seqs", "max_queue", "block_size", "prefill_chunk", "max_body_bytes"):
@@ -30,6 +32,8 @@ class ServeSettings:
             if not isinstance(v, int) or v < 1:
                 flag = "--" + name.replace("_", "-") if name not in ("block_size", "max_body_bytes") else name
                 raise BitlmError(f"bitlm serve: {flag} must be an integer >= 1, got {v!r}")
+        if self.max_len is not None and (not isinstance(self.max_len, int) or self.max_len < 1):
+            raise BitlmError(f"bitlm serve: --ctx-size must be an integer >= 1, got {self.max_len!r}")
         if self.kv_blocks is not None and self.kv_blocks < 1:
             raise BitlmError(f"bitlm serve: --kv-blocks must be at least 1, got {self.kv_blocks}")
         if not 0 <= self.port <= 65535:
