@@ -7,7 +7,7 @@
     bitlm info [MODEL] [--json]
     bitlm bench (-m MODEL | --shape NAME) [-t THREADS] [-p N_PROMPT] [-n N_GEN] [-r REPS] [--json] [--profile]
                 [--device cuda]
-    bitlm serve -m MODEL [--host 127.0.0.1] [--port 8000] [--max-seqs N] [--api-key KEY] ...
+    bitlm serve -m MODEL [--host 127.0.0.1] [--port 8000] [--max-seqs N] [--api-key KEY] [--speculative lookup] ...
     bitlm convert IN OUT --to FORMAT [--embed-type T] [--head H]
     bitlm doctor
     bitlm eval ppl -m MODEL --data FILE... [--ctx N] [--stride S] [--runtime native|torch] [--json]
@@ -340,7 +340,8 @@ def cmd_serve(args) -> int:
     settings = ServeSettings(model_name=args.served_model_name or served_name(source), host=args.host,
                              port=args.port, max_seqs=args.max_seqs, max_queue=args.max_queue,
                              kv_blocks=args.kv_blocks, prefill_chunk=args.prefill_chunk, api_key=args.api_key,
-                             drain_timeout=args.drain_timeout, engine=args.engine)
+                             drain_timeout=args.drain_timeout, engine=args.engine,
+                             speculative=args.speculative, draft_max=args.draft_max, lookup_ngram=args.lookup_ngram)
     set_threads(args.threads, torch_too=False)
     nm = load_native(source, head=args.head, max_len=args.ctx_size, kv=args.kv, mmap=args.mmap, weights=args.weights)
     if nm.tokenizer is None:
@@ -532,6 +533,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=("batch", "sequential"), default="batch",
                    help="batch: all sequences of a step in one forward (default); sequential: one after "
                         "another, the reference")
+    g = p.add_argument_group("speculative decoding (the same output, faster where drafts are often right)")
+    g.add_argument("--speculative", choices=("none", "lookup"), default="none",
+                   help="lookup: each request drafts tokens by prompt lookup (n-grams of its context) and the "
+                        "step checks them beside everyone's rows (default none)")
+    g.add_argument("--draft-max", type=int, default=8, metavar="N",
+                   help="most tokens drafted per request and step (default 8; fewer while drafts are rejected)")
+    g.add_argument("--lookup-ngram", type=int, default=3, metavar="N",
+                   help="the longest n-gram of the context matched, down to 1 (default 3)")
     p.set_defaults(run=cmd_serve)
 
     from .io.convert import FORMATS

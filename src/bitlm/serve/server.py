@@ -52,9 +52,11 @@ def run(nm, settings: ServeSettings) -> int:
             await super().startup(sockets)
             if self.started:
                 host, port = self.servers[0].sockets[0].getsockname()[:2]
-                log.info("serving %s at http://%s:%s (%s, %d sequences, context %d, KV blocks %d of %d positions)",
+                log.info("serving %s at http://%s:%s (%s, %d sequences, context %d, KV blocks %d of %d positions%s)",
                          settings.model_name, _url_host(host), port, type(engine).__name__, settings.max_seqs,
-                         engine.max_len, engine.total_blocks, settings.block_size)
+                         engine.max_len, engine.total_blocks, settings.block_size,
+                         "" if settings.speculative == "none" else
+                         f", speculative {settings.speculative} up to {settings.draft_max} drafts")
 
         def handle_exit(self, sig, frame):
             if not self.should_exit:

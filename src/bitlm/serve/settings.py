@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ..errors import BitlmError
 
 ENGINES = ("batch", "sequential")
+SPECULATIVE = ("none", "lookup")
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,16 @@ class ServeSettings:
     max_body_bytes: int = 1 << 20  # request bodies above: 413
     drain_timeout: float = 30.0  # seconds SIGINT/SIGTERM waits for running requests before cancelling them
     engine: str = "batch"  # "batch": engine/batch.py, one forward for all; "sequential": one at a time
+    speculative: str = "none"  # "lookup": drafts by prompt lookup, checked in the same step (scheduler.py)
+    draft_max: int = 8  # most tokens drafted per request and step
+    lookup_ngram: int = 3  # the longest n-gram of a request's context matched
+
+    def spec(self):
+        """The Speculative each request drafts with, or None."""
+        if self.speculative == "none":
+            return None
+        from ..engine.speculative import Speculative
+        return Speculative("lookup", draft_max=self.draft_max, ngram_max=self.lookup_ngram)
 
     def __post_init__(self):
         for name in ("max_seqs", "max_queue", "block_size", "prefill_chunk", "max_body_bytes"):
@@ -38,5 +49,12 @@ class ServeSettings:
             raise BitlmError("bitlm serve: --api-key is empty; give a key or leave the option out")
         if self.engine not in ENGINES:
             raise BitlmError(f"bitlm serve: --engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.speculative not in SPECULATIVE:
+            raise BitlmError(f"bitlm serve: --speculative must be one of {', '.join(SPECULATIVE)}, got "
+                             f"{self.speculative!r} (a draft model is not served yet: use lookup)")
+        for name in ("draft_max", "lookup_ngram"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise BitlmError(f"bitlm serve: --{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
         if self.drain_timeout < 0:
             raise BitlmError(f"bitlm serve: --drain-timeout must be >= 0 seconds, got {self.drain_timeout}")
