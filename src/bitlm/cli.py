@@ -7,7 +7,8 @@
     bitlm info [MODEL] [--json]
     bitlm bench (-m MODEL | --shape NAME) [-t THREADS] [-p N_PROMPT] [-n N_GEN] [-r REPS] [--json] [--profile]
                 [--device cuda]
-    bitlm serve -m MODEL [--host 127.0.0.1] [--port 8000] [--max-seqs N] [--api-key KEY] [--speculative lookup] ...
+    bitlm serve -m MODEL [--host 127.0.0.1] [--port 8000] [--max-seqs N] [--api-key KEY]
+                [--speculative lookup | --draft MODEL] ...
     bitlm convert IN OUT --to FORMAT [--embed-type T] [--head H]
     bitlm doctor
     bitlm eval ppl -m MODEL --data FILE... [--ctx N] [--stride S] [--runtime native|torch] [--json]
@@ -341,12 +342,20 @@ def cmd_serve(args) -> int:
                              port=args.port, max_seqs=args.max_seqs, max_queue=args.max_queue,
                              kv_blocks=args.kv_blocks, prefill_chunk=args.prefill_chunk, api_key=args.api_key,
                              drain_timeout=args.drain_timeout, engine=args.engine,
-                             speculative=args.speculative, draft_max=args.draft_max, lookup_ngram=args.lookup_ngram)
+                             speculative=args.speculative or ("draft" if args.draft else "none"), draft=args.draft,
+                             draft_max=args.draft_max, lookup_ngram=args.lookup_ngram)
     set_threads(args.threads, torch_too=False)
     nm = load_native(source, head=args.head, max_len=args.ctx_size, kv=args.kv, mmap=args.mmap, weights=args.weights)
     if nm.tokenizer is None:
         raise BitlmError(f"{source}: no tokenizer.json next to the weights; `bitlm serve` needs one")
-    return run(nm, settings)
+    draft = None
+    if args.draft:
+        from .engine.native import NativeLM
+        from .engine.speculative import check_draft_model
+        draft = load_native(resolve_model_arg(args.draft), head=args.head, max_len=args.ctx_size, kv=args.kv,
+                            mmap=args.mmap, weights=args.weights)
+        check_draft_model(NativeLM(nm), NativeLM(draft))
+    return run(nm, settings, draft)
 
 
 def cmd_doctor(args) -> int:
@@ -534,9 +543,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch: all sequences of a step in one forward (default); sequential: one after "
                         "another, the reference")
     g = p.add_argument_group("speculative decoding (the same output, faster where drafts are often right)")
-    g.add_argument("--speculative", choices=("none", "lookup"), default="none",
-                   help="lookup: each request drafts tokens by prompt lookup (n-grams of its context) and the "
-                        "step checks them beside everyone's rows (default none)")
+    g.add_argument("--speculative", choices=("none", "lookup", "draft"),
+                   help="each request drafts tokens by prompt lookup (n-grams of its context) or with a draft "
+                        "model (all requests' drafts in one batched forward of it), and the step checks them "
+                        "beside everyone's rows (default: draft with --draft, else none)")
+    g.add_argument("--draft", metavar="MODEL", help="the draft model: a smaller model sharing the tokenizer")
     g.add_argument("--draft-max", type=int, default=8, metavar="N",
                    help="most tokens drafted per request and step (default 8; fewer while drafts are rejected)")
     g.add_argument("--lookup-ngram", type=int, default=3, metavar="N",

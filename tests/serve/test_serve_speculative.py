@@ -22,11 +22,11 @@ from bitlm.engine.batch import BatchEngine
 from bitlm.engine.generate import Detokenizer, generate, generate_text, stream_text
 from bitlm.engine.native import NativeLM
 from bitlm.engine.sampling import SamplingParams
-from bitlm.engine.speculative import Speculative
+from bitlm.engine.speculative import BatchDrafter, Speculative
 from bitlm.io.native import load_native
 from bitlm.serve.scheduler import GenRequest, Scheduler
 from bitlm.serve.sequential_engine import SequentialEngine
-from helpers import finish
+from helpers import finish, first_layers
 from test_server import metrics
 
 PASSAGE = ("ROMEO:\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"
@@ -96,7 +96,8 @@ def test_scheduler_boundaries_equal_plain_decoding(make_sched, ref):
     assert len(stop_at) >= 2
     assert sched.spec_accepted > 20 and sched.spec_drafted - sched.spec_accepted > 20  # both outcomes, often
     assert sched.spec_rounds < sum(len(r.token_ids) for r in reqs)  # rounds gave several tokens
-    sched._free(sched._to_free)  # the sequences of the requests that ended last
+    to_free, sched._to_free = sched._to_free, []
+    sched._free(to_free)  # the sequences of the requests that ended last
     assert sched.engine.used_blocks == 0
 
 
@@ -141,6 +142,47 @@ def test_scheduler_sampling_is_generates_speculative_sampling(make_sched, ref):
     assert [r.token_ids for r in reqs[:2]] == want
     assert reqs[2].token_ids == plain(ref, ids, 40)[0]
     assert reqs[3].token_ids == plain(ref, tok.encode(OTHER), 30)[0]
+
+
+@pytest.fixture(scope="module")
+def early_exit():
+    """The first 3 of the bundled model's 4 blocks: a draft model mostly right, sometimes wrong."""
+    return first_layers(load_native(bundled_model_dir()), 3)
+
+
+@pytest.mark.parametrize("engine", ["batch", "sequential"])
+def test_scheduler_with_a_draft_model(engine, ref, early_exit):
+    """--speculative draft: the draft model drafts for every request in batched steps of its own
+    BatchEngine. Greedy requests (max_tokens around k + 1, a stop token, a prompt read in chunks beside
+    the others) give plain decoding's tokens; a seeded sampled one gives generate()'s with the same draft
+    model and seed; the draft sequences are freed with their requests."""
+    tok = ref.tokenizer
+    ids, other = tok.encode(PROMPT), tok.encode(OTHER + OTHER)
+    want, _ = plain(ref, ids, 60)
+    nm = load_native(bundled_model_dir())
+    cls = BatchEngine if engine == "batch" else SequentialEngine
+    drafter = BatchDrafter(BatchEngine(early_exit.nm, max_seqs=6, kv_blocks=6 * 16, max_len=256))
+    sched = Scheduler(cls(nm, max_seqs=6), 6, prefill_chunk=32, drafter=drafter)
+    spec = Speculative("draft", draft_max=6, draft_model=early_exit)
+    stop = next(t for t in want[5:] if t not in want[:5])
+    reqs = [request(tok, ids, n, spec) for n in (1, 7, 8, 60)] + [request(tok, ids, 60, spec, stops=[stop]),
+                                                                  request(tok, other, 40, spec)]
+    drive(sched, reqs)
+    for r, n in zip(reqs, (1, 7, 8, 60)):
+        assert (r.token_ids, r.finish_reason) == (want[:n], "length"), n
+    assert (reqs[4].token_ids, reqs[4].finish_reason) == (want[:want.index(stop)], "stop")
+    assert reqs[5].token_ids == plain(ref, other, 40)[0]
+    assert 20 < sched.spec_accepted < sched.spec_drafted - 20  # right and wrong, often
+    to_free, sched._to_free = sched._to_free, []
+    sched._free(to_free)
+    assert drafter.engine.used_blocks == 0 and not drafter.engine.sequences
+
+    kw = dict(temperature=0.8, ignore_eos=True)
+    wants = [finish(generate(ref, ids, 50, seed=s, speculative=spec, **kw))[0] for s in (1, 2)]
+    reqs = [request(tok, ids, 50, spec, temperature=0.8, seed=s) for s in (1, 2)] + [request(tok, other, 30, spec)]
+    drive(sched, reqs)
+    assert [r.token_ids for r in reqs[:2]] == wants and wants[0] != wants[1]
+    assert reqs[2].token_ids == plain(ref, other, 30)[0]
 
 
 # ---- the HTTP app --------------------------------------------------------------------------------------
@@ -235,3 +277,35 @@ def test_http_stop_and_seeded_sampling(server, ref):
     got = [client.completions.create(**kw).choices[0].text for _ in range(2)]
     assert got == [ref.tokenizer.decode(want)] * 2
     assert got[0] != ref.tokenizer.decode(plain(ref, ids, 40)[0])  # it sampled
+
+
+def test_http_draft_model(start_server, ref):
+    """`bitlm serve --draft MODEL` (the bundled model drafting for itself: its greedy drafts are all
+    right): greedy streams equal plain decoding, a seeded sampled request equals generate() with the
+    same draft model and seed."""
+    server = start_server(bundled_model_dir(), "--draft", bundled_model_dir(), "--draft-max", 5, "--prefill-chunk", 32)
+    assert "speculative draft up to 5 drafts" in server.log()
+    client = server.client()
+    tok = ref.tokenizer
+    jobs = [(PROMPT, 40), (OTHER * 2, 23), (PASSAGE, 9)]
+
+    def run(job):
+        chunks = client.completions.create(model=server.model, prompt=job[0], max_tokens=job[1], temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        return "".join(c.choices[0].text for c in chunks if c.choices)
+
+    before = metrics(server)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        texts = list(pool.map(run, jobs, timeout=120))
+    after = metrics(server)
+    for (prompt, n), text in zip(jobs, texts):
+        assert text == tok.decode(plain(ref, tok.encode(prompt), n)[0])
+    drafted = after["bitlm_speculative_draft_tokens_total"] - before["bitlm_speculative_draft_tokens_total"]
+    accepted = after["bitlm_speculative_accepted_tokens_total"] - before["bitlm_speculative_accepted_tokens_total"]
+    assert drafted > 30 and accepted == drafted
+    draft = NativeLM(load_native(bundled_model_dir()))
+    want, _ = finish(generate(ref, tok.encode(PROMPT), 30, temperature=0.8, top_k=40, top_p=0.95, seed=9,
+                              ignore_eos=True, speculative=Speculative("draft", draft_max=5, draft_model=draft)))
+    r = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=30, temperature=0.8, top_p=0.95,
+                                  seed=9, extra_body={"top_k": 40, "ignore_eos": True})
+    assert r.choices[0].text == tok.decode(want) and r.usage.completion_tokens == 30

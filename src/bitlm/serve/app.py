@@ -41,19 +41,23 @@ GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 CLIENT_GONE = 499  # nginx's "client closed request": the status counted when a client leaves before its answer
 
 
-def create_app(engine, settings: ServeSettings) -> FastAPI:
+def create_app(engine, settings: ServeSettings, drafter=None) -> FastAPI:
     """The app serving `engine` (a BatchEngine or anything with its interface, made for settings.max_seqs
-    sequences). The scheduler starts and stops with the app (its lifespan)."""
+    sequences). The scheduler starts and stops with the app (its lifespan). drafter: the BatchDrafter
+    (engine/speculative.py) of settings.speculative "draft"."""
+    if (settings.speculative == "draft") != (drafter is not None):
+        raise BitlmError("bitlm serve: --speculative draft and a draft model go together")
     tok = engine.tokenizer
     if tok is None:
         raise BitlmError("bitlm serve: the model has no tokenizer.json next to its weights; the server needs one")
     status_counts: collections.Counter = collections.Counter()  # (path, HTTP status) of generation requests
     created = int(time.time())
-    speculative = settings.spec()
+    speculative = settings.spec(None if drafter is None else drafter.engine.nm)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.scheduler = Scheduler(engine, settings.max_seqs, settings.max_queue, settings.prefill_chunk)
+        app.state.scheduler = Scheduler(engine, settings.max_seqs, settings.max_queue, settings.prefill_chunk,
+                                        drafter)
         app.state.scheduler.start()
         try:
             yield

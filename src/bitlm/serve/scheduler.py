@@ -15,10 +15,12 @@ Each iteration of the loop, between two engine steps:
   - one engine step runs, then each request whose context is all in the cache samples its next token
     (bitlm.engine.sampling, the request's own seeded generator), and its Detokenizer
     (bitlm.engine.generate) turns tokens into text, holding back what may be the start of a stop string.
-Speculative decoding (`bitlm serve --speculative lookup`; engine/speculative.py): a request whose entry
-reaches the end of its context (decoding: its last token; or its prompt's last chunk) gets up to k drafts
-from its own Speculator, proposed from its history: its entry becomes [.., last, d1 .. dk], run in the
-same step as everyone's rows, with the logits of its k + 1 last rows. accept_drafts keeps d1 .. da and
+Speculative decoding (`bitlm serve --speculative lookup`, or `--draft MODEL`; engine/speculative.py): a
+request whose entry reaches the end of its context (decoding: its last token; or its prompt's last
+chunk) gets up to k drafts, proposed from its history by its own Speculator (prompt lookup) or by the
+BatchDrafter (the draft model, every drafting request in the same few batched steps of its own engine,
+before the target's step): its entry becomes [.., last, d1 .. dk], run in the same step as everyone's
+rows, with the logits of its k + 1 last rows. accept_drafts keeps d1 .. da and
 adds one token of the target's (greedy: the same tokens as plain decoding; sampled: the exact
 accept/reject rule, from the request's seeded generator), the engine truncates the rejected positions,
 and the 1 .. k + 1 tokens go through the stop rules one by one, in order: nothing past a stop or
@@ -64,8 +66,10 @@ class GenRequest:
         self.stops = frozenset(stop_token_ids)
         self.detok = detok
         self.generator = None if params.greedy else params.generator()
-        # drafts by prompt lookup from this request's history (its own n-gram index, adaptive k and counts)
-        self.spec = None if speculative is None else Speculator(speculative, None, params, self.generator)
+        # its drafting: its own n-gram index (lookup) or draft sequence (draft, drafted by the scheduler's
+        # BatchDrafter beside the others'), adaptive k and counts
+        self.spec = None if speculative is None else Speculator(speculative, None, params, self.generator,
+                                                                external=speculative.method == "draft")
         self.sid: int | None = None
         self.fed = 0  # tokens of context() in the engine's KV cache
         self.preemptions = 0
@@ -93,12 +97,14 @@ class GenRequest:
 
 
 class Scheduler:
-    def __init__(self, engine, max_seqs: int, max_queue: int = 64, prefill_chunk: int = 256):
+    def __init__(self, engine, max_seqs: int, max_queue: int = 64, prefill_chunk: int = 256, drafter=None):
         """engine: a BatchEngine (engine/batch.py) or anything with its interface (serve/sequential_engine.py)
-        made for max_seqs sequences. Requests made with a Speculative draft each step (see above)."""
+        made for max_seqs sequences. Requests made with a Speculative draft each step (see above); those
+        of method "draft" through `drafter`, an engine.speculative.BatchDrafter over the draft model."""
         if prefill_chunk < 1:
             raise BitlmError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
         self.engine = engine
+        self.drafter = drafter
         self.max_seqs = max_seqs
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
@@ -258,6 +264,8 @@ class Scheduler:
     def _free(self, sids: list[int]) -> None:
         for sid in sids:
             self.engine.free_sequence(sid)
+            if self.drafter is not None:
+                self.drafter.release(sid)  # its draft sequence, if it has one
 
     def _iteration(self, to_free: list[int], candidates: list[GenRequest], running: list[GenRequest]):
         """Free, plan, admit, preempt, draft, one engine step, sample (or accept drafts). Returns
@@ -293,7 +301,7 @@ class Scheduler:
         preempted = []
         while sum(eng.blocks_needed(req.sid, len(t)) for req, t in plan) > eng.free_blocks and len(order) > 1:
             victim = order.pop()
-            eng.free_sequence(victim.sid)
+            self._free([victim.sid])
             victim.sid, victim.fed = None, 0
             plan = [(req, t) for req, t in plan if req is not victim]
             if victim in admitted:
@@ -304,21 +312,35 @@ class Scheduler:
 
         # drafts, for the entries that reach the end of their context, within the blocks left free
         free = eng.free_blocks - sum(eng.blocks_needed(req.sid, len(t)) for req, t in plan)
-        work = []  # (req, tokens run, n_out, drafts)
+        drafting = []  # (req, k): requests the draft model drafts for, all in one go below
         for req, t in plan:
             ctx_len = len(req.ids) + len(req.token_ids)
-            if req.fed + len(t) < ctx_len:
+            if req.spec is None or req.fed + len(t) < ctx_len:
+                continue
+            # up to the tokens left but one (the round adds a token of its own) and the context's end
+            room = min(req.max_tokens - len(req.token_ids) - 1, eng.max_len - ctx_len)
+            if req.spec.drafter is None:
+                room = min(room, self.drafter.room(ctx_len))
+            base = eng.blocks_needed(req.sid, len(t))
+            while room > 0 and eng.blocks_needed(req.sid, len(t) + room) - base > free:
+                room -= 1
+            if req.spec.drafter is not None:
+                k = len(req.spec.propose(req.context(), room))
+            else:
+                k = req.spec.want(room)
+                if k:
+                    drafting.append((req, k))
+                else:
+                    req.spec.drafted([], None)
+            free -= eng.blocks_needed(req.sid, len(t) + k) - base
+        if drafting:
+            self.drafter.draft([(req.sid, req.context(), k, req.spec) for req, k in drafting])
+        work = []  # (req, tokens run, n_out, drafts)
+        for req, t in plan:
+            if req.fed + len(t) < len(req.ids) + len(req.token_ids):
                 work.append((req, t, 0, []))  # a prompt chunk that is not the last: no logits wanted
                 continue
-            drafts = []
-            if req.spec is not None:
-                # up to the tokens left but one (the round adds a token of its own) and the context's end
-                room = min(req.max_tokens - len(req.token_ids) - 1, eng.max_len - ctx_len)
-                base = eng.blocks_needed(req.sid, len(t))
-                while room > 0 and eng.blocks_needed(req.sid, len(t) + room) - base > free:
-                    room -= 1
-                drafts = req.spec.propose(req.context(), room)
-                free -= eng.blocks_needed(req.sid, len(t) + len(drafts)) - base
+            drafts = [] if req.spec is None else req.spec.pending
             work.append((req, t + drafts, len(drafts) + 1, drafts))
         logits = eng.step([(req.sid, t, n_out) for req, t, n_out, _ in work]) if work else []
 

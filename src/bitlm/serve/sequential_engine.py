@@ -3,9 +3,9 @@ the reference beside the batched engine, and the engine the server was first bui
 
 SequentialEngine has the interface of the batched engine (engine/batch.py, BatchEngine): sequences are
 added and freed by id, and one `step` advances several of them, each by its own tokens, returning the
-logits of each one's last token (or of its last n_out tokens). Here every sequence is a NativeModel of its own over the SAME weight
-arrays (memory-mapped once; only the KV cache and RoPE tables are per sequence, in lazily backed
-mappings), and step() runs the sequences' forwards in turn. So it is real and exact, just not batched:
+logits of each one's last token (or of its last n_out tokens). Here every sequence is a NativeModel of
+its own over the SAME weight arrays (memory-mapped once; only the KV cache and RoPE tables are per
+sequence, in lazily backed mappings), and step() runs the sequences' forwards in turn. So it is real and exact, just not batched:
 its cost grows with the number of sequences where the batched engine's barely does.
 
 KV memory is accounted in blocks of `block_size` positions as the paged cache hands them out: a

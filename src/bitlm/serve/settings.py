@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from ..errors import BitlmError
 
 ENGINES = ("batch", "sequential")
-SPECULATIVE = ("none", "lookup")
+SPECULATIVE = ("none", "lookup", "draft")
 
 
 @dataclass(frozen=True)
@@ -24,15 +24,18 @@ class ServeSettings:
     max_body_bytes: int = 1 << 20  # request bodies above: 413
     drain_timeout: float = 30.0  # seconds SIGINT/SIGTERM waits for running requests before cancelling them
     engine: str = "batch"  # "batch": engine/batch.py, one forward for all; "sequential": one at a time
-    speculative: str = "none"  # "lookup": drafts by prompt lookup, checked in the same step (scheduler.py)
+    speculative: str = "none"  # "lookup": drafts by prompt lookup; "draft": by the draft model (scheduler.py)
+    draft: str | None = None  # the draft model (speculative "draft"), as given to --draft
     draft_max: int = 8  # most tokens drafted per request and step
     lookup_ngram: int = 3  # the longest n-gram of a request's context matched
 
-    def spec(self):
-        """The Speculative each request drafts with, or None."""
+    def spec(self, draft_model=None):
+        """The Speculative each request drafts with, or None. draft_model: the loaded draft (method draft)."""
         if self.speculative == "none":
             return None
         from ..engine.speculative import Speculative
+        if self.speculative == "draft":
+            return Speculative("draft", draft_max=self.draft_max, draft_model=draft_model)
         return Speculative("lookup", draft_max=self.draft_max, ngram_max=self.lookup_ngram)
 
     def __post_init__(self):
@@ -51,7 +54,11 @@ class ServeSettings:
             raise BitlmError(f"bitlm serve: --engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.speculative not in SPECULATIVE:
             raise BitlmError(f"bitlm serve: --speculative must be one of {', '.join(SPECULATIVE)}, got "
-                             f"{self.speculative!r} (a draft model is not served yet: use lookup)")
+                             f"{self.speculative!r}")
+        if (self.speculative == "draft") != (self.draft is not None):
+            raise BitlmError("bitlm serve: --draft MODEL goes with --speculative draft" if self.draft is not None
+                             else "bitlm serve: --speculative draft needs a draft model: --draft MODEL (one "
+                                  "sharing the model's tokenizer)")
         for name in ("draft_max", "lookup_ngram"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
