@@ -284,9 +284,10 @@ class BatchEngine:
         """The entries as native calls of at most ubatch rows: shortest entries first (decode rows all in
         the first call), a longer entry split over calls where it does not fit. An entry's n_out rows
         are its last, so they are the last rows of the pieces they fall in: each piece asks the C
-        forward for its own share of them. Returns float32 [n_out, vocab] per entry."""
+        forward for its own share of them. Returns float32 [n_out, vocab] per entry (a view of the
+        call's logits unless the rows came from several calls)."""
         V = self.config.vocab_size
-        out = [np.empty((n_out, V), np.float32) for _, _, n_out in entries]
+        parts: list[list[np.ndarray]] = [[] for _ in entries]  # views of each call's logits, in row order
         order = sorted(range(len(entries)), key=lambda i: entries[i][1].shape[0])
         done = {i: 0 for i in order}  # tokens of entry i already run
         pending = list(order)
@@ -312,11 +313,10 @@ class BatchEngine:
             for j, (i, start, k) in enumerate(pieces):
                 s, t, n_out = entries[i]
                 m = int(seqs[j, 2])
-                if m:  # this piece's rows of the wanted ones: they end at the piece's end
-                    end = n_out - (t.shape[0] - (start + k))
-                    out[i][end - m:end] = logits[r:r + m]
+                if m:  # this piece's share of the wanted rows (the pieces come in row order)
+                    parts[i].append(logits[r:r + m])
                     r += m
                 s.length += k
                 done[i] += k
             pending = [i for i in pending if done[i] < entries[i][1].shape[0]]
-        return out
+        return [p[0] if len(p) == 1 else np.concatenate(p) if p else np.empty((0, V), np.float32) for p in parts]

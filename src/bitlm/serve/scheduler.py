@@ -311,11 +311,12 @@ class Scheduler:
                 preempted.append(victim)
 
         # drafts, for the entries that reach the end of their context, within the blocks left free
-        free = eng.free_blocks - sum(eng.blocks_needed(req.sid, len(t)) for req, t in plan)
+        spec = [(req, t) for req, t in plan if req.spec is not None]
+        free = eng.free_blocks - sum(eng.blocks_needed(req.sid, len(t)) for req, t in plan) if spec else 0
         drafting = []  # (req, k): requests the draft model drafts for, all in one go below
-        for req, t in plan:
+        for req, t in spec:
             ctx_len = len(req.ids) + len(req.token_ids)
-            if req.spec is None or req.fed + len(t) < ctx_len:
+            if req.fed + len(t) < ctx_len:
                 continue
             # up to the tokens left but one (the round adds a token of its own) and the context's end
             room = min(req.max_tokens - len(req.token_ids) - 1, eng.max_len - ctx_len)
