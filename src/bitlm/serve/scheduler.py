@@ -20,14 +20,15 @@ request whose entry reaches the end of its context (decoding: its last token; or
 chunk) gets up to k drafts, proposed from its history by its own Speculator (prompt lookup) or by the
 BatchDrafter (the draft model, every drafting request in the same few batched steps of its own engine,
 before the target's step): its entry becomes [.., last, d1 .. dk], run in the same step as everyone's
-rows, with the logits of its k + 1 last rows. accept_drafts keeps d1 .. da and
-adds one token of the target's (greedy: the same tokens as plain decoding; sampled: the exact
-accept/reject rule, from the request's seeded generator), the engine truncates the rejected positions,
-and the 1 .. k + 1 tokens go through the stop rules one by one, in order: nothing past a stop or
-max_tokens is emitted. Drafts only take KV blocks that are free once the plain work is planned (they
-never cause a preemption), and never reach past max_tokens or the context. The calls to the Speculator
-are those generate() makes, so a request's tokens are generate(..., speculative=...)'s with the same
-seed, whatever the batching and preemptions.
+rows, with the logits of its k + 1 last rows. accept_drafts keeps d1 .. da and adds one token of the
+target's (greedy: the same tokens as plain decoding; sampled: the exact accept/reject rule, from the
+request's seeded generator), the engine truncates the rejected positions, and the 1 .. k + 1 tokens go
+through the stop rules one by one, in order: nothing past a stop or max_tokens is emitted. Drafts only
+take KV blocks that are free once the plain work is planned (they never cause a preemption), and never
+reach past max_tokens or the context. The calls to the Speculator are those generate() makes, so a
+sampled request's tokens are generate(..., speculative=...)'s with the same seed, whatever the batching
+and preemptions, unless a lack of free KV blocks cut its drafts short (then they follow the same
+distribution, by other draws).
 The step, sampling and detokenizing run in one dedicated worker thread (the engine is only ever touched
 from it), so the event loop keeps answering HTTP while the CPU computes. The stop rules are those of
 engine.generate: a stop token ends the request and is not part of the output; the token that completes a
