@@ -7,7 +7,8 @@
     bitlm info [MODEL] [--json]
     bitlm bench (-m MODEL | --shape NAME) [-t THREADS] [-p N_PROMPT] [-n N_GEN] [-r REPS] [--json] [--profile]
                 [--device cuda]
-    bitlm serve -m MODEL [--host 127.0.0.1] [--port 8000] [--max-seqs N] [--api-key KEY] [--device cuda] ...
+    bitlm serve -m MODEL [--host 127.0.0.1] [--port 8000] [--max-seqs N] [--api-key KEY] [--device cuda]
+                [--speculative lookup | --draft MODEL] ...
     bitlm convert IN OUT --to FORMAT [--embed-type T] [--head H]
     bitlm doctor
     bitlm eval ppl -m MODEL --data FILE... [--ctx N] [--stride S] [--runtime native|torch] [--json] [--device cuda]
@@ -345,13 +346,27 @@ def cmd_serve(args) -> int:
         raise BitlmError("bitlm serve: --engine batch runs the native runtime; the torch model (--runtime torch, "
                          "--device cuda) is served one sequence after another (leave out --engine)")
     engine = args.engine or ("sequential" if torch_model else "batch")
+    speculative = args.speculative or ("draft" if args.draft else "none")
+    if torch_model and speculative != "none":
+        raise BitlmError("bitlm serve: --speculative and --draft run on the native runtime; the torch model "
+                         "(--runtime torch, --device cuda) is served without them")
     source = resolve_model_arg(args.model)
     settings = ServeSettings(model_name=args.served_model_name or served_name(source), host=args.host,
                              port=args.port, max_seqs=args.max_seqs, max_queue=args.max_queue,
                              kv_blocks=args.kv_blocks, prefill_chunk=args.prefill_chunk, api_key=args.api_key,
                              drain_timeout=args.drain_timeout, engine=engine,
-                             max_len=args.ctx_size if torch_model else None)
-    return run(load_model(args), settings)
+                             max_len=args.ctx_size if torch_model else None, speculative=speculative,
+                             draft=args.draft, draft_max=args.draft_max, lookup_ngram=args.lookup_ngram)
+    model = load_model(args)
+    draft = None
+    if args.draft:
+        from .engine.native import NativeLM
+        from .engine.speculative import check_draft_model
+        from .io.native import load_native
+        draft = load_native(resolve_model_arg(args.draft), head=args.head, max_len=args.ctx_size, kv=args.kv,
+                            mmap=args.mmap, weights=args.weights)
+        check_draft_model(model, NativeLM(draft))
+    return run(model, settings, draft)
 
 
 def cmd_doctor(args) -> int:
@@ -544,6 +559,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="native runtime: batch, all sequences of a step in one forward (its default), or "
                         "sequential, one after another (the reference); the torch model (--runtime torch, "
                         "--device cuda) is always served sequentially")
+    g = p.add_argument_group("speculative decoding (the same output, faster where drafts are often right)")
+    g.add_argument("--speculative", choices=("none", "lookup", "draft"),
+                   help="each request drafts tokens by prompt lookup (n-grams of its context) or with a draft "
+                        "model (all requests' drafts in one batched forward of it), and the step checks them "
+                        "beside everyone's rows (default: draft with --draft, else none)")
+    g.add_argument("--draft", metavar="MODEL", help="the draft model: a smaller model sharing the tokenizer")
+    g.add_argument("--draft-max", type=int, default=8, metavar="N",
+                   help="most tokens drafted per request and step (default 8; fewer while drafts are rejected)")
+    g.add_argument("--lookup-ngram", type=int, default=3, metavar="N",
+                   help="the longest n-gram of the context matched, down to 1 (default 3)")
     p.set_defaults(run=cmd_serve)
 
     from .io.convert import FORMATS

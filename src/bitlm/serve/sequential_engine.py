@@ -3,9 +3,9 @@ the reference beside the batched engine, and the engine the server was first bui
 
 SequentialEngine has the interface of the batched engine (engine/batch.py, BatchEngine): sequences are
 added and freed by id, and one `step` advances several of them, each by its own tokens, returning the
-logits of each one's last token. Here every sequence is a NativeModel of its own over the SAME weight
-arrays (memory-mapped once; only the KV cache and RoPE tables are per sequence, in lazily backed
-mappings), and step() runs the sequences' forwards in turn. So it is real and exact, just not batched:
+logits of each one's last token (or of its last n_out tokens). Here every sequence is a NativeModel of
+its own over the SAME weight arrays (memory-mapped once; only the KV cache and RoPE tables are per
+sequence, in lazily backed mappings), and step() runs the sequences' forwards in turn. So it is real and exact, just not batched:
 its cost grows with the number of sequences where the batched engine's barely does.
 
 KV memory is accounted in blocks of `block_size` positions as the paged cache hands them out: a
@@ -62,8 +62,9 @@ class PerSequenceEngine:
     def _truncate(self, state, length: int) -> None:
         raise NotImplementedError
 
-    def _forward(self, state, tokens: np.ndarray) -> np.ndarray:
-        """Append int32 tokens [n] to the state; float32 [vocab] logits of the last one."""
+    def _forward(self, state, tokens: np.ndarray, n_out: int | None) -> np.ndarray:
+        """Append int32 tokens [n] to the state; float32 [vocab] logits of the last one (n_out None) or
+        [n_out, vocab] of the last n_out."""
         raise NotImplementedError
 
     # ---- sequences ---------------------------------------------------------------------------------
@@ -115,12 +116,17 @@ class PerSequenceEngine:
         return self._total - self.used_blocks
 
     # ---- running -----------------------------------------------------------------------------------
-    def step(self, work: list[tuple[int, np.ndarray | list[int]]]) -> list[np.ndarray]:
-        """Append each entry's tokens to its sequence; float32 [vocab] logits of each entry's last token.
-        Every entry is checked before any runs: on a BitlmError nothing has been consumed."""
+    def step(self, work: list[tuple]) -> list[np.ndarray]:
+        """Append each entry's tokens to its sequence. Entries are (sid, tokens): float32 [vocab] logits
+        of the last token, or (sid, tokens, n_out): float32 [n_out, vocab] of the last n_out tokens, as
+        BatchEngine.step. Every entry is checked before any runs: on a BitlmError nothing has been
+        consumed."""
         V = self.config.vocab_size
         seen, arrays, need = set(), [], 0
-        for sid, tokens in work:
+        for entry in work:
+            if len(entry) not in (2, 3):
+                raise BitlmError(f"a step entry is (sid, tokens) or (sid, tokens, n_out), got {len(entry)} items")
+            sid, tokens = entry[0], entry[1]
             state = self._state(sid)
             if sid in seen:
                 raise BitlmError(f"sequence {sid} appears twice in one step")
@@ -133,11 +139,15 @@ class PerSequenceEngine:
                 raise BitlmError(f"sequence {sid}: {n + t.size} tokens exceed the context length {self.max_len}")
             if t.min() < 0 or t.max() >= V:
                 raise BitlmError(f"sequence {sid}: token id out of range [0, {V})")
+            n_out = None if len(entry) == 2 else entry[2]
+            if n_out is not None and (not isinstance(n_out, (int, np.integer)) or isinstance(n_out, bool)
+                                      or not 0 <= n_out <= t.size):
+                raise BitlmError(f"sequence {sid}: n_out must be an integer in 0..{t.size}, got {n_out!r}")
             need += self.blocks_needed(sid, t.size)
-            arrays.append((state, t.astype(np.int32)))
+            arrays.append((state, t.astype(np.int32), n_out))
         if need > self.free_blocks:
             raise BitlmError(f"the step needs {need} KV blocks and {self.free_blocks} are free")
-        return [self._forward(state, t) for state, t in arrays]
+        return [self._forward(state, t, n_out) for state, t, n_out in arrays]
 
 
 class SequentialEngine(PerSequenceEngine):
@@ -161,5 +171,5 @@ class SequentialEngine(PerSequenceEngine):
     def _truncate(self, m: NativeModel, length: int) -> None:
         m.truncate(length)
 
-    def _forward(self, m: NativeModel, tokens: np.ndarray) -> np.ndarray:
-        return m.forward(tokens, 1)[0]
+    def _forward(self, m: NativeModel, tokens: np.ndarray, n_out: int | None) -> np.ndarray:
+        return m.forward(tokens, 1)[0] if n_out is None else m.forward(tokens, int(n_out))

@@ -49,5 +49,7 @@ class TorchEngine(PerSequenceEngine):
             raise BitlmError(f"truncate: length must be a non-negative integer, got {length!r}")
         cache.truncate(int(length))
 
-    def _forward(self, cache: KVCache, tokens: np.ndarray) -> np.ndarray:
-        return self.model.last_logits(tokens.tolist(), cache)[0]  # float32 [vocab], on the CPU
+    def _forward(self, cache: KVCache, tokens: np.ndarray, n_out: int | None) -> np.ndarray:
+        if n_out is None:
+            return self.model.last_logits(tokens.tolist(), cache)[0]  # float32 [vocab], on the CPU
+        return self.model.last_logits(tokens.tolist(), cache, int(n_out))  # [n_out, vocab]
