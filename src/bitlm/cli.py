@@ -488,7 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = speculative.add_argument_group("speculative decoding (the same output, faster where drafts are often right)")
     g.add_argument("--speculative", choices=("none", "lookup", "draft"),
                    help="draft tokens by prompt lookup (n-grams of the context, no second model) or with a draft "
-                        "model, and check them in one forward (default: draft with --draft, else none)")
+                        "model, and check them in one forward (serve: every request's beside the others' rows; "
+                        "default: draft with --draft, else none)")
     g.add_argument("--draft", metavar="MODEL", help="the draft model: a smaller model sharing the tokenizer")
     g.add_argument("--draft-max", type=int, default=8, metavar="N",
                    help="most tokens drafted per step (default 8; fewer while drafts are rejected)")
@@ -538,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_option(p)
     p.set_defaults(run=cmd_bench)
 
-    p = sub.add_parser("serve", parents=[model], help="an OpenAI-compatible HTTP server",
+    p = sub.add_parser("serve", parents=[model, speculative], help="an OpenAI-compatible HTTP server",
                        description="Serve the model over the OpenAI API (/v1/completions, /v1/chat/completions, "
                                    "/v1/models) with /health and Prometheus /metrics; many requests at once. "
                                    "--device cuda serves the torch model on a GPU (the Triton kernels).")
@@ -559,16 +560,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="native runtime: batch, all sequences of a step in one forward (its default), or "
                         "sequential, one after another (the reference); the torch model (--runtime torch, "
                         "--device cuda) is always served sequentially")
-    g = p.add_argument_group("speculative decoding (the same output, faster where drafts are often right)")
-    g.add_argument("--speculative", choices=("none", "lookup", "draft"),
-                   help="each request drafts tokens by prompt lookup (n-grams of its context) or with a draft "
-                        "model (all requests' drafts in one batched forward of it), and the step checks them "
-                        "beside everyone's rows (default: draft with --draft, else none)")
-    g.add_argument("--draft", metavar="MODEL", help="the draft model: a smaller model sharing the tokenizer")
-    g.add_argument("--draft-max", type=int, default=8, metavar="N",
-                   help="most tokens drafted per request and step (default 8; fewer while drafts are rejected)")
-    g.add_argument("--lookup-ngram", type=int, default=3, metavar="N",
-                   help="the longest n-gram of the context matched, down to 1 (default 3)")
     p.set_defaults(run=cmd_serve)
 
     from .io.convert import FORMATS
