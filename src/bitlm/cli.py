@@ -79,6 +79,14 @@ def add_device_option(parser) -> None:
                              "multiplied by the Triton kernels (pip install 'bitlm[gpu]')")
 
 
+def add_weights_option(parser, what: str) -> None:
+    """--weights, shared by the commands that make a native file (engine/native.resolve_weights)."""
+    parser.add_argument("--weights", choices=("auto", "i2v", "t5"), default="auto",
+                        help=f"{what}: i2v (2 bits a weight), t5 (1.6 bits: decode reads 20%% fewer bytes; "
+                             "same outputs), or auto (default): t5 where the kernels run on AVX-512 VNNI or AMX, "
+                             "i2v elsewhere")
+
+
 def check_device_arg(args):
     """args.device as a torch.device (a one-line error when CUDA or Triton is missing); None for cpu,
     without importing torch."""
@@ -254,7 +262,8 @@ def cmd_bench(args) -> int:
     longest = max(args.n_depth) + max(max(args.n_prompt), max(args.n_gen)) + 1
     t0 = time.perf_counter()
     if args.shape:
-        path = bench.synthetic_native_file(args.shape, args.head, weights=args.weights)
+        from .engine.native import resolve_weights
+        path = bench.synthetic_native_file(args.shape, args.head, weights=resolve_weights(args.weights))
         made = time.perf_counter() - t0
         t0 = time.perf_counter()
         nm = open_native(path, max_len=longest, kv=args.kv, mmap=args.mmap)
@@ -461,9 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="native: the C forward (default where built); torch: the reference model")
     model.add_argument("--head", choices=("q8", "q6", "bf16", "f32"), default="q8",
                        help="native runtime: output head format (default q8: int8 rows, per-row scale)")
-    model.add_argument("--weights", choices=("i2v", "t5"), default="i2v",
-                       help="native runtime: ternary weight format made at conversion, i2v (2 bits a weight) or "
-                            "t5 (1.6 bits: decode reads 20%% fewer bytes; same outputs; default i2v)")
+    add_weights_option(model, "native runtime: ternary weight format made at conversion")
     model.add_argument("-c", "--ctx-size", type=int,
                        help="native runtime, and serve on any runtime: context to allocate (default: the model's)")
     model.add_argument("--kv", choices=("f16", "f32"), default="f16", help="native runtime: KV cache type (default f16)")
@@ -527,8 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-r", "--repetitions", type=int, default=5, help="runs per test (default 5)")
     p.add_argument("--head", choices=("q8", "q6", "bf16", "f32"), default="q8", help="output head format")
     p.add_argument("--kv", choices=("f16", "f32"), default="f16", help="KV cache type (default f16)")
-    p.add_argument("--weights", choices=("i2v", "t5"), default="i2v",
-                   help="ternary weight format: i2v (2 bits a weight) or t5 (1.6 bits; default i2v)")
+    add_weights_option(p, "ternary weight format")
     p.add_argument("--mmap", action=argparse.BooleanOptionalAction, default=True,
                        help="--mmap keeps the weights memory-mapped (instant load, page cache "
                             "shared with other processes); --no-mmap reads them into memory on huge pages "
@@ -572,8 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embed-type", choices=("f16", "bf16", "f32", "q8_0", "q6_k"), default="f16",
                    help="GGUF: the token embedding's type (default f16, as the official I2_S file)")
     p.add_argument("--head", choices=("q8", "q6", "bf16", "f32"), default="q8", help="native: output head format")
-    p.add_argument("--weights", choices=("i2v", "t5"), default="i2v",
-                   help="native: ternary weight format, i2v (2 bits a weight) or t5 (1.6 bits; default i2v)")
+    add_weights_option(p, "native: ternary weight format")
     p.set_defaults(run=cmd_convert)
 
     p = sub.add_parser("doctor", help="CPU features and the kernel path in use")

@@ -111,13 +111,16 @@ def _read_native(path: Path) -> Source:
         cfg = BitNetConfig.from_hf(json.loads(meta["config"]), source=f"{path} (metadata)")
     except (KeyError, json.JSONDecodeError) as e:
         raise BitlmError(f"{path}: metadata has no readable config ({e})") from None
-    if meta.get("weights", "i2v") != "i2v":  # the routes out read I2V projections
-        raise BitlmError(f"{path}: its projections are in the {meta.get('weights')!r} format; convert from the "
-                         "original checkpoint, or from a native file made with --weights i2v")
+    weights = meta.get("weights", "i2v")
+    if weights not in ("i2v", "t5"):
+        raise BitlmError(f"{path}: its metadata records weights {weights!r}, not i2v or t5; convert the "
+                         "checkpoint again")
     if not cfg.tie_word_embeddings and "head" not in arrays:
         raise BitlmError(f"{path}: its untied head is stored as {meta.get('head')} rows, which cannot be turned "
                          "back into float rows; convert from the original checkpoint instead")
     arrays = {k: v for k, v in arrays.items() if not k.startswith("head.") and (k != "head" or not cfg.tie_word_embeddings)}
+    from .native import retarget
+    arrays = retarget(arrays, cfg, "i2v", lazy=False, source=weights)  # the common form holds I2V
     tok = None
     if "tokenizer" in meta:  # written by `bitlm convert --to native`
         from tokenizers import Tokenizer as HFTokenizer
@@ -185,10 +188,12 @@ def write(s: Source, dest, to: str, embed_type: str = "f16", head: str = "q8", p
 
 def convert(src, dest, to: str, embed_type: str = "f16", head: str = "q8", progress: bool = True,
             weights: str = "i2v") -> Path:
-    from ..engine.native import check_weights
+    from ..engine.native import resolve_weights
     if to not in FORMATS:
         raise BitlmError(f"--to {to!r} is not one of {', '.join(FORMATS)}")
-    check_weights(weights)
+    if weights == "auto" and to != "native":
+        weights = "i2v"  # the CLI's default: only a native file has a weight format
+    weights = resolve_weights(weights)
     if weights != "i2v" and to != "native":
         raise BitlmError(f"--weights {weights} is the native file's weight format; it has no meaning for --to {to}")
     if Path(src).exists() and Path(dest).resolve() == Path(src).resolve():

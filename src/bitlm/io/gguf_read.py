@@ -499,9 +499,9 @@ def load_native(path, head: str = "q8", max_len: int | None = None, kv: str = "f
     """A GGUF file on the native runtime: converted once to a native file in the cache (saying so on
     stderr, with a progress bar; io/native.ensure_file), then memory-mapped like any other. Its
     projections are in the weight format `weights` (io/native.retarget)."""
-    from ..engine.native import check_weights
+    from ..engine.native import resolve_weights
     from .native import ensure_file, open_native, retarget, save
-    check_weights(weights)
+    weights = resolve_weights(weights)
     g = GGUFFile(path)
     cfg = config_from_gguf(g)
     dest = native_cache_path(path, head, weights)

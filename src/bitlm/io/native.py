@@ -340,14 +340,14 @@ def save(arrays: dict[str, np.ndarray], config: BitNetConfig, dest, head: str, s
                  progress=bar)
 
 
-def retarget(arrays: dict, config: BitNetConfig, weights: str) -> dict:
-    """The native array dict with its I2V projections in the weight format `weights`, each made as it is
-    written (st.Lazy, one projection in memory at a time): the codes unpacked from I2V and packed again,
-    exactly (formats/i2v.py, formats/t5.py). A lazy I2V projection is made first (its maker may fill
-    "scales", which save writes last)."""
+def retarget(arrays: dict, config: BitNetConfig, weights: str, lazy: bool = True, source: str = "i2v") -> dict:
+    """The native array dict with its projections (in format `source`) in the weight format `weights`,
+    exactly: the codes unpacked and packed again (formats/i2v.py, formats/t5.py). lazy: each made as it
+    is written (st.Lazy, one projection in memory at a time; a lazy input projection is made first, and
+    its maker may fill "scales", which save writes last); else made now."""
     from ..engine.native import PROJS, WEIGHT_MODULES, check_weights, pack_projection
-    from ..formats import hf_packed, i2v
-    if check_weights(weights) == "i2v":
+    from ..formats import hf_packed
+    if check_weights(weights) == check_weights(source):
         return arrays
     shapes = config.projection_shapes()
     out = dict(arrays)
@@ -356,9 +356,9 @@ def retarget(arrays: dict, config: BitNetConfig, weights: str) -> dict:
             key, (n, k) = f"{l}.{name}", shapes[name]
 
             def make(a=arrays[key], n=n, k=k):
-                codes = i2v.unpack(a.make() if isinstance(a, st.Lazy) else a, n, k)
+                codes = WEIGHT_MODULES[source].unpack(a.make() if isinstance(a, st.Lazy) else a, n, k)
                 return pack_projection(hf_packed.pack(codes), n, weights)
-            out[key] = st.Lazy(WEIGHT_MODULES[weights].packed_shape(n, k), np.uint8, make)
+            out[key] = st.Lazy(WEIGHT_MODULES[weights].packed_shape(n, k), np.uint8, make) if lazy else make()
     return out
 
 
@@ -399,16 +399,17 @@ def open_native(path, max_len: int | None = None, kv: str = "f16", mmap: bool = 
 def load_native(path_or_repo_id, head: str = "q8", max_len: int | None = None, revision: str | None = None,
                 kv: str = "f16", mmap: bool = True, tokenizer: bool = True, weights: str = "i2v"):
     """A Hugging Face checkpoint (directory or repo id), or a GGUF file (io/gguf_read.py), on the native
-    runtime, converting it once (per head and weight format: weights "i2v", 2 bits, or "t5", 1.6 bits).
+    runtime, converting it once (per head and weight format: weights "i2v", 2 bits, "t5", 1.6 bits, or
+    "auto", the one faster on this CPU: engine/native.resolve_weights).
     tokenizer=False leaves the tokenizer out (nm.tokenizer None): Llama 3's takes 70 MB of memory, which
     a benchmark of token ids does not need."""
-    from ..engine.native import HEADS, check_weights
+    from ..engine.native import HEADS, resolve_weights
     from ..engine.tokenizer import Tokenizer
     from . import gguf_read
     from .checkpoint import open_checkpoint
     if head not in HEADS:
         raise BitlmError(f"head format {head!r} is not one of {', '.join(HEADS)}")
-    check_weights(weights)
+    weights = resolve_weights(weights)
     if gguf_read.is_gguf(path_or_repo_id):  # a GGUF file (by its first bytes): converted once the same way
         return gguf_read.load_native(path_or_repo_id, head=head, max_len=max_len, kv=kv, mmap=mmap,
                                      tokenizer=tokenizer, weights=weights)
