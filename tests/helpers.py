@@ -75,3 +75,16 @@ def finish(gen):
             out.append(next(gen))
         except StopIteration as stop:
             return out, stop.value
+
+
+def first_layers(nm, n):
+    """A draft made of a NativeModel's first n blocks (then its final norm and head): early exit, a
+    NativeLM sharing nm's arrays and tokenizer."""
+    import dataclasses
+
+    from bitlm.engine.native import NativeLM, NativeModel
+    arrays = {k: v for k, v in nm.arrays.items() if not (k[0].isdigit() and int(k.split(".")[0]) >= n)}
+    arrays["scales"] = nm.arrays["scales"][:n]
+    draft = NativeLM(NativeModel(dataclasses.replace(nm.config, num_hidden_layers=n), arrays))
+    draft.tokenizer = nm.tokenizer
+    return draft

@@ -83,3 +83,40 @@ def test_profile_cells_keep_three_significant_digits_below_a_tenth_of_a_ms():
     from bitlm.cli import _ms
     assert [_ms(v) for v in (0.0, 12.3456, 0.1, 0.0999, 7.02e-05)] == ["0.000", "12.346", "0.100", "0.0999",
                                                                      "0.0000702"]
+
+
+@needs_native
+def test_bench_depth_runs_each_test_after_that_much_context(capsys):
+    from bitlm.engine import bench
+    from bitlm.io.native import open_native
+    nm = open_native(bench.synthetic_native_file("tiny"), max_len=64)
+    records = bench.run(nm, 1, 8, 4, 2, depth=20)
+    assert [(r["n_prompt"], r["n_gen"], r["n_depth"]) for r in records] == [(8, 0, 20), (0, 4, 20)]
+    assert nm.pos == 20 + 4  # the last run decoded its 4 tokens at positions 20 .. 23, after the kept context
+    assert main(["bench", "--shape", "tiny", "-p", "8", "-n", "4", "-r", "1", "-d", "0,16"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"| {t} |" in out for t in ("pp8", "tg4", "pp8 @ d16", "tg4 @ d16")), out
+
+
+@needs_native
+def test_bench_depth_past_the_context_is_a_one_line_error(capsys):
+    from bitlm.config import preset
+    too_deep = preset("tiny").max_position_embeddings
+    assert main(["bench", "--shape", "tiny", "-p", "8", "-n", "4", "-r", "1", "-d", str(too_deep)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bitlm: error:") and "-d " in err and f"context of {too_deep} tokens" in err and len(err.strip().splitlines()) == 1
+
+
+@needs_native
+@pytest.mark.parametrize("path", ["scalar", "avx2", "avx512vnni", "amx"])
+def test_weights_auto_follows_the_kernel_path(path):
+    """--weights auto (the default): t5 where the products run on AVX-512 VNNI or AMX, i2v elsewhere, as
+    benchmarks/README.md measured; under BITLM_KERNEL (a path this CPU has) in a fresh process."""
+    from bitlm import kernels
+    if path not in kernels.info()["paths"]:
+        pytest.skip(f"this CPU has no {path} path")
+    code = ("from bitlm.engine.native import resolve_weights; from bitlm import kernels; "
+            "print(kernels.info()['path'], resolve_weights('auto'))")
+    env = dict(os.environ, BITLM_KERNEL=path, PYTHONPATH=os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [path, "t5" if path in ("avx512vnni", "amx") else "i2v"]

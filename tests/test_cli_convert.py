@@ -221,3 +221,42 @@ def test_convert_without_torch(outputs, tmp_path):
     code, out, err = run(CLI, "convert", made["gguf-i2_s"], tmp_path / "hf", "--to", "hf", cache=tmp_path / "c")
     assert code == 2 and err.count("\n") == 1 and EXTRA in err, err
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("src_fmt", ["hf", "gguf-tq2_0", "gguf-tq1_0", "gguf-i2_s", "native"])
+def test_native_in_the_t5_weight_format(outputs, tmp_path, src_fmt):
+    """--to native --weights t5 from every input: the file says t5 and its logits equal the I2V native
+    file's bit for bit (the codes are the same, only their packing differs); a GGUF file loads on the
+    native runtime in t5 too."""
+    pytest.importorskip("bitlm.kernels._native")
+    from bitlm.io import st
+    from bitlm.io.native import open_native
+    src, made = outputs
+    i2v = logits(made["native"], "native")
+    dest = tmp_path / "t5.safetensors"
+    assert convert(src if src_fmt == "hf" else made[src_fmt], dest, "native", "--weights", "t5") == 0
+    assert st.open_arrays(dest)[1]["weights"] == "t5"
+    nm = open_native(dest)
+    assert nm.weights == "t5" and np.array_equal(nm.forward(IDS, len(IDS)), i2v)
+    if src_fmt.startswith("gguf"):
+        g = bitlm.load_native(made[src_fmt], tokenizer=False, weights="t5")
+        assert g.weights == "t5" and np.array_equal(g.forward(IDS, len(IDS)), i2v)
+
+
+def test_weights_is_for_native_outputs_only(outputs, tmp_path, capsys):
+    src, made = outputs
+    assert convert(src, tmp_path / "x.gguf", "gguf-tq2_0", "--weights", "t5") == 2
+    err = capsys.readouterr().err
+    assert err == "bitlm: error: --weights t5 is the native file's weight format; it has no meaning for --to gguf-tq2_0\n"
+    assert not (tmp_path / "x.gguf").exists()
+
+
+
+@pytest.mark.parametrize("weights", ["i2v", "t5"])
+def test_out_of_a_native_file_of_either_weight_format(outputs, tmp_path, weights):
+    """A native file in either weight format converts back out (its codes unpacked exactly): the GGUF
+    made from it runs as the HF source does."""
+    src, made = outputs
+    assert convert(src, tmp_path / "n.safetensors", "native", "--weights", weights) == 0
+    assert convert(tmp_path / "n.safetensors", tmp_path / "y.gguf", "gguf-tq2_0") == 0
+    check_same(src, "hf", tmp_path / "y.gguf", "gguf-tq2_0")

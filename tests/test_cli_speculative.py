@@ -89,3 +89,30 @@ def test_a_draft_with_another_vocabulary_is_a_one_line_error(tiny_model_dir, tin
         assert main(["generate", "-m", str(tiny_model_dir), "-p", "hi", "-n", "4", "--draft", str(draft)]) == 2
         assert re.fullmatch(rf"bitlm: error: draft model: {pattern}; the draft must share the target's tokenizer",
                             error_line(capsys.readouterr().err))
+
+
+def serve_or_skip():
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    if not native_available():
+        pytest.skip("bitlm serve needs the native kernels")
+
+
+@pytest.mark.parametrize("flags, pattern", [
+    (["--speculative", "draft"], r"bitlm serve: --speculative draft needs a draft model: --draft MODEL"),
+    (["--speculative", "lookup", "--draft", "x"], r"bitlm serve: --draft MODEL goes with --speculative draft"),
+    (["--speculative", "lookup", "--draft-max", "0"], r"bitlm serve: --draft-max must be an integer >= 1, got 0"),
+    (["--speculative", "lookup", "--lookup-ngram", "0"], r"bitlm serve: --lookup-ngram must be an integer >= 1"),
+])
+def test_serve_speculative_flags_are_one_line_errors(capsys, flags, pattern):
+    serve_or_skip()
+    assert main(["serve", "--port", "0", *flags]) == 2
+    assert re.fullmatch(rf"bitlm: error: {pattern}.*", error_line(capsys.readouterr().err))
+
+
+def test_serve_refuses_a_draft_with_another_vocabulary(tiny_model_dir, tiny_tokenizer_dir, tmp_path, capsys):
+    serve_or_skip()
+    wider = make_tiny_model_dir(tmp_path / "wider", tiny_tokenizer_dir, vocab_size=640)
+    assert main(["serve", "-m", str(tiny_model_dir), "--port", "0", "--draft", str(wider)]) == 2
+    assert re.fullmatch(r"bitlm: error: draft model: its vocabulary has 640 tokens and the target's 512; the draft "
+                        r"must share the target's tokenizer", error_line(capsys.readouterr().err))

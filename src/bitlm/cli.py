@@ -3,15 +3,16 @@
     bitlm generate -m MODEL -p PROMPT [-n N] [sampling flags] [--stop STR ...] [--ignore-eos] [-t THREADS]
                    [--speculative lookup | --draft MODEL] [--draft-max N] [--lookup-ngram N]
     bitlm chat -m MODEL [--system S] [sampling flags] [speculative flags]
-        (generate and chat: --device cuda runs the torch model on a GPU with the Triton kernels)
+        (generate, chat, serve, bench, eval: --device cuda runs the torch model on a GPU with the Triton kernels)
     bitlm info [MODEL] [--json]
     bitlm bench (-m MODEL | --shape NAME) [-t THREADS] [-p N_PROMPT] [-n N_GEN] [-r REPS] [--json] [--profile]
                 [--device cuda]
-    bitlm serve -m MODEL [--host 127.0.0.1] [--port 8000] [--max-seqs N] [--api-key KEY] ...
+    bitlm serve -m MODEL [--host 127.0.0.1] [--port 8000] [--max-seqs N] [--api-key KEY] [--device cuda]
+                [--speculative lookup | --draft MODEL] ...
     bitlm convert IN OUT --to FORMAT [--embed-type T] [--head H]
     bitlm doctor
-    bitlm eval ppl -m MODEL --data FILE... [--ctx N] [--stride S] [--runtime native|torch] [--json]
-    bitlm eval harness --model_args pretrained=DIR --tasks TASKS [lm_eval's other flags]
+    bitlm eval ppl -m MODEL --data FILE... [--ctx N] [--stride S] [--runtime native|torch] [--json] [--device cuda]
+    bitlm eval harness --model_args pretrained=DIR --tasks TASKS [--device cuda] [lm_eval's other flags]
     bitlm report (-m MODEL | --shape NAME) [--out DIR]
     bitlm train | sft | dpo ...   (docs/training.md)
 
@@ -74,16 +75,24 @@ def native_available() -> bool:
 
 
 def add_device_option(parser) -> None:
-    """--device, shared by the commands that run a model."""
+    """--device, shared by the commands that run a model (generate, chat, serve, bench, eval ppl)."""
     parser.add_argument("--device", default="cpu",
-                        help="cpu (default) or cuda[:N]: the torch model on the GPU, packed weights multiplied "
-                             "by the Triton kernels (pip install 'bitlm[gpu]')")
+                        help="cpu (default) or cuda[:N]: the torch model on the GPU in bf16, packed weights "
+                             "multiplied by the Triton kernels (pip install 'bitlm[gpu]')")
+
+
+def add_weights_option(parser, what: str) -> None:
+    """--weights, shared by the commands that make a native file (engine/native.resolve_weights)."""
+    parser.add_argument("--weights", choices=("auto", "i2v", "t5"), default="auto",
+                        help=f"{what}: i2v (2 bits a weight), t5 (1.6 bits: decode reads 20%% fewer bytes; "
+                             "same outputs), or auto (default): t5 where the kernels run on AVX-512 VNNI or AMX, "
+                             "i2v elsewhere")
 
 
 def check_device_arg(args):
     """args.device as a torch.device (a one-line error when CUDA or Triton is missing); None for cpu,
     without importing torch."""
-    if getattr(args, "device", "cpu") == "cpu":  # commands without --device (eval ppl) run on the CPU
+    if getattr(args, "device", "cpu") == "cpu":  # commands without --device (report) run on the CPU
         return None
     from .gpu import check_device, resolve_kernel
     dev = check_device(args.device, "--device")
@@ -252,10 +261,11 @@ def cmd_bench(args) -> int:
     if not native_available():
         raise BitlmError("bitlm bench measures the native runtime, which is not built in this install "
                          "(see `bitlm doctor`)")
-    longest = max(args.n_prompt) + max(args.n_gen) + 1
+    longest = max(args.n_depth) + max(max(args.n_prompt), max(args.n_gen)) + 1
     t0 = time.perf_counter()
     if args.shape:
-        path = bench.synthetic_native_file(args.shape, args.head, weights=args.weights)
+        from .engine.native import resolve_weights
+        path = bench.synthetic_native_file(args.shape, args.head, weights=resolve_weights(args.weights))
         made = time.perf_counter() - t0
         t0 = time.perf_counter()
         nm = open_native(path, max_len=longest, kv=args.kv, mmap=args.mmap)
@@ -265,12 +275,16 @@ def cmd_bench(args) -> int:
                          weights=args.weights)
         made = 0.0
     load_s = time.perf_counter() - t0
+    if longest > nm.max_len:
+        raise BitlmError(f"bitlm bench: -d {max(args.n_depth)} plus {longest - 1 - max(args.n_depth)} test tokens "
+                         f"exceed the model's context of {nm.max_len} tokens; lower -d, -p or -n")
     records = []
     for threads in args.threads:
-        for n_prompt in args.n_prompt:
-            records += bench.run(nm, threads, n_prompt, 0, args.repetitions)
-        for n_gen in args.n_gen:
-            records += bench.run(nm, threads, 0, n_gen, args.repetitions)
+        for depth in args.n_depth:
+            for n_prompt in args.n_prompt:
+                records += bench.run(nm, threads, n_prompt, 0, args.repetitions, depth=depth)
+            for n_gen in args.n_gen:
+                records += bench.run(nm, threads, 0, n_gen, args.repetitions, depth=depth)
     rss = bench.peak_rss_bytes()
     for r in records:
         r["load_s"], r["peak_rss_bytes"] = load_s, rss
@@ -282,7 +296,8 @@ def cmd_bench(args) -> int:
     _print_bench_table(records)
     print(f"\nload {load_s:.2f} s, peak RSS {rss / 1e9:.3f} GB")
     if args.profile:
-        prof = bench.phase_breakdown(nm, args.threads[-1], max(args.n_prompt), max(args.n_gen))
+        prof = bench.phase_breakdown(nm, args.threads[-1], max(args.n_prompt), max(args.n_gen),
+                                     depth=max(args.n_depth))
         tests = list(prof)
         print(f"\nms per token by phase ({args.threads[-1]} threads; one profiled run of each test)")
         print("| phase | " + " | ".join(tests) + " |")
@@ -294,11 +309,12 @@ def cmd_bench(args) -> int:
 
 
 def _print_bench_table(records) -> None:
+    from .engine.bench import test_name
     size = records[0]["model_size"] / 2**30 if records else 0
     print("| model | size | params | backend | threads | test | t/s |")
     print("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
     for r in records:
-        test = f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}"
+        test = test_name(r)
         print(f"| {r['model_type']} | {size:.2f} GiB | {r['model_n_params'] / 1e9:.2f} B | {r.get('backend', 'native')} "
               f"| {r['n_threads']} | {test} | {r['avg_ts']:.2f} ± {r['stddev_ts']:.2f} |")
 
@@ -308,6 +324,8 @@ def _bench_torch(args, dev) -> int:
     from .engine import bench
     if args.profile:
         raise BitlmError("bench --profile times the native runtime's phases; it has no --device cuda form")
+    if max(args.n_depth):
+        raise BitlmError("bench -d/--n-depth is measured on the native runtime; it has no --device cuda form")
     records = bench.measure_torch(args.model, args.shape, dev, args.n_prompt, args.n_gen, args.repetitions)
     if args.json:
         print(json.dumps(records, indent=2))
@@ -324,30 +342,42 @@ def _ms(v: float) -> str:
     return f"{v:.{3 if v >= 0.1 or v <= 0 else 2 - math.floor(math.log10(v))}f}"
 
 def cmd_serve(args) -> int:
-    """An OpenAI-compatible HTTP server (bitlm.serve; needs the `serve` extra: fastapi, uvicorn)."""
-    if args.runtime == "torch":
-        raise BitlmError("bitlm serve runs on the native runtime; leave out --runtime torch")
-    if args.device != "cpu":
-        raise BitlmError(f"bitlm serve runs on the CPU's native runtime; --device {args.device} is not supported "
-                         "by the server yet (generate, chat and bench take it)")
-    if not native_available():
-        raise BitlmError("bitlm serve needs the native kernels, which are not built in this install "
-                         "(see `bitlm doctor`)")
+    """An OpenAI-compatible HTTP server (bitlm.serve; needs the `serve` extra: fastapi, uvicorn). The model
+    loads as for generate (load_model): the native runtime by default, served by --engine batch or
+    sequential; the torch model with --runtime torch or --device cuda, served by serve/torch_engine.py."""
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
         raise BitlmError("bitlm serve needs fastapi and uvicorn: pip install 'bitlm[serve]'")
-    from .io.native import load_native
     from .serve.server import run, served_name
     from .serve.settings import ServeSettings
+    torch_model = args.runtime == "torch" or args.device != "cpu"
+    if args.runtime == "auto" and not torch_model and not native_available():
+        raise BitlmError("bitlm serve: the native kernels are not built in this install (see `bitlm doctor`); "
+                         "--runtime torch serves the torch model instead (slower)")
+    if torch_model and args.engine == "batch":
+        raise BitlmError("bitlm serve: --engine batch runs the native runtime; the torch model (--runtime torch, "
+                         "--device cuda) is served one sequence after another (leave out --engine)")
+    engine = args.engine or ("sequential" if torch_model else "batch")
+    speculative = args.speculative or ("draft" if args.draft else "none")
+    if torch_model and speculative != "none":
+        raise BitlmError("bitlm serve: --speculative and --draft run on the native runtime; the torch model "
+                         "(--runtime torch, --device cuda) is served without them")
     source = resolve_model_arg(args.model)
     settings = ServeSettings(model_name=args.served_model_name or served_name(source), host=args.host,
                              port=args.port, max_seqs=args.max_seqs, max_queue=args.max_queue,
                              kv_blocks=args.kv_blocks, prefill_chunk=args.prefill_chunk, api_key=args.api_key,
-                             drain_timeout=args.drain_timeout, engine=args.engine)
-    set_threads(args.threads, torch_too=False)
-    nm = load_native(source, head=args.head, max_len=args.ctx_size, kv=args.kv, mmap=args.mmap, weights=args.weights)
-    if nm.tokenizer is None:
-        raise BitlmError(f"{source}: no tokenizer.json next to the weights; `bitlm serve` needs one")
-    return run(nm, settings)
+                             drain_timeout=args.drain_timeout, engine=engine,
+                             max_len=args.ctx_size if torch_model else None, speculative=speculative,
+                             draft=args.draft, draft_max=args.draft_max, lookup_ngram=args.lookup_ngram)
+    model = load_model(args)
+    draft = None
+    if args.draft:
+        from .engine.native import NativeLM
+        from .engine.speculative import check_draft_model
+        from .io.native import load_native
+        draft = load_native(resolve_model_arg(args.draft), head=args.head, max_len=args.ctx_size, kv=args.kv,
+                            mmap=args.mmap, weights=args.weights)
+        check_draft_model(model, NativeLM(draft))
+    return run(model, settings, draft)
 
 
 def cmd_doctor(args) -> int:
@@ -395,6 +425,7 @@ def cmd_eval_ppl(args) -> int:
     r = perplexity(scorer, texts, ctx, stride, progress=args.progress)
     r["model"] = args.model or "bundled shakespeare"
     r["head"] = args.head if scorer.runtime == "native" else None
+    r["device"] = str(model.device)
     r["data"] = args.data
     names = ", ".join(os.path.basename(f) for f in args.data)
     print(json.dumps(r, indent=2) if args.json else format_result(r, names))
@@ -422,7 +453,7 @@ def cmd_report(args) -> int:
 
 def cmd_convert(args) -> int:
     from .io.convert import convert
-    out = convert(args.input, args.output, args.to, embed_type=args.embed_type, head=args.head)
+    out = convert(args.input, args.output, args.to, embed_type=args.embed_type, head=args.head, weights=args.weights)
     print(f"wrote {out} ({args.to})", file=sys.stderr)
     return 0
 
@@ -441,10 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="native: the C forward (default where built); torch: the reference model")
     model.add_argument("--head", choices=("q8", "q6", "bf16", "f32"), default="q8",
                        help="native runtime: output head format (default q8: int8 rows, per-row scale)")
-    model.add_argument("--weights", choices=("i2v", "t5"), default="i2v",
-                       help="native runtime: ternary weight format made at conversion, i2v (2 bits a weight) or "
-                            "t5 (1.6 bits: decode reads 20%% fewer bytes; same outputs; default i2v)")
-    model.add_argument("-c", "--ctx-size", type=int, help="native runtime: context to allocate (default: the model's)")
+    add_weights_option(model, "native runtime: ternary weight format made at conversion")
+    model.add_argument("-c", "--ctx-size", type=int,
+                       help="native runtime, and serve on any runtime: context to allocate (default: the model's)")
     model.add_argument("--kv", choices=KV_TYPES, default="f16", help=f"native runtime: {KV_HELP} (default f16)")
     model.add_argument("--mmap", action=argparse.BooleanOptionalAction, default=True,
                        help="native runtime: --mmap keeps the weights memory-mapped (instant load, page cache "
@@ -467,7 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = speculative.add_argument_group("speculative decoding (the same output, faster where drafts are often right)")
     g.add_argument("--speculative", choices=("none", "lookup", "draft"),
                    help="draft tokens by prompt lookup (n-grams of the context, no second model) or with a draft "
-                        "model, and check them in one forward (default: draft with --draft, else none)")
+                        "model, and check them in one forward (serve: every request's beside the others' rows; "
+                        "default: draft with --draft, else none)")
     g.add_argument("--draft", metavar="MODEL", help="the draft model: a smaller model sharing the tokenizer")
     g.add_argument("--draft-max", type=int, default=8, metavar="N",
                    help="most tokens drafted per step (default 8; fewer while drafts are rejected)")
@@ -500,11 +531,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--threads", type=_int_list, default=[os.cpu_count() or 1], help="threads, e.g. 1,2")
     p.add_argument("-p", "--n-prompt", type=_int_list, default=[512], help="prompt lengths (default 512)")
     p.add_argument("-n", "--n-gen", type=_int_list, default=[128], help="tokens to generate (default 128)")
+    p.add_argument("-d", "--n-depth", type=_int_list, default=[0],
+                   help="tokens already in the context when each test starts, e.g. 0,1024,4000 (default 0)")
     p.add_argument("-r", "--repetitions", type=int, default=5, help="runs per test (default 5)")
     p.add_argument("--head", choices=("q8", "q6", "bf16", "f32"), default="q8", help="output head format")
     p.add_argument("--kv", choices=KV_TYPES, default="f16", help=f"{KV_HELP} (default f16)")
-    p.add_argument("--weights", choices=("i2v", "t5"), default="i2v",
-                   help="ternary weight format: i2v (2 bits a weight) or t5 (1.6 bits; default i2v)")
+    add_weights_option(p, "ternary weight format")
     p.add_argument("--mmap", action=argparse.BooleanOptionalAction, default=True,
                        help="--mmap keeps the weights memory-mapped (instant load, page cache "
                             "shared with other processes); --no-mmap reads them into memory on huge pages "
@@ -515,9 +547,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_option(p)
     p.set_defaults(run=cmd_bench)
 
-    p = sub.add_parser("serve", parents=[model], help="an OpenAI-compatible HTTP server",
+    p = sub.add_parser("serve", parents=[model, speculative], help="an OpenAI-compatible HTTP server",
                        description="Serve the model over the OpenAI API (/v1/completions, /v1/chat/completions, "
-                                   "/v1/models) with /health and Prometheus /metrics; many requests at once.")
+                                   "/v1/models) with /health and Prometheus /metrics; many requests at once. "
+                                   "--device cuda serves the torch model on a GPU (the Triton kernels).")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, logged)")
     p.add_argument("--served-model-name", help="the model id of the API (default: the model directory's name)")
@@ -531,9 +564,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require `Authorization: Bearer KEY` on /v1/* (default: $BITLM_API_KEY, unset: no key)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGINT/SIGTERM lets running requests finish (default 30)")
-    p.add_argument("--engine", choices=("batch", "sequential"), default="batch",
-                   help="batch: all sequences of a step in one forward (default); sequential: one after "
-                        "another, the reference")
+    p.add_argument("--engine", choices=("batch", "sequential"),
+                   help="native runtime: batch, all sequences of a step in one forward (its default), or "
+                        "sequential, one after another (the reference); the torch model (--runtime torch, "
+                        "--device cuda) is always served sequentially")
     p.set_defaults(run=cmd_serve)
 
     from .io.convert import FORMATS
@@ -546,6 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embed-type", choices=("f16", "bf16", "f32", "q8_0", "q6_k"), default="f16",
                    help="GGUF: the token embedding's type (default f16, as the official I2_S file)")
     p.add_argument("--head", choices=("q8", "q6", "bf16", "f32"), default="q8", help="native: output head format")
+    add_weights_option(p, "native: ternary weight format")
     p.set_defaults(run=cmd_convert)
 
     p = sub.add_parser("doctor", help="CPU features and the kernel path in use")
@@ -582,12 +617,14 @@ def add_eval_parsers(sub) -> None:
     p.add_argument("-t", "--threads", type=int, help="CPU threads (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
+    add_device_option(p)
     p.set_defaults(run=cmd_eval_ppl)
 
     # Everything after `harness` goes to lm-eval's own parser (its -h included): '+' as the prefix
     # character keeps argparse from reading lm-eval's --flags as ours.
     p = esub.add_parser("harness", prefix_chars="+", add_help=False,
-                        help="lm-evaluation-harness tasks (lm_eval's flags; --model bitlm is implied)",
+                        help="lm-evaluation-harness tasks (lm_eval's flags; --model bitlm is implied; lm_eval's "
+                             "--device cuda runs the torch model on a GPU)",
                         description="Run lm-eval's command line with the bitlm model registered.")
     p.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
     p.set_defaults(run=cmd_eval_harness)

@@ -277,6 +277,10 @@ def test_exhaustion_and_bad_steps_consume_nothing(tiny):
         ([(a, [1]), (a, [2])], "appears twice"),
         ([(a, [1]), (99, [2])], "no live sequence 99"),
         ([(a, [])], "no tokens"),
+        ([(a, [1, 2], 3)], "n_out must be an integer in 0..2"),
+        ([(a, [1]), (b, [2], -1)], "n_out must be an integer in 0..1"),
+        ([(a, [1], 1.0)], "n_out must be an integer"),
+        ([(a,)], "an entry is"),
     ]
     for work, msg in bad:
         with pytest.raises(BitlmError, match=msg):
@@ -337,6 +341,69 @@ def test_a_step_of_more_rows_than_a_native_call_takes(tiny):
         eng = BatchEngine(nm, max_seqs=8)
         eng.ubatch = ubatch
         assert_same(run_batched(eng, p), want, ubatch)
+
+
+def test_every_rows_logits_equal_the_last_row_path_and_one_row_at_a_time(tiny):
+    """(sid, tokens, n_out) entries give the logits of the last n_out rows (speculative verification
+    asks for all of them): bit for bit the rows a NativeModel gives running the same tokens one at a
+    time, and the last of them what a (sid, tokens) entry gives, also when the wanted rows of an entry
+    are split over native calls (small ubatch) and beside entries asking for none (n_out = 0)."""
+    V = tiny.config.vocab_size
+    rng = np.random.default_rng(11)
+    arrays = native.arrays_from_model(tiny, "q8")
+    seqs = [rng.integers(0, V, n) for n in (37, 9, 21, 4)]
+    for path in PATHS:
+        nm = native.NativeModel(tiny.config, arrays, max_len=64, path=path)
+        one_by_one = []
+        for s in seqs:
+            nm.reset()
+            one_by_one.append(np.concatenate([nm.forward(s[i:i + 1]) for i in range(len(s))]))
+        for ubatch in (64, 5, 1):
+            eng = BatchEngine(nm, max_seqs=4, block_size=8)
+            eng.ubatch = ubatch
+            last = BatchEngine(nm, max_seqs=4, block_size=8)
+            sids, lids = [eng.add_sequence() for _ in seqs], [last.add_sequence() for _ in seqs]
+            done = [0] * len(seqs)
+            for sizes in ([12, 1, 6, 4], [1, 8, 6, 0], [24, 0, 9, 0]):
+                work = [(sid, seqs[i][done[i]:done[i] + k], min(k, (3, k, 0, 2)[i]))
+                        for i, (sid, k) in enumerate(zip(sids, sizes)) if k]
+                rows = eng.step(work)
+                lrows = last.step([(lids[sids.index(sid)], t) for sid, t, _ in work])
+                for (sid, t, n_out), got, lrow in zip(work, rows, lrows):
+                    i = sids.index(sid)
+                    done[i] += len(t)
+                    assert got.shape == (n_out, V) and got.dtype == np.float32
+                    assert np.array_equal(got, one_by_one[i][done[i] - n_out:done[i]]), (path, ubatch, i)
+                    assert np.array_equal(lrow, one_by_one[i][done[i] - 1]), (path, ubatch, i)
+                    if n_out:
+                        assert np.array_equal(got[-1], lrow)
+            assert done == [37, 9, 21, 4] and [eng.seq_len(s) for s in sids] == done
+
+
+def test_speculative_rows_then_truncate_continue_as_plain_decoding(tiny):
+    """A scheduler's round: [last, d1 .. dk] with all k + 1 rows, the rejected drafts truncated, then
+    decoding on: the same logits as decoding the accepted tokens one at a time."""
+    V = tiny.config.vocab_size
+    rng = np.random.default_rng(12)
+    nm = native.NativeModel.from_model(tiny, max_len=64)
+    ids = rng.integers(0, V, 30)
+    nm.reset()
+    want = np.concatenate([nm.forward(ids[i:i + 1]) for i in range(len(ids))])
+    eng = BatchEngine(nm, max_seqs=2, block_size=4)
+    s, other = eng.add_sequence(), eng.add_sequence()
+    eng.step([(s, ids[:10], 0), (other, rng.integers(0, V, 7))])
+    c = 10  # the cache holds ids[:c]; ids[c] is the last token, not yet run
+    for accepted in (2, 0, 5, 1):  # drafts: the true continuation up to `accepted`, then wrong tokens
+        k = accepted + 2
+        draft = list(ids[c + 1:c + 1 + accepted]) + [int(ids[c + 1 + accepted] + 1) % V, 3]
+        rows = eng.step([(s, [ids[c]] + draft, k + 1), (other, [1])])[0]
+        assert rows.shape == (k + 1, V)
+        assert np.array_equal(rows[:accepted + 1], want[c:c + accepted + 1])
+        assert not np.array_equal(rows[accepted + 1], want[c + accepted + 1])  # after a wrong draft
+        c += 1 + accepted
+        eng.truncate(s, c)  # the rejected drafts' positions rolled back
+        assert eng.seq_len(s) == c
+    assert np.array_equal(eng.step([(s, ids[c:c + 4])])[0], want[c + 3])
 
 
 def test_bytes_per_block_at_the_2b4t_shape():

@@ -8,7 +8,6 @@ and KV type this machine has: were it broken, the identity tests could pass or f
 Sampled: the first two tokens' joint distribution against the exact one computed from the model, by a
 chi-square test that a wrong acceptance rule fails (shown in the test)."""
 
-import dataclasses
 import math
 
 import numpy as np
@@ -21,7 +20,7 @@ from bitlm.engine.generate import ChatSession, generate, stream_text
 from bitlm.engine.sampling import SamplingParams, distribution
 from bitlm.engine.speculative import PromptLookup, Speculative, Speculator, accept_drafts, shared_prefix_len
 from bitlm.errors import BitlmError
-from helpers import finish, make_tiny_model_dir
+from helpers import finish, first_layers, make_tiny_model_dir
 
 if not __import__("bitlm.kernels", fromlist=["available"]).available():
     pytest.skip("native kernels not built", allow_module_level=True)
@@ -49,15 +48,6 @@ def other(tmp_path_factory):
 def shakespeare():
     """The bundled model: greedy, it falls into loops that prompt lookup drafts well (about half right)."""
     return NativeLM(bitlm.load_native(bundled_model_dir(), head="q8"))
-
-
-def first_layers(nm, n):
-    """A draft made of the first n blocks of nm (then its final norm and head): early exit."""
-    arrays = {k: v for k, v in nm.arrays.items() if not (k[0].isdigit() and int(k.split(".")[0]) >= n)}
-    arrays["scales"] = nm.arrays["scales"][:n]
-    draft = NativeLM(NativeModel(dataclasses.replace(nm.config, num_hidden_layers=n), arrays))
-    draft.tokenizer = nm.tokenizer
-    return draft
 
 
 @pytest.fixture(scope="module")

@@ -160,3 +160,21 @@ def test_command_line(tiny_model_dir, task_dir, tmp_path, capsys, monkeypatch):
     data = json.loads(result.read_text())
     assert data["config"]["model"] == "bitlm"
     assert np.isfinite(data["results"]["bitlm_test_mc"]["acc,none"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_cuda(tiny_model_dir, task_dir, capsys, monkeypatch):
+    # model_args device=cuda, and lm-eval's own --device flag: the one-line error of `bitlm generate --device cuda`
+    from bitlm.eval.harness import BitlmLM
+    with pytest.raises(bitlm.BitlmError, match=r"^--device cuda: CUDA is not available"):
+        BitlmLM(pretrained=str(tiny_model_dir), device="cuda")
+    from lm_eval.tasks import TaskManager
+    init = TaskManager.__init__
+    monkeypatch.setattr(TaskManager, "__init__", lambda self, *a, **kw: init(self, *a, **{**kw, "include_defaults": False}))
+    rc = main(["eval", "harness", "--model_args", f"pretrained={tiny_model_dir},runtime=torch", "--tasks",
+               "bitlm_test_mc", "--include_path", str(task_dir), "--device", "cuda"])
+    # stderr also holds lm-eval's own log lines (INFO, or a logging error of a handler an earlier test left
+    # on its closed capture): the error is our one last line
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 2 and err[-1].startswith("bitlm: error: --device cuda: CUDA is not available"), err
+    assert sum(line.startswith("bitlm: error") for line in err) == 1

@@ -114,6 +114,19 @@ def test_command(tiny_model_dir, tmp_path, capsys):
     assert r2["tokens"] == 2 * r["tokens"] and r2["total_nll"] == pytest.approx(2 * r["total_nll"], rel=1e-9)
 
 
+def test_command_torch_runtime(tiny_model_dir, tmp_path, capsys):
+    # --runtime torch (and --device cpu, said out loud) gives the torch scorer's figure exactly
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT)
+    direct = perplexity(TorchScorer(bitlm.load(tiny_model_dir)), TEXT, 32, 16, progress=False)
+    for extra in ([], ["--device", "cpu"]):
+        assert main(["eval", "ppl", "-m", str(tiny_model_dir), "--data", str(data), "--ctx", "32", "--stride", "16",
+                     "--runtime", "torch", "--json", "--no-progress", *extra]) == 0
+        r = json.loads(capsys.readouterr().out)
+        assert (r["runtime"], r["device"], r["head"]) == ("torch", "cpu", None)
+        assert r["tokens"] == direct["tokens"] and r["nll"] == direct["nll"] and r["ppl"] == direct["ppl"]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--data", "{missing}"], "no such file"),
     (["--data", "{bad}"], "not UTF-8"),

@@ -75,11 +75,36 @@ def test_triton_on_cpu_needs_the_interpreter(tiny_model_dir):
 @needs_no_cuda
 @pytest.mark.parametrize("argv", [["generate", "-p", "hi", "-m", "{model}"], ["chat", "-m", "{model}"],
                                   ["bench", "--shape", "tiny"], ["bench", "-m", "{model}"],
-                                  ["generate", "--runtime", "torch", "-p", "hi"]])
-def test_cli_device_cuda_without_cuda(argv, tiny_model_dir, capsys):
-    assert main([a.format(model=tiny_model_dir) for a in argv] + ["--device", "cuda"]) == 2
+                                  ["generate", "--runtime", "torch", "-p", "hi"],
+                                  ["eval", "ppl", "-m", "{model}", "--data", "{data}"],
+                                  ["eval", "ppl", "--runtime", "torch", "--data", "{data}"],
+                                  ["serve", "-m", "{model}"], ["serve", "--runtime", "torch", "--port", "0"]])
+def test_cli_device_cuda_without_cuda(argv, tiny_model_dir, tmp_path, capsys):
+    if argv[0] == "serve":
+        pytest.importorskip("fastapi")
+        pytest.importorskip("uvicorn")
+    data = tmp_path / "text.txt"
+    data.write_text("To be, or not to be, that is the question.\n")
+    assert main([a.format(model=tiny_model_dir, data=data) for a in argv] + ["--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"bitlm: error: --device cuda: {NO_CUDA}; ")
+
+
+@pytest.mark.parametrize("argv", [["generate", "-p", "hi"], ["eval", "ppl", "--data", "{data}"], ["serve"]])
+def test_cli_device_cuda_with_runtime_native(argv, tmp_path, capsys, monkeypatch):
+    # as on a machine with CUDA and Triton: the device check passes (stubbed here), the runtime conflict
+    # is refused before any model loads
+    if argv[0] == "serve":
+        pytest.importorskip("fastapi")
+        pytest.importorskip("uvicorn")
+    monkeypatch.setattr("bitlm.cli.check_device_arg", lambda args: torch.device("cuda"))
+    monkeypatch.setattr("bitlm.cli._load_on", lambda *a: pytest.fail("a model was loaded"))
+    data = tmp_path / "text.txt"
+    data.write_text("To be, or not to be, that is the question.\n")
+    assert main([a.format(data=data) for a in argv] + ["--runtime", "native", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("bitlm: error: --runtime native runs on the CPU; --device cuda runs the torch model "
+                   "(drop --runtime native)\n")
 
 
 @needs_no_cuda

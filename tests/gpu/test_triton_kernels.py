@@ -197,3 +197,17 @@ def test_bench_runs_the_triton_model():
     assert getattr(model, "kernel", None) == "triton"
     records = bench.run_torch(model, 4, 0, 1) + bench.run_torch(model, 0, 2, 1)
     assert [r["backend"] for r in records] == [f"triton ({DEVICE.type})"] * 2
+
+
+def test_server_engine_through_triton_equals_the_cpu_packed_path(tiny_model_dir):
+    # `bitlm serve --device cuda`'s engine (serve/torch_engine.py) on the Triton model: two sequences side
+    # by side, a prompt chunk beside decode rows, the same logits as the engine on the CPU packed model
+    from bitlm.serve.torch_engine import TorchEngine
+    ref = TorchEngine(bitlm.load(tiny_model_dir), max_seqs=2)
+    tri = TorchEngine(bitlm.load(tiny_model_dir, kernel="triton", device=DEVICE.type), max_seqs=2)
+    a, b = (ref.add_sequence(), ref.add_sequence()), (tri.add_sequence(), tri.add_sequence())
+    for x, y in ([[0, 5, 17, 300], [9]], [[42], [100, 7, 3]], [[250], [8]]):
+        work_ref, work_tri = [(a[0], x), (a[1], y)], [(b[0], x), (b[1], y)]
+        for r, t in zip(ref.step(work_ref), tri.step(work_tri)):
+            np.testing.assert_array_equal(t, r)
+    assert [tri.seq_len(s) for s in b] == [6, 5] and tri.used_blocks == 2

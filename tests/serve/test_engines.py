@@ -66,6 +66,26 @@ def test_steps_equal_forward_alone(make, nm):
     assert eng.used_blocks == 3
 
 
+def test_steps_return_the_rows_asked_for(make, nm):
+    """(sid, tokens, n_out) entries: the last n_out rows' logits, as the forward alone gives them; a
+    speculative round's rejected rows rolled back by truncate."""
+    eng = make(max_seqs=2, block_size=16)
+    rng = np.random.default_rng(1)
+    seqs = [rng.integers(0, nm.config.vocab_size, n).tolist() for n in (30, 12)]
+    refs = [alone(nm, s) for s in seqs]
+    a, b = eng.add_sequence(), eng.add_sequence()
+    out = eng.step([(a, seqs[0][:20], 0), (b, seqs[1][:5], 5)])
+    assert out[0].shape == (0, nm.config.vocab_size)
+    np.testing.assert_array_equal(out[1], refs[1][:5])
+    out = eng.step([(a, seqs[0][20:] + [7, 7], 12), (b, seqs[1][5:])])
+    np.testing.assert_array_equal(out[0][:10], refs[0][20:])
+    np.testing.assert_array_equal(out[1], refs[1][-1])
+    eng.truncate(a, 30)
+    assert eng.seq_len(a) == 30 and eng.blocks_needed(a, 3) == 1
+    with pytest.raises(BitlmError, match="n_out"):
+        eng.step([(a, [1], 2)])
+
+
 def test_refused_steps_consume_nothing(make, nm):
     eng = make(max_seqs=2, kv_blocks=3, block_size=16)
     a, b = eng.add_sequence(), eng.add_sequence()

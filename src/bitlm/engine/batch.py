@@ -5,7 +5,8 @@ decoded in one pass cost about what one costs until the cores are saturated. A B
 number of sequences (up to max_seqs live at once), each with its own position and its own keys and
 values, and runs a step of several of them as ONE native forward (kernels/forward.c,
 bn_forward_paged): the projections once over all rows, attention per sequence over its own keys. A
-step may mix decode rows (1 token) with chunks of new prompts (chunked prefill).
+step may mix decode rows (1 token) with chunks of new prompts (chunked prefill) and speculative
+rows ([last, d1 .. dk], whose k + 1 rows of logits are all returned: see step's n_out).
 
 The KV cache is paged, as vLLM does it: one pool of kv_blocks blocks, each holding block_size
 positions of every layer's keys and values, [layers][2][kv_heads][block_size] rows of head_dim values
@@ -208,20 +209,28 @@ class BatchEngine:
 
     # ---- the step ---------------------------------------------------------------------------------------
     @_locked
-    def step(self, work: list[tuple[int, "np.ndarray | list[int]"]]) -> list[np.ndarray]:
-        """One batched forward. work: (sid, token ids) entries of different sequences, each token list
-        appended at that sequence's next positions: decode rows (1 token) and prompt chunks (many) in
-        any mix. Returns, per entry in order, the float32 [vocab] logits of the entry's last token.
+    def step(self, work: list[tuple]) -> list[np.ndarray]:
+        """One batched forward. work: entries of different sequences, (sid, token ids) or (sid, token
+        ids, n_out), each token list appended at that sequence's next positions: decode rows (1 token),
+        prompt chunks (many) and speculative rows ([last, d1 .. dk]) in any mix. Returns, per entry in
+        order, the float32 [vocab] logits of the entry's last token for (sid, tokens), and the float32
+        [n_out, vocab] logits of its last n_out tokens (0 .. len(tokens)) for (sid, tokens, n_out): the
+        head runs only on the rows asked for (n_out = 0 for a prompt chunk that is not the last).
         Raises BitlmError, with nothing consumed and no sequence changed, if a sequence would pass
         max_len, the pool has too few free blocks, a token id is out of range, a sequence is unknown
-        or listed twice, or an entry has no tokens."""
+        or listed twice, an entry has no tokens or n_out is out of range."""
         if not work:
             return []
         V = self.config.vocab_size
-        entries = []  # (seq, tokens)
+        entries = []  # (seq, tokens, n_out)
+        rows_only = []  # per entry: True where the caller asked for [vocab] (no n_out)
         seen = set()
         need = 0
-        for sid, toks in work:
+        for entry in work:
+            if len(entry) not in (2, 3):
+                raise BitlmError(f"BatchEngine.step: an entry is (sid, tokens) or (sid, tokens, n_out), got "
+                                 f"{len(entry)} items")
+            sid, toks = entry[0], entry[1]
             s = self._seq(sid)
             if sid in seen:
                 raise BitlmError(f"BatchEngine.step: sequence {sid} appears twice in one step")
@@ -234,13 +243,18 @@ class BatchEngine:
             if s.length + t.shape[0] > self.max_len:
                 raise BitlmError(f"BatchEngine.step: sequence {sid} of {s.length + t.shape[0]} tokens exceeds the "
                                  f"context length {self.max_len}")
+            n_out = 1 if len(entry) == 2 else entry[2]
+            if not isinstance(n_out, (int, np.integer)) or isinstance(n_out, bool) or not 0 <= n_out <= t.shape[0]:
+                raise BitlmError(f"BatchEngine.step: n_out must be an integer in 0..{t.shape[0]} (the entry's tokens) "
+                                 f"for sequence {sid}, got {n_out!r}")
             need += self.blocks_needed(sid, t.shape[0])
-            entries.append((s, t.astype(np.int32)))
+            entries.append((s, t.astype(np.int32), int(n_out)))
+            rows_only.append(len(entry) == 2)
         if need > len(self._free):
             raise BitlmError(f"BatchEngine.step: the KV pool has {len(self._free)} free blocks, this step needs "
                              f"{need}; free or truncate a sequence, or step fewer")
-        before = [(s, s.length) for s, _ in entries]
-        for s, t in entries:
+        before = [(s, s.length) for s, _, _ in entries]
+        for s, t, _ in entries:
             if self._shared_tail(s):  # copy on write
                 i = s.length // self.block_size
                 old, s.blocks[i] = s.blocks[i], self._take()
@@ -250,9 +264,9 @@ class BatchEngine:
             for i in range(s.n_blocks, n):
                 s.blocks[i] = self._take()
             s.n_blocks = n
-        self.nm._fill_rope(max(s.length + t.shape[0] for s, t in entries))
+        self.nm._fill_rope(max(s.length + t.shape[0] for s, t, _ in entries))
         try:
-            return self._run(entries)
+            out = self._run(entries)
         except (OSError, ValueError, MemoryError) as e:  # the native call failed: undo the whole step
             for s, length in before:  # (a block copied on write stays copied: the same contents)
                 s.length = length
@@ -263,13 +277,16 @@ class BatchEngine:
                 raise BitlmError(f"{self.nm._embed_file.name}: an embedding row could not be read (was the file "
                                  "truncated or replaced while in use?); load the model again") from None
             raise BitlmError(f"BatchEngine.step: the native forward failed ({e})") from None
+        return [o[-1] if last else o for o, last in zip(out, rows_only)]
 
     def _run(self, entries: list) -> list[np.ndarray]:
         """The entries as native calls of at most ubatch rows: shortest entries first (decode rows all in
-        the first call), a longer entry split over calls where it does not fit; logits only for the
-        last piece of each entry."""
+        the first call), a longer entry split over calls where it does not fit. An entry's n_out rows
+        are its last, so they are the last rows of the pieces they fall in: each piece asks the C
+        forward for its own share of them. Returns float32 [n_out, vocab] per entry (a view of the
+        call's logits unless the rows came from several calls)."""
         V = self.config.vocab_size
-        out: list[np.ndarray | None] = [None] * len(entries)
+        parts: list[list[np.ndarray]] = [[] for _ in entries]  # views of each call's logits, in row order
         order = sorted(range(len(entries)), key=lambda i: entries[i][1].shape[0])
         done = {i: 0 for i in order}  # tokens of entry i already run
         pending = list(order)
@@ -278,25 +295,27 @@ class BatchEngine:
             for i in pending:
                 if rows == self.ubatch:
                     break
-                s, t = entries[i]
+                s, t, _ = entries[i]
                 k = min(t.shape[0] - done[i], self.ubatch - rows)
                 pieces.append((i, done[i], k))
                 rows += k
             seqs = np.zeros((len(pieces), _NS), np.int64)
             for j, (i, start, k) in enumerate(pieces):
-                s, t = entries[i]
-                seqs[j] = (k, s.length, int(start + k == t.shape[0]), s.blocks.ctypes.data)
+                s, t, n_out = entries[i]
+                # the wanted rows t.shape[0] - n_out .. end that fall in start .. start + k
+                seqs[j] = (k, s.length, max(0, start + k - max(start, t.shape[0] - n_out)), s.blocks.ctypes.data)
             toks = np.concatenate([entries[i][1][start:start + k] for i, start, k in pieces])
             logits = np.empty((int(seqs[:, 2].sum()), V), np.float32)
             self.nm.n.forward_paged(self.nm._handle, toks.ctypes.data, seqs.ctypes.data, len(pieces),
                                     self.pool.ctypes.data, self.block_size, self._n_blocks, logits.ctypes.data)
             r = 0
-            for i, start, k in pieces:
-                s, t = entries[i]
+            for j, (i, start, k) in enumerate(pieces):
+                s, t, n_out = entries[i]
+                m = int(seqs[j, 2])
+                if m:  # this piece's share of the wanted rows (the pieces come in row order)
+                    parts[i].append(logits[r:r + m])
+                    r += m
                 s.length += k
                 done[i] += k
-                if done[i] == t.shape[0]:
-                    out[i] = logits[r]
-                    r += 1
             pending = [i for i in pending if done[i] < entries[i][1].shape[0]]
-        return out
+        return [p[0] if len(p) == 1 else np.concatenate(p) if p else np.empty((0, V), np.float32) for p in parts]

@@ -113,46 +113,52 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def run(nm, threads: int, n_prompt: int, n_gen: int, reps: int, seed: int = 0) -> list[dict]:
-    """llama-bench's two tests: pp<n_prompt> (one batch) and tg<n_gen> (one token at a time from an
-    empty context, each next token the argmax of the last logits); one warm-up run of each first."""
+def run(nm, threads: int, n_prompt: int, n_gen: int, reps: int, seed: int = 0, depth: int = 0) -> list[dict]:
+    """llama-bench's two tests: pp<n_prompt> (one batch) and tg<n_gen> (one token at a time, each next
+    token the argmax of the last logits); one warm-up run of each first. depth (llama-bench's -d): the
+    tests start after `depth` tokens already in the context (filled once, untimed; each run rolls the
+    cache back to them), as a long conversation or document does; 0, an empty context."""
     from ..kernels import set_num_threads
     set_num_threads(threads)
     rng = _TokenSource(seed, nm.config.vocab_size)
+    if depth:
+        nm.reset()
+        nm.forward(rng.tokens(depth), n_out=1)
     records = []
     if n_prompt:
         prompt = rng.tokens(n_prompt)
 
         def pp():
-            _prefill(nm, prompt)
+            _prefill(nm, prompt, depth)
 
         pp()
         times = [_timed(pp) for _ in range(reps)]
-        records.append(_record(nm, threads, n_prompt, 0, [n_prompt / t for t in times]))
+        records.append(_record(nm, threads, n_prompt, 0, [n_prompt / t for t in times], depth))
     if n_gen:
         def tg():
-            _generate(nm, rng.token(), n_gen)
+            _generate(nm, rng.token(), n_gen, depth)
 
         tg()
         times = [_timed(tg) for _ in range(reps)]
-        records.append(_record(nm, threads, 0, n_gen, [n_gen / t for t in times]))
+        records.append(_record(nm, threads, 0, n_gen, [n_gen / t for t in times], depth))
     return records
 
 
-def _prefill(nm, prompt) -> None:
-    """llama-bench's pp test: one batch of prompt tokens from an empty context."""
-    nm.reset()
+def _prefill(nm, prompt, depth: int = 0) -> None:
+    """llama-bench's pp test: one batch of prompt tokens after the first `depth` of the context."""
+    nm.truncate(depth)
     nm.forward(prompt, n_out=1)
 
 
-def _generate(nm, tok: int, n: int) -> None:
-    """llama-bench's tg test: n tokens one at a time from an empty context, each the argmax of the last."""
-    nm.reset()
+def _generate(nm, tok: int, n: int, depth: int = 0) -> None:
+    """llama-bench's tg test: n tokens one at a time after the first `depth` of the context, each the
+    argmax of the last."""
+    nm.truncate(depth)
     for _ in range(n):
         tok = int(nm.forward([tok], n_out=1)[0].argmax())
 
 
-def _record(nm, threads, n_prompt, n_gen, samples) -> dict:
+def _record(nm, threads, n_prompt, n_gen, samples, depth: int = 0) -> dict:
     sizes = nm.nbytes
     return {
         "build_commit": os.environ.get("BITLM_COMMIT", ""),
@@ -164,6 +170,7 @@ def _record(nm, threads, n_prompt, n_gen, samples) -> dict:
         "n_threads": threads,
         "n_prompt": n_prompt,
         "n_gen": n_gen,
+        "n_depth": depth,
         "avg_ts": statistics.mean(samples),
         "stddev_ts": statistics.stdev(samples) if len(samples) > 1 else 0.0,
         "median_ts": statistics.median(samples),
@@ -171,25 +178,36 @@ def _record(nm, threads, n_prompt, n_gen, samples) -> dict:
     }
 
 
-def phase_breakdown(nm, threads: int, n_prompt: int, n_gen: int, seed: int = 0) -> dict[str, dict[str, float]]:
+def test_name(r: dict) -> str:
+    """A record's test as llama-bench names it: pp512, tg128, tg128 @ d4096."""
+    name = f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}"
+    return f"{name} @ d{r['n_depth']}" if r.get("n_depth") else name
+
+
+def phase_breakdown(nm, threads: int, n_prompt: int, n_gen: int, seed: int = 0,
+                    depth: int = 0) -> dict[str, dict[str, float]]:
     """Milliseconds per token in each phase of the C forward (bitnet.h BN_PROF_*), for one profiled
-    pp<n_prompt> batch and one tg<n_gen> run like those of `run`; "total" is their sum."""
+    pp<n_prompt> batch and one tg<n_gen> run like those of `run` (after `depth` tokens of context);
+    "total" is their sum."""
     from ..kernels import set_num_threads
     from .native import profile
     set_num_threads(threads)
     rng = _TokenSource(seed, nm.config.vocab_size)
+    if depth:
+        nm.reset()
+        nm.forward(rng.tokens(depth), n_out=1)
     prompt = rng.tokens(n_prompt)
     out = {}
-    for name, n, test in ((f"pp{n_prompt}", n_prompt, lambda: _prefill(nm, prompt)),
-                          (f"tg{n_gen}", n_gen, lambda: _generate(nm, rng.token(), n_gen))):
-        if not n:
+    for n_p, n_g, test in ((n_prompt, 0, lambda: _prefill(nm, prompt, depth)),
+                           (0, n_gen, lambda: _generate(nm, rng.token(), n_gen, depth))):
+        if not n_p + n_g:
             continue
         profile(nm, True, reset=True)
         test()
         phases = profile(nm, False)
-        ms = {k: 1e3 * v / n for k, v in phases.items()}
+        ms = {k: 1e3 * v / (n_p + n_g) for k, v in phases.items()}
         ms["total"] = sum(ms.values())
-        out[name] = ms
+        out[test_name({"n_prompt": n_p, "n_gen": n_g, "n_depth": depth})] = ms
     return out
 
 

@@ -56,6 +56,18 @@ def check_weights(weights: str) -> str:
     if weights not in WEIGHTS:
         raise BitlmError(f"weight format {weights!r} is not one of {', '.join(WEIGHTS)}")
     return weights
+
+
+def resolve_weights(weights: str) -> str:
+    """A weight format name, or "auto": the format that decodes faster on this CPU's kernel path, as
+    benchmarks/cpu_inference.py measured it (benchmarks/README.md): t5 where the products run on AVX-512
+    VNNI (with or without AMX: 1.6 bits read per weight, decode bandwidth-bound, prefill as fast), i2v
+    elsewhere (on AVX2 a T5 GEMV costs about 2.5x I2V's, so decode turns compute-bound; NEON and the
+    scalar path are not measured, and i2v does less arithmetic a weight)."""
+    if weights == "auto":
+        from ..kernels import info
+        return "t5" if info()["path"] in ("avx512vnni", "amx") else "i2v"
+    return check_weights(weights)
 _NI = 23  # bitnet.h: BN_NI
 # KV cache element types: numpy dtype of the cache array, bitnet.h BN_F32 / BN_F16 / BN_Q8_0. q8_0 rows are
 # bytes (formats/q8_0.py: ceil(head_dim / 32) blocks of 34 bytes, 0.53 of f16's bytes).

@@ -220,6 +220,63 @@ class DraftModel:
         return tokens, (np.stack(qs) if qs else None)
 
 
+class BatchDrafter:
+    """Drafts with a draft model for many sequences at once (a server's scheduler). The draft model's own
+    many-sequence engine (engine/batch.py BatchEngine, sized for every sequence's full context) holds a
+    draft sequence per target sequence (`key`); a round drafts for all of them in at most k batched
+    steps of the draft model: the first runs what each draft sequence lacks of its history (at least the
+    last token) and draws d1, each next one runs every sequence's previous draft and draws the next.
+    Each draft is drawn as DraftModel draws it (the argmax, or from q = the processed distribution with
+    the sequence's own generator, in the same order), so a sequence's drafts and draws are those of
+    generate()'s DraftModel whatever else is drafted beside it (the engine is batch-invariant)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self._seqs: dict = {}  # key -> (draft sequence id, the ids its cache holds)
+
+    def release(self, key) -> None:
+        """The target sequence ended or gave its blocks back: free its draft sequence."""
+        held = self._seqs.pop(key, None)
+        if held is not None:
+            self.engine.free_sequence(held[0])
+
+    def room(self, history_len: int) -> int:
+        """Most tokens the draft model can draft after a history of this length (it runs positions up to
+        history_len + k - 2)."""
+        return self.engine.max_len + 1 - history_len
+
+    def draft(self, work: list) -> None:
+        """work: (key, history, k, sp) per sequence drafting this round (k >= 1, within room()); each
+        one's drafts go to sp.drafted() (a Speculator made with external=True)."""
+        rows, out = [], {}  # the next step's entries; key -> (tokens, qs)
+        for key, history, k, sp in work:
+            if key not in self._seqs:
+                self._seqs[key] = (self.engine.add_sequence(), [])
+            sid, held = self._seqs[key]
+            keep = min(shared_prefix_len(history, held), self.engine.seq_len(sid), len(history) - 1)
+            self.engine.truncate(sid, keep)
+            self._seqs[key] = (sid, list(history))
+            rows.append((key, sid, list(history[keep:]), k, sp))
+            out[key] = ([], [])
+        while rows:
+            logits = self.engine.step([(sid, toks) for _, sid, toks, _, _ in rows])
+            nxt = []
+            for (key, sid, toks, k, sp), row in zip(rows, logits):
+                tokens, qs = out[key]
+                if sp.params.greedy:
+                    tokens.append(int(sample(row[None], sp.params)[0]))
+                else:
+                    qs.append(distribution(row[None], sp.params)[0])
+                    tokens.append(draw(qs[-1], sp.generator))
+                if len(tokens) < k:
+                    self._seqs[key][1].append(tokens[-1])
+                    nxt.append((key, sid, tokens[-1:], k, sp))
+            rows = nxt
+        for key, _, _, sp in work:
+            tokens, qs = out[key]
+            sp.drafted(tokens, np.stack(qs) if qs else None)
+
+
 def drafter_for(spec: Speculative, model, params: SamplingParams, generator):
     if spec.method == "lookup":
         return PromptLookup(spec.ngram_max, spec.ngram_min)
@@ -280,20 +337,39 @@ class Speculator:
         tokens, accepted = sp.accept(rows)      # 1 .. len(draft) + 1 tokens to emit, in order
         <truncate the target's cache to len(history) + accepted>
 
-    It keeps the adaptive k and the counts (`stats`)."""
+    It keeps the adaptive k and the counts (`stats`). external=True: the caller drafts itself (a server
+    drafting for many sequences in one batched forward of the draft model, drawing each draft from this
+    Speculator's generator): per round it asks want(room) for k, then hands the drafts to drafted()
+    instead of calling propose()."""
 
-    def __init__(self, spec: Speculative, model, params: SamplingParams, generator=None):
+    def __init__(self, spec: Speculative, model, params: SamplingParams, generator=None, external: bool = False):
         self.spec, self.params = spec, params
         self.generator = generator if generator is not None or params.greedy else params.generator()
-        self.drafter = drafter_for(spec, model, params, self.generator)
+        self.drafter = None if external else drafter_for(spec, model, params, self.generator)
         self.k = spec.draft_max
         self.stats = SpecStats()
         self._pending: tuple[list[int], np.ndarray | None] | None = None
 
+    def want(self, room: int) -> int:
+        """Tokens to draft this round: the adaptive k, within room (tokens that may still be drafted)."""
+        return max(0, min(self.k, room))
+
     def propose(self, history: Sequence[int], room: int) -> list[int]:
-        k = max(0, min(self.k, room))
+        if self.drafter is None:
+            raise BitlmError("Speculator.propose: this Speculator's caller drafts (external); use drafted()")
+        k = self.want(room)
         self._pending = self.drafter.propose(history, k) if k else ([], None)
         return list(self._pending[0])
+
+    @property
+    def pending(self) -> list[int]:
+        """This round's drafts (proposed or handed over), until accept()."""
+        return [] if self._pending is None else list(self._pending[0])
+
+    def drafted(self, draft: Sequence[int], q: np.ndarray | None) -> None:
+        """This round's drafts, made by the caller: q float64 [len(draft), vocab], the distribution each
+        was drawn from, or None for deterministic drafts (greedy: the argmax)."""
+        self._pending = (list(draft), q)
 
     def accept(self, rows: np.ndarray) -> tuple[list[int], int]:
         if self._pending is None:

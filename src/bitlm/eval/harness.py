@@ -11,6 +11,9 @@ model_args (comma-separated key=value, as for every lm-eval model):
     head            native runtime: output head format q8 (default) | q6 | bf16 | f32
     kv              native runtime: KV cache type f16 (default) | f32
     threads         CPU threads
+    device          cpu (default) | cuda[:N]: the torch model on a GPU in bf16, its products by the Triton
+                    kernels (as `bitlm generate --device cuda`). On the command line it is lm-eval's own
+                    --device flag: `bitlm eval harness` makes its default cpu (lm-eval's is cuda:0)
     max_length      context for scoring and generation (default: the model's)
     batch_size      torch runtime: sequences per forward (lm-eval's --batch_size sets it too)
     add_bos_token   true: put BOS before every context, as the model saw its training documents
@@ -32,7 +35,7 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from ..errors import BitlmError
-from .scoring import NativeScorer, TorchScorer, log_softmax_pick
+from .scoring import log_softmax_pick, scorer_for
 
 _TRUE = ("1", "true", "yes", "on")
 
@@ -47,26 +50,23 @@ class BitlmLM(TemplateLM):
 
     def __init__(self, pretrained: str | None = None, runtime: str = "auto", head: str = "q8", kv: str = "f16",
                  threads: int | None = None, max_length: int | None = None, batch_size: int | str = 1,
-                 add_bos_token: bool | str = False, **unused):
+                 add_bos_token: bool | str = False, device: str | None = None, **unused):
         super().__init__()
-        from ..cli import native_available, resolve_model_arg, set_threads
+        import argparse
+
+        from ..cli import load_model, resolve_model_arg
         source = resolve_model_arg(pretrained)
-        if runtime == "auto":
-            runtime = "native" if native_available() else "torch"
-        if runtime not in ("native", "torch"):
+        if runtime not in ("auto", "native", "torch"):
             raise BitlmError(f"bitlm model_args runtime={runtime!r}: expected native or torch")
-        set_threads(int(threads) if threads is not None else None, torch_too=runtime == "torch")
-        if runtime == "native":
-            from ..engine.native import NativeLM
-            from ..io.native import load_native
-            nm = load_native(source, head=head, kv=kv, max_len=int(max_length) if max_length else None)
-            self.model, self.scorer = NativeLM(nm), NativeScorer(nm)
-        else:
-            from ..io.hf import load
-            model = load(source)
-            self.model, self.scorer = model, TorchScorer(model)
-        if self.model.tokenizer is None:
-            raise BitlmError(f"{source}: no tokenizer.json next to the weights; lm-eval needs one")
+        # the model as `bitlm eval ppl` loads it (the runtime, --device cuda's checks and bf16 GPU model)
+        args = argparse.Namespace(model=source, runtime=runtime, device=str(device or "cpu"),
+                                  threads=int(threads) if threads is not None else None, head=head, kv=kv,
+                                  ctx_size=int(max_length) if max_length else None, mmap=True, weights="i2v",
+                                  command="eval harness")
+        self.model = load_model(args)
+        runtime = args.runtime  # auto resolved
+        self.scorer = scorer_for(self.model)
+        self._device = self.model.device
         self.runtime = runtime
         self.tok = self.model.tokenizer
         self.max_length = min(int(max_length or 1 << 62), self.model.config.max_position_embeddings)
@@ -159,7 +159,7 @@ class BitlmLM(TemplateLM):
         for r, (ids, _) in enumerate(items):
             x[r, :len(ids) - 1] = torch.tensor(ids[:-1])
         with torch.inference_mode():
-            logits = self.model(x).float().numpy()  # [B, width, V]
+            logits = self.model(x.to(self.model.device)).float().cpu().numpy()  # [B, width, V]
         res = []
         for r, (ids, n) in enumerate(items):
             T = len(ids) - 1
@@ -233,6 +233,8 @@ def run_cli(argv: list[str]) -> int:
         args = ["run", *args]
     if args[0] == "run" and not any(a == "--model" or a.startswith("--model=") for a in args):
         args[1:1] = ["--model", "bitlm"]
+        if not any(a == "--device" or a.startswith("--device=") for a in args):
+            args[1:1] = ["--device", "cpu"]  # bitlm's default; lm-eval's cuda:0 would ask for a GPU
     saved = sys.argv
     sys.argv = ["bitlm eval harness", *args]
     try:

@@ -8,7 +8,8 @@
     gguf-tq2_0   GGUF "bitnet", TQ2_0 projections + scale tensors          bitlm, llama.cpp (SiLU graph)
     gguf-tq1_0   GGUF "bitnet", TQ1_0                                      bitlm, llama.cpp (SiLU graph)
     gguf-i2_s    GGUF "bitnet-b1.58", I2_S (bitnet.cpp's own type)         bitlm, bitnet.cpp (relu^2 graph)
-    native       bitlm's runtime file (io/native.py)                      bitlm's native runtime
+    native       bitlm's runtime file (io/native.py), projections in       bitlm's native runtime
+                 --weights i2v (2 bits a weight) or t5 (1.6)
 
 IN is an HF directory or hub repo id (packed or latent), a .gguf file of any of the three ternary
 types, or a native file. Every route goes through one form, the native array dict (engine/native.py)
@@ -110,13 +111,16 @@ def _read_native(path: Path) -> Source:
         cfg = BitNetConfig.from_hf(json.loads(meta["config"]), source=f"{path} (metadata)")
     except (KeyError, json.JSONDecodeError) as e:
         raise BitlmError(f"{path}: metadata has no readable config ({e})") from None
-    if meta.get("weights", "i2v") != "i2v":  # the routes out read I2V projections
-        raise BitlmError(f"{path}: its projections are in the {meta.get('weights')!r} format; convert from the "
-                         "original checkpoint, or from a native file made with --weights i2v")
+    weights = meta.get("weights", "i2v")
+    if weights not in ("i2v", "t5"):
+        raise BitlmError(f"{path}: its metadata records weights {weights!r}, not i2v or t5; convert the "
+                         "checkpoint again")
     if not cfg.tie_word_embeddings and "head" not in arrays:
         raise BitlmError(f"{path}: its untied head is stored as {meta.get('head')} rows, which cannot be turned "
                          "back into float rows; convert from the original checkpoint instead")
     arrays = {k: v for k, v in arrays.items() if not k.startswith("head.") and (k != "head" or not cfg.tie_word_embeddings)}
+    from .native import retarget
+    arrays = retarget(arrays, cfg, "i2v", lazy=False, source=weights)  # the common form holds I2V
     tok = None
     if "tokenizer" in meta:  # written by `bitlm convert --to native`
         from tokenizers import Tokenizer as HFTokenizer
@@ -148,8 +152,10 @@ def _torch_model(s: Source):
     return model
 
 
-def write(s: Source, dest, to: str, embed_type: str = "f16", head: str = "q8", progress: bool = True) -> Path:
-    """Write the model in format `to` at dest, atomically (a failure leaves nothing at dest)."""
+def write(s: Source, dest, to: str, embed_type: str = "f16", head: str = "q8", progress: bool = True,
+          weights: str = "i2v") -> Path:
+    """Write the model in format `to` at dest, atomically (a failure leaves nothing at dest); `weights`,
+    the native file's ternary weight format (engine/native.py WEIGHTS; checked by convert)."""
     from .progress import Progress
     dest = Path(dest)
     if to.startswith("gguf-"):
@@ -160,12 +166,15 @@ def write(s: Source, dest, to: str, embed_type: str = "f16", head: str = "q8", p
                               name=s.name, progress=bar, warn=_warn)
     if to == "native":
         from ..engine.native import head_arrays
-        from .native import save
+        from . import st
+        from .native import retarget, save
         arrays = {k: v for k, v in s.arrays.items() if k != "head"}
         rows = s.arrays["embed"] if s.config.tie_word_embeddings else s.arrays["head"]
         arrays.update(head_arrays(rows, head))
-        save(arrays, s.config, dest, head, {"converted_from": s.origin, "head": head},
-             extra=_tokenizer_metadata(s.tokenizer))
+        source = {"converted_from": s.origin, "head": head, **({} if weights == "i2v" else {"weights": weights})}
+        save(retarget(arrays, s.config, weights), s.config, dest, head, source,
+             extra=_tokenizer_metadata(s.tokenizer), weights=weights)
+        st.release_page_cache(dest)  # its first load maps it in 2 MB folios (st.advise_huge_pages)
         return dest
     if to == "hf":
         _torch_model(s).save_pretrained(dest)
@@ -177,9 +186,16 @@ def write(s: Source, dest, to: str, embed_type: str = "f16", head: str = "q8", p
     raise BitlmError(f"--to {to!r} is not one of {', '.join(FORMATS)}")
 
 
-def convert(src, dest, to: str, embed_type: str = "f16", head: str = "q8", progress: bool = True) -> Path:
+def convert(src, dest, to: str, embed_type: str = "f16", head: str = "q8", progress: bool = True,
+            weights: str = "i2v") -> Path:
+    from ..engine.native import resolve_weights
     if to not in FORMATS:
         raise BitlmError(f"--to {to!r} is not one of {', '.join(FORMATS)}")
+    if weights == "auto" and to != "native":
+        weights = "i2v"  # the CLI's default: only a native file has a weight format
+    weights = resolve_weights(weights)
+    if weights != "i2v" and to != "native":
+        raise BitlmError(f"--weights {weights} is the native file's weight format; it has no meaning for --to {to}")
     if Path(src).exists() and Path(dest).resolve() == Path(src).resolve():
         raise BitlmError(f"{dest}: the output would replace the input; choose another path")
-    return write(read(src, progress), dest, to, embed_type, head, progress)
+    return write(read(src, progress), dest, to, embed_type, head, progress, weights)

@@ -475,42 +475,44 @@ def load_torch(path, dtype=None, tokenizer: bool = True):
     return model
 
 
-def native_cache_path(path, head: str) -> Path:
-    """The cache file of a GGUF file and head format: one per pair (io/native.cache_path's rule)."""
+def native_cache_path(path, head: str, weights: str = "i2v") -> Path:
+    """The cache file of a GGUF file, head and weight format: one per triple (io/native.cache_path's
+    rule; the I2V file keeps the name it had before weight formats existed)."""
     from .native import _sha256, cache_dir
     p = Path(path).resolve()
-    h = _sha256(f"gguf|{head}|{p}".encode())
-    return cache_dir() / f"{p.stem}-gguf-{head}-{h.hexdigest()[:16]}.safetensors"
+    key, tag = (head, head) if weights == "i2v" else (f"{head}|{weights}", f"{head}-{weights}")
+    h = _sha256(f"gguf|{key}|{p}".encode())
+    return cache_dir() / f"{p.stem}-gguf-{tag}-{h.hexdigest()[:16]}.safetensors"
 
 
-def source_identity(path, head: str) -> dict:
+def source_identity(path, head: str, weights: str = "i2v") -> dict:
     """What a native file made from a GGUF file records (io/native.source_identity's form): a changed
     file (size, modification time) replaces its cache file."""
     p = Path(path).resolve()
     s = p.stat()
-    return {"gguf": str(p), "head": head, "files": {p.name: [s.st_size, s.st_mtime_ns]}}
+    return {"gguf": str(p), "head": head, **({} if weights == "i2v" else {"weights": weights}),
+            "files": {p.name: [s.st_size, s.st_mtime_ns]}}
 
 
 def load_native(path, head: str = "q8", max_len: int | None = None, kv: str = "f16", mmap: bool = True,
                 tokenizer: bool = True, weights: str = "i2v"):
     """A GGUF file on the native runtime: converted once to a native file in the cache (saying so on
     stderr, with a progress bar; io/native.ensure_file), then memory-mapped like any other. Its
-    projections are in the I2V format (weights "t5" is not made from GGUF files yet: one line says so)."""
-    from .native import ensure_file, open_native, save
-    if weights != "i2v":
-        raise BitlmError(f"{path}: --weights {weights} is not made from GGUF files yet; convert the file to a "
-                         f"Hugging Face checkpoint first (bitlm convert {path} DIR --to hf)")
+    projections are in the weight format `weights` (io/native.retarget)."""
+    from ..engine.native import resolve_weights
+    from .native import ensure_file, open_native, retarget, save
+    weights = resolve_weights(weights)
     g = GGUFFile(path)
     cfg = config_from_gguf(g)
-    dest = native_cache_path(path, head)
-    source = source_identity(path, head)
+    dest = native_cache_path(path, head, weights)
+    source = source_identity(path, head, weights)
 
     def build():
         from ..engine.native import head_arrays
         arrays = arrays_from_gguf(g, cfg, as_model=True, lazy=True)
         rows = arrays.pop("head", arrays["embed"]) if not cfg.tie_word_embeddings else arrays["embed"]
         arrays.update(head_arrays(rows, head))
-        save(arrays, cfg, dest, head, source)
+        save(retarget(arrays, cfg, weights), cfg, dest, head, source, weights=weights)
 
     converted = ensure_file(dest, source, build, what=str(path))
     nm = open_native(dest, max_len=max_len, kv=kv, mmap=mmap, source=source)

@@ -220,6 +220,7 @@ def ensure_file(dest: Path, source: dict, build, what: str | None = None) -> boo
             build()
         finally:
             _announce.reset(token)
+        st.release_page_cache(dest)  # its first load maps it in 2 MB folios (st.advise_huge_pages)
         return True
 
 
@@ -339,6 +340,28 @@ def save(arrays: dict[str, np.ndarray], config: BitNetConfig, dest, head: str, s
                  progress=bar)
 
 
+def retarget(arrays: dict, config: BitNetConfig, weights: str, lazy: bool = True, source: str = "i2v") -> dict:
+    """The native array dict with its projections (in format `source`) in the weight format `weights`,
+    exactly: the codes unpacked and packed again (formats/i2v.py, formats/t5.py). lazy: each made as it
+    is written (st.Lazy, one projection in memory at a time; a lazy input projection is made first, and
+    its maker may fill "scales", which save writes last); else made now."""
+    from ..engine.native import PROJS, WEIGHT_MODULES, check_weights, pack_projection
+    from ..formats import hf_packed
+    if check_weights(weights) == check_weights(source):
+        return arrays
+    shapes = config.projection_shapes()
+    out = dict(arrays)
+    for l in range(config.num_hidden_layers):
+        for name in PROJS:
+            key, (n, k) = f"{l}.{name}", shapes[name]
+
+            def make(a=arrays[key], n=n, k=k):
+                codes = WEIGHT_MODULES[source].unpack(a.make() if isinstance(a, st.Lazy) else a, n, k)
+                return pack_projection(hf_packed.pack(codes), n, weights)
+            out[key] = st.Lazy(WEIGHT_MODULES[weights].packed_shape(n, k), np.uint8, make) if lazy else make()
+    return out
+
+
 def metadata(config: BitNetConfig, head: str, source: dict, tensors: dict, weights: str = "i2v") -> dict[str, str]:
     """The native file's metadata (module docstring) for the tensors st.write is given."""
     return {"bitlm_format": FORMAT, "config": json.dumps(config.to_hf()), "head": head, "weights": weights,
@@ -364,7 +387,9 @@ def open_native(path, max_len: int | None = None, kv: str = "f16", mmap: bool = 
     except (KeyError, ValueError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
         raise BitlmError(f"{path}: metadata has no readable config ({type(e).__name__}: {str(e)[:120]}); "
                          "convert the checkpoint again") from None
-    if not mmap:
+    if mmap:
+        st.advise_huge_pages(arrays)
+    else:
         arrays.update(st.read_to_memory(arrays, [k for k in arrays if k != "embed"]))
     if "embed" in arrays:
         st.prefetch_to_page_cache(arrays["embed"])  # its rows are read with pread as tokens need them
@@ -374,17 +399,18 @@ def open_native(path, max_len: int | None = None, kv: str = "f16", mmap: bool = 
 def load_native(path_or_repo_id, head: str = "q8", max_len: int | None = None, revision: str | None = None,
                 kv: str = "f16", mmap: bool = True, tokenizer: bool = True, weights: str = "i2v"):
     """A Hugging Face checkpoint (directory or repo id), or a GGUF file (io/gguf_read.py), on the native
-    runtime, converting it once (per head and weight format: weights "i2v", 2 bits, or "t5", 1.6 bits).
+    runtime, converting it once (per head and weight format: weights "i2v", 2 bits, "t5", 1.6 bits, or
+    "auto", the one faster on this CPU: engine/native.resolve_weights).
     tokenizer=False leaves the tokenizer out (nm.tokenizer None): Llama 3's takes 70 MB of memory, which
     a benchmark of token ids does not need. kv: the KV cache type, engine.native.KV_KINDS ("f16", "f32",
     or "q8_0": 8-bit blocks, formats/q8_0.py)."""
-    from ..engine.native import HEADS, check_kv, check_weights
+    from ..engine.native import HEADS, check_kv, resolve_weights
     from ..engine.tokenizer import Tokenizer
     from . import gguf_read
     from .checkpoint import open_checkpoint
     if head not in HEADS:
         raise BitlmError(f"head format {head!r} is not one of {', '.join(HEADS)}")
-    check_weights(weights)
+    weights = resolve_weights(weights)
     check_kv(kv)
     if gguf_read.is_gguf(path_or_repo_id):  # a GGUF file (by its first bytes): converted once the same way
         return gguf_read.load_native(path_or_repo_id, head=head, max_len=max_len, kv=kv, mmap=mmap,

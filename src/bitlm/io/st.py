@@ -7,6 +7,7 @@ dtype, so it is read and written as uint16 bit patterns (names ending the same, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -185,6 +186,43 @@ def prefetch_to_page_cache(a: np.ndarray) -> None:
             pass  # advice only
 
     threading.Thread(target=prefetch, name="bitlm-prefetch", daemon=True).start()
+
+
+def advise_huge_pages(arrays: dict[str, np.ndarray]) -> None:
+    """Ask for 2 MB pages on the file mappings under `arrays` (MADV_HUGEPAGE): where the kernel keeps
+    the file's page cache in large folios (ext4, xfs, ... on recent kernels), pages faulted in from disk
+    then come in 2 MB folios mapped by one page-table entry each, and a decode streaming the weights
+    skips a page walk every 4 KB (benchmarks/README.md: "huge pages for mapped weights"). Advice only:
+    pages already cached in 4 KB folios stay so (release_page_cache makes a fresh file's go back)."""
+    import mmap
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        return
+    roots = {}
+    for a in arrays.values():
+        root = a
+        while isinstance(root, np.ndarray) and isinstance(root.base, np.ndarray):
+            root = root.base
+        if isinstance(root, np.memmap) and getattr(root, "_mmap", None) is not None:
+            roots[id(root._mmap)] = root._mmap
+    for m in roots.values():
+        with contextlib.suppress(OSError, ValueError):
+            m.madvise(mmap.MADV_HUGEPAGE)
+
+
+def release_page_cache(path) -> None:
+    """Write a new file's dirty pages to disk and drop them from the page cache. Pages made by write()
+    sit in 4 KB folios; once dropped, the first load reads them back through the mapping, where the
+    kernel can allocate 2 MB folios (advise_huge_pages): one disk read of the file on its first load
+    buys faster decoding for as long as it stays cached. Advice only: errors are ignored."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def read_to_memory(arrays: dict[str, np.ndarray], names) -> dict[str, np.ndarray]:

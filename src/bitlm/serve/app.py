@@ -41,26 +41,34 @@ GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 CLIENT_GONE = 499  # nginx's "client closed request": the status counted when a client leaves before its answer
 
 
-def create_app(engine, settings: ServeSettings) -> FastAPI:
+def create_app(engine, settings: ServeSettings, drafter=None) -> FastAPI:
     """The app serving `engine` (a BatchEngine or anything with its interface, made for settings.max_seqs
-    sequences). The scheduler starts and stops with the app (its lifespan)."""
+    sequences). The scheduler starts and stops with the app (its lifespan). drafter: the BatchDrafter
+    (engine/speculative.py) of settings.speculative "draft"."""
+    if (settings.speculative == "draft") != (drafter is not None):
+        raise BitlmError("bitlm serve: --speculative draft and a draft model go together")
     tok = engine.tokenizer
     if tok is None:
         raise BitlmError("bitlm serve: the model has no tokenizer.json next to its weights; the server needs one")
     status_counts: collections.Counter = collections.Counter()  # (path, HTTP status) of generation requests
     created = int(time.time())
+    speculative = settings.spec(None if drafter is None else drafter.engine.nm)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.scheduler = Scheduler(engine, settings.max_seqs, settings.max_queue, settings.prefill_chunk)
+        app.state.scheduler = Scheduler(engine, settings.max_seqs, settings.max_queue, settings.prefill_chunk,
+                                        drafter)
         app.state.scheduler.start()
         try:
             yield
         finally:
             s = app.state.scheduler
             await s.close()
-            log.info("stopped: %d requests ended (%s), %d tokens generated", sum(s.finished.values()),
-                     ", ".join(f"{r} {n}" for r, n in sorted(s.finished.items())) or "none", s.generated_tokens)
+            log.info("stopped: %d requests ended (%s), %d tokens generated%s", sum(s.finished.values()),
+                     ", ".join(f"{r} {n}" for r, n in sorted(s.finished.items())) or "none", s.generated_tokens,
+                     f"; drafts accepted {s.spec_accepted}/{s.spec_drafted}"
+                     f" ({s.spec_accepted / max(s.spec_drafted, 1):.1%}) in {s.spec_rounds} rounds"
+                     if speculative is not None else "")
 
     app = FastAPI(title="bitlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
@@ -192,7 +200,7 @@ def create_app(engine, settings: ServeSettings) -> FastAPI:
         except BitlmError as e:
             raise bad_request(str(e)) from None
         stops = () if body.ignore_eos else tok.stop_token_ids
-        return GenRequest(ids, params, asked, stops, detok)
+        return GenRequest(ids, params, asked, stops, detok, speculative)
 
     async def sse(scheduler: Scheduler, req: GenRequest, first: str | None, rid: str, t: int, chat: bool,
                   include_usage: bool):
@@ -299,6 +307,11 @@ def render_metrics(s: Scheduler, status_counts: collections.Counter) -> str:
     metric("bitlm_engine_steps_total", "counter", "Engine steps run.", [({}, s.steps)])
     metric("bitlm_preemptions_total", "counter", "Requests that gave their sequence back for lack of KV blocks "
            "(recomputed when they run again).", [({}, s.preempted)])
+    metric("bitlm_speculative_rounds_total", "counter", "Speculative rounds: decode entries that checked drafts "
+           "(0 drafts included; --speculative).", [({}, s.spec_rounds)])
+    metric("bitlm_speculative_draft_tokens_total", "counter", "Tokens drafted (--speculative).", [({}, s.spec_drafted)])
+    metric("bitlm_speculative_accepted_tokens_total", "counter", "Drafted tokens the model accepted; over drafted: "
+           "the acceptance rate.", [({}, s.spec_accepted)])
     metric("bitlm_requests_finished_total", "counter", "Generations ended, by finish reason.",
            [({"reason": r}, n) for r, n in sorted(s.finished.items())])
     metric("bitlm_requests_total", "counter", "Generation requests answered, by endpoint and HTTP status.",

@@ -15,6 +15,20 @@ Each iteration of the loop, between two engine steps:
   - one engine step runs, then each request whose context is all in the cache samples its next token
     (bitlm.engine.sampling, the request's own seeded generator), and its Detokenizer
     (bitlm.engine.generate) turns tokens into text, holding back what may be the start of a stop string.
+Speculative decoding (`bitlm serve --speculative lookup`, or `--draft MODEL`; engine/speculative.py): a
+request whose entry reaches the end of its context (decoding: its last token; or its prompt's last
+chunk) gets up to k drafts, proposed from its history by its own Speculator (prompt lookup) or by the
+BatchDrafter (the draft model, every drafting request in the same few batched steps of its own engine,
+before the target's step): its entry becomes [.., last, d1 .. dk], run in the same step as everyone's
+rows, with the logits of its k + 1 last rows. accept_drafts keeps d1 .. da and adds one token of the
+target's (greedy: the same tokens as plain decoding; sampled: the exact accept/reject rule, from the
+request's seeded generator), the engine truncates the rejected positions, and the 1 .. k + 1 tokens go
+through the stop rules one by one, in order: nothing past a stop or max_tokens is emitted. Drafts only
+take KV blocks that are free once the plain work is planned (they never cause a preemption), and never
+reach past max_tokens or the context. The calls to the Speculator are those generate() makes, so a
+sampled request's tokens are generate(..., speculative=...)'s with the same seed, whatever the batching
+and preemptions, unless a lack of free KV blocks cut its drafts short (then they follow the same
+distribution, by other draws).
 The step, sampling and detokenizing run in one dedicated worker thread (the engine is only ever touched
 from it), so the event loop keeps answering HTTP while the CPU computes. The stop rules are those of
 engine.generate: a stop token ends the request and is not part of the output; the token that completes a
@@ -32,6 +46,7 @@ import time
 
 from ..engine.generate import Detokenizer
 from ..engine.sampling import SamplingParams, sample
+from ..engine.speculative import Speculative, Speculator
 from ..errors import BitlmError
 from .schemas import APIError
 
@@ -46,12 +61,16 @@ class GenRequest:
     _ids = itertools.count()
 
     def __init__(self, ids: list[int], params: SamplingParams, max_tokens: int, stop_token_ids,
-                 detok: Detokenizer):
+                 detok: Detokenizer, speculative: Speculative | None = None):
         self.rid = next(self._ids)
         self.ids, self.params, self.max_tokens = list(ids), params, max_tokens
         self.stops = frozenset(stop_token_ids)
         self.detok = detok
         self.generator = None if params.greedy else params.generator()
+        # its drafting: its own n-gram index (lookup) or draft sequence (draft, drafted by the scheduler's
+        # BatchDrafter beside the others'), adaptive k and counts
+        self.spec = None if speculative is None else Speculator(speculative, None, params, self.generator,
+                                                                external=speculative.method == "draft")
         self.sid: int | None = None
         self.fed = 0  # tokens of context() in the engine's KV cache
         self.preemptions = 0
@@ -79,12 +98,14 @@ class GenRequest:
 
 
 class Scheduler:
-    def __init__(self, engine, max_seqs: int, max_queue: int = 64, prefill_chunk: int = 256):
+    def __init__(self, engine, max_seqs: int, max_queue: int = 64, prefill_chunk: int = 256, drafter=None):
         """engine: a BatchEngine (engine/batch.py) or anything with its interface (serve/sequential_engine.py)
-        made for max_seqs sequences."""
+        made for max_seqs sequences. Requests made with a Speculative draft each step (see above); those
+        of method "draft" through `drafter`, an engine.speculative.BatchDrafter over the draft model."""
         if prefill_chunk < 1:
             raise BitlmError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
         self.engine = engine
+        self.drafter = drafter
         self.max_seqs = max_seqs
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
@@ -102,6 +123,7 @@ class Scheduler:
         self.steps = 0
         self.preempted = 0
         self.finished = collections.Counter()  # by finish reason / "error"
+        self.spec_rounds = self.spec_drafted = self.spec_accepted = 0  # speculative rounds, drafts, accepted
         self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) per step
         self.kv_used, self.kv_total = 0, engine.total_blocks
 
@@ -218,13 +240,14 @@ class Scheduler:
         self.preempted += len(preempted)
         t = time.monotonic()
         n_new = 0
-        for req, piece, new_token, finished in out:
-            n_new += new_token
-            if new_token and req.t_first is None:
+        for req, pieces, new_tokens, finished in out:
+            n_new += new_tokens
+            if new_tokens and req.t_first is None:
                 req.t_first = t
                 req.events.put_nowait("")  # the first token: a stream's headers go out now
-            if piece:
-                req.events.put_nowait(piece)
+            for piece in pieces:  # one per token (a speculative round brings several), in order
+                if piece:
+                    req.events.put_nowait(piece)
             if finished:
                 self.running.remove(req)
                 self._to_free.append(req.sid)
@@ -242,10 +265,12 @@ class Scheduler:
     def _free(self, sids: list[int]) -> None:
         for sid in sids:
             self.engine.free_sequence(sid)
+            if self.drafter is not None:
+                self.drafter.release(sid)  # its draft sequence, if it has one
 
     def _iteration(self, to_free: list[int], candidates: list[GenRequest], running: list[GenRequest]):
-        """Free, plan, admit, preempt, one engine step, sample. Returns (admitted, preempted,
-        [(req, text piece, 1 if a token was generated, finished)])."""
+        """Free, plan, admit, preempt, draft, one engine step, sample (or accept drafts). Returns
+        (admitted, preempted, [(req, text pieces, tokens generated, finished)])."""
         eng = self.engine
         self._free(to_free)
         budget = self.prefill_chunk
@@ -277,7 +302,7 @@ class Scheduler:
         preempted = []
         while sum(eng.blocks_needed(req.sid, len(t)) for req, t in plan) > eng.free_blocks and len(order) > 1:
             victim = order.pop()
-            eng.free_sequence(victim.sid)
+            self._free([victim.sid])
             victim.sid, victim.fed = None, 0
             plan = [(req, t) for req, t in plan if req is not victim]
             if victim in admitted:
@@ -285,24 +310,76 @@ class Scheduler:
             else:
                 victim.preemptions += 1
                 preempted.append(victim)
-        logits = eng.step([(req.sid, t) for req, t in plan]) if plan else []
-        self.kv_used = eng.used_blocks
+
+        # drafts, for the entries that reach the end of their context, within the blocks left free
+        spec = [(req, t) for req, t in plan if req.spec is not None]
+        free = eng.free_blocks - sum(eng.blocks_needed(req.sid, len(t)) for req, t in plan) if spec else 0
+        drafting = []  # (req, k): requests the draft model drafts for, all in one go below
+        for req, t in spec:
+            ctx_len = len(req.ids) + len(req.token_ids)
+            if req.fed + len(t) < ctx_len:
+                continue
+            # up to the tokens left but one (the round adds a token of its own) and the context's end
+            room = min(req.max_tokens - len(req.token_ids) - 1, eng.max_len - ctx_len)
+            if req.spec.drafter is None:
+                room = min(room, self.drafter.room(ctx_len))
+            base = eng.blocks_needed(req.sid, len(t))
+            while room > 0 and eng.blocks_needed(req.sid, len(t) + room) - base > free:
+                room -= 1
+            if req.spec.drafter is not None:
+                k = len(req.spec.propose(req.context(), room))
+            else:
+                k = req.spec.want(room)
+                if k:
+                    drafting.append((req, k))
+                else:
+                    req.spec.drafted([], None)
+            free -= eng.blocks_needed(req.sid, len(t) + k) - base
+        if drafting:
+            self.drafter.draft([(req.sid, req.context(), k, req.spec) for req, k in drafting])
+        work = []  # (req, tokens run, n_out, drafts)
+        for req, t in plan:
+            if req.fed + len(t) < len(req.ids) + len(req.token_ids):
+                work.append((req, t, 0, []))  # a prompt chunk that is not the last: no logits wanted
+                continue
+            drafts = [] if req.spec is None else req.spec.pending
+            work.append((req, t + drafts, len(drafts) + 1, drafts))
+        logits = eng.step([(req.sid, t, n_out) for req, t, n_out, _ in work]) if work else []
 
         out = []
-        for (req, tokens), row in zip(plan, logits):
-            req.fed += len(tokens)
-            if req.fed < len(req.ids) + len(req.token_ids):
+        for (req, tokens, n_out, drafts), rows in zip(work, logits):
+            if n_out == 0:
+                req.fed += len(tokens)
                 continue  # more of the context next step
-            token = int(sample(row[None, :], req.params, req.generator)[0])
-            if token in req.stops:
-                out.append((req, req._finish("stop"), 0, True))
-                continue
-            req.token_ids.append(token)
-            piece = req.detok.push(token)
-            if req.detok.stopped:
-                out.append((req, piece + req._finish("stop"), 1, True))
-            elif len(req.token_ids) >= req.max_tokens:
-                out.append((req, piece + req._finish("length"), 1, True))
+            ctx_len = req.fed + len(tokens) - len(drafts)  # the context, all in the cache now
+            if req.spec is not None:
+                new, accepted = req.spec.accept(rows)  # 1 .. len(drafts) + 1 tokens
+                if accepted < len(drafts):
+                    eng.truncate(req.sid, ctx_len + accepted)  # roll back the rejected drafts' positions
+                self.spec_rounds += 1
+                self.spec_drafted += len(drafts)
+                self.spec_accepted += accepted
             else:
-                out.append((req, piece, 1, False))
+                new = [int(sample(rows, req.params, req.generator)[0])]
+                accepted = 0
+            req.fed = ctx_len + accepted
+            out.append(self._emit(req, new))
+        self.kv_used = eng.used_blocks
         return admitted, preempted, out
+
+    @staticmethod
+    def _emit(req: GenRequest, new: list[int]):
+        """The stop rules over a step's new tokens, one at a time: (req, text pieces, tokens counted,
+        finished). A stop token ends the request uncounted, the token completing a stop string or
+        reaching max_tokens ends it counted; what follows is dropped."""
+        pieces = []
+        for token in new:
+            if token in req.stops:
+                return req, pieces + [req._finish("stop")], len(pieces), True
+            req.token_ids.append(token)
+            pieces.append(req.detok.push(token))
+            if req.detok.stopped:
+                return req, pieces + [req._finish("stop")], len(pieces), True
+            if len(req.token_ids) >= req.max_tokens:
+                return req, pieces + [req._finish("length")], len(pieces), True
+        return req, pieces, len(pieces), False

@@ -19,10 +19,23 @@ from .settings import ServeSettings
 log = logging.getLogger("bitlm.serve")
 
 
-def make_engine(nm, settings: ServeSettings):
-    """The many-sequence engine the scheduler drives: BatchEngine (engine/batch.py) runs every sequence
-    of a step in one forward; SequentialEngine runs them one after another (exact, not batched: the
-    reference)."""
+def make_engine(model, settings: ServeSettings):
+    """The many-sequence engine the scheduler drives. For the native runtime (a NativeModel, or the
+    NativeLM cli.load_model gives): BatchEngine (engine/batch.py) runs every sequence of a step in one
+    forward; SequentialEngine runs them one after another (exact, not batched: the reference). For the
+    torch model (--runtime torch, --device cuda): TorchEngine (serve/torch_engine.py), one sequence after
+    another."""
+    from ..engine.native import NativeLM, NativeModel
+    if isinstance(model, NativeLM):
+        model = model.nm
+    if not isinstance(model, NativeModel):
+        if settings.engine != "sequential":
+            raise BitlmError(f"bitlm serve: --engine {settings.engine} runs the native runtime; the torch model "
+                             "is served one sequence after another (--engine sequential, its default there)")
+        from .torch_engine import TorchEngine
+        return TorchEngine(model, max_seqs=settings.max_seqs, kv_blocks=settings.kv_blocks,
+                           block_size=settings.block_size, max_len=settings.max_len)
+    nm = model
     if settings.engine == "batch":
         from ..engine.batch import BatchEngine
         cls = BatchEngine
@@ -32,29 +45,44 @@ def make_engine(nm, settings: ServeSettings):
     return cls(nm, max_seqs=settings.max_seqs, kv_blocks=settings.kv_blocks, block_size=settings.block_size)
 
 
+def make_drafter(draft_nm, engine, settings: ServeSettings):
+    """The BatchDrafter of `--speculative draft`: a BatchEngine over the draft model with a KV pool for
+    every sequence's full context (mapped lazily: only what is used is touched), so drafting never waits
+    for blocks."""
+    from ..engine.batch import BatchEngine
+    from ..engine.speculative import BatchDrafter
+    max_len = min(engine.max_len, draft_nm.max_len)
+    per_seq = -(-max_len // settings.block_size)
+    return BatchDrafter(BatchEngine(draft_nm, max_seqs=settings.max_seqs, kv_blocks=settings.max_seqs * per_seq,
+                                    block_size=settings.block_size, max_len=max_len))
+
+
 def served_name(source: str) -> str:
     """The model id clients use: a directory's name, else the argument as given (a hub repo id)."""
     p = Path(source)
     return p.resolve().name if p.is_dir() else source
 
 
-def run(nm, settings: ServeSettings) -> int:
-    """Serve `nm` (a NativeModel with a tokenizer) until a signal ends it."""
+def run(model, settings: ServeSettings, draft_nm=None) -> int:
+    """Serve `model` (a NativeModel or NativeLM, or bitlm's torch model; with a tokenizer) until a signal
+    ends it; draft_nm: the draft model of --speculative draft (native runtime)."""
     import uvicorn
 
     from .app import create_app
     _setup_logging()
-    engine = make_engine(nm, settings)
-    app = create_app(engine, settings)
+    engine = make_engine(model, settings)
+    app = create_app(engine, settings, None if draft_nm is None else make_drafter(draft_nm, engine, settings))
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None):
             await super().startup(sockets)
             if self.started:
                 host, port = self.servers[0].sockets[0].getsockname()[:2]
-                log.info("serving %s at http://%s:%s (%s, %d sequences, context %d, KV blocks %d of %d positions)",
+                log.info("serving %s at http://%s:%s (%s, %d sequences, context %d, KV blocks %d of %d positions%s)",
                          settings.model_name, _url_host(host), port, type(engine).__name__, settings.max_seqs,
-                         engine.max_len, engine.total_blocks, settings.block_size)
+                         engine.max_len, engine.total_blocks, settings.block_size,
+                         "" if settings.speculative == "none" else
+                         f", speculative {settings.speculative} up to {settings.draft_max} drafts")
 
         def handle_exit(self, sig, frame):
             if not self.should_exit:
