@@ -87,18 +87,22 @@ def test_q8_0_kv_store_bytes_equal_the_numpy_reference(model):
     kv="f32" model, quantized in numpy, against a kv="q8_0" model's cache (head_dim 6 and 16: a padded
     block)."""
     from bitlm.formats import q8_0
+    from bitlm import kernels
     ids = torch.randint(0, model.config.vocab_size, (40,)).numpy()
-    f32 = native.NativeModel.from_model(model, head="f32", max_len=64, kv="f32")
-    q8 = native.NativeModel.from_model(model, head="f32", max_len=64, kv="q8_0")
-    f32.forward(ids[:30], n_out=0), q8.forward(ids[:30], n_out=0)
-    for i in range(30, 40):
-        f32.forward(ids[i:i + 1]), q8.forward(ids[i:i + 1])
+    arrays = native.arrays_from_model(model, "f32")
+    f32 = native.NativeModel(model.config, arrays, max_len=64, kv="f32", path="scalar")
+    f32.forward(ids, n_out=0)
     hd = model.config.head_dim
-    assert q8.k_cache[0].shape == (model.config.num_key_value_heads, 64, q8_0.row_bytes(hd))
-    assert q8.k_cache[0].dtype == np.uint8
-    for got, floats in ((q8.k_cache[0], f32.k_cache[0]), (q8.v_cache[0], f32.v_cache[0])):
-        assert np.array_equal(got[:, :40], q8_0.quantize(floats[:, :40]))
-        assert not got[:, 40:].any()
+    for path in kernels.info()["paths"]:  # the scalar store, and the AVX-512 one in registers
+        q8 = native.NativeModel(model.config, arrays, max_len=64, kv="q8_0", path=path)
+        q8.forward(ids[:30], n_out=0)
+        for i in range(30, 40):
+            q8.forward(ids[i:i + 1])
+        assert q8.k_cache[0].shape == (model.config.num_key_value_heads, 64, q8_0.row_bytes(hd))
+        assert q8.k_cache[0].dtype == np.uint8
+        for got, floats in ((q8.k_cache[0], f32.k_cache[0]), (q8.v_cache[0], f32.v_cache[0])):
+            assert np.array_equal(got[:, :40], q8_0.quantize(floats[:, :40])), path
+            assert not got[:, 40:].any()
 
 
 @pytest.mark.parametrize("n", [40, 150])

@@ -50,8 +50,8 @@ static void rope_part(void *ctx, int part, int np) {
         for (int h = 0; h < m->nh; h++) rope(qt + (size_t)h * hd, c, sn, hd);
         for (int h = 0; h < m->nkv; h++) {
             rope(kt + (size_t)h * hd, c, sn, hd);
-            bn_kv_store(m->kv_kind, kt + (size_t)h * hd, hd, bn_kv_row(m, a->pool, sp, a->l, 0, h, ps));
-            bn_kv_store(m->kv_kind, vt + (size_t)h * hd, hd, bn_kv_row(m, a->pool, sp, a->l, 1, h, ps));
+            m->kv_put(kt + (size_t)h * hd, hd, bn_kv_row(m, a->pool, sp, a->l, 0, h, ps));
+            m->kv_put(vt + (size_t)h * hd, hd, bn_kv_row(m, a->pool, sp, a->l, 1, h, ps));
         }
     }
 }

@@ -80,7 +80,7 @@ bn_model *bn_model_new(const int64_t *ints, int nints, const double *flts, int n
     m->dot = bn_pick_dot(path);
     m->expsum = bn_pick_expsum(path);
     m->rowmax = bn_pick_rowmax(path);
-    bn_pick_kv(path, m->kv_kind, m->hd, &m->scores, &m->pv);
+    bn_pick_kv(path, m->kv_kind, m->hd, &m->scores, &m->pv, &m->kv_put);
     m->kv_row = bn_kv_row_bytes(m->kv_kind, m->hd);
     m->cos = PTR(const float *, ints[BN_I_ROPE_COS]);
     m->sin = PTR(const float *, ints[BN_I_ROPE_SIN]);

@@ -30,6 +30,8 @@ typedef float (*rowmax_fn)(const float *s, int n); /* max of s[0 .. n), n >= 1 *
 typedef void (*scores_fn)(const float *q, int nq, int hd, const void *k, size_t ldk, int n, float scale, float *out,
                           size_t ldo);
 typedef void (*pv_fn)(float *o, int nq, int hd, const float *p, size_t ldp, const void *v, size_t ldv, int n);
+/* one cache row of n values from float32 x (f32 copied, f16 rounded to nearest even, q8_0 quantized) */
+typedef void (*kvput_fn)(const float *x, int n, void *dst);
 
 typedef struct {
     const uint8_t *w;
@@ -61,6 +63,7 @@ struct bn_model {
     rowmax_fn rowmax;
     scores_fn scores;
     pv_fn pv;
+    kvput_fn kv_put;
     int profiling;
     int64_t prof[BN_NPROF];
     char *scratch; /* the forward's scratch, kept between calls (grown when a call needs more) */
@@ -85,9 +88,9 @@ float bn_dot_bf16(const uint16_t *a, const float *b, int n);
 #define BN_Q8_0_BYTES 34
 size_t bn_kv_row_bytes(int kind, int hd);
 void bn_q8_0_row(const float *x, int n, uint8_t *dst);
-void bn_kv_store(int kind, const float *x, int n, void *dst); /* one row of n values into the cache */
-/* the attention kernels of a path for a KV kind and head_dim; returns the instruction set's name */
-const char *bn_pick_kv(int path, int kind, int hd, scores_fn *scores, pv_fn *pv);
+/* the attention kernels and the row store of a path for a KV kind and head_dim; returns the kernels'
+ * instruction set's name */
+const char *bn_pick_kv(int path, int kind, int hd, scores_fn *scores, pv_fn *pv, kvput_fn *put);
 
 static inline float bn_bf16_to_f32(uint16_t v) {
     uint32_t u = (uint32_t)v << 16;

@@ -59,13 +59,14 @@ void bn_q8_0_row(const float *x, int n, uint8_t *dst) {
     }
 }
 
-void bn_kv_store(int kind, const float *x, int n, void *dst) {
-    if (kind == BN_Q8_0) bn_q8_0_row(x, n, (uint8_t *)dst);
-    else if (kind == BN_F16)
-        for (int i = 0; i < n; i++) ((_Float16 *)dst)[i] = (_Float16)x[i];
-    else
-        memcpy(dst, x, sizeof(float) * (size_t)n);
+/* ---- the KV store, one row of n values (kvput_fn) ---- */
+static void put_f32(const float *x, int n, void *dst) { memcpy(dst, x, sizeof(float) * (size_t)n); }
+
+static void put_f16_scalar(const float *x, int n, void *dst) {
+    for (int i = 0; i < n; i++) ((_Float16 *)dst)[i] = (_Float16)x[i];
 }
+
+static void put_q8_0_scalar(const float *x, int n, void *dst) { bn_q8_0_row(x, n, (uint8_t *)dst); }
 
 /* ---- scalar: the reference ---- */
 static inline void scores_scalar(int kind, const float *q, int nq, int hd, const uint8_t *k, size_t ldk, int n,
@@ -282,6 +283,34 @@ T512 void pv_avx512(int kind, float *o, int nq, int hd, const float *p, size_t l
 
 KINDS(__attribute__((target("avx512f,avx512bw,avx512vl,f16c,fma"))), avx512)
 
+/* bn_q8_0_row in registers, bit for bit: the same amax, d = amax / 127 and 1 / d in float32, the same
+ * products x * (1 / d), and roundf's half-away-from-zero as t = trunc(y), t + sign(y) where |y - t| >= 0.5
+ * (exact: y - t is exact for |y| <= 127) */
+__attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) static void put_q8_0_avx512(const float *x, int n,
+                                                                                        void *dst) {
+    uint8_t *o = (uint8_t *)dst;
+    const __m512i sign = _mm512_set1_epi32((int)0x80000000u), one = _mm512_set1_epi32(0x3F800000);
+    const __m512 half = _mm512_set1_ps(0.5f);
+    for (int b0 = 0; b0 < n; b0 += BN_Q8_0_BLOCK, o += BN_Q8_0_BYTES) {
+        int nb = n - b0 < BN_Q8_0_BLOCK ? n - b0 : BN_Q8_0_BLOCK;
+        __mmask16 m0 = (__mmask16)(nb >= 16 ? 0xFFFFu : (1u << nb) - 1);
+        __mmask16 m1 = (__mmask16)(nb >= 32 ? 0xFFFFu : nb > 16 ? (1u << (nb - 16)) - 1 : 0u);
+        __m512 v[2] = {_mm512_maskz_loadu_ps(m0, x + b0), _mm512_maskz_loadu_ps(m1, x + b0 + 16)};
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+        float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        uint16_t h = _cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT);
+        memcpy(o, &h, 2);
+        for (int k = 0; k < 2; k++) {
+            __m512 y = _mm512_mul_ps(v[k], _mm512_set1_ps(id));
+            __m512 t = _mm512_roundscale_ps(y, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+            __mmask16 up = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(y, t)), half, _CMP_GE_OQ);
+            __m512 sgn = _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(_mm512_castps_si512(y), sign), one));
+            t = _mm512_mask_add_ps(t, up, t, sgn);
+            _mm_storeu_si128((__m128i *)(o + 2 + 16 * k), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(t)));
+        }
+    }
+}
+
 /* ---- AVX2: 8 elements a register ---- */
 #define T256 __attribute__((target("avx2,f16c,fma"), always_inline)) static inline
 
@@ -383,6 +412,13 @@ T256 void pv_avx2(int kind, float *o, int nq, int hd, const float *p, size_t ldp
 }
 
 KINDS(__attribute__((target("avx2,f16c,fma"))), avx2)
+
+__attribute__((target("avx,f16c"))) static void put_f16_f16c(const float *x, int n, void *dst) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)((uint16_t *)dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    put_f16_scalar(x + i, n - i, (uint16_t *)dst + i);
+}
 #endif
 
 #define PICK(isa)                                                                                       \
@@ -392,14 +428,20 @@ KINDS(__attribute__((target("avx2,f16c,fma"))), avx2)
     } while (0)
 
 /* the kernels of a path for a KV kind and head_dim: AVX-512 on the AVX-512 paths when hd % 16 == 0, AVX2
- * on the x86 paths when hd % 8 == 0, else the scalar reference */
-const char *bn_pick_kv(int path, int kind, int hd, scores_fn *scores, pv_fn *pv) {
+ * on the x86 paths when hd % 8 == 0, else the scalar reference. The store: F16C for f16 and AVX-512 for
+ * q8_0 on the x86 paths that have them (the scalar f16 cast is a software routine without F16C, and
+ * roundf a libm call), each bit-exact with the scalar one. */
+const char *bn_pick_kv(int path, int kind, int hd, scores_fn *scores, pv_fn *pv, kvput_fn *put) {
+    *put = kind == BN_F16 ? put_f16_scalar : kind == BN_Q8_0 ? put_q8_0_scalar : put_f32;
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+    int x86 = path == I2V_PATH_AVX2 || i2v_path_has_avx512vnni(path);
+    if (x86 && kind == BN_F16 && __builtin_cpu_supports("f16c")) *put = put_f16_f16c;
+    if (i2v_path_has_avx512vnni(path) && kind == BN_Q8_0) *put = put_q8_0_avx512;
     if (i2v_path_has_avx512vnni(path) && hd % 16 == 0) {
         PICK(avx512);
         return "avx512";
     }
-    if ((path == I2V_PATH_AVX2 || i2v_path_has_avx512vnni(path)) && hd % 8 == 0 && __builtin_cpu_supports("f16c")) {
+    if (x86 && hd % 8 == 0 && __builtin_cpu_supports("f16c")) {
         PICK(avx2);
         return "avx2";
     }
