@@ -131,8 +131,8 @@ bn_attn_plan *bn_attention_plan(const bn_model *m, const bn_span *spans, int nsp
             }
         }
     }
-    /* parts of about equal cost (rows x keys), up to 4 a thread (8 made pp128 12% slower): the pool lets a thread that is done
-     * take another's parts */
+    /* parts of about equal cost (rows x keys), up to 4 a thread (8 made pp128 12% slower): the pool lets
+     * a thread that is done take another's parts */
     long *cost = (long *)malloc((size_t)(n ? n : 1) * sizeof(long));
     int np = (int)(n < 4L * threads ? n : 4L * threads);
     p->nparts = np > 0 ? np : 1;
