@@ -115,8 +115,8 @@ def test_every_head_format_batched_equals_alone(tiny, head):
 
 @pytest.mark.parametrize("block_size", [1, 5, 64, 100])
 def test_block_sizes_that_cut_the_attention_blocks_anywhere(tiny, block_size):
-    """Cache blocks smaller than, not dividing, equal to and larger than the 64 keys of an attention
-    step: the keys are read in runs across blocks, with the same sums."""
+    """Cache blocks of 1, 5, 64 and 100 positions, dividing the 256 keys of an attention chunk or not: the
+    keys are read in runs across blocks, with the same sums."""
     V = tiny.config.vocab_size
     arrays = native.arrays_from_model(tiny, "q8")
     p = plans(np.random.default_rng(3), V, n_seqs=5)

@@ -44,7 +44,7 @@ def assert_close_over_a_long_sequence(out, ref, tol=1e-5):
     assert np.median(err) < tol and err.max() < 0.05, err
 
 
-@pytest.mark.parametrize("n", [23, 150])  # 150: keys span three attention blocks of 64
+@pytest.mark.parametrize("n", [23, 150])  # 150: prefill and decode rows of a 256-key attention chunk
 def test_prefill_and_decode_equal_the_reference(model, n):
     nm = native.NativeModel.from_model(model, head="f32", max_len=160, kv="f32")
     ids = torch.randint(0, model.config.vocab_size, (1, n))
@@ -191,7 +191,7 @@ def test_fp16_kv_cache_equals_a_reference_that_rounds_its_cache(model):
     steps = np.stack([nm.forward(ids[0, i:i + 1].numpy())[0] for i in range(8, 20)])
     assert_equal_but_rare_flips(steps, ref_steps)
 
-    # a prefill across two blocks of 64 keys, then decode steps into the third. A key or value that
+    # a prefill of 100 positions, then decode steps to 150. A key or value that
     # rounds to the other float16 neighbour here than in torch (rare) moves every later position a
     # little, so the bar is: most positions equal to float rounding, none off by more than an int8 flip
     nm = native.NativeModel.from_model(model, head="f32", max_len=160, kv="f16")

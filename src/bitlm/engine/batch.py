@@ -12,8 +12,8 @@ The KV cache is paged, as vLLM does it: one pool of kv_blocks blocks, each holdi
 positions of every layer's keys and values, [layers][2][kv_heads][block_size] rows of head_dim values
 in the NativeModel's kv type (f16, f32, or q8_0: ceil(head_dim / 32) blocks of 34 bytes). A sequence
 takes a block from the pool when it reaches a new block_size positions and gives its blocks back when
-it is freed or truncated, so memory follows the tokens actually held, not max_seqs full contexts. Its block table (int32 block ids in position order)
-is passed to C with each step. At the 2B4T shape (30 layers, 5 KV heads, head_dim 128) a block of 16
+it is freed or truncated, so memory follows the tokens actually held, not max_seqs full contexts. Its
+block table (int32 block ids in position order) is passed to C with each step. At the 2B4T shape (30 layers, 5 KV heads, head_dim 128) a block of 16
 positions is 30 * 2 * 5 * 16 * 128 * 2 = 1,228,800 bytes in f16 (76.8 KB a position; twice that in
 f32; 30 * 2 * 5 * 16 * 136 = 652,800 in q8_0): the default 2 GiB budget holds 1,747 f16 blocks, 27,952
 positions, e.g. 16 sequences of 1,747 (3,289 blocks in q8_0).
@@ -25,7 +25,7 @@ shared block is copied when one of its holders writes into it (copy on write).
 Batch invariance: a sequence's logits do not depend on what else is in the step, bit for bit, and
 equal NativeModel.forward's for the same tokens: every float operation of the forward is per row
 (per-row norms, int8 quantization and dequantization of exact integer sums), attention runs per
-sequence over blocks of 64 keys counted from position 0, and the head is per row.
+sequence over chunks of 256 keys counted from position 0, merged in chunk order, and the head is per row.
 
 Threads: the engine's methods hold one lock, so a step runs alone and a sequence freed from another
 thread (a client gone) waits for the step in flight to end before its blocks return to the pool. The

@@ -145,7 +145,8 @@ T512 __m512 ld16(int kind, const uint8_t *row, int i) {
     if (kind == BN_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(row + 2 * (size_t)i)));
     if (kind == BN_Q8_0) {
         const uint8_t *b = row + (size_t)(i / BN_Q8_0_BLOCK) * BN_Q8_0_BYTES;
-        __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 2 + i % BN_Q8_0_BLOCK))));
+        __m128i q = _mm_loadu_si128((const __m128i *)(b + 2 + i % BN_Q8_0_BLOCK));
+        __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
         uint16_t h;
         memcpy(&h, b, 2);
         return _mm512_mul_ps(x, _mm512_set1_ps(_cvtsh_ss(h)));
@@ -318,7 +319,8 @@ T256 __m256 ld8(int kind, const uint8_t *row, int i) {
     if (kind == BN_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 2 * (size_t)i)));
     if (kind == BN_Q8_0) {
         const uint8_t *b = row + (size_t)(i / BN_Q8_0_BLOCK) * BN_Q8_0_BYTES;
-        __m256 x = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b + 2 + i % BN_Q8_0_BLOCK))));
+        __m128i q = _mm_loadl_epi64((const __m128i *)(b + 2 + i % BN_Q8_0_BLOCK));
+        __m256 x = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
         uint16_t h;
         memcpy(&h, b, 2);
         return _mm256_mul_ps(x, _mm256_set1_ps(_cvtsh_ss(h)));
@@ -416,7 +418,8 @@ KINDS(__attribute__((target("avx2,f16c,fma"))), avx2)
 __attribute__((target("avx,f16c"))) static void put_f16_f16c(const float *x, int n, void *dst) {
     int i = 0;
     for (; i + 8 <= n; i += 8)
-        _mm_storeu_si128((__m128i *)((uint16_t *)dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+        _mm_storeu_si128((__m128i *)((uint16_t *)dst + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
     put_f16_scalar(x + i, n - i, (uint16_t *)dst + i);
 }
 #endif
