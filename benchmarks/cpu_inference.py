@@ -68,7 +68,8 @@ def depth_key(n: int, depth: int) -> str:
 def worker_bitlm(paths, threads, pp, tg, reps, depth=(), depth_tg=0, weights="i2v"):
     def bench(*test):
         cmd = [sys.executable, "-m", "bitlm", "bench", "--shape", "2b4t", "--head",
-               os.environ.get("BITLM_BENCH_HEAD", "q8"), "--weights", weights, "-t", str(threads), *test,
+               os.environ.get("BITLM_BENCH_HEAD", "q8"), "--weights", weights, "--kv",
+               os.environ.get("BITLM_BENCH_KV", "f16"), "-t", str(threads), *test,
                "-r", str(reps), "--json"]
         return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 
@@ -246,6 +247,8 @@ def main(argv=None):
                     "4000 + 64 fits the 2B4T context of 4096)")
     ap.add_argument("--rounds", type=int, default=1, help="repeat the whole set, engines alternating; report medians")
     ap.add_argument("--bitlm-head", choices=("q8", "q6"), default="q8", help="bitlm's output head format")
+    ap.add_argument("--bitlm-kv", choices=("f16", "q8_0"), default="f16",
+                    help="bitlm's KV cache type (llama.cpp keeps its default, f16)")
     ap.add_argument("--bitlm-weights", nargs="+", choices=("i2v", "t5"), default=["i2v"],
                     help="bitlm's ternary weight formats, each run as its own engine (bitlm, bitlm-t5)")
     ap.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/bitlm/bench"))
@@ -269,6 +272,7 @@ def main(argv=None):
         return
 
     os.environ["BITLM_BENCH_HEAD"] = args.bitlm_head  # for the workers and bytes_per_token
+    os.environ["BITLM_BENCH_KV"] = args.bitlm_kv
     if "bitlm" in args.engines:  # one bitlm engine per weight format, where bitlm stood
         i = args.engines.index("bitlm")
         args.engines[i:i + 1] = [{"i2v": "bitlm", "t5": "bitlm-t5"}[w] for w in args.bitlm_weights]
