@@ -235,19 +235,25 @@ T512 void scores_avx512(int kind, const float *q, int nq, int hd, const uint8_t 
     }
 }
 
+/* p.v's rows r0 .. r0 + 3 of p [nq, ldp] and o [nq, hd], in pr and orow. Short groups repeat their
+ * first row: the repeats compute and store the same values. */
+static inline void group_rows(int r0, int nq, const float *p, size_t ldp, float *o, int hd, const float *pr[4],
+                             float *orow[4]) {
+    int nr = nq - r0 < 4 ? nq - r0 : 4;
+    for (int r = 0; r < 4; r++) {
+        int rr = r0 + (r < nr ? r : 0);
+        pr[r] = p + (size_t)rr * ldp;
+        orow[r] = o + (size_t)rr * hd;
+    }
+}
+
 /* 4 rows of o by 64 columns (then 16) in registers while the keys' value rows stream past, hd % 16 == 0 */
 T512 void pv_avx512(int kind, float *o, int nq, int hd, const float *p, size_t ldp, const uint8_t *v, size_t ldv,
                     int n) {
     for (int r0 = 0; r0 < nq; r0 += 4) {
-        int nr = nq - r0 < 4 ? nq - r0 : 4;
-        /* short groups repeat their first row: the repeats compute and store the same values */
         const float *pr[4];
         float *orow[4];
-        for (int r = 0; r < 4; r++) {
-            int rr = r0 + (r < nr ? r : 0);
-            pr[r] = p + (size_t)rr * ldp;
-            orow[r] = o + (size_t)rr * hd;
-        }
+        group_rows(r0, nq, p, ldp, o, hd, pr, orow);
         int c = 0;
         for (; c + 64 <= hd; c += 64) {
             __m512 acc[16];
@@ -371,14 +377,9 @@ T256 void scores_avx2(int kind, const float *q, int nq, int hd, const uint8_t *k
 T256 void pv_avx2(int kind, float *o, int nq, int hd, const float *p, size_t ldp, const uint8_t *v, size_t ldv,
                   int n) {
     for (int r0 = 0; r0 < nq; r0 += 4) {
-        int nr = nq - r0 < 4 ? nq - r0 : 4;
         const float *pr[4];
         float *orow[4];
-        for (int r = 0; r < 4; r++) {
-            int rr = r0 + (r < nr ? r : 0);
-            pr[r] = p + (size_t)rr * ldp;
-            orow[r] = o + (size_t)rr * hd;
-        }
+        group_rows(r0, nq, p, ldp, o, hd, pr, orow);
         int c = 0;
         for (; c + 16 <= hd; c += 16) {
             __m256 acc[8];
