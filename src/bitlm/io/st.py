@@ -150,12 +150,17 @@ class Lazy:
         self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
 
 
+def _root(a: np.ndarray) -> np.ndarray:
+    """The array a view was made from, through every level of views (a memmap's views are memmaps too)."""
+    while isinstance(a, np.ndarray) and isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
 def file_span(a: np.ndarray) -> tuple[str, int] | None:
     """(file name, byte offset) of an array that open_arrays mapped from a file, else None. Views of
     a memmap are memmaps too, but carry the root's offset, so the offset is taken from the root."""
-    root = a
-    while isinstance(root, np.ndarray) and isinstance(root.base, np.ndarray):
-        root = root.base
+    root = _root(a)
     if not isinstance(root, np.memmap) or not getattr(root, "filename", None):
         return None
     return root.filename, a.ctypes.data - root.ctypes.data + root.offset
@@ -199,9 +204,7 @@ def advise_huge_pages(arrays: dict[str, np.ndarray]) -> None:
         return
     roots = {}
     for a in arrays.values():
-        root = a
-        while isinstance(root, np.ndarray) and isinstance(root.base, np.ndarray):
-            root = root.base
+        root = _root(a)
         if isinstance(root, np.memmap) and getattr(root, "_mmap", None) is not None:
             roots[id(root._mmap)] = root._mmap
     for m in roots.values():
