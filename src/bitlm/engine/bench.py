@@ -38,12 +38,11 @@ def synthetic_native_file(shape: str, head: str = "q8", seed: int = 0, weights: 
     """A native file of random weights shaped like preset `shape` (made once, streamed to disk). The
     same seed gives the same weights in either weight format (the codes are drawn in the same order)."""
     from ..config import preset
-    from ..io.native import cache_dir, ensure_file
+    from ..io.native import cache_dir, ensure_file, format_tag, weights_entry
     from .native import check_weights
     check_weights(weights)
-    tag = head if weights == "i2v" else f"{head}-{weights}"  # the I2V file keeps its earlier name
-    path = cache_dir() / f"random-{shape}-{tag}-seed{seed}.safetensors"
-    source = {"synthetic": shape, "head": head, "seed": seed, **({} if weights == "i2v" else {"weights": weights})}
+    path = cache_dir() / f"random-{shape}-{format_tag(head, weights)}-seed{seed}.safetensors"
+    source = {"synthetic": shape, "head": head, "seed": seed, **weights_entry(weights)}
     ensure_file(path, source, lambda: _write_synthetic(path, preset(shape), head, seed, source, weights))
     return path
 
@@ -121,9 +120,7 @@ def run(nm, threads: int, n_prompt: int, n_gen: int, reps: int, seed: int = 0, d
     from ..kernels import set_num_threads
     set_num_threads(threads)
     rng = _TokenSource(seed, nm.config.vocab_size)
-    if depth:
-        nm.reset()
-        nm.forward(rng.tokens(depth), n_out=1)
+    _fill(nm, rng, depth)
     records = []
     if n_prompt:
         prompt = rng.tokens(n_prompt)
@@ -142,6 +139,14 @@ def run(nm, threads: int, n_prompt: int, n_gen: int, reps: int, seed: int = 0, d
         times = [_timed(tg) for _ in range(reps)]
         records.append(_record(nm, threads, 0, n_gen, [n_gen / t for t in times], depth))
     return records
+
+
+def _fill(nm, rng: _TokenSource, depth: int) -> None:
+    """The context of the tests at `depth` (llama-bench's -d): that many random tokens from position 0,
+    untimed; each test then rolls the cache back to them."""
+    if depth:
+        nm.reset()
+        nm.forward(rng.tokens(depth), n_out=1)
 
 
 def _prefill(nm, prompt, depth: int = 0) -> None:
@@ -193,9 +198,7 @@ def phase_breakdown(nm, threads: int, n_prompt: int, n_gen: int, seed: int = 0,
     from .native import profile
     set_num_threads(threads)
     rng = _TokenSource(seed, nm.config.vocab_size)
-    if depth:
-        nm.reset()
-        nm.forward(rng.tokens(depth), n_out=1)
+    _fill(nm, rng, depth)
     prompt = rng.tokens(n_prompt)
     out = {}
     for n_p, n_g, test in ((n_prompt, 0, lambda: _prefill(nm, prompt, depth)),

@@ -167,11 +167,11 @@ def write(s: Source, dest, to: str, embed_type: str = "f16", head: str = "q8", p
     if to == "native":
         from ..engine.native import head_arrays
         from . import st
-        from .native import retarget, save
+        from .native import retarget, save, weights_entry
         arrays = {k: v for k, v in s.arrays.items() if k != "head"}
         rows = s.arrays["embed"] if s.config.tie_word_embeddings else s.arrays["head"]
         arrays.update(head_arrays(rows, head))
-        source = {"converted_from": s.origin, "head": head, **({} if weights == "i2v" else {"weights": weights})}
+        source = {"converted_from": s.origin, "head": head, **weights_entry(weights)}
         save(retarget(arrays, s.config, weights), s.config, dest, head, source,
              extra=_tokenizer_metadata(s.tokenizer), weights=weights)
         st.release_page_cache(dest)  # its first load maps it in 2 MB folios (st.advise_huge_pages)

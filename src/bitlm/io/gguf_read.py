@@ -478,19 +478,19 @@ def load_torch(path, dtype=None, tokenizer: bool = True):
 def native_cache_path(path, head: str, weights: str = "i2v") -> Path:
     """The cache file of a GGUF file, head and weight format: one per triple (io/native.cache_path's
     rule; the I2V file keeps the name it had before weight formats existed)."""
-    from .native import _sha256, cache_dir
+    from .native import _sha256, cache_dir, format_tag
     p = Path(path).resolve()
-    key, tag = (head, head) if weights == "i2v" else (f"{head}|{weights}", f"{head}-{weights}")
-    h = _sha256(f"gguf|{key}|{p}".encode())
-    return cache_dir() / f"{p.stem}-gguf-{tag}-{h.hexdigest()[:16]}.safetensors"
+    h = _sha256(f"gguf|{format_tag(head, weights, '|')}|{p}".encode())
+    return cache_dir() / f"{p.stem}-gguf-{format_tag(head, weights)}-{h.hexdigest()[:16]}.safetensors"
 
 
 def source_identity(path, head: str, weights: str = "i2v") -> dict:
     """What a native file made from a GGUF file records (io/native.source_identity's form): a changed
     file (size, modification time) replaces its cache file."""
+    from .native import weights_entry
     p = Path(path).resolve()
     s = p.stat()
-    return {"gguf": str(p), "head": head, **({} if weights == "i2v" else {"weights": weights}),
+    return {"gguf": str(p), "head": head, **weights_entry(weights),
             "files": {p.name: [s.st_size, s.st_mtime_ns]}}
 
 

@@ -60,14 +60,25 @@ def _sha256(data: bytes):
     return hashlib.sha256(data)
 
 
+def format_tag(head: str, weights: str, sep: str = "-") -> str:
+    """The head and weight formats as a cache file's name (sep "-") or hash key (sep "|") gives them:
+    the head alone for I2V, so that its files keep the names they had before weight formats existed."""
+    return head if weights == "i2v" else f"{head}{sep}{weights}"
+
+
+def weights_entry(weights: str) -> dict:
+    """The weight format as a made file's recorded source gives it: nothing for I2V (the sources of
+    files made before weight formats existed still match), else {"weights": weights}."""
+    return {} if weights == "i2v" else {"weights": weights}
+
+
 def cache_path(model_dir: Path, head: str, weights: str = "i2v") -> Path:
     """The cache file of a checkpoint directory, head format and weight format: one per triple (the I2V
     file keeps the name it had before weight formats existed). What the checkpoint held when it was
     converted is recorded inside (source_identity), so a changed checkpoint replaces its file rather than
     leaving one more beside it."""
-    key, tag = (head, head) if weights == "i2v" else (f"{head}|{weights}", f"{head}-{weights}")
-    h = _sha256(f"{key}|{model_dir.resolve()}".encode())
-    return cache_dir() / f"{model_dir.resolve().name}-{tag}-{h.hexdigest()[:16]}.safetensors"
+    h = _sha256(f"{format_tag(head, weights, '|')}|{model_dir.resolve()}".encode())
+    return cache_dir() / f"{model_dir.resolve().name}-{format_tag(head, weights)}-{h.hexdigest()[:16]}.safetensors"
 
 
 def source_identity(model_dir: Path, head: str, weights: str = "i2v") -> dict:
