@@ -370,13 +370,11 @@ def cmd_serve(args) -> int:
                              draft=args.draft, draft_max=args.draft_max, lookup_ngram=args.lookup_ngram)
     model = load_model(args)
     draft = None
-    if args.draft:
-        from .engine.native import NativeLM
+    if args.draft:  # on the native runtime, as the target is (refused above for the torch model)
         from .engine.speculative import check_draft_model
-        from .io.native import load_native
-        draft = load_native(resolve_model_arg(args.draft), head=args.head, max_len=args.ctx_size, kv=args.kv,
-                            mmap=args.mmap, weights=args.weights)
-        check_draft_model(model, NativeLM(draft))
+        draft = _load_on("native", resolve_model_arg(args.draft), args)
+        check_draft_model(model, draft)
+        draft = draft.nm
     return run(model, settings, draft)
 
 
