@@ -115,15 +115,17 @@ def test_extreme_activations(path, fmt, m, xval, wval):
     assert (y == xval * wval * k).all()  # hand-computed: every product is xval * wval
 
 
-def test_long_rows_do_not_overflow(path, fmt):
-    # K past the 65536 columns after which the AVX-512 GEMV folds its scaled accumulators (T5: 10240)
+@pytest.mark.parametrize("m", [1, 2, 3, 5])
+def test_long_rows_do_not_overflow(path, fmt, m):
+    # K past the 65536 columns after which the AVX-512 GEMV folds its scaled accumulators (T5: 10240, for
+    # the GEMV and the 2- and 3-row kernels made the GEMV's way)
     k = 2 * 65536 + 48
-    x = torch.full((1, k), -128, dtype=torch.int8)
+    x = torch.full((m, k), -128, dtype=torch.int8)
     w = torch.ones((3, k), dtype=torch.int8)
     w[1] = -1
     w[2, ::2] = 0
     y = kernels.gemm(x, kernels.pack(w, fmt), path=path)
-    assert y[0].tolist() == [-128 * k, 128 * k, -128 * (k // 2)]
+    assert y.tolist() == [[-128 * k, 128 * k, -128 * (k // 2)]] * m
 
 
 def test_threads_give_identical_results(path):

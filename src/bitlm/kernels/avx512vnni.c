@@ -298,7 +298,7 @@ INLINE T512 void t5_gemv_rows(const i2v_gemm_args *a, int rb, const int NR) {
     for (int r = 0; r < NR; r++) store_rows(a, 0, rb + r, total[r]);
 }
 
-/* Prefill (M > 1): the codes are decoded once per chunk of T5_CH blocks of a row-block pair into planes
+/* Prefill (M > T5_SMALL_M): the codes are decoded once per chunk of T5_CH blocks of a row-block pair into planes
  * (code bytes 0..2, plane j of block kb = the codes of columns 4j..4j+3 in each row's lane, the same
  * vectors I2V's gemm_tile makes with its shifts), then every activation row of a panel runs over the
  * chunk with plain vpdpbusd: 5 per block and row for 320 weights, as I2V's 4 for 256. The int32 sums
@@ -359,11 +359,159 @@ INLINE T512 void t5_tile(const int8_t *x, size_t ldx, const __m512i *planes, int
     default: t5_tile(xm, a->ldx, planes, nkb, accm, 1, NR); break;          \
     }
 
+/* Small M (a few sequences' decode, speculative verify rows), up to T5_SMALL_M rows: the weights stream
+ * from memory once per call, so nothing goes through memory but them (the prefill kernel's planes on the
+ * stack cost a 2-row forward twice a 1-row one at the 2B4T shape, 2 threads, AMX Xeon: pp2 31 t/s against
+ * pp1 35; this kernel 60-65, and pp5 118 against 73, pp9 129 against 105; from 17 rows the planes
+ * kernel was faster again, 190 against 177). MT activation rows x NR row blocks, prefetched as
+ * I2V's gemm_tile. Each block's five digit planes are made in registers
+ * and used by all MT rows: t_j = 1 where y_j >= 86, 2 where y_j >= 171 (two byte compares into masks,
+ * a masked move and a blend), y_{j+1} = 3 y_j; then 5 vpdpbusd a row, as the prefill tile's. */
+INLINE T512 void t5_small_tile(const i2v_gemm_args *a, int m0, int rb, const int MT, const int NR, int pf_on) {
+    const size_t stride = (size_t)a->Kb * I2V_BLOCK;
+    const uint8_t *w = a->w + rb * stride;
+    const int8_t *x = a->x + (size_t)m0 * a->ldx;
+    const __m512i one = _mm512_set1_epi8(1), two = _mm512_set1_epi8(2), c86 = _mm512_set1_epi8(86),
+                  c171 = _mm512_set1_epi8((char)171);
+    __m512i acc[8][4];
+#pragma GCC unroll 8
+    for (int m = 0; m < MT; m++)
+#pragma GCC unroll 4
+        for (int r = 0; r < NR; r++) acc[m][r] = _mm512_setzero_si512();
+    for (int kb = 0; kb < a->Kb; kb++) {
+        __m512i y[4];
+        const size_t pf = PF_DIST * I2V_BLOCK + (kb + PF_DIST >= a->Kb ? (size_t)(NR - 1) * stride : 0);
+#pragma GCC unroll 4
+        for (int r = 0; r < NR; r++) {
+            const uint8_t *blk = w + r * stride + (size_t)kb * I2V_BLOCK;
+            y[r] = _mm512_loadu_si512((const void *)blk);
+            if (pf_on) _mm_prefetch((const char *)(blk + pf), _MM_HINT_T0);
+        }
+#pragma GCC unroll 5
+        for (int j = 0; j < 5; j++) {
+            __m512i t[4];
+#pragma GCC unroll 4
+            for (int r = 0; r < NR; r++) {
+                __mmask64 ge1 = _mm512_cmpge_epu8_mask(y[r], c86), ge2 = _mm512_cmpge_epu8_mask(y[r], c171);
+                t[r] = _mm512_mask_blend_epi8(ge2, _mm512_maskz_mov_epi8(ge1, one), two);
+                if (j < 4) y[r] = times3(y[r]);
+            }
+#pragma GCC unroll 8
+            for (int m = 0; m < MT; m++) {
+                __m512i xb = bcast4(x + (size_t)m * a->ldx + kb * T5_COLS + 4 * j);
+#pragma GCC unroll 4
+                for (int r = 0; r < NR; r++) acc[m][r] = _mm512_dpbusd_epi32(acc[m][r], t[r], xb);
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MT; m++)
+#pragma GCC unroll 4
+        for (int r = 0; r < NR; r++) store_rows(a, m0 + m, rb + r, acc[m][r]);
+}
+
+/* M = 2, 3 the GEMV's way (no planes): per block and row 10 vpdpbusd on the raw bytes y_0 .. y_5, no
+ * compares (pp2 65 t/s against the planes tile's 60; pp3 about equal) */
+INLINE T512 void t5_ab_tile(const i2v_gemm_args *a, int rb, const int MT, const int NR) {
+    const size_t stride = (size_t)a->Kb * I2V_BLOCK;
+    const uint8_t *w = a->w + rb * stride;
+    __m512i total[3][4];
+#pragma GCC unroll 3
+    for (int m = 0; m < MT; m++)
+#pragma GCC unroll 4
+        for (int r = 0; r < NR; r++) total[m][r] = _mm512_setzero_si512();
+    for (int k0 = 0; k0 < a->Kb; k0 += T5_FLUSH_KB) {
+        int k1 = a->Kb - k0 < T5_FLUSH_KB ? a->Kb : k0 + T5_FLUSH_KB;
+        __m512i A[3][4], B[3][4];
+#pragma GCC unroll 3
+        for (int m = 0; m < MT; m++)
+#pragma GCC unroll 4
+            for (int r = 0; r < NR; r++) A[m][r] = B[m][r] = _mm512_setzero_si512();
+        for (int kb = k0; kb < k1; kb++) {
+            __m512i y[4];
+            const size_t pf = PF_DIST * I2V_BLOCK + (kb + PF_DIST >= a->Kb ? (size_t)(NR - 1) * stride : 0);
+#pragma GCC unroll 4
+            for (int r = 0; r < NR; r++) {
+                const uint8_t *blk = w + r * stride + (size_t)kb * I2V_BLOCK;
+                y[r] = _mm512_loadu_si512((const void *)blk);
+                _mm_prefetch((const char *)(blk + pf), _MM_HINT_T0);
+            }
+#pragma GCC unroll 5
+            for (int j = 0; j < 5; j++) {
+                __m512i xb[3];
+#pragma GCC unroll 3
+                for (int m = 0; m < MT; m++) xb[m] = bcast4(a->x + (size_t)m * a->ldx + kb * T5_COLS + 4 * j);
+#pragma GCC unroll 4
+                for (int r = 0; r < NR; r++) {
+#pragma GCC unroll 3
+                    for (int m = 0; m < MT; m++) A[m][r] = _mm512_dpbusd_epi32(A[m][r], y[r], xb[m]);
+                    y[r] = times3(y[r]);
+#pragma GCC unroll 3
+                    for (int m = 0; m < MT; m++) B[m][r] = _mm512_dpbusd_epi32(B[m][r], y[r], xb[m]);
+                }
+            }
+        }
+#pragma GCC unroll 3
+        for (int m = 0; m < MT; m++)
+#pragma GCC unroll 4
+            for (int r = 0; r < NR; r++) {
+                __m512i d = _mm512_sub_epi32(_mm512_add_epi32(A[m][r], _mm512_add_epi32(A[m][r], A[m][r])), B[m][r]);
+                total[m][r] = _mm512_add_epi32(total[m][r], _mm512_srai_epi32(d, 8));
+            }
+    }
+#pragma GCC unroll 3
+    for (int m = 0; m < MT; m++)
+#pragma GCC unroll 4
+        for (int r = 0; r < NR; r++) store_rows(a, m, rb + r, total[m][r]);
+}
+
+#define T5_SMALL_CASES(NR, PF)                                  \
+    switch (mt) {                                               \
+    case 8: t5_small_tile(a, m0, rb, 8, NR, PF); break;         \
+    case 7: t5_small_tile(a, m0, rb, 7, NR, PF); break;         \
+    case 6: t5_small_tile(a, m0, rb, 6, NR, PF); break;         \
+    case 5: t5_small_tile(a, m0, rb, 5, NR, PF); break;         \
+    case 4: t5_small_tile(a, m0, rb, 4, NR, PF); break;         \
+    case 3: t5_small_tile(a, m0, rb, 3, NR, PF); break;         \
+    case 2: t5_small_tile(a, m0, rb, 2, NR, PF); break;         \
+    default: t5_small_tile(a, m0, rb, 1, NR, PF); break;        \
+    }
+
+#define T5_SMALL_M 15
+
+static T512 void t5_gemm_small_m(const i2v_gemm_args *a, int rb0, int rb1) {
+    int rb = rb0;
+    if (a->M <= 3) {
+        for (; rb + 4 <= rb1; rb += 4) {
+            if (a->M == 3) {
+                t5_ab_tile(a, rb, 3, 2);
+                t5_ab_tile(a, rb + 2, 3, 2);
+            } else {
+                t5_ab_tile(a, rb, 2, 4);
+            }
+        }
+    }
+    for (; rb < rb1; rb += 2) {
+        for (int m0 = 0; m0 < a->M; m0 += 8) {
+            int mt = a->M - m0 < 8 ? a->M - m0 : 8;
+            if (rb + 2 <= rb1) {
+                T5_SMALL_CASES(2, m0 == 0)
+            } else {
+                T5_SMALL_CASES(1, m0 == 0)
+            }
+        }
+    }
+}
+
 T512 void t5_gemm_avx512vnni(const i2v_gemm_args *a, int rb0, int rb1) {
     if (a->M == 1) {
         int rb = rb0;
         for (; rb + 4 <= rb1; rb += 4) t5_gemv_rows(a, rb, 4);
         for (; rb < rb1; rb++) t5_gemv_rows(a, rb, 1);
+        return;
+    }
+    if (a->M <= T5_SMALL_M) {
+        t5_gemm_small_m(a, rb0, rb1);
         return;
     }
     const size_t stride = (size_t)a->Kb * I2V_BLOCK;
