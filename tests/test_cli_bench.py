@@ -110,13 +110,16 @@ def test_bench_depth_past_the_context_is_a_one_line_error(capsys):
 @needs_native
 @pytest.mark.parametrize("path", ["scalar", "avx2", "avx512vnni", "amx"])
 def test_weights_auto_follows_the_kernel_path(path):
-    """--weights auto (the default): t5 where the products run on AVX-512 VNNI or AMX, i2v elsewhere, as
-    benchmarks/README.md measured; under BITLM_KERNEL (a path this CPU has) in a fresh process."""
+    """--weights auto (the default): t5 where the products run on AVX-512 VNNI or AMX and one row decodes a
+    step, i2v elsewhere, as benchmarks/README.md measured; under BITLM_KERNEL (a path this CPU has) in a
+    fresh process."""
     from bitlm import kernels
     if path not in kernels.info()["paths"]:
         pytest.skip(f"this CPU has no {path} path")
     code = ("from bitlm.engine.native import resolve_weights; from bitlm import kernels; "
-            "print(kernels.info()['path'], resolve_weights('auto'))")
+            "print(kernels.info()['path'], resolve_weights('auto'), resolve_weights('auto', rows=4), "
+            "resolve_weights('i2v', rows=1), resolve_weights('t5', rows=4))")
     env = dict(os.environ, BITLM_KERNEL=path, PYTHONPATH=os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == [path, "t5" if path in ("avx512vnni", "amx") else "i2v"]
+    # several rows a step (serve's batches): i2v on every path; a named format is kept
+    assert out.stdout.split() == [path, "t5" if path in ("avx512vnni", "amx") else "i2v", "i2v", "i2v", "t5"]

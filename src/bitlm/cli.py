@@ -85,8 +85,8 @@ def add_weights_option(parser, what: str) -> None:
     """--weights, shared by the commands that make a native file (engine/native.resolve_weights)."""
     parser.add_argument("--weights", choices=("auto", "i2v", "t5"), default="auto",
                         help=f"{what}: i2v (2 bits a weight), t5 (1.6 bits: decode reads 20%% fewer bytes; "
-                             "same outputs), or auto (default): t5 where the kernels run on AVX-512 VNNI or AMX, "
-                             "i2v elsewhere")
+                             "same outputs), or auto (default): t5 where the kernels run on AVX-512 VNNI or AMX "
+                             "and one sequence decodes at a time, i2v elsewhere and for serve's batches")
 
 
 def check_device_arg(args):
@@ -126,10 +126,11 @@ def load_model(args):
 
 def _load_on(runtime: str, source: str, args, dev=None):
     if runtime == "native":
-        from .engine.native import NativeLM
+        from .engine.native import NativeLM, resolve_weights
         from .io.native import load_native
         return NativeLM(load_native(source, head=args.head, max_len=args.ctx_size, kv=args.kv, mmap=args.mmap,
-                                    weights=getattr(args, "weights", "i2v")))
+                                    weights=resolve_weights(getattr(args, "weights", "i2v"),
+                                                            getattr(args, "step_rows", 1))))
     import bitlm
     if dev is not None:
         import torch
@@ -368,6 +369,7 @@ def cmd_serve(args) -> int:
                              drain_timeout=args.drain_timeout, engine=engine,
                              max_len=args.ctx_size if torch_model else None, speculative=speculative,
                              draft=args.draft, draft_max=args.draft_max, lookup_ngram=args.lookup_ngram)
+    args.step_rows = args.max_seqs if engine == "batch" else 1  # for --weights auto: rows a step decodes
     model = load_model(args)
     draft = None
     if args.draft:  # on the native runtime, as the target is (refused above for the torch model)

@@ -67,6 +67,15 @@ def metrics(server) -> dict[str, float]:
     return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(\w+(?:\{[^}]*\})?) (\S+)$", text, re.M)}
 
 
+def test_weights_auto_follows_the_engine(server):
+    # --weights auto: the batch engine decodes up to --max-seqs rows a step, where i2v's kernels are the
+    # faster; the sequential engine decodes one row at a time, as generate does (engine/native.resolve_weights)
+    from bitlm.engine.native import resolve_weights
+    batch = "BatchEngine" in server.log()
+    want = "i2v" if batch else resolve_weights("auto", rows=1)
+    assert re.search(rf"serving \S+ at http://\S+ \((Batch|Sequential)Engine, {want} weights, 16 sequences", server.log())
+
+
 def test_models(client, server):
     assert [m.id for m in client.models.list().data] == [server.model]
     r = httpx.get(server.url + "/v1/models/nope", timeout=10)

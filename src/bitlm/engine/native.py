@@ -58,15 +58,18 @@ def check_weights(weights: str) -> str:
     return weights
 
 
-def resolve_weights(weights: str) -> str:
+def resolve_weights(weights: str, rows: int = 1) -> str:
     """A weight format name, or "auto": the format that decodes faster on this CPU's kernel path, as
-    benchmarks/cpu_inference.py measured it (benchmarks/README.md): t5 where the products run on AVX-512
-    VNNI (with or without AMX: 1.6 bits read per weight, decode bandwidth-bound, prefill as fast), i2v
-    elsewhere (on AVX2 a T5 GEMV costs about 2.5x I2V's, so decode turns compute-bound; NEON and the
-    scalar path are not measured, and i2v does less arithmetic a weight)."""
+    benchmarks/cpu_inference.py and bitlm bench measured it (benchmarks/README.md), for a workload of up
+    to `rows` sequences decoded a step. t5 where the products run on AVX-512 VNNI (with or without AMX)
+    and one sequence decodes at a time: 1.6 bits read per weight, decode bandwidth-bound, prefill as fast.
+    i2v elsewhere: on AVX2 a T5 GEMV costs about 2.5x I2V's, and a step of several rows (a server's batch)
+    turns T5 compute-bound (decoding its digits), where I2V's cheaper unpacking wins (2B4T shape, 2
+    threads: 4 rows a step 125 against 107 t/s, 8 rows 186-197 against 158). NEON and the scalar path
+    are not measured, and i2v does less arithmetic a weight."""
     if weights == "auto":
         from ..kernels import info
-        return "t5" if info()["path"] in ("avx512vnni", "amx") else "i2v"
+        return "t5" if info()["path"] in ("avx512vnni", "amx") and rows <= 1 else "i2v"
     return check_weights(weights)
 _NI = 23  # bitnet.h: BN_NI
 # KV cache element types: numpy dtype of the cache array, bitnet.h BN_F32 / BN_F16 / BN_Q8_0. q8_0 rows are

@@ -78,8 +78,10 @@ def run(model, settings: ServeSettings, draft_nm=None) -> int:
             await super().startup(sockets)
             if self.started:
                 host, port = self.servers[0].sockets[0].getsockname()[:2]
-                log.info("serving %s at http://%s:%s (%s, %d sequences, context %d, KV blocks %d of %d positions%s)",
-                         settings.model_name, _url_host(host), port, type(engine).__name__, settings.max_seqs,
+                nm = getattr(engine, "nm", None)  # the native model: its ternary weight format
+                log.info("serving %s at http://%s:%s (%s%s, %d sequences, context %d, KV blocks %d of %d "
+                         "positions%s)", settings.model_name, _url_host(host), port, type(engine).__name__,
+                         "" if nm is None else f", {nm.weights} weights", settings.max_seqs,
                          engine.max_len, engine.total_blocks, settings.block_size,
                          "" if settings.speculative == "none" else
                          f", speculative {settings.speculative} up to {settings.draft_max} drafts")
