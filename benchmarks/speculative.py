@@ -22,12 +22,22 @@ after the prompt; same = the greedy output equals plain decoding's token for tok
 A "verify cost" table gives the time of one forward of k + 1 rows over one of 1 row at the prompt's end:
 speedup ~ (tokens per round) / (verify cost of k + 1 rows + drafting time), which with an acceptance
 rate measured elsewhere predicts other workloads.
+
+--llama-cpp [GGUF] adds llama.cpp in the same rounds (llama-cpp-python, as cpu_inference.py runs it):
+plain greedy decoding and its prompt-lookup speculation (llama_cpp's LlamaPromptLookupDecoding, n-grams up
+to --lookup-ngram, k = each --draft-max drafted a round, verified in one eval). GGUF: a file of the same
+model; with --shape 2b4t and no file, cpu_inference.py's TQ2_0 GGUF of the same random weights (Q8_0
+head). llama.cpp keeps the prompt cached between runs (its prefix reuse replays the prompt's last token),
+so its tokens/s is the generation alone, as bitlm's.
+
+    python benchmarks/speculative.py --shape 2b4t -t 2 --rounds 3 -n 64 --draft-max 4 8 --llama-cpp
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import sys
 import time
@@ -72,12 +82,15 @@ def load(args):
     if args.shape:
         from bitlm.engine.bench import synthetic_native_file
         from bitlm.io.native import open_native
-        nm = open_native(synthetic_native_file(args.shape, args.head), max_len=args.ctx, kv="f16")
+        from bitlm.engine.native import resolve_weights
+        nm = open_native(synthetic_native_file(args.shape, args.head, weights=resolve_weights(args.weights)),
+                         max_len=args.ctx, kv="f16")
         passage = np.random.default_rng(0).integers(0, nm.config.vocab_size, args.passage_tokens).tolist()
         prompt = passage * 2 + passage[:8]
     else:
         from bitlm.data import bundled_model_dir
-        nm = bitlm.load_native(args.model or bundled_model_dir(), head=args.head, max_len=args.ctx)
+        nm = bitlm.load_native(args.model or bundled_model_dir(), head=args.head, max_len=args.ctx,
+                               weights=args.weights)
         prompt = make_prompt(nm.tokenizer, nm.config.max_position_embeddings if args.ctx is None else args.ctx,
                              args)
     target = NativeLM(nm)
@@ -152,6 +165,63 @@ def verify_costs(nm, prompt, ks, reps=5) -> dict[int, float]:
     return {k: t(k + 1) / one for k in ks}
 
 
+def llama_cpp_model(args, ctx: int):
+    """llama_cpp.Llama on --llama-cpp's GGUF (cpu_inference.py's TQ2_0 file with --shape 2b4t), logits of
+    every row kept (its speculation samples each verified row)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        sys.exit("--llama-cpp needs llama-cpp-python (CMAKE_ARGS=\"-DGGML_NATIVE=ON\" pip install llama-cpp-python)")
+    path = args.llama_cpp
+    if path == "auto":
+        if args.shape != "2b4t":
+            sys.exit("--llama-cpp without a GGUF: only with --shape 2b4t (cpu_inference.py's TQ2_0 file)")
+        from pathlib import Path
+
+        import cpu_inference
+        cache = Path.home() / ".cache" / "bitlm" / "bench"
+        cache.mkdir(parents=True, exist_ok=True)
+        path = cpu_inference.prepare(["llama.cpp-tq2_0"], cache)["llama.cpp-tq2_0"]
+    if not os.path.isfile(path):
+        sys.exit(f"--llama-cpp {path}: no such file (a GGUF that llama.cpp reads, e.g. bitlm convert --to gguf-tq2_0)")
+    return llama_cpp.Llama(model_path=str(path), n_ctx=ctx, n_batch=512, n_ubatch=512, n_threads=args.threads,
+                           n_threads_batch=args.threads, logits_all=True, verbose=False)
+
+
+def llama_cpp_generation(llm, prompt, n, k, ngram):
+    """(seconds, tokens, (evals, drafted)) of n greedy tokens after the cached prompt: plain (k = 0) or
+    with llama_cpp's prompt lookup drafting k tokens a round. Counts: the evals of the target (each
+    samples one token plus the accepted drafts) and the tokens drafted."""
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+    evals, drafted = [0], [0]
+
+    class Lookup(LlamaPromptLookupDecoding):
+        def __call__(self, input_ids, /, **kwargs):
+            d = super().__call__(input_ids, **kwargs)
+            drafted[0] += len(d)
+            return d
+
+    llm.draft_model = Lookup(max_ngram_size=ngram, num_pred_tokens=k) if k else None
+    ev = llm.eval
+
+    def counted(tokens):
+        evals[0] += 1
+        return ev(tokens)
+
+    llm.eval = counted
+    try:
+        t = time.perf_counter()
+        tokens = []
+        for tok in llm.generate(prompt, temp=0.0):
+            tokens.append(tok)
+            if len(tokens) == n:
+                break
+        secs = time.perf_counter() - t
+    finally:
+        del llm.eval  # the class's method again
+    return secs, tokens, (evals[0], drafted[0])
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group()
@@ -168,6 +238,11 @@ def main(argv=None):
     ap.add_argument("--head", default="q6", choices=("q8", "q6", "bf16", "f32"))
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--weights", default="auto", choices=("auto", "i2v", "t5"),
+                    help="bitlm's ternary weight format (default auto, as bitlm generate's)")
+    ap.add_argument("--llama-cpp", nargs="?", const="auto", metavar="GGUF",
+                    help="also llama.cpp, plain and with its prompt lookup, on this GGUF of the same model "
+                         "(with --shape 2b4t: cpu_inference.py's TQ2_0 file when none is given)")
     args = ap.parse_args(argv)
 
     from bitlm.engine.speculative import Speculative
@@ -192,10 +267,24 @@ def main(argv=None):
           f"{args.new_tokens} new; draft: "
           f"{args.draft or (f'first {args.draft_layers} blocks' if args.draft_layers else 'none')}", flush=True)
 
+    llm = None
+    if args.llama_cpp:
+        llm = llama_cpp_model(args, len(prompt) + args.new_tokens + max(args.draft_max) + 8)
+        llama_cpp_generation(llm, prompt, min(8, args.new_tokens), 0, args.lookup_ngram)  # prefill, cached
     runs: dict[str, list] = {}
     plain_tokens = None
     timed_generation(target, prompt, min(8, args.new_tokens), None)  # warm-up: pages, RoPE rows, scratch
     for rnd in range(args.rounds):
+        if llm is not None:
+            base = cpp_plain = None
+            for k in [0, *args.draft_max]:
+                secs, tokens, (evals, drafted) = llama_cpp_generation(llm, prompt, args.new_tokens, k,
+                                                                      args.lookup_ngram)
+                if not k:
+                    base, cpp_plain = secs, tokens
+                runs.setdefault(f"llama.cpp:{k}", []).append(dict(
+                    rate=len(tokens) / secs, speedup=base / secs, same=tokens == cpp_plain,
+                    evals=evals, drafted=drafted))
         pre = prefill_time(nm, prompt)
         base = None
         for name, k, spec in configs:
@@ -217,6 +306,19 @@ def main(argv=None):
         per = f"{args.new_tokens / st.rounds:.2f}" if st else "1.00"
         print(f"| {name} | {k or '-'} | {med(r['rate'] for r in rs):.1f} | {med(r['speedup'] for r in rs):.2f}x "
               f"| {acc} | {per} | {'yes' if all(r['same'] for r in rs) else 'NO'} |")
+    if llm is not None:
+        n = args.new_tokens
+        for k in [0, *args.draft_max]:
+            rs = runs[f"llama.cpp:{k}"]
+            last = rs[-1]
+            # each eval samples one token and keeps the drafts it accepted: accepted = n - evals
+            acc = f"{(n - last['evals']) / last['drafted']:.0%}" if k and last["drafted"] else "-"
+            print(f"| llama.cpp {'plain' if not k else 'lookup'} | {k or '-'} | {med(r['rate'] for r in rs):.1f} "
+                  f"| {med(r['speedup'] for r in rs):.2f}x | {acc} | {n / last['evals']:.2f} "
+                  f"| {'yes' if all(r['same'] for r in rs) else 'NO'} |")
+        ratio = med(b["rate"] / c["rate"] for b, c in zip(runs["plain:0"], runs["llama.cpp:0"]))
+        print(f"\nbitlm plain / llama.cpp plain: {ratio:.2f}x (median of the rounds' ratios); llama.cpp's rows: "
+              f"its own plain decoding is the base of its speedup and of its 'same'")
     costs = verify_costs(nm, prompt, sorted({k for k in args.draft_max} | {1, 2}))
     print("\nverify cost: one forward of k + 1 rows / one of 1 row, at the prompt's end")
     print("| k + 1 | " + " | ".join(str(k + 1) for k in costs) + " |")
