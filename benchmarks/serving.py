@@ -4,7 +4,8 @@ One set of random ternary weights (the synthetic 2B4T file of benchmarks/cpu_inf
 served by each engine: bitlm from the Hugging Face packed checkpoint written from it (native runtime,
 head --bitlm-head, KV f16, its batched engine); llama-server from the TQ2_0 GGUF written from it
 (token_embd Q8_0), with -np N parallel slots and continuous batching. Each server runs alone on the
-machine, with the same thread count.
+machine, with the same thread count. Engines bitlm-i2v and bitlm-t5 serve with that ternary weight format
+(bitlm: --weights auto, the default).
 
 For each number of concurrent clients C (default 1, 4, 8, 16), C client threads each send --requests
 streamed /v1/completions one after another (greedy, ignore_eos, --max-tokens new tokens, prompts of
@@ -79,9 +80,11 @@ def free_port() -> int:
 
 def start_server(engine: str, paths: dict, args, port: int) -> subprocess.Popen:
     slots, ctx = max(args.clients), args.prompt_tokens + args.max_tokens + 16
-    if engine == "bitlm":
+    if engine.startswith("bitlm"):  # bitlm: --weights auto (i2v for the batch engine); bitlm-i2v, bitlm-t5
+        weights = engine.partition("-")[2] or "auto"
         cmd = [sys.executable, "-m", "bitlm", "serve", "-m", str(paths["hf"]), "--port", str(port), "-t",
-               str(args.threads), "--max-seqs", str(slots), "--head", args.bitlm_head, "-c", str(ctx), "--served-model-name", "m"]
+               str(args.threads), "--max-seqs", str(slots), "--head", args.bitlm_head, "--weights", weights, "-c",
+               str(ctx), "--served-model-name", "m"]
     else:
         cmd = [str(args.llama_server_path), "-m", str(paths["llama.cpp-tq2_0"]), "--port", str(port), "-t",
                str(args.threads), "-np", str(slots), "-c", str(slots * ctx), "--host", "127.0.0.1", "-cb"]
@@ -179,7 +182,9 @@ def run_load(port: int, clients: int, args) -> dict:
 # ---- main ------------------------------------------------------------------------------------------
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--engines", nargs="+", default=["bitlm", "llama-server"], choices=["bitlm", "llama-server"])
+    ap.add_argument("--engines", nargs="+", default=["bitlm", "llama-server"],
+                    choices=["bitlm", "bitlm-i2v", "bitlm-t5", "llama-server"],
+                    help="bitlm: its default weights (--weights auto); bitlm-i2v, bitlm-t5: the format given")
     ap.add_argument("--clients", nargs="+", type=int, default=[1, 4, 8, 16])
     ap.add_argument("--requests", type=int, default=2, help="requests each client sends, one after another")
     ap.add_argument("--prompt-tokens", type=int, default=64)
