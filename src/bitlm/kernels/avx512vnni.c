@@ -361,12 +361,13 @@ INLINE T512 void t5_tile(const int8_t *x, size_t ldx, const __m512i *planes, int
 
 /* Small M (a few sequences' decode, speculative verify rows), up to T5_SMALL_M rows: the weights stream
  * from memory once per call, so nothing goes through memory but them (the prefill kernel's planes on the
- * stack cost a 2-row forward twice a 1-row one at the 2B4T shape, 2 threads, AMX Xeon: pp2 31 t/s against
- * pp1 35; this kernel 60-65, and pp5 118 against 73, pp9 129 against 105; from 17 rows the planes
- * kernel was faster again, 190 against 177). MT activation rows x NR row blocks, prefetched as
- * I2V's gemm_tile. Each block's five digit planes are made in registers
- * and used by all MT rows: t_j = 1 where y_j >= 86, 2 where y_j >= 171 (two byte compares into masks,
- * a masked move and a blend), y_{j+1} = 3 y_j; then 5 vpdpbusd a row, as the prefill tile's. */
+ * stack cost a 2-row forward twice a 1-row one at the 2B4T shape, 2 threads, Xeon: pp2 31 t/s against
+ * pp1 35; this kernel 60-65, and pp5 118 against 73, pp9 129 against 105; on this path alone, 16-19 rows
+ * 157-185 against the planes kernel's 155-168; the AMX path takes T5 from 16 rows, i2v_amx_min_m).
+ * MT activation rows x NR row blocks, prefetched as I2V's gemm_tile. Each block's five digit planes are
+ * made in registers and used by all MT rows: t_j = 1 where y_j >= 86, 2 where y_j >= 171 (two byte
+ * compares into masks, a masked move and a blend), y_{j+1} = 3 y_j; then 5 vpdpbusd a row, as the
+ * prefill tile's. */
 INLINE T512 void t5_small_tile(const i2v_gemm_args *a, int m0, int rb, const int MT, const int NR, int pf_on) {
     const size_t stride = (size_t)a->Kb * I2V_BLOCK;
     const uint8_t *w = a->w + rb * stride;
@@ -477,7 +478,7 @@ INLINE T512 void t5_ab_tile(const i2v_gemm_args *a, int rb, const int MT, const 
     default: t5_small_tile(a, m0, rb, 1, NR, PF); break;        \
     }
 
-#define T5_SMALL_M 15
+#define T5_SMALL_M 19 /* as I2V's SMALL_M */
 
 static T512 void t5_gemm_small_m(const i2v_gemm_args *a, int rb0, int rb1) {
     int rb = rb0;
