@@ -4,7 +4,9 @@ references, whatever CPU runs the tests.
 - natively: the paths this CPU has (AMX only here: no emulator offers it);
 - the AVX-512 VNNI/VBMI kernels built on SIMDe's portable intrinsics (-DI2V_SIMDE, kernels/x86_avx512.h),
   run natively and under qemu-user as an AVX2-only CPU, so they are checked on any x86-64 CPU;
-- the NEON kernels for AArch64 through a cross compiler, under qemu-user.
+- the NEON kernels for AArch64 through a cross compiler, under qemu-user;
+- on each, the attention kernels over the KV cache (kvops.c) against its scalar reference, natively built
+  ones only (not the SIMDe-emulated AVX-512 path).
 
 The tools (Debian/Ubuntu): apt-get install libsimde-dev gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user
 (.ci/run installs them). Without them these tests skip on a developer's machine and fail in CI (CI set).
@@ -24,7 +26,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 KDIR = ROOT / "src" / "bitlm" / "kernels"
 HARNESS = ROOT / "tests" / "kernels" / "c" / "exact.c"
-LIBRARY = ["dispatch.c", "pool.c", "scalar.c", "avx2.c", "amx.c", "neon.c", "convert.c"]
+LIBRARY = ["dispatch.c", "pool.c", "scalar.c", "avx2.c", "amx.c", "neon.c", "convert.c", "kvops.c"]
 AVX512 = ["avx512vnni.c", "avx512vbmi.c"]
 APT = "apt-get install libsimde-dev gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user"
 CFLAGS = ["-std=c11", "-Wall", "-Werror", f"-I{KDIR}"]
@@ -126,6 +128,8 @@ def test_native_paths_exact(host, tmp_path):
     text = _run([str(_build(cc, tmp_path, units, [], objs))])
     paths = _exact_paths(text)
     assert "scalar" in paths
+    if "avx2" in paths:  # kvops.c's x86 loops ran (AVX-512 ones where the CPU has them)
+        assert re.search(r"^path avx2: exact .*attention kernels avx2", text, re.M), text
     from bitlm import kernels
     if kernels.available():  # the harness ran every path the binding offers on this CPU (AMX where it is)
         assert sorted(paths) == sorted(kernels.info()["paths"]), text
@@ -156,13 +160,14 @@ def test_neon_path_exact_under_qemu(tmp_path):
     units = [(str(HARNESS), ["-O2"]), *_sources(LIBRARY + AVX512, ["-O2"])]
     text = _run([qemu, "-cpu", "max", str(_build(cc, tmp_path, units, ["-static"]))])
     assert sorted(_exact_paths(text)) == ["neon", "scalar"], text
+    assert re.search(r"^path neon: exact .*attention kernels neon", text, re.M), text  # kvops.c's NEON loops
 
 
 def test_the_whole_runtime_compiles_for_aarch64(tmp_path):
     """Every C file the package builds (setup.py SOURCES, all but the Python binding) compiles for AArch64
-    without a warning: the forward, attention (kvops.c: its AVX2/AVX-512 kernels must stay behind their
-    x86 guards, the scalar reference what ARM runs) and head files, which exact.c does not build. An ARM
-    user's install builds them all."""
+    without a warning: the forward, attention and head files, which exact.c does not build (kvops.c: its
+    AVX2/AVX-512 kernels must stay behind their x86 guards; exact.c runs its NEON ones). An ARM user's
+    install builds them all."""
     import ast
     if not X86:
         pytest.skip("the cross build targets AArch64 from x86-64; on ARM the package build itself compiles them")

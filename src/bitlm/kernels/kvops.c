@@ -2,14 +2,16 @@
  * (BN_F32, BN_F16, BN_Q8_0) and instruction set, and the q8_0 row quantizer of the KV store.
  *
  * Elements are widened to float32 in registers as they are loaded (no f32 copy of the cache): f16 by
- * vcvtph2ps, q8_0 (formats/q8_0.py: per 32 values an f16 scale d and 32 int8 q) as d * q, which is
- * exact in float32 (an 11-bit by 8-bit product). So every path computes on exactly the values
+ * vcvtph2ps (NEON: fcvtl), q8_0 (formats/q8_0.py: per 32 values an f16 scale d and 32 int8 q) as d * q,
+ * which is exact in float32 (an 11-bit by 8-bit product). So every path computes on exactly the values
  * formats/q8_0.dequantize gives, and q and the probabilities stay float32.
- * Why not llama.cpp's int8 dot (q quantized to q8_0, vpdpbusd against the keys)? It would add the
- * quantization error of q to that of the keys, and decode attention is bound by the bytes of the cache,
- * not by the float multiply-adds (at the 2B4T shape a key of one kv head is 136 bytes of q8_0 for 512
- * multiply-adds of its 4 q heads: 32 AVX-512 FMAs, ~16 cycles, against ~4.4 ns = ~11 cycles of the
- * machine's read bandwidth per core).
+ * The cost: at the 2B4T shape a key (or value) row of one kv head is 512 multiply-adds for its 4 q heads
+ * (32 AVX-512 FMAs) against 256 bytes of f16 or 136 of q8_0, and these loops are bound by the
+ * arithmetic, not by the bytes: on the 2-vCPU Xeon of benchmarks/README.md, with the cache hot in L2,
+ * one core ran them at 13.5 GB/s of f16 and 6.2 of q8_0 (its FMAs: ~27 G multiply-adds a second), where
+ * a plain read streams 17. Going faster needs fewer float multiply-adds a byte: llama.cpp's int8 dot
+ * (q quantized to q8_0, integer products against q8_0 keys), which adds q's quantization error to the
+ * keys', or AMX tiles; neither is done here (benchmarks/kv_attention_c.c measures the loops).
  *
  * Shapes: q [nq, hd] (the nq q heads of one kv head, rows hd apart), k_j = k + j * ldk bytes (key j's
  * row of hd elements), p [nq, ldp] (probabilities), o [nq, hd].
@@ -126,11 +128,7 @@ static inline void pv_scalar(int kind, float *o, int nq, int hd, const float *p,
 
 KINDS(, scalar)
 
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
-#include <immintrin.h>
-
-/* ---- AVX-512: 16 elements a register ---- */
-#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,f16c,fma"), always_inline)) static inline
+/* ---- shared by the SIMD kernels ---- */
 
 /* the cache lines of rows j .. j + nrows - 1 (clamped to the n rows of the call), requested ahead of use:
  * the loops do ~10 ns of arithmetic per row, and one core left to the hardware prefetcher alone read the
@@ -138,8 +136,33 @@ KINDS(, scalar)
 #define KV_PREFETCH 8 /* rows ahead */
 static inline void prefetch_rows(const uint8_t *base, size_t ld, int j, int nrows, int n) {
     for (int x = j; x < j + nrows && x < n; x++)
-        for (size_t b = 0; b < ld; b += 64) _mm_prefetch((const char *)(base + (size_t)x * ld + b), _MM_HINT_T0);
+        for (size_t b = 0; b < ld; b += 64) __builtin_prefetch(base + (size_t)x * ld + b, 0, 3);
 }
+
+/* p.v's rows r0 .. r0 + 3 of p [nq, ldp] and o [nq, hd], in pr and orow. Short groups repeat their
+ * first row: the repeats compute and store the same values. */
+static inline void group_rows(int r0, int nq, const float *p, size_t ldp, float *o, int hd, const float *pr[4],
+                             float *orow[4]) {
+    int nr = nq - r0 < 4 ? nq - r0 : 4;
+    for (int r = 0; r < 4; r++) {
+        int rr = r0 + (r < nr ? r : 0);
+        pr[r] = p + (size_t)rr * ldp;
+        orow[r] = o + (size_t)rr * hd;
+    }
+}
+
+/* 4 q rows of q [nq, hd] in qr: short groups repeat row r0 (their scores are computed, not stored) */
+static inline int group_q(int r0, int nq, const float *q, int hd, const float *qr[4]) {
+    int nr = nq - r0 < 4 ? nq - r0 : 4;
+    for (int r = 0; r < 4; r++) qr[r] = q + (size_t)(r0 + (r < nr ? r : 0)) * hd;
+    return nr;
+}
+
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#include <immintrin.h>
+
+/* ---- AVX-512: 16 elements a register ---- */
+#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,f16c,fma"), always_inline)) static inline
 
 T512 __m512 ld16(int kind, const uint8_t *row, int i) {
     if (kind == BN_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(row + 2 * (size_t)i)));
@@ -191,9 +214,8 @@ T512 void scores_avx512(int kind, const float *q, int nq, int hd, const uint8_t 
     __m512 sc = _mm512_set1_ps(scale);
     const __m512i tr = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     for (int r0 = 0; r0 < nq; r0 += 4) {
-        int nr = nq - r0 < 4 ? nq - r0 : 4;
         const float *qr[4];
-        for (int r = 0; r < 4; r++) qr[r] = q + (size_t)(r0 + (r < nr ? r : 0)) * hd;
+        int nr = group_q(r0, nq, q, hd, qr);
         for (int j = 0; j < n; j += 4) {
             const uint8_t *kj[4];
             for (int x = 0; x < 4; x++) kj[x] = k + (size_t)(j + x < n ? j + x : n - 1) * ldk;
@@ -232,18 +254,6 @@ T512 void scores_avx512(int kind, const float *q, int nq, int hd, const uint8_t 
             for (int r = 0; r < nr; r++)
                 _mm512_mask_storeu_ps(out + (size_t)(r0 + r) * ldo + j - 4 * r, (__mmask16)(keys << (4 * r)), s);
         }
-    }
-}
-
-/* p.v's rows r0 .. r0 + 3 of p [nq, ldp] and o [nq, hd], in pr and orow. Short groups repeat their
- * first row: the repeats compute and store the same values. */
-static inline void group_rows(int r0, int nq, const float *p, size_t ldp, float *o, int hd, const float *pr[4],
-                             float *orow[4]) {
-    int nr = nq - r0 < 4 ? nq - r0 : 4;
-    for (int r = 0; r < 4; r++) {
-        int rr = r0 + (r < nr ? r : 0);
-        pr[r] = p + (size_t)rr * ldp;
-        orow[r] = o + (size_t)rr * hd;
     }
 }
 
@@ -347,9 +357,8 @@ T256 void scores_avx2(int kind, const float *q, int nq, int hd, const uint8_t *k
                       float *out, size_t ldo) {
     __m256 sc = _mm256_set1_ps(scale);
     for (int r0 = 0; r0 < nq; r0 += 4) {
-        int nr = nq - r0 < 4 ? nq - r0 : 4;
         const float *qr[4];
-        for (int r = 0; r < 4; r++) qr[r] = q + (size_t)(r0 + (r < nr ? r : 0)) * hd;
+        int nr = group_q(r0, nq, q, hd, qr);
         for (int j = 0; j < n; j += 2) {
             const uint8_t *k0 = k + (size_t)j * ldk, *k1 = k + (size_t)(j + 1 < n ? j + 1 : j) * ldk;
             prefetch_rows(k, ldk, j + KV_PREFETCH, 2, n);
@@ -425,6 +434,97 @@ __attribute__((target("avx,f16c"))) static void put_f16_f16c(const float *x, int
 }
 #endif
 
+#if defined(__aarch64__) && defined(__GNUC__)
+#include <arm_neon.h>
+
+/* ---- NEON (AArch64): 4 elements a register, widened 16 at a time (i % 16 == 0: within one q8_0 block) ---- */
+static inline void ld16n(int kind, const uint8_t *row, int i, float32x4_t x[4]) {
+    if (kind == BN_F16) {
+        const float16x8_t a = vreinterpretq_f16_u8(vld1q_u8(row + 2 * (size_t)i));
+        const float16x8_t b = vreinterpretq_f16_u8(vld1q_u8(row + 2 * (size_t)i + 16));
+        x[0] = vcvt_f32_f16(vget_low_f16(a));
+        x[1] = vcvt_high_f32_f16(a);
+        x[2] = vcvt_f32_f16(vget_low_f16(b));
+        x[3] = vcvt_high_f32_f16(b);
+        return;
+    }
+    if (kind == BN_Q8_0) {
+        const uint8_t *blk = row + (size_t)(i / BN_Q8_0_BLOCK) * BN_Q8_0_BYTES;
+        const float d = f16_to_f32(blk);
+        const int8x16_t q = vld1q_s8((const int8_t *)(blk + 2 + i % BN_Q8_0_BLOCK));
+        const int16x8_t lo = vmovl_s8(vget_low_s8(q)), hi = vmovl_high_s8(q);
+        x[0] = vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo))), d);
+        x[1] = vmulq_n_f32(vcvtq_f32_s32(vmovl_high_s16(lo)), d);
+        x[2] = vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi))), d);
+        x[3] = vmulq_n_f32(vcvtq_f32_s32(vmovl_high_s16(hi)), d);
+        return;
+    }
+    for (int t = 0; t < 4; t++) x[t] = vld1q_f32((const float *)(const void *)(row + 4 * ((size_t)i + 4 * t)));
+}
+
+/* 4 q rows by 4 keys a pass, hd % 16 == 0: 16 accumulators (lane l of one sums the elements l, l + 4, ..
+ * in order), each key widened once for the 4 rows; a key batch short of 4 repeats its last key */
+static inline void scores_neon(int kind, const float *q, int nq, int hd, const uint8_t *k, size_t ldk, int n,
+                               float scale, float *out, size_t ldo) {
+    for (int r0 = 0; r0 < nq; r0 += 4) {
+        const float *qr[4];
+        int nr = group_q(r0, nq, q, hd, qr);
+        for (int j = 0; j < n; j += 4) {
+            const uint8_t *kj[4];
+            for (int x = 0; x < 4; x++) kj[x] = k + (size_t)(j + x < n ? j + x : n - 1) * ldk;
+            prefetch_rows(k, ldk, j + KV_PREFETCH, 4, n);
+            float32x4_t acc[16];
+            for (int a = 0; a < 16; a++) acc[a] = vdupq_n_f32(0.0f);
+            for (int i = 0; i < hd; i += 16)
+                for (int x = 0; x < 4; x++) {
+                    float32x4_t kx[4];
+                    ld16n(kind, kj[x], i, kx);
+                    for (int r = 0; r < 4; r++)
+                        for (int t = 0; t < 4; t++)
+                            acc[4 * r + x] = vfmaq_f32(acc[4 * r + x], vld1q_f32(qr[r] + i + 4 * t), kx[t]);
+                }
+            for (int r = 0; r < nr; r++)
+                for (int x = 0; x < 4 && j + x < n; x++) out[(size_t)(r0 + r) * ldo + j + x] = vaddvq_f32(acc[4 * r + x]) * scale;
+        }
+    }
+}
+
+/* 4 rows of o by 16 columns in registers while the keys' value rows stream past, hd % 16 == 0 */
+static inline void pv_neon(int kind, float *o, int nq, int hd, const float *p, size_t ldp, const uint8_t *v,
+                           size_t ldv, int n) {
+    for (int r0 = 0; r0 < nq; r0 += 4) {
+        const float *pr[4];
+        float *orow[4];
+        group_rows(r0, nq, p, ldp, o, hd, pr, orow);
+        for (int c = 0; c < hd; c += 16) {
+            float32x4_t acc[16];
+            for (int r = 0; r < 4; r++)
+                for (int t = 0; t < 4; t++) acc[4 * r + t] = vld1q_f32(orow[r] + c + 4 * t);
+            for (int j = 0; j < n; j++) {
+                if (c == 0) prefetch_rows(v, ldv, j + KV_PREFETCH, 1, n);
+                float32x4_t x[4];
+                ld16n(kind, v + (size_t)j * ldv, c, x);
+                for (int r = 0; r < 4; r++) {
+                    const float w = pr[r][j];
+                    for (int t = 0; t < 4; t++) acc[4 * r + t] = vfmaq_n_f32(acc[4 * r + t], x[t], w);
+                }
+            }
+            for (int r = 3; r >= 0; r--) /* row 0 last: a repeated row stores row 0's values */
+                for (int t = 0; t < 4; t++) vst1q_f32(orow[r] + c + 4 * t, acc[4 * r + t]);
+        }
+    }
+}
+
+KINDS(, neon)
+
+/* the f16 store, rounding to nearest even as the scalar cast */
+static void put_f16_neon(const float *x, int n, void *dst) {
+    int i = 0;
+    for (; i + 4 <= n; i += 4) vst1_u16((uint16_t *)dst + i, vreinterpret_u16_f16(vcvt_f16_f32(vld1q_f32(x + i))));
+    put_f16_scalar(x + i, n - i, (uint16_t *)dst + i);
+}
+#endif
+
 #define PICK(isa)                                                                                       \
     do {                                                                                                \
         *scores = kind == BN_F16 ? scores_##isa##_f16 : kind == BN_Q8_0 ? scores_##isa##_q8_0 : scores_##isa##_f32; \
@@ -432,7 +532,7 @@ __attribute__((target("avx,f16c"))) static void put_f16_f16c(const float *x, int
     } while (0)
 
 /* the kernels of a path for a KV kind and head_dim: AVX-512 on the AVX-512 paths when hd % 16 == 0, AVX2
- * on the x86 paths when hd % 8 == 0, else the scalar reference. The store: F16C for f16 and AVX-512 for
+ * on the x86 paths when hd % 8 == 0, NEON on the NEON path when hd % 16 == 0, else the scalar reference. The store: F16C for f16 and AVX-512 for
  * q8_0 on the x86 paths that have them (the scalar f16 cast is a software routine without F16C, and
  * roundf a libm call), each bit-exact with the scalar one. */
 const char *bn_pick_kv(int path, int kind, int hd, scores_fn *scores, pv_fn *pv, kvput_fn *put) {
@@ -448,6 +548,13 @@ const char *bn_pick_kv(int path, int kind, int hd, scores_fn *scores, pv_fn *pv,
     if (x86 && hd % 8 == 0 && __builtin_cpu_supports("f16c")) {
         PICK(avx2);
         return "avx2";
+    }
+#endif
+#if defined(__aarch64__) && defined(__GNUC__)
+    if (path == I2V_PATH_NEON && kind == BN_F16) *put = put_f16_neon;
+    if (path == I2V_PATH_NEON && hd % 16 == 0) {
+        PICK(neon);
+        return "neon";
     }
 #endif
     (void)path;

@@ -1,6 +1,7 @@
 /* Exactness harness for the kernel library in C alone (no Python): every path this build offers
  * against a naive reference (ternary products, the several-matrix and dequantizing drivers, the 6-bit
- * head) or against the scalar path (the activation quantizer: int8 codes, scales and sums bit-equal),
+ * head) or against the scalar path (the activation quantizer: int8 codes, scales and sums bit-equal; the
+ * attention kernels over f32, f16 and q8_0 KV rows: within float rounding, and bit-equal across cuts),
  * on random ternary weights, ragged shapes and extreme activations.
  * Built and run by tests/kernels/test_c_harness.py: natively; with -DI2V_SIMDE, where the AVX-512
  * kernels run on SIMDe's portable intrinsics on any x86-64 CPU (x86_avx512.h); and for AArch64 under
@@ -10,7 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "i2v.h"
+#include "bitnet_impl.h" /* i2v.h, and the KV kernels of kvops.c (bn_pick_kv) */
 
 #ifdef I2V_SIMDE
 #define EMULATED(path) i2v_path_has_avx512vnni(path)  /* the AVX-512 kernels on SIMDe (x86_avx512.h) */
@@ -252,6 +253,103 @@ static int check_nested(void) {
     return c.bad;
 }
 
+/* ---- attention over the KV cache (kvops.c) ---- */
+static float frand(void) { return (float)(next() % 20001) / 10000.0f - 1.0f; } /* [-1, 1] */
+
+/* n rows of hd values, each row ld bytes apart, in the KV element kind (the scalar store: f16 rounded to
+ * nearest even, q8_0 as formats/q8_0.py) */
+static uint8_t *kv_rows(int kind, int hd, int n, size_t ld) {
+    scores_fn sc;
+    pv_fn pv;
+    kvput_fn put;
+    bn_pick_kv(I2V_PATH_SCALAR, kind, hd, &sc, &pv, &put);
+    uint8_t *rows = calloc((size_t)n, ld);
+    float *x = malloc(sizeof(float) * (size_t)hd);
+    for (int j = 0; j < n; j++) {
+        for (int i = 0; i < hd; i++) x[i] = frand() * (1 + j % 3); /* rows of different sizes */
+        put(x, hd, rows + (size_t)j * ld);
+    }
+    free(x);
+    return rows;
+}
+
+/* n KV rows read back as float (the scalar p.v with p = 1 over one row at a time) */
+static float *kv_floats(int kind, int hd, const uint8_t *rows, size_t ld, int n) {
+    scores_fn sc;
+    pv_fn pv;
+    kvput_fn put;
+    bn_pick_kv(I2V_PATH_SCALAR, kind, hd, &sc, &pv, &put);
+    float *out = calloc((size_t)n * hd, sizeof(float)), one = 1.0f;
+    for (int j = 0; j < n; j++) pv(out + (size_t)j * hd, 1, hd, &one, 1, rows + (size_t)j * ld, ld, 1);
+    return out;
+}
+
+/* each path's scores and p.v against the scalar reference, within float rounding (their sums run in
+ * other orders): |a - b| <= 2e-6 * (1 + the sum of the terms' magnitudes); bit-equal when the keys
+ * come in two calls, 0 .. cut and cut .. n, as in one (attention.c follows a paged cache's blocks so);
+ * the f16 store bit-equal to the scalar cast */
+static void check_kv(int kind, int nq, int hd, int n, int cut) {
+    const size_t ld = bn_kv_row_bytes(kind, hd) + 6, ldo = (size_t)n + 3; /* rows not packed: ld is honoured */
+    const size_t nqh = (size_t)nq * hd, sz = (size_t)nq * ldo, fb = sizeof(float);
+    uint8_t *K = kv_rows(kind, hd, n, ld), *V = kv_rows(kind, hd, n, ld);
+    float *kf = kv_floats(kind, hd, K, ld, n), *vf = kv_floats(kind, hd, V, ld, n);
+    float *q = malloc(fb * nqh), *o0 = malloc(fb * nqh), *oref = malloc(fb * nqh), *o1 = malloc(fb * nqh);
+    float *o2 = malloc(fb * nqh), *p = malloc(fb * sz), *ref = malloc(fb * sz), *got = malloc(fb * sz);
+    float *two = malloc(fb * sz);
+    for (size_t i = 0; i < nqh; i++) q[i] = frand(), o0[i] = frand();
+    for (size_t i = 0; i < sz; i++) p[i] = 0.5f * (frand() + 1.0f);
+    scores_fn sc;
+    pv_fn pv;
+    kvput_fn put, ref_put;
+    bn_pick_kv(I2V_PATH_SCALAR, kind, hd, &sc, &pv, &ref_put);
+    sc(q, nq, hd, K, ld, n, 0.125f, ref, ldo);
+    memcpy(oref, o0, fb * nqh);
+    pv(oref, nq, hd, p, ldo, V, ld, n);
+    for (int path = 0; path < I2V_NPATHS; path++) {
+        if (!i2v_path_supported(path) || EMULATED(path)) continue; /* kvops.c is built natively only */
+        const char *name = bn_pick_kv(path, kind, hd, &sc, &pv, &put);
+        int wrong = 0;
+        sc(q, nq, hd, K, ld, n, 0.125f, got, ldo);
+        sc(q, nq, hd, K, ld, cut, 0.125f, two, ldo);
+        sc(q, nq, hd, K + (size_t)cut * ld, ld, n - cut, 0.125f, two + cut, ldo);
+        memcpy(o1, o0, fb * nqh);
+        memcpy(o2, o0, fb * nqh);
+        pv(o1, nq, hd, p, ldo, V, ld, n);
+        pv(o2, nq, hd, p, ldo, V, ld, cut);
+        pv(o2, nq, hd, p + cut, ldo, V + (size_t)cut * ld, ld, n - cut);
+        for (int r = 0; r < nq; r++) {
+            for (int j = 0; j < n; j++) {
+                double terms = 0;
+                for (int i = 0; i < hd; i++) terms += fabs((double)q[r * hd + i] * kf[(size_t)j * hd + i]) * 0.125;
+                size_t at = (size_t)r * ldo + j;
+                wrong |= fabs((double)got[at] - ref[at]) > 2e-6 * (1 + terms) || memcmp(&got[at], &two[at], fb);
+            }
+            for (int i = 0; i < hd; i++) {
+                double terms = fabs(o0[r * hd + i]);
+                for (int j = 0; j < n; j++) terms += fabs((double)p[(size_t)r * ldo + j] * vf[(size_t)j * hd + i]);
+                size_t at = (size_t)r * hd + i;
+                wrong |= fabs((double)o1[at] - oref[at]) > 2e-6 * (1 + terms) || memcmp(&o1[at], &o2[at], fb);
+            }
+        }
+        if (kind == BN_F16) { /* values of every size, subnormal to overflow */
+            uint16_t a[64], b[64];
+            float x[64];
+            int m = hd < 64 ? hd : 64;
+            for (int i = 0; i < m; i++) x[i] = frand() * ldexpf(1.0f, (int)(next() % 40) - 24);
+            put(x, m, a);
+            ref_put(x, m, b);
+            wrong |= memcmp(a, b, sizeof(uint16_t) * (size_t)m) != 0;
+        }
+        if (wrong) {
+            printf("MISMATCH kv kind %d path %s (kernels %s) nq %d hd %d n %d cut %d\n", kind, i2v_path_name(path),
+                   name, nq, hd, n, cut);
+            bad[path] = 1;
+        }
+    }
+    free(K), free(V), free(kf), free(vf), free(q), free(o0), free(oref), free(o1), free(o2), free(p), free(ref);
+    free(got), free(two);
+}
+
 int main(void) {
     static const int shapes[][3] = {{1, 1, 1}, {1, 17, 15}, {1, 64, 2560}, {1, 129, 48}, {3, 33, 100},
                                     {8, 16, 16}, {17, 65, 129}, {20, 100, 333}, {33, 48, 64}, {64, 31, 200},
@@ -276,12 +374,23 @@ int main(void) {
     int nested_bad = check_nested();
     check_q6(1, 1, 1), check_q6(1, 37, 100), check_q6(2, 301, 640), check_q6(3, 8, 2560);
     for (int m = 1; m <= 20; m++) check_q6(m, 7, 9 * 64 + 17);  /* every decode-step M */
+    static const int kvshapes[][4] = {{4, 128, 37, 13}, {5, 64, 4, 1}, {4, 48, 1, 0}, {3, 40, 20, 16},
+                                      {2, 20, 9, 4}, {8, 128, 300, 256}};  /* nq, hd, n, cut */
+    for (int kind = 0; kind <= BN_Q8_0; kind++) {
+        if (kind != BN_F32 && kind != BN_F16 && kind != BN_Q8_0) continue;
+        for (int i = 0; i < (int)(sizeof kvshapes / sizeof kvshapes[0]); i++)
+            check_kv(kind, kvshapes[i][0], kvshapes[i][1], kvshapes[i][2], kvshapes[i][3]);
+    }
     int any = nested_bad;
     for (int path = 0; path < I2V_NPATHS; path++) {
         if (!i2v_path_supported(path)) continue;
         any |= bad[path];
-        printf("path %s: %s (gemm, gemm_multi, gemm_multi_f32 on i2v and t5, quantize; q6 head kernel %s)%s\n",
-               i2v_path_name(path), bad[path] ? "FAILED" : "exact", i2v_q6_kernel_name(path),
+        scores_fn sc;
+        pv_fn pv;
+        kvput_fn put;
+        printf("path %s: %s (gemm, gemm_multi, gemm_multi_f32 on i2v and t5, quantize; q6 head kernel %s; "
+               "attention kernels %s)%s\n", i2v_path_name(path), bad[path] ? "FAILED" : "exact",
+               i2v_q6_kernel_name(path), EMULATED(path) ? "not run" : bn_pick_kv(path, BN_F16, 128, &sc, &pv, &put),
                EMULATED(path) ? " [SIMDe emulation]" : "");
     }
     return any;
