@@ -8,8 +8,8 @@
  * The cost: at the 2B4T shape a key (or value) row of one kv head is 512 multiply-adds for its 4 q heads
  * (32 AVX-512 FMAs) against 256 bytes of f16 or 136 of q8_0, and these loops are bound by the
  * arithmetic, not by the bytes: on the 2-vCPU Xeon of benchmarks/README.md, with the cache hot in L2,
- * one core ran them at 13.5 GB/s of f16 and 6.2 of q8_0 (its FMAs: ~27 G multiply-adds a second), where
- * a plain read streams 17. Going faster needs fewer float multiply-adds a byte: llama.cpp's int8 dot
+ * one core ran them at 12.4 GB/s of f16 and 6.4 of q8_0 (24-25 G multiply-adds a second either way),
+ * where a plain read streams 17. Going faster needs fewer float multiply-adds a byte: llama.cpp's int8 dot
  * (q quantized to q8_0, integer products against q8_0 keys), which adds q's quantization error to the
  * keys', or AMX tiles; neither is done here (benchmarks/kv_attention_c.c measures the loops).
  *

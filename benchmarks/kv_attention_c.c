@@ -1,0 +1,70 @@
+/* Attention's loops over the KV cache from C (kvops.c's scores and p.v, as attention.c calls them per
+ * 256-key chunk): one decode row of the 2B4T shape (5 kv heads of 4 q heads, head_dim 128) over `keys`
+ * keys of each kv head, in bytes of K and V read a second. With few keys the cache stays in L2 and the
+ * rate is the loops' arithmetic; with many it comes from memory. Best of `reps` passes. Never part of
+ * the tests.
+ *
+ *   K=src/bitlm/kernels; gcc -O2 -std=c11 -I$K benchmarks/kv_attention_c.c $K/kvops.c $K/dispatch.c \
+ *       $K/pool.c $K/scalar.c $K/avx2.c $K/avx512vnni.c $K/avx512vbmi.c $K/amx.c $K/neon.c $K/convert.c \
+ *       -o /tmp/kv_attention_c -lpthread -lm
+ *   for kv in f16 q8_0; do for n in 256 4000 65536; do /tmp/kv_attention_c $kv $n 20; done; done
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "bitnet_impl.h"
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 4) {
+        fprintf(stderr, "usage: %s {f32,f16,q8_0} KEYS REPS\n", argv[0]);
+        return 2;
+    }
+    int kind = !strcmp(argv[1], "f16") ? BN_F16 : !strcmp(argv[1], "q8_0") ? BN_Q8_0 : BN_F32;
+    long keys = atol(argv[2]);
+    int reps = atoi(argv[3]), hd = 128, nq = 4, nkv = 5;
+    size_t ld = bn_kv_row_bytes(kind, hd), bytes = (size_t)keys * nkv * ld;
+    scores_fn sc;
+    pv_fn pv;
+    kvput_fn put;
+    const char *name = bn_pick_kv(i2v_best_path(), kind, hd, &sc, &pv, &put);
+    uint8_t *k = malloc(bytes), *v = malloc(bytes);
+    float x[128], q[4 * 128], p[4 * ATT_CHUNK], o[4 * 128];
+    for (long j = 0; j < keys * nkv; j++) {
+        for (int i = 0; i < hd; i++) x[i] = (float)((j * 131 + i * 7) % 97) / 97.0f - 0.5f;
+        put(x, hd, k + (size_t)j * ld);
+        put(x, hd, v + (size_t)j * ld);
+    }
+    for (int i = 0; i < nq * hd; i++) q[i] = (float)(i % 13) / 13.0f - 0.5f;
+    for (int i = 0; i < nq * ATT_CHUNK; i++) p[i] = 1.0f / ATT_CHUNK;
+    memset(o, 0, sizeof o);
+    double best = 1e30;
+    for (int r = 0; r < reps; r++) {
+        double t0 = now();
+        for (int h = 0; h < nkv; h++) {
+            const uint8_t *kh = k + (size_t)h * keys * ld, *vh = v + (size_t)h * keys * ld;
+            for (long j = 0; j < keys; j += ATT_CHUNK) {
+                int n = keys - j < ATT_CHUNK ? (int)(keys - j) : ATT_CHUNK;
+                sc(q, nq, hd, kh + (size_t)j * ld, ld, n, 0.088f, p, ATT_CHUNK);
+                for (int i = 0; i < nq * n; i++) p[i] = 1.0f / ATT_CHUNK; /* stands for the softmax */
+                pv(o, nq, hd, p, ATT_CHUNK, vh + (size_t)j * ld, ld, n);
+            }
+        }
+        double t = now() - t0;
+        best = t < best ? t : best;
+    }
+    printf("%s kernels %s, %ld keys x %d kv heads: %.3f ms, %.2f GB/s of K and V (%.1f MB), %.1f G multiply-adds/s\n",
+           argv[1], name, keys, nkv, best * 1e3, 2.0 * bytes / best / 1e9, 2.0 * bytes / 1e6,
+           2.0 * keys * nkv * nq * hd / best / 1e9);
+    return o[0] != o[0]; /* keeps the results live */
+}
