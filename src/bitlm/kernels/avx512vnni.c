@@ -126,17 +126,32 @@ INLINE T512 void gemm_tile(const i2v_gemm_args *a, int m0, int rb, const int MT,
         for (int r = 0; r < NR; r++) store_rows(a, m0 + m, rb + r, acc[m][r]);
 }
 
-/* constant MT and NR for each instantiation, so acc[][] and c[][] live in registers */
-#define TILE_CASES(NR, PF)                                  \
-    switch (mt) {                                           \
-    case 8: gemm_tile(a, m0, rb, 8, NR, PF); break;         \
-    case 7: gemm_tile(a, m0, rb, 7, NR, PF); break;         \
-    case 6: gemm_tile(a, m0, rb, 6, NR, PF); break;         \
-    case 5: gemm_tile(a, m0, rb, 5, NR, PF); break;         \
-    case 4: gemm_tile(a, m0, rb, 4, NR, PF); break;         \
-    case 3: gemm_tile(a, m0, rb, 3, NR, PF); break;         \
-    case 2: gemm_tile(a, m0, rb, 2, NR, PF); break;         \
-    default: gemm_tile(a, m0, rb, 1, NR, PF); break;        \
+/* constant MT and NR for each instantiation of tile kernel fn (gemm_tile, t5_small_tile), so its
+ * accumulators and code vectors live in registers */
+#define TILE_CASES(fn, NR, PF)                      \
+    switch (mt) {                                   \
+    case 8: fn(a, m0, rb, 8, NR, PF); break;        \
+    case 7: fn(a, m0, rb, 7, NR, PF); break;        \
+    case 6: fn(a, m0, rb, 6, NR, PF); break;        \
+    case 5: fn(a, m0, rb, 5, NR, PF); break;        \
+    case 4: fn(a, m0, rb, 4, NR, PF); break;        \
+    case 3: fn(a, m0, rb, 3, NR, PF); break;        \
+    case 2: fn(a, m0, rb, 2, NR, PF); break;        \
+    default: fn(a, m0, rb, 1, NR, PF); break;       \
+    }
+
+/* row blocks rb .. rb1 - 1 in pairs, each pair under tiles of up to 8 activation rows; the first tile of
+ * a pair prefetches when PF (the weights read once, from memory) */
+#define PAIR_TILES(fn, PF)                                        \
+    for (; rb < rb1; rb += 2) {                                   \
+        for (int m0 = 0; m0 < a->M; m0 += 8) {                    \
+            int mt = a->M - m0 < 8 ? a->M - m0 : 8;               \
+            if (rb + 2 <= rb1) {                                  \
+                TILE_CASES(fn, 2, (PF) && m0 == 0)                \
+            } else {                                              \
+                TILE_CASES(fn, 1, (PF) && m0 == 0)                \
+            }                                                     \
+        }                                                         \
     }
 
 /* Up to SMALL_M rows (below the AMX path's 20, i2v_amx_min_m), the weights stream from memory once per
@@ -153,16 +168,7 @@ static T512 void gemm_small_m(const i2v_gemm_args *a, int rb0, int rb1) {
             else gemm_tile(a, m0, rb, 2, 4, 1);
         }
     }
-    for (; rb < rb1; rb += 2) {
-        for (int m0 = 0; m0 < a->M; m0 += 8) {
-            int mt = a->M - m0 < 8 ? a->M - m0 : 8;
-            if (rb + 2 <= rb1) {
-                TILE_CASES(2, m0 == 0)
-            } else {
-                TILE_CASES(1, m0 == 0)
-            }
-        }
-    }
+    PAIR_TILES(gemm_tile, 1)
 }
 
 T512 void i2v_gemm_avx512vnni(const i2v_gemm_args *a, int rb0, int rb1) {
@@ -177,16 +183,8 @@ T512 void i2v_gemm_avx512vnni(const i2v_gemm_args *a, int rb0, int rb1) {
         return;
     }
     /* row-block pairs outer: their 2 * Kb * 64 bytes of codes stay in L1/L2 across all m tiles */
-    for (int rb = rb0; rb < rb1; rb += 2) {
-        for (int m0 = 0; m0 < a->M; m0 += 8) {
-            int mt = a->M - m0 < 8 ? a->M - m0 : 8;
-            if (rb + 2 <= rb1) {
-                TILE_CASES(2, 0)
-            } else {
-                TILE_CASES(1, 0)
-            }
-        }
-    }
+    int rb = rb0;
+    PAIR_TILES(gemm_tile, 0)
 }
 
 /* Activation quantizer, 16 floats per step; masked loads/stores for the tail. cvtps_epi32 rounds
@@ -466,18 +464,6 @@ INLINE T512 void t5_ab_tile(const i2v_gemm_args *a, int rb, const int MT, const 
         for (int r = 0; r < NR; r++) store_rows(a, m, rb + r, total[m][r]);
 }
 
-#define T5_SMALL_CASES(NR, PF)                                  \
-    switch (mt) {                                               \
-    case 8: t5_small_tile(a, m0, rb, 8, NR, PF); break;         \
-    case 7: t5_small_tile(a, m0, rb, 7, NR, PF); break;         \
-    case 6: t5_small_tile(a, m0, rb, 6, NR, PF); break;         \
-    case 5: t5_small_tile(a, m0, rb, 5, NR, PF); break;         \
-    case 4: t5_small_tile(a, m0, rb, 4, NR, PF); break;         \
-    case 3: t5_small_tile(a, m0, rb, 3, NR, PF); break;         \
-    case 2: t5_small_tile(a, m0, rb, 2, NR, PF); break;         \
-    default: t5_small_tile(a, m0, rb, 1, NR, PF); break;        \
-    }
-
 #define T5_SMALL_M 19 /* as I2V's SMALL_M */
 
 static T512 void t5_gemm_small_m(const i2v_gemm_args *a, int rb0, int rb1) {
@@ -492,16 +478,7 @@ static T512 void t5_gemm_small_m(const i2v_gemm_args *a, int rb0, int rb1) {
             }
         }
     }
-    for (; rb < rb1; rb += 2) {
-        for (int m0 = 0; m0 < a->M; m0 += 8) {
-            int mt = a->M - m0 < 8 ? a->M - m0 : 8;
-            if (rb + 2 <= rb1) {
-                T5_SMALL_CASES(2, m0 == 0)
-            } else {
-                T5_SMALL_CASES(1, m0 == 0)
-            }
-        }
-    }
+    PAIR_TILES(t5_small_tile, 1)
 }
 
 T512 void t5_gemm_avx512vnni(const i2v_gemm_args *a, int rb0, int rb1) {

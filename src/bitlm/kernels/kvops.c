@@ -151,6 +151,13 @@ static inline void group_rows(int r0, int nq, const float *p, size_t ldp, float 
     }
 }
 
+/* keys j .. j + 3 of a call's n in kj (a batch short of 4 repeats its last key), and the rows KV_PREFETCH
+ * further on requested */
+static inline void group_keys(const uint8_t *k, size_t ldk, int j, int n, const uint8_t *kj[4]) {
+    for (int x = 0; x < 4; x++) kj[x] = k + (size_t)(j + x < n ? j + x : n - 1) * ldk;
+    prefetch_rows(k, ldk, j + KV_PREFETCH, 4, n);
+}
+
 /* 4 q rows of q [nq, hd] in qr: short groups repeat row r0 (their scores are computed, not stored) */
 static inline int group_q(int r0, int nq, const float *q, int hd, const float *qr[4]) {
     int nr = nq - r0 < 4 ? nq - r0 : 4;
@@ -218,8 +225,7 @@ T512 void scores_avx512(int kind, const float *q, int nq, int hd, const uint8_t 
         int nr = group_q(r0, nq, q, hd, qr);
         for (int j = 0; j < n; j += 4) {
             const uint8_t *kj[4];
-            for (int x = 0; x < 4; x++) kj[x] = k + (size_t)(j + x < n ? j + x : n - 1) * ldk;
-            prefetch_rows(k, ldk, j + KV_PREFETCH, 4, n);
+            group_keys(k, ldk, j, n, kj);
             __m512 acc[16];
             for (int a = 0; a < 16; a++) acc[a] = _mm512_setzero_ps();
             int i = 0;
@@ -471,8 +477,7 @@ static inline void scores_neon(int kind, const float *q, int nq, int hd, const u
         int nr = group_q(r0, nq, q, hd, qr);
         for (int j = 0; j < n; j += 4) {
             const uint8_t *kj[4];
-            for (int x = 0; x < 4; x++) kj[x] = k + (size_t)(j + x < n ? j + x : n - 1) * ldk;
-            prefetch_rows(k, ldk, j + KV_PREFETCH, 4, n);
+            group_keys(k, ldk, j, n, kj);
             float32x4_t acc[16];
             for (int a = 0; a < 16; a++) acc[a] = vdupq_n_f32(0.0f);
             for (int i = 0; i < hd; i += 16)
