@@ -356,6 +356,8 @@ INLINE T256 __m256i q6_group(const uint8_t *p, const int16_t *xg, __m256i idx, _
 #undef Q6_CODES
 }
 
+#define Q6_PF 24 /* groups of software prefetch ahead (1152 bytes), as avx512vbmi.c */
+
 /* out[m, v[r]] for NR (1 to 4) rows read side by side */
 INLINE T256 void q6_rows(const i2v_q6_args *a, int m, const int *v, const int NR) {
     const __m256i idx = _mm256_setr_epi8(0, 1, 0, 1, 1, 2, 2, -1, 3, 4, 3, 4, 4, 5, 5, -1,
@@ -377,8 +379,11 @@ INLINE T256 void q6_rows(const i2v_q6_args *a, int m, const int *v, const int NR
         int g1 = ng - g0 < Q6_FLUSH ? ng : g0 + Q6_FLUSH;
         __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
         for (int g = g0; g < g1; g++)
-            for (int r = 0; r < NR; r++)
+            for (int r = 0; r < NR; r++) {
+                /* on into the quarter's next row past this one's end, as the AVX-512 head kernel */
+                _mm_prefetch((const char *)(row[r] + (size_t)(g + Q6_PF) * 48), _MM_HINT_T0);
                 acc[r] = _mm256_add_epi32(acc[r], q6_group(row[r] + (size_t)g * 48, x16 + 64 * g, idx, idx3, mask));
+            }
         for (int r = 0; r < NR; r++) total[r] = _mm256_add_epi32(total[r], _mm256_srai_epi32(acc[r], 6));
     }
     for (int r = 0; r < NR; r++) {
