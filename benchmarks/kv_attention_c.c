@@ -56,7 +56,8 @@ int main(int argc, char **argv) {
             for (long j = 0; j < keys; j += ATT_CHUNK) {
                 int n = keys - j < ATT_CHUNK ? (int)(keys - j) : ATT_CHUNK;
                 sc(q, nq, hd, kh + (size_t)j * ld, ld, n, 0.088f, p, ATT_CHUNK);
-                for (int i = 0; i < nq * n; i++) p[i] = 1.0f / ATT_CHUNK; /* stands for the softmax */
+                for (int r = 0; r < nq; r++) /* stands for the softmax */
+                    for (int i = 0; i < n; i++) p[r * ATT_CHUNK + i] = 1.0f / ATT_CHUNK;
                 pv(o, nq, hd, p, ATT_CHUNK, vh + (size_t)j * ld, ld, n);
             }
         }

@@ -396,3 +396,38 @@ def test_bad_options_and_incompatible_drafts_are_one_line_errors(tiny, tmp_path)
         generate(lm, [1, 2], 4, speculative=Speculative("draft", draft_model=NativeLM(lm.nm)))
     with pytest.raises(BitlmError, match="expected a bitlm.engine.speculative.Speculative"):
         generate(lm, [1, 2], 4, speculative="lookup")
+
+
+def _schedule(sp, outcomes, vocab=8):
+    """The k asked for in each round of an external-drafting Speculator (the server's path: want, drafted,
+    accept), every draft token 1, the target's greedy choice 1 (accepted) or 2 (rejected) in each row."""
+    ks = []
+    for accept_all in outcomes:
+        k = sp.want(100)
+        sp.drafted([1] * k, None)
+        rows = np.zeros((k + 1, vocab), np.float32)
+        rows[:, 1 if accept_all else 2] = 1.0
+        tokens, accepted = sp.accept(rows)
+        assert accepted == (k if accept_all else 0) and len(tokens) == accepted + 1
+        ks.append(k)
+    return ks
+
+
+def test_adaptive_schedule_pauses_after_rejections_at_k_1(monkeypatch):
+    # k falls 3, 2, 1 on rejections; each rejection at k = 1 pauses drafting for 1, 2, 4, 8, 16, 16 rounds
+    greedy = SamplingParams(temperature=0)
+    sp = Speculator(Speculative("lookup", draft_max=3), None, greedy, external=True)
+    want = [3, 2, 1]
+    for pause in (1, 2, 4, 8, 16, 16):
+        want += [0] * pause + [1]
+    assert _schedule(sp, [False] * len(want)) == want
+    # an accepted round grows k by 2 and forgets the pauses: the next rejection at k = 1 pauses 1 round
+    sp = Speculator(Speculative("lookup", draft_max=3), None, greedy, external=True)
+    assert _schedule(sp, [False, False, False, False, True, True, False, False, False, False]) == \
+        [3, 2, 1, 0, 1, 3, 3, 2, 1, 0]
+    # fixed k never pauses; PAUSE_MAX = 0 turns the pause off
+    fixed = Speculator(Speculative("lookup", draft_max=3, adaptive=False), None, greedy, external=True)
+    assert _schedule(fixed, [False] * 6) == [3] * 6
+    monkeypatch.setattr(spec_mod, "PAUSE_MAX", 0)
+    sp = Speculator(Speculative("lookup", draft_max=3), None, greedy, external=True)
+    assert _schedule(sp, [False] * 6) == [3, 2, 1, 1, 1, 1]

@@ -118,14 +118,16 @@ def test_extreme_activations(path, fmt, m, xval, wval):
 @pytest.mark.parametrize("m", [1, 2, 3, 5])
 def test_long_rows_do_not_overflow(path, fmt, m):
     # K past the 65536 columns after which the AVX-512 GEMV folds its scaled accumulators (T5: 10240, for
-    # the GEMV and the 2- and 3-row kernels made the GEMV's way)
+    # the GEMV and the 2- and 3-row kernels made the GEMV's way, which take groups of 4 row blocks: 128
+    # rows = 8 row blocks, a group for each of 2 threads)
     k = 2 * 65536 + 48
     x = torch.full((m, k), -128, dtype=torch.int8)
-    w = torch.ones((3, k), dtype=torch.int8)
-    w[1] = -1
-    w[2, ::2] = 0
+    w = torch.ones((128, k), dtype=torch.int8)
+    w[1::3] = -1
+    w[2::3, ::2] = 0
     y = kernels.gemm(x, kernels.pack(w, fmt), path=path)
-    assert y.tolist() == [[-128 * k, 128 * k, -128 * (k // 2)]] * m
+    want = [[-128 * k, 128 * k, -128 * (k // 2)][n % 3] for n in range(128)]
+    assert y.tolist() == [want] * m
 
 
 def test_threads_give_identical_results(path):

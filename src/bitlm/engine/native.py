@@ -65,8 +65,10 @@ def resolve_weights(weights: str, rows: int = 1) -> str:
     and one sequence decodes at a time: 1.6 bits read per weight, decode bandwidth-bound, prefill as fast.
     i2v elsewhere: on AVX2 a T5 GEMV costs about 2.5x I2V's, and a step of several rows (a server's batch)
     turns T5 compute-bound (decoding its digits), where I2V's cheaper unpacking wins (2B4T shape, 2
-    threads: 4 rows a step 125 against 107 t/s, 8 rows 186-197 against 158). NEON and the scalar path
-    are not measured, and i2v does less arithmetic a weight."""
+    threads: 4 rows a step 125 against 107 t/s, 8 rows 186-197 against 158). Speculative decoding's
+    verify rows are not counted (rows = 1 for generate: T5's single rows are 10% faster, its verify rows
+    slower, a wash at the acceptance measured). NEON and the scalar path are not measured, and i2v does
+    less arithmetic a weight."""
     if weights == "auto":
         from ..kernels import info
         return "t5" if info()["path"] in ("avx512vnni", "amx") and rows <= 1 else "i2v"

@@ -400,7 +400,6 @@ class Speculator:
             self.pause = self._backoff
         else:
             self.k = max(1, self.k - 1)
-            self._backoff = 0 if accepted else self._backoff
 
 
 # ---- the generation loop -------------------------------------------------------------------------

@@ -119,7 +119,7 @@ static inline int i2v_fmt_cols(int fmt) { return fmt == I2V_FMT_T5 ? T5_COLS : I
  * the VNNI small-M kernel (weights streamed once, prefetched) beat AMX at 16 rows (2.1-2.2 ms against
  * 2.6-2.7 for a 13824 x 2560 GEMM on 2 threads, cold weights) and was even with it at 20 and behind at
  * 24. T5: 16, where AMX was even with the small-M kernel and ahead from 17 rows (pp17 179-190 t/s
- * against 158-166 at the 2B4T shape, 2 threads). */
+ * against 161-164 at the 2B4T shape, 2 threads). */
 static inline int i2v_amx_min_m(int fmt) { return fmt == I2V_FMT_T5 ? 16 : 20; }
 void t5_gemm_scalar(const i2v_gemm_args *a, int rb0, int rb1);
 #if defined(__x86_64__) || defined(__i386__)

@@ -285,17 +285,20 @@ static float *kv_floats(int kind, int hd, const uint8_t *rows, size_t ld, int n)
 }
 
 /* each path's scores and p.v against the scalar reference, within float rounding (their sums run in
- * other orders): |a - b| <= 2e-6 * (1 + the sum of the terms' magnitudes); bit-equal when the keys
- * come in two calls, 0 .. cut and cut .. n, as in one (attention.c follows a paged cache's blocks so);
- * the f16 store bit-equal to the scalar cast */
+ * other orders): |a - b| <= (terms + 2) * 2^-23 * (1 + the sum of the terms' magnitudes), orders of
+ * magnitude below one wrong or missing term; bit-equal when the keys come in two calls, cut .. n first and
+ * then 0 .. cut, as in one (attention.c follows a paged cache's blocks so); nothing written past a call's
+ * keys or o's rows; the f16 store bit-equal to the scalar cast */
 static void check_kv(int kind, int nq, int hd, int n, int cut) {
     const size_t ld = bn_kv_row_bytes(kind, hd) + 6, ldo = (size_t)n + 3; /* rows not packed: ld is honoured */
     const size_t nqh = (size_t)nq * hd, sz = (size_t)nq * ldo, fb = sizeof(float);
     uint8_t *K = kv_rows(kind, hd, n, ld), *V = kv_rows(kind, hd, n, ld);
     float *kf = kv_floats(kind, hd, K, ld, n), *vf = kv_floats(kind, hd, V, ld, n);
-    float *q = malloc(fb * nqh), *o0 = malloc(fb * nqh), *oref = malloc(fb * nqh), *o1 = malloc(fb * nqh);
-    float *o2 = malloc(fb * nqh), *p = malloc(fb * sz), *ref = malloc(fb * sz), *got = malloc(fb * sz);
+    const int guard = 16; /* floats past o's rows, which p.v must leave alone */
+    float *q = malloc(fb * nqh), *o0 = malloc(fb * nqh), *oref = malloc(fb * nqh), *o1 = malloc(fb * (nqh + guard));
+    float *o2 = malloc(fb * (nqh + guard)), *p = malloc(fb * sz), *ref = malloc(fb * sz), *got = malloc(fb * sz);
     float *two = malloc(fb * sz);
+    const uint32_t junk = 0x7FC0BEEFu; /* a NaN no kernel computes: what a call must not overwrite */
     for (size_t i = 0; i < nqh; i++) q[i] = frand(), o0[i] = frand();
     for (size_t i = 0; i < sz; i++) p[i] = 0.5f * (frand() + 1.0f);
     scores_fn sc;
@@ -309,11 +312,13 @@ static void check_kv(int kind, int nq, int hd, int n, int cut) {
         if (!i2v_path_supported(path) || EMULATED(path)) continue; /* kvops.c is built natively only */
         const char *name = bn_pick_kv(path, kind, hd, &sc, &pv, &put);
         int wrong = 0;
+        for (size_t i = 0; i < sz; i++) memcpy(&got[i], &junk, fb), memcpy(&two[i], &junk, fb);
         sc(q, nq, hd, K, ld, n, 0.125f, got, ldo);
-        sc(q, nq, hd, K, ld, cut, 0.125f, two, ldo);
         sc(q, nq, hd, K + (size_t)cut * ld, ld, n - cut, 0.125f, two + cut, ldo);
+        sc(q, nq, hd, K, ld, cut, 0.125f, two, ldo);
         memcpy(o1, o0, fb * nqh);
         memcpy(o2, o0, fb * nqh);
+        for (int i = 0; i < guard; i++) memcpy(&o1[nqh + i], &junk, fb), memcpy(&o2[nqh + i], &junk, fb);
         pv(o1, nq, hd, p, ldo, V, ld, n);
         pv(o2, nq, hd, p, ldo, V, ld, cut);
         pv(o2, nq, hd, p + cut, ldo, V + (size_t)cut * ld, ld, n - cut);
@@ -322,20 +327,26 @@ static void check_kv(int kind, int nq, int hd, int n, int cut) {
                 double terms = 0;
                 for (int i = 0; i < hd; i++) terms += fabs((double)q[r * hd + i] * kf[(size_t)j * hd + i]) * 0.125;
                 size_t at = (size_t)r * ldo + j;
-                wrong |= fabs((double)got[at] - ref[at]) > 2e-6 * (1 + terms) || memcmp(&got[at], &two[at], fb);
+                wrong |= fabs((double)got[at] - ref[at]) > (hd + 2) * 0x1p-23 * (1 + terms) ||
+                         memcmp(&got[at], &two[at], fb);
             }
+            for (size_t j = (size_t)n; j < ldo; j++) /* the padding of each row of scores */
+                wrong |= memcmp(&got[(size_t)r * ldo + j], &junk, fb) || memcmp(&two[(size_t)r * ldo + j], &junk, fb);
             for (int i = 0; i < hd; i++) {
                 double terms = fabs(o0[r * hd + i]);
                 for (int j = 0; j < n; j++) terms += fabs((double)p[(size_t)r * ldo + j] * vf[(size_t)j * hd + i]);
                 size_t at = (size_t)r * hd + i;
-                wrong |= fabs((double)o1[at] - oref[at]) > 2e-6 * (1 + terms) || memcmp(&o1[at], &o2[at], fb);
+                wrong |= fabs((double)o1[at] - oref[at]) > (n + 2) * 0x1p-23 * (1 + terms) ||
+                         memcmp(&o1[at], &o2[at], fb);
             }
         }
-        if (kind == BN_F16) { /* values of every size, subnormal to overflow */
+        for (int i = 0; i < guard; i++) wrong |= memcmp(&o1[nqh + i], &junk, fb) || memcmp(&o2[nqh + i], &junk, fb);
+        if (kind == BN_F16) { /* values of every size, subnormal to past f16's largest (to infinity); an odd
+                                 count, so that the vector stores' tail runs too */
             uint16_t a[64], b[64];
             float x[64];
-            int m = hd < 64 ? hd : 64;
-            for (int i = 0; i < m; i++) x[i] = frand() * ldexpf(1.0f, (int)(next() % 40) - 24);
+            int m = hd < 64 ? hd - 1 : 63;
+            for (int i = 0; i < m; i++) x[i] = frand() * ldexpf(1.0f, (int)(next() % 42) - 24);
             put(x, m, a);
             ref_put(x, m, b);
             wrong |= memcmp(a, b, sizeof(uint16_t) * (size_t)m) != 0;
@@ -353,7 +364,8 @@ static void check_kv(int kind, int nq, int hd, int n, int cut) {
 int main(void) {
     static const int shapes[][3] = {{1, 1, 1}, {1, 17, 15}, {1, 64, 2560}, {1, 129, 48}, {3, 33, 100},
                                     {8, 16, 16}, {17, 65, 129}, {20, 100, 333}, {33, 48, 64}, {64, 31, 200},
-                                    {1, 20, 12000}, {3, 17, 12000}};  /* past T5_FLUSH_KB blocks */
+                                    {1, 20, 12000}, {3, 17, 12000},   /* past T5_FLUSH_KB blocks, */
+                                    {2, 128, 12000}, {3, 128, 12000}}; /* also in 4-row-block groups */
     int n = (int)(sizeof shapes / sizeof shapes[0]);
     printf("features: %s\n", i2v_cpu_features());
     for (int t = 1; t <= 2; t++) {
