@@ -35,9 +35,48 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static inline __m128i red
     return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
 }
 
+/* One token (decode): rows v[0 .. NR) side by side, acc_r += u (unsigned) * e_r (signed), 64 bytes per
+ * step, each row prefetched Q8_HEAD_PF bytes ahead (past its end, into the next row of its quarter) */
+#define Q8_HEAD_PF 1536
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) static inline void head_q8_vnni_rows(const head_task *a,
+                                                                                          const int *v, const int NR) {
+    const bn_model *m = a->m;
+    int H = m->H, full = H / 64, tail = H % 64;
+    __mmask64 tm = tail ? (((__mmask64)1 << tail) - 1) : 0;
+    const int8_t *e[4];
+    __m512i c[4];
+    for (int r = 0; r < 4; r++) {
+        e[r] = (const int8_t *)m->head + (size_t)v[r < NR ? r : 0] * H;
+        c[r] = _mm512_setzero_si512();
+    }
+    for (int k = 0; k < full; k++) {
+        __m512i x = _mm512_loadu_si512(a->u + 64 * k);
+        for (int r = 0; r < NR; r++) {
+            _mm_prefetch((const char *)(e[r] + 64 * k + Q8_HEAD_PF), _MM_HINT_T0);
+            c[r] = _mm512_dpbusd_epi32(c[r], x, _mm512_loadu_si512(e[r] + 64 * k));
+        }
+    }
+    if (tail) {
+        __m512i x = _mm512_maskz_loadu_epi8(tm, a->u + 64 * full);
+        for (int r = 0; r < NR; r++) c[r] = _mm512_dpbusd_epi32(c[r], x, _mm512_maskz_loadu_epi8(tm, e[r] + 64 * full));
+    }
+    int32_t s[4];
+    _mm_storeu_si128((__m128i *)s, reduce4(c[0], c[1], c[2], c[3]));
+    float inv = 1.0f / a->s[0];
+    for (int r = 0; r < NR; r++)
+        a->logits[v[r]] = (float)(s[r] - 128 * m->head_rowsum[v[r]]) * (m->head_scale[v[r]] * inv);
+}
+
 /* four rows at a time: acc_r += u (unsigned) * e_r (signed), 64 bytes per step. The four rows of E
- * stay in L1 while every token's row passes over them (several tokens: a batch). */
+ * stay in L1 while every token's row passes over them (several tokens: a batch). One token: the rows in
+ * four quarters, row i of each side by side (four long streams, as the AVX2 kernel), prefetched. */
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void head_q8_vnni(const head_task *a, int v0, int v1) {
+    if (a->T == 1) {
+        int q = (v1 - v0) / 4;
+        for (int i = 0; i < q; i++) head_q8_vnni_rows(a, (const int[]){v0 + i, v0 + q + i, v0 + 2 * q + i, v0 + 3 * q + i}, 4);
+        for (int v = v0 + 4 * q; v < v1; v++) head_q8_vnni_rows(a, (const int[]){v}, 1);
+        return;
+    }
     const bn_model *m = a->m;
     const int8_t *E = (const int8_t *)m->head;
     int H = m->H, full = H / 64, tail = H % 64;
