@@ -131,7 +131,8 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void head_q8_vnni(
 /* AVX2 has no vpdpbusd, and u * e in vpmaddubsw would saturate: multiply |x| (unsigned) by e
  * carrying x's sign, at most 2 * 127 * 127 per pair (|x|, |e| <= 127). Sums are the signed x . e, so
  * no row-sum correction. x and |x| come made once per token by the caller. The rows in four quarters,
- * row i of each side by side: four streams from memory, which this core reads faster than one. */
+ * row i of each side by side: four streams from memory, which this core reads faster than one; each
+ * prefetched Q8_HEAD_PF bytes ahead (a line every other 32-byte step). */
 __attribute__((target("avx2,fma"))) static inline void head_q8_avx2_rows(const head_task *a, int t, const int *v,
                                                                        const int NR) {
     const bn_model *m = a->m;
@@ -148,6 +149,7 @@ __attribute__((target("avx2,fma"))) static inline void head_q8_avx2_rows(const h
         __m256i x = _mm256_loadu_si256((const __m256i *)(xt + 32 * k));
         __m256i ax = _mm256_loadu_si256((const __m256i *)(axt + 32 * k));
         for (int r = 0; r < NR; r++) {
+            if (k % 2 == 0) _mm_prefetch((const char *)(e[r] + 32 * k + Q8_HEAD_PF), _MM_HINT_T0);
             __m256i w = _mm256_loadu_si256((const __m256i *)(e[r] + 32 * k));
             c[r] = _mm256_add_epi32(c[r], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w, x)), ones));
         }
