@@ -84,9 +84,9 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void head_q8_vnni(
     int v = v0;
     for (; v + 4 <= v1; v += 4) {
         const int8_t *e0 = E + (size_t)v * H, *e1 = e0 + H, *e2 = e1 + H, *e3 = e2 + H;
-        /* several tokens: the first one's pass fetches the next four rows while it computes (the
-         * others' passes find them in cache, and the memory would otherwise wait for the compute) */
-        const int8_t *pf = a->T > 1 && v + 8 <= v1 ? e0 + 4 * (size_t)H : NULL;
+        /* the first token's pass fetches the next four rows while it computes (the others' passes find
+         * them in cache, and the memory would otherwise wait for the compute) */
+        const int8_t *pf = v + 8 <= v1 ? e0 + 4 * (size_t)H : NULL;
         for (int t = 0; t < a->T; t++, pf = NULL) {
             const uint8_t *u = a->u + (size_t)t * a->ldu;
             __m512i c0 = _mm512_setzero_si512(), c1 = c0, c2 = c0, c3 = c0;
