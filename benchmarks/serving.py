@@ -150,6 +150,17 @@ def one_request(client, port: int, prompt: str, max_tokens: int) -> tuple[float,
     return ttft if ttft is not None else float("nan"), usage if usage is not None else chunks
 
 
+def run_clients(client, n: int) -> float:
+    """Seconds from starting n threads running client(k), k = 0 .. n - 1, until all have ended."""
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
 def run_load(port: int, clients: int, args) -> dict:
     import httpx
     texts = prompts(clients * args.requests, args.prompt_tokens)
@@ -166,13 +177,7 @@ def run_load(port: int, clients: int, args) -> dict:
                 except Exception as e:  # counted and shown, never hidden
                     errors.append(repr(e))
 
-    threads = [threading.Thread(target=client_thread, args=(k,)) for k in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = run_clients(client_thread, clients)
     ttfts.sort()
     return {"tokens_per_s": tokens[0] / wall, "ttft_median": statistics.median(ttfts) if ttfts else float("nan"),
             "ttft_p90": ttfts[math.ceil(0.9 * len(ttfts)) - 1] if ttfts else float("nan"), "errors": len(errors),

@@ -22,8 +22,10 @@ import statistics
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serving import run_clients  # noqa: E402  (the client threads, timed as serving.py times them)
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PASSAGES = [
@@ -81,13 +83,7 @@ def load(url: str, clients: int, args) -> tuple[float, float | None, list[str]]:
 
     with httpx.Client(timeout=30) as http:
         before = counters(http, url)
-        threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-        t = time.perf_counter()
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        wall = time.perf_counter() - t
+        wall = run_clients(client, clients)
         after = counters(http, url)
     drafted = after["bitlm_speculative_draft_tokens_total"] - before["bitlm_speculative_draft_tokens_total"]
     accepted = after["bitlm_speculative_accepted_tokens_total"] - before["bitlm_speculative_accepted_tokens_total"]
