@@ -18,6 +18,8 @@
 #include <string.h>
 #include <time.h>
 
+#include <immintrin.h>
+
 #include "bitnet_impl.h"
 
 static double now(void) {
@@ -26,13 +28,15 @@ static double now(void) {
     return t.tv_sec + t.tv_nsec * 1e-9;
 }
 
-/* n bytes summed 8 at a time (the compiler vectorizes it): a plain read of them */
-static uint64_t read_bytes(const uint8_t *p, size_t n) {
-    uint64_t s = 0, w;
-    for (size_t i = 0; i + 8 <= n; i += 8) {
-        memcpy(&w, p + i, 8);
-        s += w;
-    }
+/* n bytes read 128 at a time into 4 AVX2 accumulators (the probe's way, one stream): a plain read */
+__attribute__((target("avx2"))) static uint64_t read_bytes(const uint8_t *p, size_t n) {
+    __m256i a[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+    size_t i = 0;
+    for (; i + 128 <= n; i += 128)
+        for (int x = 0; x < 4; x++) a[x] = _mm256_xor_si256(a[x], _mm256_loadu_si256((const __m256i *)(p + i + 32 * x)));
+    __m256i t = _mm256_xor_si256(_mm256_xor_si256(a[0], a[1]), _mm256_xor_si256(a[2], a[3]));
+    uint64_t s = (uint64_t)_mm256_extract_epi64(t, 0) ^ (uint64_t)_mm256_extract_epi64(t, 3);
+    for (; i < n; i++) s += p[i];
     return s;
 }
 
