@@ -10,10 +10,10 @@
  * arithmetic, not by the bytes: on the 2-vCPU Xeon of benchmarks/README.md, with the cache hot in L2,
  * one core ran them at 12.4 GB/s of f16 and 6.4 of q8_0 (24-25 G multiply-adds a second either way),
  * where a plain read streams 17. That holds in L2. From memory, as a decode at thousands of positions
- * reads the cache, a plain read of the same runs streams ~10 GB/s a core and these loops about half
- * that: llama.cpp's integer scores (q quantized to q8_0; VNNI and AMX tiles), tried, halved the scores'
- * time in L2 but left decode at 4,000 positions where it was (benchmarks/README.md, "Integer scores over
- * q8_0 keys"), so they are not used (benchmarks/kv_attention_c.c measures the loops).
+ * reads the cache, they run at ~5 GB/s a core, and less arithmetic did not help: llama.cpp's integer
+ * scores (q quantized to q8_0; VNNI and AMX tiles), tried, halved the scores' time in L2 but left decode
+ * at 4,000 positions where it was (benchmarks/README.md, "Integer scores over q8_0 keys"), so they are not
+ * used (benchmarks/kv_attention_c.c measures the loops).
  *
  * Shapes: q [nq, hd] (the nq q heads of one kv head, rows hd apart), k_j = k + j * ldk bytes (key j's
  * row of hd elements), p [nq, ldp] (probabilities), o [nq, hd].
