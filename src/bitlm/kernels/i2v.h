@@ -130,6 +130,8 @@ void t5_gemm_amx(const i2v_gemm_args *a, int rb0, int rb1);
 #endif
 #if defined(__aarch64__)
 void t5_gemm_neon(const i2v_gemm_args *a, int rb0, int rb1);
+/* the int8 head's rows (neon.c): out[r] = x . e[r] over H columns for r < nr <= 4, exact */
+void i2v_q8_rows_neon(const int8_t *x, const int8_t *const e[4], int nr, int H, int32_t out[4]);
 #endif
 
 /* ---- thread pool (pool.c): a persistent pool; the caller runs part 0 itself ---- */

@@ -95,6 +95,28 @@ TDOT void t5_gemm_neon(const i2v_gemm_args *a, int rb0, int rb1) {
     for (int rb = rb0; rb < rb1; rb++)
         for (int m = 0; m < a->M; m++) t5_row_block(a, m, rb);
 }
+
+/* The int8 output head's rows (head.c): out[r] = sum over k < H of x[k] * e[r][k] for the nr <= 4 rows
+ * e[r], exact int32. 16 columns a step by sdot (int8 by int8, no offset to undo), the rest one by one;
+ * each row prefetched I2V_Q8_HEAD_PF bytes ahead, as the x86 heads do (the rows are long streams of
+ * their own: head.c hands a token's rows over in four quarters side by side). */
+#define I2V_Q8_HEAD_PF 1536
+TDOT void i2v_q8_rows_neon(const int8_t *x, const int8_t *const e[4], int nr, int H, int32_t out[4]) {
+    int32x4_t c[4] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)};
+    int k = 0;
+    for (; k + 16 <= H; k += 16) {
+        const int8x16_t xk = vld1q_s8(x + k);
+        for (int r = 0; r < nr; r++) {
+            if (k % 64 == 0) __builtin_prefetch(e[r] + k + I2V_Q8_HEAD_PF, 0, 3);
+            c[r] = vdotq_s32(c[r], xk, vld1q_s8(e[r] + k));
+        }
+    }
+    for (int r = 0; r < nr; r++) {
+        int32_t acc = vaddvq_s32(c[r]);
+        for (int i = k; i < H; i++) acc += (int32_t)x[i] * e[r][i];
+        out[r] = acc;
+    }
+}
 #else
 int i2v_neon_dotprod_supported(void) { return 0; }
 #endif

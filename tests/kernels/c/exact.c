@@ -253,6 +253,29 @@ static int check_nested(void) {
     return c.bad;
 }
 
+#if defined(__aarch64__)
+/* the int8 head's NEON rows (neon.c) against plain int32 sums: every H tail, 1 to 4 rows */
+static void check_q8_rows(int H) {
+    int8_t *x = malloc((size_t)H), *E = malloc((size_t)4 * H);
+    for (int i = 0; i < H; i++) x[i] = (int8_t)(next() % 255) - 127;
+    for (int i = 0; i < 4 * H; i++) E[i] = (int8_t)(next() % 255) - 127;
+    const int8_t *e[4] = {E + 3 * (size_t)H, E, E + 2 * (size_t)H, E + (size_t)H}; /* rows in any order */
+    for (int nr = 1; nr <= 4; nr++) {
+        int32_t got[4];
+        i2v_q8_rows_neon(x, e, nr, H, got);
+        for (int r = 0; r < nr; r++) {
+            int32_t want = 0;
+            for (int i = 0; i < H; i++) want += x[i] * e[r][i];
+            if (got[r] != want) {
+                printf("MISMATCH q8 head rows (neon) H %d nr %d row %d: %d != %d\n", H, nr, r, got[r], want);
+                bad[I2V_PATH_NEON] = 1;
+            }
+        }
+    }
+    free(x), free(E);
+}
+#endif
+
 /* ---- attention over the KV cache (kvops.c) ---- */
 static float frand(void) { return (float)(next() % 20001) / 10000.0f - 1.0f; } /* [-1, 1] */
 
@@ -386,6 +409,11 @@ int main(void) {
     int nested_bad = check_nested();
     check_q6(1, 1, 1), check_q6(1, 37, 100), check_q6(2, 301, 640), check_q6(3, 8, 2560);
     for (int m = 1; m <= 20; m++) check_q6(m, 7, 9 * 64 + 17);  /* every decode-step M */
+#if defined(__aarch64__)
+    if (i2v_path_supported(I2V_PATH_NEON))
+        for (int H = 1; H <= 40; H++) check_q8_rows(H);
+    if (i2v_path_supported(I2V_PATH_NEON)) check_q8_rows(2560), check_q8_rows(2567);
+#endif
     static const int kvshapes[][4] = {{4, 128, 37, 13}, {5, 64, 4, 1}, {4, 48, 1, 0}, {3, 40, 20, 16},
                                       {2, 20, 9, 4}, {8, 128, 300, 256}};  /* nq, hd, n, cut */
     for (int kind = 0; kind <= BN_Q8_0; kind++) {
