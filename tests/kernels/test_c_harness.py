@@ -6,7 +6,9 @@ references, whatever CPU runs the tests.
   run natively and under qemu-user as an AVX2-only CPU, so they are checked on any x86-64 CPU;
 - the NEON kernels for AArch64 through a cross compiler, under qemu-user;
 - on each, the attention kernels over the KV cache (kvops.c) against its scalar reference, natively built
-  ones only (not the SIMDe-emulated AVX-512 path).
+  ones only (not the SIMDe-emulated AVX-512 path);
+- tests/kernels/c/whole_forward.c: the whole forward (bitnet.h) of a small random model on every natively
+  built path and on NEON under qemu, against the scalar path.
 
 The tools (Debian/Ubuntu): apt-get install libsimde-dev gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user
 (.ci/run installs them). Without them these tests skip on a developer's machine and fail in CI (CI set).
@@ -163,19 +165,56 @@ def test_neon_path_exact_under_qemu(tmp_path):
     assert re.search(r"^path neon: exact .*attention kernels neon", text, re.M), text  # kvops.c's NEON loops
 
 
+def _runtime_files() -> list[str]:
+    """Every C file the package builds (setup.py SOURCES) but the Python binding."""
+    import ast
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    sources = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                   and any(getattr(t, "id", None) == "SOURCES" for t in node.targets))
+    return [f for f in sources if f != "module.c"]
+
+
+FORWARD = ROOT / "tests" / "kernels" / "c" / "whole_forward.c"  # not forward.c: objects are named by stem
+
+
+def _forward_paths(text: str) -> set[str]:
+    """The paths whole_forward.c compared with the scalar one, each in all 12 of its models."""
+    paths = re.findall(r"^ok path (\w+) ", text, re.M)
+    assert paths and all(paths.count(p) == 12 for p in set(paths)), text
+    return set(paths)
+
+
+def test_the_whole_forward_on_every_native_path(tmp_path):
+    """tests/kernels/c/whole_forward.c: bitnet.h's forward of a small random model (both weight formats,
+    three KV kinds, int8 and 6-bit heads; a prefill, then decode steps) on each path this CPU has, against
+    the scalar path, within float rounding."""
+    cc = _require(_which("gcc", "cc"), "a C compiler")
+    units = _sources(_runtime_files(), ["-O2", "-fno-strict-aliasing"]) + [(str(FORWARD), ["-O2"])]
+    text = _run([str(_build(cc, tmp_path, units, []))])
+    assert "avx2" in _forward_paths(text) if X86 else _forward_paths(text), text  # x86-64 here has AVX2
+
+
+def test_the_whole_forward_on_neon_under_qemu(tmp_path):
+    """The same for AArch64 under qemu-user: the NEON forward, attention and heads together (the only run
+    of them: the Python package is built for the host)."""
+    if not X86:
+        pytest.skip("the cross build targets AArch64 from x86-64; on ARM the native test runs NEON")
+    cc = _require(_which("aarch64-linux-gnu-gcc"), "the AArch64 cross compiler (gcc-aarch64-linux-gnu)")
+    qemu = _require(_which("qemu-aarch64", "qemu-aarch64-static"), "qemu-user (qemu-aarch64)")
+    units = _sources(_runtime_files(), ["-O2", "-fno-strict-aliasing"]) + [(str(FORWARD), ["-O2"])]
+    text = _run([qemu, "-cpu", "max", str(_build(cc, tmp_path, units, ["-static"]))])
+    assert _forward_paths(text) == {"neon"}, text
+
+
 def test_the_whole_runtime_compiles_for_aarch64(tmp_path):
     """Every C file the package builds (setup.py SOURCES, all but the Python binding) compiles for AArch64
     without a warning: the forward, attention and head files, which exact.c does not build (kvops.c: its
     AVX2/AVX-512 kernels must stay behind their x86 guards; exact.c runs its NEON ones). An ARM user's
     install builds them all."""
-    import ast
     if not X86:
         pytest.skip("the cross build targets AArch64 from x86-64; on ARM the package build itself compiles them")
     cc = _require(_which("aarch64-linux-gnu-gcc"), "the AArch64 cross compiler (gcc-aarch64-linux-gnu)")
-    tree = ast.parse((ROOT / "setup.py").read_text())
-    sources = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
-                   and any(getattr(t, "id", None) == "SOURCES" for t in node.targets))
-    files = [f for f in sources if f != "module.c"]
+    files = _runtime_files()
     assert {"kvops.c", "attention.c", "forward.c", "head.c"} <= set(files)
     objs = _objects(cc, tmp_path, _sources(files, ["-O2", "-fno-strict-aliasing"]))
     assert len(objs) == len(files)
