@@ -163,6 +163,7 @@ def test_neon_path_exact_under_qemu(tmp_path):
     text = _run([qemu, "-cpu", "max", str(_build(cc, tmp_path, units, ["-static"]))])
     assert sorted(_exact_paths(text)) == ["neon", "scalar"], text
     assert re.search(r"^path neon: exact .*attention kernels neon", text, re.M), text  # kvops.c's NEON loops
+    assert re.search(r"^path neon: exact .*q6 head kernel neon", text, re.M), text
 
 
 def _runtime_files() -> list[str]:

@@ -323,20 +323,35 @@ int i2v_quantize(const float *x, size_t ldx, int M, int K, int8_t *q, size_t ldq
 int i2v_has_avx512vbmi(void) { return cpu()->vbmi; }
 
 /* The Q6 kernel of a path: AVX-512 VBMI on the AVX-512 paths when the CPU has it, else AVX2 on the
- * x86 paths, else the scalar reference. */
-enum { Q6_SCALAR, Q6_AVX2, Q6_VBMI };
+ * x86 paths, NEON on the NEON path, else the scalar reference. */
+enum { Q6_SCALAR, Q6_AVX2, Q6_VBMI, Q6_NEON };
 
 static int q6_kernel(int path) {
 #if defined(__x86_64__) || defined(__i386__)
     if (i2v_path_has_avx512vnni(path) && cpu()->vbmi) return Q6_VBMI;
     if (path == I2V_PATH_AVX2 || i2v_path_has_avx512vnni(path)) return Q6_AVX2;
 #endif
+#if defined(__aarch64__)
+    if (path == I2V_PATH_NEON) return Q6_NEON;
+#endif
     (void)path;
     return Q6_SCALAR;
 }
 
+i2v_q6_fn i2v_q6_kernel(int path) {
+#if defined(__x86_64__) || defined(__i386__)
+    if (q6_kernel(path) == Q6_VBMI) return i2v_q6_avx512vbmi;
+    if (q6_kernel(path) == Q6_AVX2) return i2v_q6_avx2;
+#endif
+#if defined(__aarch64__)
+    if (q6_kernel(path) == Q6_NEON) return i2v_q6_neon;
+#endif
+    (void)path;
+    return i2v_q6_scalar;
+}
+
 const char *i2v_q6_kernel_name(int path) {
-    static const char *const names[] = {"scalar", "avx2", "avx512vbmi"};
+    static const char *const names[] = {"scalar", "avx2", "avx512vbmi", "neon"};
     return names[q6_kernel(path)];
 }
 
@@ -367,13 +382,10 @@ int i2v_q6_gemv(const uint8_t *w, int V, int H, const int8_t *x, size_t ldx, con
         }
         xsum = sums;
     }
-    q6_task t = {{w, V, H, x, ldx, xsum, M, out, ldo, NULL}, i2v_q6_scalar};
+    q6_task t = {{w, V, H, x, ldx, xsum, M, out, ldo, NULL}, i2v_q6_kernel(path)};
     int16_t *x16 = NULL;
 #if defined(__x86_64__) || defined(__i386__)
-    int kernel = q6_kernel(path);
-    if (kernel == Q6_VBMI) t.fn = i2v_q6_avx512vbmi;
-    else if (kernel == Q6_AVX2) {
-        t.fn = i2v_q6_avx2;  /* it multiplies int16 activations: make them once, for every part */
+    if (t.fn == i2v_q6_avx2) {  /* it multiplies int16 activations: make them once, for every part */
         if (!(x16 = (int16_t *)malloc((size_t)M * hp * sizeof(int16_t)))) {
             free(sums);
             return -2;

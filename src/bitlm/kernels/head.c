@@ -286,19 +286,16 @@ static void q6_part(void *ctx, int part, int np) {
 static int q6_rows_blocked(const bn_model *m, const int8_t *x, size_t ldx, const int32_t *xsum, int n, int32_t *out) {
     int H = m->H, path = m->path < 0 ? i2v_best_path() : m->path;
     size_t hp = (size_t)(H + 63) / 64 * 64;
-    q6_task t = {{(const uint8_t *)m->head, m->V, H, x, ldx, xsum, n, out, (size_t)m->V, NULL}, i2v_q6_scalar,
+    q6_task t = {{(const uint8_t *)m->head, m->V, H, x, ldx, xsum, n, out, (size_t)m->V, NULL}, i2v_q6_kernel(path),
                  head_block_rows(m, hp / 64 * 48)};
     int16_t *x16 = NULL;
 #if defined(__x86_64__) || defined(__i386__)
-    if (i2v_path_has_avx512vnni(path) && i2v_has_avx512vbmi()) t.fn = i2v_q6_avx512vbmi;
-    else if (path == I2V_PATH_AVX2 || i2v_path_has_avx512vnni(path)) {
-        t.fn = i2v_q6_avx2;
+    if (t.fn == i2v_q6_avx2) {
         if (!(x16 = (int16_t *)malloc((size_t)n * hp * sizeof(int16_t)))) return -2;
         i2v_q6_avx2_x16(x, ldx, n, hp, x16);
         t.a.x16 = x16;
     }
 #endif
-    (void)path;
     i2v_pool_run(q6_part, &t, 4 * i2v_pool_threads());
     free(x16);
     return 0;

@@ -132,6 +132,7 @@ void t5_gemm_amx(const i2v_gemm_args *a, int rb0, int rb1);
 void t5_gemm_neon(const i2v_gemm_args *a, int rb0, int rb1);
 /* the int8 head's rows (neon.c): out[r] = x . e[r] over H columns for r < nr <= 4, exact */
 void i2v_q8_rows_neon(const int8_t *x, const int8_t *const e[4], int nr, int H, int32_t out[4]);
+void i2v_q6_neon(const i2v_q6_args *a, int v0, int v1); /* Q6 rows, as i2v_q6_scalar */
 #endif
 
 /* ---- thread pool (pool.c): a persistent pool; the caller runs part 0 itself ---- */
@@ -194,6 +195,7 @@ int i2v_q6_gemv(const uint8_t *w, int V, int H, const int8_t *x, size_t ldx, con
                 int32_t *out, size_t ldo, int path);
 int i2v_has_avx512vbmi(void);
 const char *i2v_q6_kernel_name(int path);  /* the kernel i2v_q6_gemv runs on that path */
+i2v_q6_fn i2v_q6_kernel(int path);         /* ... and the kernel itself (AVX2's wants x16) */
 /* Read n bytes with SIMD loads split over the pool (the bandwidth probe); returns a checksum. */
 uint64_t i2v_read_bytes(const uint8_t *p, size_t n);
 

@@ -117,6 +117,49 @@ TDOT void i2v_q8_rows_neon(const int8_t *x, const int8_t *const e[4], int nr, in
         out[r] = acc;
     }
 }
+
+/* Q6 rows (formats/q6.py) times int8 activations. A 48-byte group is 16 triples of bytes, triple t holding
+ * the 6-bit codes of columns 4t .. 4t + 3 (bits 0, 6, 12, 18): vld3q puts byte i of every triple in
+ * register i, four shifts and masks give code i of every triple, and vld4q deals the activations the
+ * same way (x[4t + i] into register i), so sdot multiplies matching columns. The codes u = q + 32 are
+ * 0..63, valid signed bytes; out = sum u x - 32 xsum, the scalar kernel's exact sum. A token's rows run
+ * in four quarters side by side (four streams from memory, as the x86 kernels). */
+#define I2V_Q6_PF 1536
+TDOT static inline int32x4_t q6_group(int32x4_t acc, const uint8_t *g, const int8x16x4_t x) {
+    const uint8x16x3_t b = vld3q_u8(g);
+    const uint8x16_t m63 = vdupq_n_u8(63);
+    const uint8x16_t c0 = vandq_u8(b.val[0], m63);
+    const uint8x16_t c1 = vandq_u8(vorrq_u8(vshrq_n_u8(b.val[0], 6), vshlq_n_u8(b.val[1], 2)), m63);
+    const uint8x16_t c2 = vandq_u8(vorrq_u8(vshrq_n_u8(b.val[1], 4), vshlq_n_u8(b.val[2], 4)), m63);
+    const uint8x16_t c3 = vshrq_n_u8(b.val[2], 2);
+    acc = vdotq_s32(acc, vreinterpretq_s8_u8(c0), x.val[0]);
+    acc = vdotq_s32(acc, vreinterpretq_s8_u8(c1), x.val[1]);
+    acc = vdotq_s32(acc, vreinterpretq_s8_u8(c2), x.val[2]);
+    return vdotq_s32(acc, vreinterpretq_s8_u8(c3), x.val[3]);
+}
+
+TDOT void i2v_q6_neon(const i2v_q6_args *a, int v0, int v1) {
+    const int ng = (a->H + 63) / 64, q = (v1 - v0) / 4;
+    const size_t rb = (size_t)ng * 48;
+    for (int m = 0; m < a->M; m++) {
+        const int8_t *x = a->x + (size_t)m * a->ldx;
+        int32_t *out = a->out + (size_t)m * a->ldo;
+        for (int i = 0; i < q + (v1 - v0) % 4; i++) { /* then the last (v1 - v0) % 4 rows one by one */
+            int rows[4] = {v0 + i, v0 + q + i, v0 + 2 * q + i, v0 + 3 * q + i}, nr = 4;
+            if (i >= q) rows[0] = v0 + 3 * q + i, nr = 1;
+            int32x4_t acc[4] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)};
+            for (int g = 0; g < ng; g++) {
+                const int8x16x4_t xg = vld4q_s8(x + 64 * g);
+                for (int r = 0; r < nr; r++) {
+                    const uint8_t *grp = a->w + (size_t)rows[r] * rb + (size_t)g * 48;
+                    __builtin_prefetch(grp + I2V_Q6_PF, 0, 3);
+                    acc[r] = q6_group(acc[r], grp, xg);
+                }
+            }
+            for (int r = 0; r < nr; r++) out[rows[r]] = vaddvq_s32(acc[r]) - 32 * a->xsum[m];
+        }
+    }
+}
 #else
 int i2v_neon_dotprod_supported(void) { return 0; }
 #endif
