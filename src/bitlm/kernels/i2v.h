@@ -188,8 +188,8 @@ int i2v_from_hf(const uint8_t *hf, int out, int in, uint8_t *dst);
  * (formats/t5.py's from_hf_packed is the reference) */
 int i2v_from_hf_fmt(int fmt, const uint8_t *hf, int out, int in, uint8_t *dst);
 /* Q6 rows times int8 activations (see i2v_q6_args), rows split over the pool. AVX-512 VBMI when
- * the CPU has it and path is AVX-512 VNNI or AMX (or < 0); else AVX2 on the x86 paths; else the
- * scalar reference. x must be
+ * the CPU has it and path is AVX-512 VNNI or AMX (or < 0); else AVX2 on the x86 paths; NEON on the
+ * NEON path; else the scalar reference. x must be
  * readable and zero up to 64 * ceil(H/64) columns. xsum may be NULL. */
 int i2v_q6_gemv(const uint8_t *w, int V, int H, const int8_t *x, size_t ldx, const int32_t *xsum, int M,
                 int32_t *out, size_t ldo, int path);
