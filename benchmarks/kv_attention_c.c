@@ -18,7 +18,9 @@
 #include <string.h>
 #include <time.h>
 
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
 
 #include "bitnet_impl.h"
 
@@ -28,7 +30,9 @@ static double now(void) {
     return t.tv_sec + t.tv_nsec * 1e-9;
 }
 
-/* n bytes read 128 at a time into 4 AVX2 accumulators (the probe's way, one stream): a plain read */
+/* n bytes read 128 at a time into 4 AVX2 accumulators, one stream: a plain read (x86 only; elsewhere the
+ * "read" mode is refused) */
+#if defined(__x86_64__) || defined(__i386__)
 __attribute__((target("avx2"))) static uint64_t read_bytes(const uint8_t *p, size_t n) {
     __m256i a[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
     size_t i = 0;
@@ -39,6 +43,11 @@ __attribute__((target("avx2"))) static uint64_t read_bytes(const uint8_t *p, siz
     for (; i < n; i++) s += p[i];
     return s;
 }
+#define HAVE_READ 1
+#else
+static uint64_t read_bytes(const uint8_t *p, size_t n) { return (void)p, (void)n, 0; }
+#define HAVE_READ 0
+#endif
 
 int main(int argc, char **argv) {
     if (argc < 4) {
@@ -64,6 +73,10 @@ int main(int argc, char **argv) {
     /* "scores" or "pv": that loop alone; "read": each chunk's K and V bytes read and summed, no arithmetic
      * (the stream's own speed in this pattern) */
     const char *only = argc > 4 ? argv[4] : "";
+    if (*only && strcmp(only, "scores") && strcmp(only, "pv") && (strcmp(only, "read") || !HAVE_READ)) {
+        fprintf(stderr, "%s: the mode is scores, pv or read (read: x86 only), not %s\n", argv[0], only);
+        return 2;
+    }
     uint64_t sum = 0;
     for (int i = 0; i < nq * ATT_CHUNK; i++) p[i] = 1.0f / ATT_CHUNK;
     memset(o, 0, sizeof o);

@@ -339,6 +339,7 @@ static int q6_kernel(int path) {
 }
 
 i2v_q6_fn i2v_q6_kernel(int path) {
+    if (path < 0) path = i2v_best_path();
 #if defined(__x86_64__) || defined(__i386__)
     if (q6_kernel(path) == Q6_VBMI) return i2v_q6_avx512vbmi;
     if (q6_kernel(path) == Q6_AVX2) return i2v_q6_avx2;

@@ -338,9 +338,12 @@ int bn_head(const bn_model *m, const float *h, int n, int8_t *q8, float *s, int3
             for (size_t i = 0; i < (size_t)n * ldu; i++) ax[i] = (int8_t)(q8[i] < 0 ? -q8[i] : q8[i]);
             ht.x = q8;
             ht.ax = ax;
-        } else if ((m->path < 0 ? i2v_best_path() : m->path) == I2V_PATH_NEON) {
-            ht.x = q8; /* sdot takes them signed */
-        } else {
+        }
+#if defined(__aarch64__) && defined(__GNUC__)
+        else if ((m->path < 0 ? i2v_best_path() : m->path) == I2V_PATH_NEON)
+            ht.x = q8; /* sdot takes them signed (head_q8_neon) */
+#endif
+        else {
             for (size_t i = 0; i < (size_t)n * ldu; i++) ((uint8_t *)q8)[i] = (uint8_t)(q8[i] + 128);
             ht.u = (const uint8_t *)q8;
         }

@@ -195,7 +195,7 @@ int i2v_q6_gemv(const uint8_t *w, int V, int H, const int8_t *x, size_t ldx, con
                 int32_t *out, size_t ldo, int path);
 int i2v_has_avx512vbmi(void);
 const char *i2v_q6_kernel_name(int path);  /* the kernel i2v_q6_gemv runs on that path */
-i2v_q6_fn i2v_q6_kernel(int path);         /* ... and the kernel itself (AVX2's wants x16) */
+i2v_q6_fn i2v_q6_kernel(int path);         /* ... and the kernel itself (AVX2's wants x16); path < 0: best */
 /* Read n bytes with SIMD loads split over the pool (the bandwidth probe); returns a checksum. */
 uint64_t i2v_read_bytes(const uint8_t *p, size_t n);
 

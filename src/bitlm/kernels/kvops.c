@@ -9,11 +9,12 @@
  * (32 AVX-512 FMAs) against 256 bytes of f16 or 136 of q8_0, and these loops are bound by the
  * arithmetic, not by the bytes: on the 2-vCPU Xeon of benchmarks/README.md, with the cache hot in L2,
  * one core ran them at 12.4 GB/s of f16 and 6.4 of q8_0 (24-25 G multiply-adds a second either way),
- * where a plain read streams 17. That holds in L2. From memory, as a decode at thousands of positions
- * reads the cache, they run at ~5 GB/s a core, and less arithmetic did not help: llama.cpp's integer
- * scores (q quantized to q8_0; VNNI and AMX tiles), tried, halved the scores' time in L2 but left decode
- * at 4,000 positions where it was (benchmarks/README.md, "Integer scores over q8_0 keys"), so they are not
- * used (benchmarks/kv_attention_c.c measures the loops).
+ * where a plain read streams 17. That holds in cache. From memory, as a decode at thousands of positions
+ * reads the cache, they ran at ~5 GB/s a core over q8_0, and less arithmetic hardly helped: integer
+ * scores over q8_0 keys as llama.cpp computes them (q quantized to q8_0), tried with VNNI and AMX
+ * kernels, cut the scores' time in cache by a third (VNNI) to a half (AMX), but moved decode at 4,000
+ * positions by 1-3% (VNNI) and slowed it on AMX (benchmarks/README.md, "Integer scores over q8_0 keys"),
+ * so they are not used (benchmarks/kv_attention_c.c measures the loops).
  *
  * Shapes: q [nq, hd] (the nq q heads of one kv head, rows hd apart), k_j = k + j * ldk bytes (key j's
  * row of hd elements), p [nq, ldp] (probabilities), o [nq, hd].

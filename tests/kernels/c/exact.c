@@ -410,9 +410,10 @@ int main(void) {
     check_q6(1, 1, 1), check_q6(1, 37, 100), check_q6(2, 301, 640), check_q6(3, 8, 2560);
     for (int m = 1; m <= 20; m++) check_q6(m, 7, 9 * 64 + 17);  /* every decode-step M */
 #if defined(__aarch64__)
-    if (i2v_path_supported(I2V_PATH_NEON))
+    if (i2v_path_supported(I2V_PATH_NEON)) {
         for (int H = 1; H <= 40; H++) check_q8_rows(H);
-    if (i2v_path_supported(I2V_PATH_NEON)) check_q8_rows(2560), check_q8_rows(2567);
+        check_q8_rows(2560), check_q8_rows(2567);
+    }
 #endif
     static const int kvshapes[][4] = {{4, 128, 37, 13}, {5, 64, 4, 1}, {4, 48, 1, 0}, {3, 40, 20, 16},
                                       {2, 20, 9, 4}, {8, 128, 300, 256}};  /* nq, hd, n, cut */
