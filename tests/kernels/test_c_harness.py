@@ -178,6 +178,11 @@ def _runtime_files() -> list[str]:
 FORWARD = ROOT / "tests" / "kernels" / "c" / "whole_forward.c"  # not forward.c: objects are named by stem
 
 
+def _forward_units() -> list[tuple[str, list[str]]]:
+    """whole_forward.c and the runtime it drives."""
+    return _sources(_runtime_files(), ["-O2", "-fno-strict-aliasing"]) + [(str(FORWARD), ["-O2"])]
+
+
 def _forward_paths(text: str) -> set[str]:
     """The paths whole_forward.c compared with the scalar one, each in all 36 of its models."""
     paths = re.findall(r"^ok path (\w+) ", text, re.M)
@@ -192,8 +197,7 @@ def test_the_whole_forward_on_every_native_path(tmp_path):
     three KV kinds, int8 and 6-bit heads; a prefill, then decode steps) on each path this CPU has, against
     the scalar path, within float rounding."""
     cc = _require(_which("gcc", "cc"), "a C compiler")
-    units = _sources(_runtime_files(), ["-O2", "-fno-strict-aliasing"]) + [(str(FORWARD), ["-O2"])]
-    text = _run([str(_build(cc, tmp_path, units, []))])
+    text = _run([str(_build(cc, tmp_path, _forward_units(), []))])
     assert "avx2" in _forward_paths(text) or not X86, text  # the x86-64 machines here all have AVX2
 
 
@@ -204,8 +208,7 @@ def test_the_whole_forward_on_neon_under_qemu(tmp_path):
         pytest.skip("the cross build targets AArch64 from x86-64; on ARM the native test runs NEON")
     cc = _require(_which("aarch64-linux-gnu-gcc"), "the AArch64 cross compiler (gcc-aarch64-linux-gnu)")
     qemu = _require(_which("qemu-aarch64", "qemu-aarch64-static"), "qemu-user (qemu-aarch64)")
-    units = _sources(_runtime_files(), ["-O2", "-fno-strict-aliasing"]) + [(str(FORWARD), ["-O2"])]
-    text = _run([qemu, "-cpu", "max", str(_build(cc, tmp_path, units, ["-static"]))])
+    text = _run([qemu, "-cpu", "max", str(_build(cc, tmp_path, _forward_units(), ["-static"]))])
     assert _forward_paths(text) == {"neon"}, text
 
 

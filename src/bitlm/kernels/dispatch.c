@@ -339,15 +339,15 @@ static int q6_kernel(int path) {
 }
 
 i2v_q6_fn i2v_q6_kernel(int path) {
-    if (path < 0) path = i2v_best_path();
+    int kernel = q6_kernel(path < 0 ? i2v_best_path() : path);
 #if defined(__x86_64__) || defined(__i386__)
-    if (q6_kernel(path) == Q6_VBMI) return i2v_q6_avx512vbmi;
-    if (q6_kernel(path) == Q6_AVX2) return i2v_q6_avx2;
+    if (kernel == Q6_VBMI) return i2v_q6_avx512vbmi;
+    if (kernel == Q6_AVX2) return i2v_q6_avx2;
 #endif
 #if defined(__aarch64__)
-    if (q6_kernel(path) == Q6_NEON) return i2v_q6_neon;
+    if (kernel == Q6_NEON) return i2v_q6_neon;
 #endif
-    (void)path;
+    (void)kernel;
     return i2v_q6_scalar;
 }
 

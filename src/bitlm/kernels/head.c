@@ -11,6 +11,8 @@
 #endif
 
 /* ---- the head: logits[t, v] = h[t] . E[v] ---------------------------------------------------- */
+static int head_path(const bn_model *m) { return m->path < 0 ? i2v_best_path() : m->path; } /* -1: the best */
+
 typedef struct {
     const bn_model *m;
     const float *h;     /* [T, H] normed hidden states (float heads) */
@@ -177,22 +179,21 @@ __attribute__((target("avx2,fma"))) static void head_q8_avx2(const head_task *a,
 #if defined(__aarch64__) && defined(__GNUC__)
 /* NEON (sdot on the int8 activations themselves): a token's rows in four quarters side by side, four long
  * streams, as head_q8_avx2; the same exact sums and scaling as the scalar kernel */
-static void head_q8_neon(const head_task *a, int v0, int v1) {
+static void head_q8_neon_rows(const head_task *a, int t, const int *v, const int NR) {
     const bn_model *m = a->m;
-    const int8_t *E = (const int8_t *)m->head;
+    const int8_t *e[4];
+    int32_t acc[4];
+    for (int r = 0; r < NR; r++) e[r] = (const int8_t *)m->head + (size_t)v[r] * m->H;
+    i2v_q8_rows_neon(a->x + (size_t)t * a->ldu, e, NR, m->H, acc);
+    float inv = 1.0f / a->s[t];
+    for (int r = 0; r < NR; r++) a->logits[(size_t)t * m->V + v[r]] = (float)acc[r] * (m->head_scale[v[r]] * inv);
+}
+
+static void head_q8_neon(const head_task *a, int v0, int v1) {
     int q = (v1 - v0) / 4;
     for (int t = 0; t < a->T; t++) {
-        const int8_t *xt = a->x + (size_t)t * a->ldu;
-        float inv = 1.0f / a->s[t], *lg = a->logits + (size_t)t * m->V;
-        for (int i = 0; i < q + (v1 - v0) % 4; i++) { /* then the last (v1 - v0) % 4 rows one by one */
-            int rows[4] = {v0 + i, v0 + q + i, v0 + 2 * q + i, v0 + 3 * q + i}, nr = 4;
-            if (i >= q) rows[0] = v0 + 3 * q + i, nr = 1;
-            const int8_t *e[4];
-            int32_t acc[4];
-            for (int r = 0; r < nr; r++) e[r] = E + (size_t)rows[r] * m->H;
-            i2v_q8_rows_neon(xt, e, nr, m->H, acc);
-            for (int r = 0; r < nr; r++) lg[rows[r]] = (float)acc[r] * (m->head_scale[rows[r]] * inv);
-        }
+        for (int i = 0; i < q; i++) head_q8_neon_rows(a, t, (const int[]){v0 + i, v0 + q + i, v0 + 2 * q + i, v0 + 3 * q + i}, 4);
+        for (int v = v0 + 4 * q; v < v1; v++) head_q8_neon_rows(a, t, (const int[]){v}, 1);
     }
 }
 #endif
@@ -217,7 +218,7 @@ static void head_rows(const head_task *a, int v0, int v1) {
     const bn_model *m = a->m;
     if (m->head_kind == BN_Q8) {
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
-        int path = m->path < 0 ? i2v_best_path() : m->path;
+        int path = head_path(m);
         if (i2v_path_has_avx512vnni(path)) {  /* AMX too: it implies VNNI */
             head_q8_vnni(a, v0, v1);
             return;
@@ -228,7 +229,7 @@ static void head_rows(const head_task *a, int v0, int v1) {
         }
 #endif
 #if defined(__aarch64__) && defined(__GNUC__)
-        if ((m->path < 0 ? i2v_best_path() : m->path) == I2V_PATH_NEON) {
+        if (head_path(m) == I2V_PATH_NEON) {
             head_q8_neon(a, v0, v1);
             return;
         }
@@ -284,10 +285,10 @@ static void q6_part(void *ctx, int part, int np) {
 }
 
 static int q6_rows_blocked(const bn_model *m, const int8_t *x, size_t ldx, const int32_t *xsum, int n, int32_t *out) {
-    int H = m->H, path = m->path < 0 ? i2v_best_path() : m->path;
+    int H = m->H;
     size_t hp = (size_t)(H + 63) / 64 * 64;
-    q6_task t = {{(const uint8_t *)m->head, m->V, H, x, ldx, xsum, n, out, (size_t)m->V, NULL}, i2v_q6_kernel(path),
-                 head_block_rows(m, hp / 64 * 48)};
+    q6_task t = {{(const uint8_t *)m->head, m->V, H, x, ldx, xsum, n, out, (size_t)m->V, NULL},
+                 i2v_q6_kernel(head_path(m)), head_block_rows(m, hp / 64 * 48)};
     int16_t *x16 = NULL;
 #if defined(__x86_64__) || defined(__i386__)
     if (t.fn == i2v_q6_avx2) {
@@ -302,7 +303,7 @@ static int q6_rows_blocked(const bn_model *m, const int8_t *x, size_t ldx, const
 }
 
 int bn_head_needs_ax(const bn_model *m) {
-    return m->head_kind == BN_Q8 && (m->path < 0 ? i2v_best_path() : m->path) == I2V_PATH_AVX2;
+    return m->head_kind == BN_Q8 && head_path(m) == I2V_PATH_AVX2;
 }
 
 int bn_head(const bn_model *m, const float *h, int n, int8_t *q8, float *s, int32_t *qsum, int8_t *ax,
@@ -340,7 +341,7 @@ int bn_head(const bn_model *m, const float *h, int n, int8_t *q8, float *s, int3
             ht.ax = ax;
         }
 #if defined(__aarch64__) && defined(__GNUC__)
-        else if ((m->path < 0 ? i2v_best_path() : m->path) == I2V_PATH_NEON)
+        else if (head_path(m) == I2V_PATH_NEON)
             ht.x = q8; /* sdot takes them signed (head_q8_neon) */
 #endif
         else {

@@ -138,26 +138,27 @@ TDOT static inline int32x4_t q6_group(int32x4_t acc, const uint8_t *g, const int
     return vdotq_s32(acc, vreinterpretq_s8_u8(c3), x.val[3]);
 }
 
-TDOT void i2v_q6_neon(const i2v_q6_args *a, int v0, int v1) {
-    const int ng = (a->H + 63) / 64, q = (v1 - v0) / 4;
-    const size_t rb = (size_t)ng * 48;
-    for (int m = 0; m < a->M; m++) {
-        const int8_t *x = a->x + (size_t)m * a->ldx;
-        int32_t *out = a->out + (size_t)m * a->ldo;
-        for (int i = 0; i < q + (v1 - v0) % 4; i++) { /* then the last (v1 - v0) % 4 rows one by one */
-            int rows[4] = {v0 + i, v0 + q + i, v0 + 2 * q + i, v0 + 3 * q + i}, nr = 4;
-            if (i >= q) rows[0] = v0 + 3 * q + i, nr = 1;
-            int32x4_t acc[4] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)};
-            for (int g = 0; g < ng; g++) {
-                const int8x16x4_t xg = vld4q_s8(x + 64 * g);
-                for (int r = 0; r < nr; r++) {
-                    const uint8_t *grp = a->w + (size_t)rows[r] * rb + (size_t)g * 48;
-                    __builtin_prefetch(grp + I2V_Q6_PF, 0, 3);
-                    acc[r] = q6_group(acc[r], grp, xg);
-                }
-            }
-            for (int r = 0; r < nr; r++) out[rows[r]] = vaddvq_s32(acc[r]) - 32 * a->xsum[m];
+/* rows v[0 .. NR) of activation row m side by side, sharing the activations' loads */
+TDOT static void q6_rows(const i2v_q6_args *a, int m, const int *v, const int NR) {
+    const int ng = (a->H + 63) / 64;
+    const int8_t *x = a->x + (size_t)m * a->ldx;
+    int32x4_t acc[4] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)};
+    for (int g = 0; g < ng; g++) {
+        const int8x16x4_t xg = vld4q_s8(x + 64 * g);
+        for (int r = 0; r < NR; r++) {
+            const uint8_t *grp = a->w + ((size_t)v[r] * ng + g) * 48;
+            __builtin_prefetch(grp + I2V_Q6_PF, 0, 3);
+            acc[r] = q6_group(acc[r], grp, xg);
         }
+    }
+    for (int r = 0; r < NR; r++) a->out[(size_t)m * a->ldo + v[r]] = vaddvq_s32(acc[r]) - 32 * a->xsum[m];
+}
+
+TDOT void i2v_q6_neon(const i2v_q6_args *a, int v0, int v1) {
+    int q = (v1 - v0) / 4;
+    for (int m = 0; m < a->M; m++) {
+        for (int i = 0; i < q; i++) q6_rows(a, m, (const int[]){v0 + i, v0 + q + i, v0 + 2 * q + i, v0 + 3 * q + i}, 4);
+        for (int v = v0 + 4 * q; v < v1; v++) q6_rows(a, m, (const int[]){v}, 1);
     }
 }
 #else
