@@ -1,14 +1,15 @@
 /* Attention's loops over the KV cache from C (kvops.c's scores and p.v, as attention.c calls them per
  * 256-key chunk): one decode row of the 2B4T shape (5 kv heads of 4 q heads, head_dim 128) over `keys`
  * keys of each kv head, in bytes of K and V read a second. With few keys the cache stays in L2 and the
- * rate is the loops' arithmetic; with many it comes from memory. Best of `reps` passes. Never part of
- * the tests.
+ * rate is the loops' arithmetic; with many it comes from memory (more than the L3 holds: 1048576 keys
+ * are 1.4 GB of q8_0). Best of `reps` passes. Never part of the tests. Build at -O3 as setup.py builds the
+ * runtime: at -O2 the scores' accumulators stay on the stack and the loops run 1.5-2x slower.
  *
- *   K=src/bitlm/kernels; gcc -O2 -std=c11 -I$K benchmarks/kv_attention_c.c $K/kvops.c $K/dispatch.c \
+ *   K=src/bitlm/kernels; gcc -O3 -std=c11 -I$K benchmarks/kv_attention_c.c $K/kvops.c $K/dispatch.c \
  *       $K/pool.c $K/scalar.c $K/avx2.c $K/avx512vnni.c $K/avx512vbmi.c $K/amx.c $K/neon.c $K/convert.c \
  *       -o /tmp/kv_attention_c -lpthread -lm
- *   for kv in f16 q8_0; do for n in 256 4000 65536; do /tmp/kv_attention_c $kv $n 20; done; done
- *   /tmp/kv_attention_c q8_0 65536 3 read     # also: scores, pv (one loop alone)
+ *   for kv in f16 q8_0; do for n in 256 4000; do /tmp/kv_attention_c $kv $n 100; done; done
+ *   /tmp/kv_attention_c q8_0 1048576 2; /tmp/kv_attention_c q8_0 1048576 2 read  # also: scores, pv alone
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE

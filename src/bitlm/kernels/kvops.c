@@ -6,15 +6,17 @@
  * which is exact in float32 (an 11-bit by 8-bit product). So every path computes on exactly the values
  * formats/q8_0.dequantize gives, and q and the probabilities stay float32.
  * The cost: at the 2B4T shape a key (or value) row of one kv head is 512 multiply-adds for its 4 q heads
- * (32 AVX-512 FMAs) against 256 bytes of f16 or 136 of q8_0, and these loops are bound by the
- * arithmetic, not by the bytes: on the 2-vCPU Xeon of benchmarks/README.md, with the cache hot in L2,
- * one core ran them at 12.4 GB/s of f16 and 6.4 of q8_0 (24-25 G multiply-adds a second either way),
- * where a plain read streams 17. That holds in cache. From memory, as a decode at thousands of positions
- * reads the cache, they ran at ~5 GB/s a core over q8_0, and less arithmetic hardly helped: integer
- * scores over q8_0 keys as llama.cpp computes them (q quantized to q8_0), tried with VNNI and AMX
- * kernels, cut the scores' time in cache by a third (VNNI) to a half (AMX), but moved decode at 4,000
- * positions by 1-3% (VNNI) and slowed it on AMX (benchmarks/README.md, "Integer scores over q8_0 keys"),
- * so they are not used (benchmarks/kv_attention_c.c measures the loops).
+ * (32 AVX-512 FMAs) against 256 bytes of f16 or 136 of q8_0, plus the widening (2-3 instructions a 16
+ * elements) and the scores' sums across lanes, all on the same two vector ports as the FMAs. On the 2-vCPU
+ * Xeon of benchmarks/README.md one core ran the two loops at 37-48 G multiply-adds a second with the
+ * cache in L2 (10 GB/s of q8_0, 24 of f16), a third to a half of the core's FMA rate
+ * (benchmarks/port_probe.c: ~6.4 G zmm FMAs a second, 100 G multiply-adds), and from DRAM at 5.8 GB/s of
+ * q8_0 and 8.0 of f16, where a plain read of the same bytes streams 12: from DRAM a key costs about the
+ * sum of its arithmetic and its bytes, not the larger. Integer scores over q8_0 keys as llama.cpp computes
+ * them (q quantized to q8_0) cut the scores' arithmetic but moved decode at 4,000 positions by 1-3% over
+ * this row layout (benchmarks/README.md, "Integer scores over q8_0 keys"); over keys in tiles of 16 (a
+ * prototype, "fifth session") they ran 5x faster in cache and 1.3x from DRAM. Neither is used
+ * (benchmarks/kv_attention_c.c measures the loops).
  *
  * Shapes: q [nq, hd] (the nq q heads of one kv head, rows hd apart), k_j = k + j * ldk bytes (key j's
  * row of hd elements), p [nq, ldp] (probabilities), o [nq, hd].
