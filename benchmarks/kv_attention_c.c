@@ -50,6 +50,12 @@ static uint64_t read_bytes(const uint8_t *p, size_t n) { return (void)p, (void)n
 #define HAVE_READ 0
 #endif
 
+/* attention.c's prefetch_run for a run of n rows from row: its first ATT_PREFETCH rows */
+__attribute__((always_inline)) static inline void prefetch_first(const uint8_t *row, size_t ld, int n) {
+    n = n < ATT_PREFETCH ? n : ATT_PREFETCH;
+    for (size_t b = 0; b < (size_t)n * ld; b += 64) __builtin_prefetch(row + b, 0, 3);
+}
+
 int main(int argc, char **argv) {
     if (argc < 4) {
         fprintf(stderr, "usage: %s {f32,f16,q8_0} KEYS REPS [scores, pv or read]\n", argv[0]);
@@ -92,10 +98,18 @@ int main(int argc, char **argv) {
                     sum += read_bytes(kh + (size_t)j * ld, (size_t)n * ld) + read_bytes(vh + (size_t)j * ld, (size_t)n * ld);
                     continue;
                 }
-                if (strcmp(only, "pv")) sc(q, nq, hd, kh + (size_t)j * ld, ld, n, 0.088f, p, ATT_CHUNK);
+                /* as attention.c: the first rows of V requested before the scores, the next chunk's K before p.v */
+                if (strcmp(only, "pv")) {
+                    if (strcmp(only, "scores")) prefetch_first(vh + (size_t)j * ld, ld, n);
+                    sc(q, nq, hd, kh + (size_t)j * ld, ld, n, 0.088f, p, ATT_CHUNK);
+                }
                 for (int r = 0; r < nq; r++) /* stands for the softmax */
                     for (int i = 0; i < n; i++) p[r * ATT_CHUNK + i] = 1.0f / ATT_CHUNK;
-                if (strcmp(only, "scores")) pv(o, nq, hd, p, ATT_CHUNK, vh + (size_t)j * ld, ld, n);
+                if (strcmp(only, "scores")) {
+                    if (strcmp(only, "pv") && j + ATT_CHUNK < keys)
+                        prefetch_first(kh + (size_t)(j + ATT_CHUNK) * ld, ld, (int)(keys - j - ATT_CHUNK));
+                    pv(o, nq, hd, p, ATT_CHUNK, vh + (size_t)j * ld, ld, n);
+                }
             }
         }
         double t = now() - t0;

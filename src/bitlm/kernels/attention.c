@@ -178,7 +178,20 @@ typedef struct {
     float *out;      /* [T, nh*hd] */
 } attn_task;
 
-static void attend_unit(const attn_task *a, const att_unit *u, float *sc) {
+/* The first ATT_PREFETCH rows of a chunk's run of K or V requested before the loop that reads them
+ * starts: the kernels prefetch their own rows ahead (kvops.c), but the first ones of each stream, V's
+ * after the scores and the next unit's K after p.v, would start cold. Inlined by force: GCC counts a
+ * function that only prefetches as pure and deletes the call */
+__attribute__((always_inline)) static inline void prefetch_run(const bn_model *m, const bn_pool *pool,
+                                                                const bn_span *sp, int l, int kv, int h, int j, int n) {
+    int bs = pool->base ? pool->bs : m->max_len, e = (j / bs + 1) * bs - j; /* rows left in j's block */
+    const uint8_t *row = (const uint8_t *)bn_kv_row(m, pool, sp, l, kv, h, j);
+    n = n < ATT_PREFETCH ? n : ATT_PREFETCH;
+    n = n < e ? n : e;
+    for (size_t b = 0; b < (size_t)n * m->kv_row; b += 64) __builtin_prefetch(row + b, 0, 3);
+}
+
+static void attend_unit(const attn_task *a, const att_unit *u, const att_unit *next, float *sc) {
     const bn_model *m = a->m;
     const bn_span *sp = &a->plan->spans[u->span];
     int group = m->nh / m->nkv, hd = m->hd, j0 = u->c * ATT_CHUNK;
@@ -190,6 +203,7 @@ static void attend_unit(const attn_task *a, const att_unit *u, float *sc) {
         const float *q = a->q + (size_t)t * a->ldq + (size_t)u->kvh * group * hd;
         size_t slot = ((size_t)t * a->plan->nch + u->c) * m->nh + (size_t)u->kvh * group;
         float *o = a->po + slot * hd, *ms = a->pms + slot * 2;
+        if (t == u->ta) prefetch_run(m, a->pool, sp, a->l, 1, u->kvh, j0, n);
         for (int j = j0; j < j0 + n;) {
             int e = (j / bs + 1) * bs < j0 + n ? (j / bs + 1) * bs : j0 + n;
             m->scores(q, group, hd, bn_kv_row(m, a->pool, sp, a->l, 0, u->kvh, j), m->kv_row, e - j, scale,
@@ -202,6 +216,11 @@ static void attend_unit(const attn_task *a, const att_unit *u, float *sc) {
             ms[2 * r + 1] = m->expsum(sr, n, mx);
         }
         memset(o, 0, sizeof(float) * (size_t)group * hd);
+        if (t == u->tb - 1 && next) {
+            const bn_span *ns = &a->plan->spans[next->span];
+            int nj0 = next->c * ATT_CHUNK, nn = ns->pos + (next->ta - ns->row0) + 1 - nj0;
+            prefetch_run(m, a->pool, ns, a->l, 0, next->kvh, nj0, nn);
+        }
         for (int j = j0; j < j0 + n;) {
             int e = (j / bs + 1) * bs < j0 + n ? (j / bs + 1) * bs : j0 + n;
             m->pv(o, group, hd, sc + (j - j0), ATT_CHUNK, bn_kv_row(m, a->pool, sp, a->l, 1, u->kvh, j), m->kv_row,
@@ -215,7 +234,8 @@ static void attn_part(void *ctx, int part, int np) {
     const attn_task *a = (const attn_task *)ctx;
     (void)np;
     float *sc = a->sc + (size_t)part * (a->m->nh / a->m->nkv) * ATT_CHUNK;
-    for (int u = a->plan->first[part]; u < a->plan->first[part + 1]; u++) attend_unit(a, &a->plan->units[u], sc);
+    for (int u = a->plan->first[part], e = a->plan->first[part + 1]; u < e; u++)
+        attend_unit(a, &a->plan->units[u], u + 1 < e ? &a->plan->units[u + 1] : NULL, sc);
 }
 
 /* rows t0 .. t1: each q head's chunks merged in chunk order */

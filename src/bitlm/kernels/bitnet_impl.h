@@ -134,6 +134,8 @@ static inline void *bn_kv_row(const bn_model *m, const bn_pool *pool, const bn_s
  * chunk's softmax taken alone, then the chunks merged in order (split-K, as flash-decoding): the chunks
  * of one row can run on different threads while the row's arithmetic stays fixed by its position. */
 #define ATT_CHUNK 256
+/* rows of K or V requested before the loop that reads a chunk starts (attention.c prefetch_run) */
+#define ATT_PREFETCH 16
 /* RoPE on rows' q and k heads of qkv [T, ldqkv = q | k | v], then k and v into each sequence's cache */
 void bn_rope_store(const bn_model *m, int l, const bn_pool *pool, const bn_span *spans, int nspan, float *qkv, int T,
                    int nparts);

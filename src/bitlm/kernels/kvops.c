@@ -135,13 +135,19 @@ KINDS(, scalar)
 
 /* ---- shared by the SIMD kernels ---- */
 
-/* the cache lines of rows j .. j + nrows - 1 (clamped to the n rows of the call), requested ahead of use:
- * the loops do ~10 ns of arithmetic per row, and one core left to the hardware prefetcher alone read the
- * cache at about half the bandwidth a plain read of it reaches */
-#define KV_PREFETCH 8 /* rows ahead */
+/* the cache lines of rows j .. j + nrows - 1 (clamped to the n rows of the call), requested ahead of use,
+ * into L2 (locality 2, prefetcht1 on x86): one core left to the hardware prefetcher alone read the cache
+ * at about half the bandwidth a plain read of it reaches. 16 rows into L2 read from DRAM 10-15% faster
+ * than 8 into L1 (benchmarks/README.md, fifth session); more rows, or a second, farther request, were
+ * slower: each request holds a fill buffer until its line arrives */
+#define KV_PREFETCH 16 /* rows ahead */
+/* p.v's value rows a block: every column slice of o runs over a block before the next rows are read, so
+ * the rows stream in all through the loop (one pass a slice over the whole call read them in the first
+ * pass only, and the memory idled during the others) */
+#define PV_KEYS 8
 static inline void prefetch_rows(const uint8_t *base, size_t ld, int j, int nrows, int n) {
     for (int x = j; x < j + nrows && x < n; x++)
-        for (size_t b = 0; b < ld; b += 64) __builtin_prefetch(base + (size_t)x * ld + b, 0, 3);
+        for (size_t b = 0; b < ld; b += 64) __builtin_prefetch(base + (size_t)x * ld + b, 0, 2);
 }
 
 /* p.v's rows r0 .. r0 + 3 of p [nq, ldp] and o [nq, hd], in pr and orow. Short groups repeat their
@@ -275,36 +281,38 @@ T512 void pv_avx512(int kind, float *o, int nq, int hd, const float *p, size_t l
         const float *pr[4];
         float *orow[4];
         group_rows(r0, nq, p, ldp, o, hd, pr, orow);
-        int c = 0;
-        for (; c + 64 <= hd; c += 64) {
-            __m512 acc[16];
-            for (int r = 0; r < 4; r++)
-                for (int x = 0; x < 4; x++) acc[4 * r + x] = _mm512_loadu_ps(orow[r] + c + 16 * x);
-            for (int j = 0; j < n; j++) {
-                const uint8_t *vj = v + (size_t)j * ldv;
-                if (c == 0) prefetch_rows(v, ldv, j + KV_PREFETCH, 1, n);
-                __m512 v0, v1, v2, v3;
-                ld32(kind, vj, c, &v0, &v1);
-                ld32(kind, vj, c + 32, &v2, &v3);
-                for (int r = 0; r < 4; r++) {
-                    __m512 w = _mm512_set1_ps(pr[r][j]);
-                    acc[4 * r] = _mm512_fmadd_ps(w, v0, acc[4 * r]);
-                    acc[4 * r + 1] = _mm512_fmadd_ps(w, v1, acc[4 * r + 1]);
-                    acc[4 * r + 2] = _mm512_fmadd_ps(w, v2, acc[4 * r + 2]);
-                    acc[4 * r + 3] = _mm512_fmadd_ps(w, v3, acc[4 * r + 3]);
+        for (int jb = 0; jb < n; jb += PV_KEYS) {
+            int je = jb + PV_KEYS < n ? jb + PV_KEYS : n, c = 0;
+            for (; c + 64 <= hd; c += 64) {
+                __m512 acc[16];
+                for (int r = 0; r < 4; r++)
+                    for (int x = 0; x < 4; x++) acc[4 * r + x] = _mm512_loadu_ps(orow[r] + c + 16 * x);
+                for (int j = jb; j < je; j++) {
+                    const uint8_t *vj = v + (size_t)j * ldv;
+                    if (c == 0) prefetch_rows(v, ldv, j + KV_PREFETCH, 1, n);
+                    __m512 v0, v1, v2, v3;
+                    ld32(kind, vj, c, &v0, &v1);
+                    ld32(kind, vj, c + 32, &v2, &v3);
+                    for (int r = 0; r < 4; r++) {
+                        __m512 w = _mm512_set1_ps(pr[r][j]);
+                        acc[4 * r] = _mm512_fmadd_ps(w, v0, acc[4 * r]);
+                        acc[4 * r + 1] = _mm512_fmadd_ps(w, v1, acc[4 * r + 1]);
+                        acc[4 * r + 2] = _mm512_fmadd_ps(w, v2, acc[4 * r + 2]);
+                        acc[4 * r + 3] = _mm512_fmadd_ps(w, v3, acc[4 * r + 3]);
+                    }
                 }
+                for (int r = 3; r >= 0; r--) /* row 0 last: a repeated row stores row 0's values */
+                    for (int x = 0; x < 4; x++) _mm512_storeu_ps(orow[r] + c + 16 * x, acc[4 * r + x]);
             }
-            for (int r = 3; r >= 0; r--) /* row 0 last: a repeated row stores row 0's values */
-                for (int x = 0; x < 4; x++) _mm512_storeu_ps(orow[r] + c + 16 * x, acc[4 * r + x]);
-        }
-        for (; c < hd; c += 16) {
-            __m512 acc[4];
-            for (int r = 0; r < 4; r++) acc[r] = _mm512_loadu_ps(orow[r] + c);
-            for (int j = 0; j < n; j++) {
-                __m512 v0 = ld16(kind, v + (size_t)j * ldv, c);
-                for (int r = 0; r < 4; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(pr[r][j]), v0, acc[r]);
+            for (; c < hd; c += 16) {
+                __m512 acc[4];
+                for (int r = 0; r < 4; r++) acc[r] = _mm512_loadu_ps(orow[r] + c);
+                for (int j = jb; j < je; j++) {
+                    __m512 v0 = ld16(kind, v + (size_t)j * ldv, c);
+                    for (int r = 0; r < 4; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(pr[r][j]), v0, acc[r]);
+                }
+                for (int r = 3; r >= 0; r--) _mm512_storeu_ps(orow[r] + c, acc[r]);
             }
-            for (int r = 3; r >= 0; r--) _mm512_storeu_ps(orow[r] + c, acc[r]);
         }
     }
 }
@@ -400,36 +408,38 @@ T256 void pv_avx2(int kind, float *o, int nq, int hd, const float *p, size_t ldp
         const float *pr[4];
         float *orow[4];
         group_rows(r0, nq, p, ldp, o, hd, pr, orow);
-        int c = 0;
-        for (; c + 16 <= hd; c += 16) {
-            __m256 acc[8];
-            for (int r = 0; r < 4; r++) {
-                acc[2 * r] = _mm256_loadu_ps(orow[r] + c);
-                acc[2 * r + 1] = _mm256_loadu_ps(orow[r] + c + 8);
-            }
-            for (int j = 0; j < n; j++) {
-                const uint8_t *vj = v + (size_t)j * ldv;
-                if (c == 0) prefetch_rows(v, ldv, j + KV_PREFETCH, 1, n);
-                __m256 v0 = ld8(kind, vj, c), v1 = ld8(kind, vj, c + 8);
+        for (int jb = 0; jb < n; jb += PV_KEYS) {
+            int je = jb + PV_KEYS < n ? jb + PV_KEYS : n, c = 0;
+            for (; c + 16 <= hd; c += 16) {
+                __m256 acc[8];
                 for (int r = 0; r < 4; r++) {
-                    __m256 w = _mm256_broadcast_ss(pr[r] + j);
-                    acc[2 * r] = _mm256_fmadd_ps(w, v0, acc[2 * r]);
-                    acc[2 * r + 1] = _mm256_fmadd_ps(w, v1, acc[2 * r + 1]);
+                    acc[2 * r] = _mm256_loadu_ps(orow[r] + c);
+                    acc[2 * r + 1] = _mm256_loadu_ps(orow[r] + c + 8);
+                }
+                for (int j = jb; j < je; j++) {
+                    const uint8_t *vj = v + (size_t)j * ldv;
+                    if (c == 0) prefetch_rows(v, ldv, j + KV_PREFETCH, 1, n);
+                    __m256 v0 = ld8(kind, vj, c), v1 = ld8(kind, vj, c + 8);
+                    for (int r = 0; r < 4; r++) {
+                        __m256 w = _mm256_broadcast_ss(pr[r] + j);
+                        acc[2 * r] = _mm256_fmadd_ps(w, v0, acc[2 * r]);
+                        acc[2 * r + 1] = _mm256_fmadd_ps(w, v1, acc[2 * r + 1]);
+                    }
+                }
+                for (int r = 3; r >= 0; r--) {
+                    _mm256_storeu_ps(orow[r] + c, acc[2 * r]);
+                    _mm256_storeu_ps(orow[r] + c + 8, acc[2 * r + 1]);
                 }
             }
-            for (int r = 3; r >= 0; r--) {
-                _mm256_storeu_ps(orow[r] + c, acc[2 * r]);
-                _mm256_storeu_ps(orow[r] + c + 8, acc[2 * r + 1]);
+            for (; c < hd; c += 8) {
+                __m256 acc[4];
+                for (int r = 0; r < 4; r++) acc[r] = _mm256_loadu_ps(orow[r] + c);
+                for (int j = jb; j < je; j++) {
+                    __m256 v0 = ld8(kind, v + (size_t)j * ldv, c);
+                    for (int r = 0; r < 4; r++) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(pr[r] + j), v0, acc[r]);
+                }
+                for (int r = 3; r >= 0; r--) _mm256_storeu_ps(orow[r] + c, acc[r]);
             }
-        }
-        for (; c < hd; c += 8) {
-            __m256 acc[4];
-            for (int r = 0; r < 4; r++) acc[r] = _mm256_loadu_ps(orow[r] + c);
-            for (int j = 0; j < n; j++) {
-                __m256 v0 = ld8(kind, v + (size_t)j * ldv, c);
-                for (int r = 0; r < 4; r++) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(pr[r] + j), v0, acc[r]);
-            }
-            for (int r = 3; r >= 0; r--) _mm256_storeu_ps(orow[r] + c, acc[r]);
         }
     }
 }
