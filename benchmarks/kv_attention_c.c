@@ -107,7 +107,8 @@ int main(int argc, char **argv) {
                     for (int i = 0; i < n; i++) p[r * ATT_CHUNK + i] = 1.0f / ATT_CHUNK;
                 if (strcmp(only, "scores")) {
                     if (strcmp(only, "pv") && j + ATT_CHUNK < keys)
-                        prefetch_first(kh + (size_t)(j + ATT_CHUNK) * ld, ld, (int)(keys - j - ATT_CHUNK));
+                        prefetch_first(kh + (size_t)(j + ATT_CHUNK) * ld, ld,
+                                       keys - j - ATT_CHUNK < ATT_CHUNK ? (int)(keys - j - ATT_CHUNK) : ATT_CHUNK);
                     pv(o, nq, hd, p, ATT_CHUNK, vh + (size_t)j * ld, ld, n);
                 }
             }

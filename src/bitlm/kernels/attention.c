@@ -178,10 +178,11 @@ typedef struct {
     float *out;      /* [T, nh*hd] */
 } attn_task;
 
-/* The first ATT_PREFETCH rows of a chunk's run of K or V requested before the loop that reads them
- * starts: the kernels prefetch their own rows ahead (kvops.c), but the first ones of each stream, V's
- * after the scores and the next unit's K after p.v, would start cold. Inlined by force: GCC counts a
- * function that only prefetches as pure and deletes the call */
+/* The first ATT_PREFETCH rows of a run of K or V requested before the loop that reads them starts: the
+ * kernels prefetch their own rows ahead within a call (kvops.c), but the first ones of each stream would
+ * start cold: V's after the scores, the next unit's K after p.v, and in a paged pool each next block's
+ * (a pool block of 16 rows is one kernel call, shorter than the kernels' prefetch distance). Into L1, as
+ * measured. Inlined by force: GCC counts a function that only prefetches as pure and deletes the call */
 __attribute__((always_inline)) static inline void prefetch_run(const bn_model *m, const bn_pool *pool,
                                                                 const bn_span *sp, int l, int kv, int h, int j, int n) {
     int bs = pool->base ? pool->bs : m->max_len, e = (j / bs + 1) * bs - j; /* rows left in j's block */
@@ -206,6 +207,7 @@ static void attend_unit(const attn_task *a, const att_unit *u, const att_unit *n
         if (t == u->ta) prefetch_run(m, a->pool, sp, a->l, 1, u->kvh, j0, n);
         for (int j = j0; j < j0 + n;) {
             int e = (j / bs + 1) * bs < j0 + n ? (j / bs + 1) * bs : j0 + n;
+            if (t == u->ta && e < j0 + n) prefetch_run(m, a->pool, sp, a->l, 0, u->kvh, e, j0 + n - e);
             m->scores(q, group, hd, bn_kv_row(m, a->pool, sp, a->l, 0, u->kvh, j), m->kv_row, e - j, scale,
                       sc + (j - j0), ATT_CHUNK);
             j = e;
@@ -223,6 +225,7 @@ static void attend_unit(const attn_task *a, const att_unit *u, const att_unit *n
         }
         for (int j = j0; j < j0 + n;) {
             int e = (j / bs + 1) * bs < j0 + n ? (j / bs + 1) * bs : j0 + n;
+            if (t == u->ta && e < j0 + n) prefetch_run(m, a->pool, sp, a->l, 1, u->kvh, e, j0 + n - e);
             m->pv(o, group, hd, sc + (j - j0), ATT_CHUNK, bn_kv_row(m, a->pool, sp, a->l, 1, u->kvh, j), m->kv_row,
                   e - j);
             j = e;

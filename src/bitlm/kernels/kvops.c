@@ -11,7 +11,8 @@
  * Xeon of benchmarks/README.md one core ran the two loops at 37-48 G multiply-adds a second with the
  * cache in L2 (10 GB/s of q8_0, 24 of f16), a third to a half of the core's FMA rate
  * (benchmarks/port_probe.c: ~6.4 G zmm FMAs a second, 100 G multiply-adds), and from DRAM at 5.8 GB/s of
- * q8_0 and 8.0 of f16, where a plain read of the same bytes streams 12: from DRAM a key costs about the
+ * q8_0 and 8.0 of f16 (c3785e5's kernels; ~6.8 of q8_0 since p.v's blocks and the longer prefetches),
+ * where a plain read of the same bytes streams 12: from DRAM a key costs about the
  * sum of its arithmetic and its bytes, not the larger. Integer scores over q8_0 keys as llama.cpp computes
  * them (q quantized to q8_0) cut the scores' arithmetic but moved decode at 4,000 positions by 1-3% over
  * this row layout (benchmarks/README.md, "Integer scores over q8_0 keys"); over keys in tiles of 16 (a
@@ -136,10 +137,11 @@ KINDS(, scalar)
 /* ---- shared by the SIMD kernels ---- */
 
 /* the cache lines of rows j .. j + nrows - 1 (clamped to the n rows of the call), requested ahead of use,
- * into L2 (locality 2, prefetcht1 on x86): one core left to the hardware prefetcher alone read the cache
- * at about half the bandwidth a plain read of it reaches. 16 rows into L2 read from DRAM 10-15% faster
- * than 8 into L1 (benchmarks/README.md, fifth session); more rows, or a second, farther request, were
- * slower: each request holds a fill buffer until its line arrives */
+ * into L2 (locality 2, prefetcht1 on x86; every path, NEON's untimed): one core left to the hardware
+ * prefetcher alone read the cache at about half the bandwidth a plain read of it reaches. 16 rows into L2,
+ * with attention.c's requests for the first rows of each run, read from DRAM 4-18% faster than 8 rows
+ * into L1 (benchmarks/README.md, fifth session; distance and level not told apart); more rows, or a
+ * second, farther request, were slower: each request holds a fill buffer until its line arrives */
 #define KV_PREFETCH 16 /* rows ahead */
 /* p.v's value rows a block: every column slice of o runs over a block before the next rows are read, so
  * the rows stream in all through the loop (one pass a slice over the whole call read them in the first
@@ -274,7 +276,8 @@ T512 void scores_avx512(int kind, const float *q, int nq, int hd, const uint8_t 
     }
 }
 
-/* 4 rows of o by 64 columns (then 16) in registers while the keys' value rows stream past, hd % 16 == 0 */
+/* 4 rows of o by 64 columns (then 16) in registers while a block of PV_KEYS value rows streams past, then
+ * the next columns over the same rows, hd % 16 == 0 */
 T512 void pv_avx512(int kind, float *o, int nq, int hd, const float *p, size_t ldp, const uint8_t *v, size_t ldv,
                     int n) {
     for (int r0 = 0; r0 < nq; r0 += 4) {
@@ -401,7 +404,8 @@ T256 void scores_avx2(int kind, const float *q, int nq, int hd, const uint8_t *k
     }
 }
 
-/* 4 rows of o by 16 columns (then 8) in registers, hd % 8 == 0 */
+/* 4 rows of o by 16 columns (then 8) in registers over a block of PV_KEYS value rows, then the next
+ * columns over the same rows, hd % 8 == 0 */
 T256 void pv_avx2(int kind, float *o, int nq, int hd, const float *p, size_t ldp, const uint8_t *v, size_t ldv,
                   int n) {
     for (int r0 = 0; r0 < nq; r0 += 4) {
