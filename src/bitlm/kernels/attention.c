@@ -178,17 +178,20 @@ typedef struct {
     float *out;      /* [T, nh*hd] */
 } attn_task;
 
+/* the end of the run from key j: its block of bs positions contiguous in memory, or `end` */
+static inline int run_end(int j, int end, int bs) { return (j / bs + 1) * bs < end ? (j / bs + 1) * bs : end; }
+
 /* The first ATT_PREFETCH rows of a run of K or V requested before the loop that reads them starts: the
  * kernels prefetch their own rows ahead within a call (kvops.c), but the first ones of each stream would
  * start cold: V's after the scores, the next unit's K after p.v, and in a paged pool each next block's
  * (a pool block of 16 rows is one kernel call, shorter than the kernels' prefetch distance). Into L1, as
  * measured. Inlined by force: GCC counts a function that only prefetches as pure and deletes the call */
 __attribute__((always_inline)) static inline void prefetch_run(const bn_model *m, const bn_pool *pool,
-                                                                const bn_span *sp, int l, int kv, int h, int j, int n) {
-    int bs = pool->base ? pool->bs : m->max_len, e = (j / bs + 1) * bs - j; /* rows left in j's block */
+                                                                const bn_span *sp, int l, int kv, int h, int j, int n,
+                                                                int bs) {
     const uint8_t *row = (const uint8_t *)bn_kv_row(m, pool, sp, l, kv, h, j);
+    n = run_end(j, j + n, bs) - j;
     n = n < ATT_PREFETCH ? n : ATT_PREFETCH;
-    n = n < e ? n : e;
     for (size_t b = 0; b < (size_t)n * m->kv_row; b += 64) __builtin_prefetch(row + b, 0, 3);
 }
 
@@ -204,10 +207,10 @@ static void attend_unit(const attn_task *a, const att_unit *u, const att_unit *n
         const float *q = a->q + (size_t)t * a->ldq + (size_t)u->kvh * group * hd;
         size_t slot = ((size_t)t * a->plan->nch + u->c) * m->nh + (size_t)u->kvh * group;
         float *o = a->po + slot * hd, *ms = a->pms + slot * 2;
-        if (t == u->ta) prefetch_run(m, a->pool, sp, a->l, 1, u->kvh, j0, n);
+        if (t == u->ta) prefetch_run(m, a->pool, sp, a->l, 1, u->kvh, j0, n, bs);
         for (int j = j0; j < j0 + n;) {
-            int e = (j / bs + 1) * bs < j0 + n ? (j / bs + 1) * bs : j0 + n;
-            if (t == u->ta && e < j0 + n) prefetch_run(m, a->pool, sp, a->l, 0, u->kvh, e, j0 + n - e);
+            int e = run_end(j, j0 + n, bs);
+            if (t == u->ta && e < j0 + n) prefetch_run(m, a->pool, sp, a->l, 0, u->kvh, e, j0 + n - e, bs);
             m->scores(q, group, hd, bn_kv_row(m, a->pool, sp, a->l, 0, u->kvh, j), m->kv_row, e - j, scale,
                       sc + (j - j0), ATT_CHUNK);
             j = e;
@@ -221,11 +224,11 @@ static void attend_unit(const attn_task *a, const att_unit *u, const att_unit *n
         if (t == u->tb - 1 && next) {
             const bn_span *ns = &a->plan->spans[next->span];
             int nj0 = next->c * ATT_CHUNK, nn = ns->pos + (next->ta - ns->row0) + 1 - nj0;
-            prefetch_run(m, a->pool, ns, a->l, 0, next->kvh, nj0, nn);
+            prefetch_run(m, a->pool, ns, a->l, 0, next->kvh, nj0, nn, bs);
         }
         for (int j = j0; j < j0 + n;) {
-            int e = (j / bs + 1) * bs < j0 + n ? (j / bs + 1) * bs : j0 + n;
-            if (t == u->ta && e < j0 + n) prefetch_run(m, a->pool, sp, a->l, 1, u->kvh, e, j0 + n - e);
+            int e = run_end(j, j0 + n, bs);
+            if (t == u->ta && e < j0 + n) prefetch_run(m, a->pool, sp, a->l, 1, u->kvh, e, j0 + n - e, bs);
             m->pv(o, group, hd, sc + (j - j0), ATT_CHUNK, bn_kv_row(m, a->pool, sp, a->l, 1, u->kvh, j), m->kv_row,
                   e - j);
             j = e;
