@@ -3,7 +3,8 @@
  * keys of each kv head, in bytes of K and V read a second. With few keys the cache stays in L2 and the
  * rate is the loops' arithmetic; with many it comes from memory (more than the L3 holds: 1048576 keys
  * are 1.4 GB of q8_0). Best of `reps` passes. Never part of the tests. Build at -O3 as setup.py builds the
- * runtime: at -O2 the scores' accumulators stay on the stack and the loops run 1.5-2x slower.
+ * runtime: at -O2 the scores' accumulators stay on the stack and the loops run 1.5-2x slower. q8_0 keys
+ * are laid out in tiles of 16 and scored as integers, as the runtime does (kvops.c).
  *
  *   K=src/bitlm/kernels; gcc -O3 -std=c11 -I$K benchmarks/kv_attention_c.c $K/kvops.c $K/dispatch.c \
  *       $K/pool.c $K/scalar.c $K/avx2.c $K/avx512vnni.c $K/avx512vbmi.c $K/amx.c $K/neon.c $K/convert.c \
@@ -63,6 +64,7 @@ int main(int argc, char **argv) {
     }
     int kind = !strcmp(argv[1], "f16") ? BN_F16 : !strcmp(argv[1], "q8_0") ? BN_Q8_0 : BN_F32;
     long keys = atol(argv[2]);
+    if (kind == BN_Q8_0) keys = keys / BN_KT * BN_KT; /* q8_0 keys: whole tiles (kvops.c) */
     int reps = atoi(argv[3]), hd = 128, nq = 4, nkv = 5;
     size_t ld = bn_kv_row_bytes(kind, hd), bytes = (size_t)keys * nkv * ld;
     scores_fn sc;
@@ -77,6 +79,17 @@ int main(int argc, char **argv) {
         put(x, hd, v + (size_t)j * ld);
     }
     for (int i = 0; i < nq * hd; i++) q[i] = (float)(i % 13) / 13.0f - 0.5f;
+    /* q8_0: the keys into tiles of BN_KT and q as the tile scores take it, as attention.c */
+    uint8_t *tile = malloc(BN_KT * ld), qk[4 * 256];
+    const void *qarg = q;
+    if (kind == BN_Q8_0) {
+        for (long t = 0; t < keys * nkv; t += BN_KT) {
+            for (int x = 0; x < BN_KT; x++) bn_kt_put(k + (size_t)(t + x) * ld, ld, tile, x);
+            memcpy(k + (size_t)t * ld, tile, BN_KT * ld);
+        }
+        for (int r = 0; r < nq; r++) bn_kt_query(put, q + r * hd, hd, qk + (size_t)r * bn_kt_query_bytes(hd));
+        qarg = qk;
+    }
     /* "scores" or "pv": that loop alone; "read": each chunk's K and V bytes read and summed, no arithmetic
      * (the stream's own speed in this pattern) */
     const char *only = argc > 4 ? argv[4] : "";
@@ -101,7 +114,7 @@ int main(int argc, char **argv) {
                 /* as attention.c: the first rows of V requested before the scores, the next chunk's K before p.v */
                 if (strcmp(only, "pv")) {
                     if (strcmp(only, "scores")) prefetch_first(vh + (size_t)j * ld, ld, n);
-                    sc(q, nq, hd, kh + (size_t)j * ld, ld, n, 0.088f, p, ATT_CHUNK);
+                    sc(qarg, nq, hd, kh + (size_t)j * ld, ld, n, 0.088f, p, ATT_CHUNK);
                 }
                 for (int r = 0; r < nq; r++) /* stands for the softmax */
                     for (int i = 0; i < n; i++) p[r * ATT_CHUNK + i] = 1.0f / ATT_CHUNK;
@@ -121,5 +134,6 @@ int main(int argc, char **argv) {
     printf("%s kernels %s %s, %ld keys x %d kv heads: %.3f ms, %.2f GB/s (%.1f MB), %.1f G multiply-adds/s\n",
            argv[1], name, *only ? only : "scores + p.v", keys, nkv, best * 1e3, 2.0 * share * bytes / best / 1e9,
            2.0 * share * bytes / 1e6, macs * keys * nkv * nq * hd / best / 1e9);
+    free(tile);
     return o[0] != o[0] || sum == 42; /* keeps the results live */
 }

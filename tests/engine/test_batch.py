@@ -113,15 +113,21 @@ def test_every_head_format_batched_equals_alone(tiny, head):
         assert_same(run_batched(BatchEngine(nm, max_seqs=6), p), [run_alone(nm, c) for _, c in p], path)
 
 
-@pytest.mark.parametrize("block_size", [1, 5, 64, 100])
+@pytest.mark.parametrize("block_size", [1, 5, 48, 64, 100])
 def test_block_sizes_that_cut_the_attention_blocks_anywhere(tiny, block_size):
-    """Cache blocks of 1, 5, 64 and 100 positions, dividing the 256 keys of an attention chunk or not: the
-    keys are read in runs across blocks, with the same sums."""
+    """Cache blocks of 1, 5, 48, 64 and 100 positions, dividing the 256 keys of an attention chunk or not:
+    the keys are read in runs across blocks, with the same sums. A q8_0 cache holds its keys in tiles of
+    16, so its blocks are whole tiles (48, 64); other sizes get a one-line error."""
     V = tiny.config.vocab_size
     arrays = native.arrays_from_model(tiny, "q8")
     p = plans(np.random.default_rng(3), V, n_seqs=5)
     for kv in ("f16", "f32", "q8_0"):
         nm = native.NativeModel(tiny.config, arrays, max_len=128, kv=kv)
+        if kv == "q8_0" and block_size % 16:
+            with pytest.raises(BitlmError, match=f"block_size {block_size} with a q8_0 KV cache must be a "
+                                                 "multiple of 16"):
+                BatchEngine(nm, max_seqs=5, block_size=block_size)
+            continue
         got = run_batched(BatchEngine(nm, max_seqs=5, block_size=block_size), p)
         assert_same(got, [run_alone(nm, c) for _, c in p], kv)
 
@@ -130,8 +136,8 @@ def test_block_sizes_that_cut_the_attention_blocks_anywhere(tiny, block_size):
 def test_sequences_past_one_attention_chunk_batched_equal_alone(tiny, kv):
     """Contexts past the 256-key chunks of attention (their partial softmaxes merged per row): prompts of
     200 to 300 tokens in chunks, then decode rows across the chunk boundary, beside each other, in
-    blocks of 5 positions that do not divide a chunk; equal bit for bit to each sequence alone, on
-    every kernel path, and for 1 or 2 threads (a row's chunks may run on either)."""
+    blocks of 5 positions (q8_0: 48, whole tiles of keys) that do not divide a chunk; equal bit for bit to
+    each sequence alone, on every kernel path, and for 1 or 2 threads (a row's chunks may run on either)."""
     V = tiny.config.vocab_size
     rng = np.random.default_rng(4)
     p = []
@@ -145,7 +151,8 @@ def test_sequences_past_one_attention_chunk_batched_equal_alone(tiny, kv):
         for threads in (1, 2):
             kernels.set_num_threads(threads)
             try:
-                assert_same(run_batched(BatchEngine(nm, max_seqs=3, block_size=5), p), want, (path, threads))
+                eng = BatchEngine(nm, max_seqs=3, block_size=48 if kv == "q8_0" else 5)
+                assert_same(run_batched(eng, p), want, (path, threads))
             finally:
                 kernels.set_num_threads(0)
 

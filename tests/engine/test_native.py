@@ -1,5 +1,7 @@
 """The native runtime (kernels/bitnet.c) against the torch reference model, step for step."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -65,20 +67,39 @@ def test_prefill_and_decode_equal_the_reference(model, n):
     assert nm.pos == n
 
 
-def q8_0_cache(config, max_len):
-    """The torch model's KVCache with its keys and values stored as q8_0 and read back (formats/q8_0.py's
-    numpy reference): the reference for kv="q8_0"."""
+def q8_0_values(x):
+    """(..., head_dim) float32 -> its q8_0 values (formats/q8_0.py's numpy reference)."""
     from bitlm.formats import q8_0
-    from bitlm.model import KVCache
+    return torch.from_numpy(q8_0.dequantize(q8_0.quantize(x.numpy()), x.shape[-1]))
 
-    def rt(x):  # (B, kv heads, T, head_dim) float32 -> its q8_0 values
-        return torch.from_numpy(q8_0.dequantize(q8_0.quantize(x.numpy()), x.shape[-1]))
+
+def q8_0_cache(config, max_len):
+    """The torch model's KVCache with its keys and values stored as q8_0 and read back: with q8_0_queries,
+    the reference for kv="q8_0"."""
+    from bitlm.model import KVCache
 
     class Q8Cache(KVCache):
         def update(self, layer, k, v):
-            return super().update(layer, rt(k), rt(v))
+            return super().update(layer, q8_0_values(k), q8_0_values(v))
 
     return Q8Cache(config, max_len=max_len)
+
+
+@contextlib.contextmanager
+def q8_0_queries():
+    """The torch model's attention with its queries rounded to q8_0 as well, as the native runtime's integer
+    scores over q8_0 keys take them (llama.cpp's way): the scores are then float dots of the same values."""
+    import torch.nn.functional as F
+    sdpa = F.scaled_dot_product_attention
+
+    def rounded(q, k, v, **kw):
+        return sdpa(q8_0_values(q.contiguous()), k, v, **kw)
+
+    F.scaled_dot_product_attention = rounded
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = sdpa
 
 
 def test_q8_0_kv_store_bytes_equal_the_numpy_reference(model):
@@ -100,9 +121,15 @@ def test_q8_0_kv_store_bytes_equal_the_numpy_reference(model):
             q8.forward(ids[i:i + 1])
         assert q8.k_cache[0].shape == (model.config.num_key_value_heads, 64, q8_0.row_bytes(hd))
         assert q8.k_cache[0].dtype == np.uint8
-        for got, floats in ((q8.k_cache[0], f32.k_cache[0]), (q8.v_cache[0], f32.v_cache[0])):
-            assert np.array_equal(got[:, :40], q8_0.quantize(floats[:, :40])), path
-            assert not got[:, 40:].any()
+        want = q8_0.quantize(f32.v_cache[0][:, :40])
+        assert np.array_equal(q8.v_cache[0][:, :40], want), path
+        assert not q8.v_cache[0][:, 40:].any()
+        # keys in tiles of 16 (q8_0.tile_keys): positions 40 .. 47 are the last tile's empty lanes
+        keys = np.zeros((want.shape[0], 48, want.shape[2]), np.uint8)
+        keys[:, :40] = q8_0.quantize(f32.k_cache[0][:, :40])
+        assert np.array_equal(q8.k_cache[0][:, :48], q8_0.tile_keys(keys)), path
+        assert np.array_equal(q8_0.untile_keys(q8.k_cache[0][:, :48])[:, :40], keys[:, :40])
+        assert not q8.k_cache[0][:, 48:].any()
 
 
 @pytest.mark.parametrize("n", [40, 150])
@@ -116,7 +143,7 @@ def test_q8_0_kv_cache_equals_a_reference_that_quantizes_its_cache(model, n):
     ids = torch.randint(0, model.config.vocab_size, (1, n))
     cache = q8_0_cache(model.config, 160)
     first = n // 2
-    with torch.no_grad():
+    with torch.no_grad(), q8_0_queries():
         ref = np.concatenate([model(ids[:, :first], cache)[0].numpy()] +
                              [model(ids[:, i:i + 1], cache)[0].numpy() for i in range(first, n)])
     got = np.concatenate([nm.forward(ids[0, :first].numpy(), n_out=first)] +
@@ -148,7 +175,7 @@ def test_every_kernel_path_and_kv_type_past_an_attention_chunk(wide, kv):
             def update(self, layer, k, v):
                 return super().update(layer, k.half().float(), v.half().float())
         cache = HalfCache(wide.config, max_len=300)
-    with torch.no_grad():
+    with torch.no_grad(), (q8_0_queries() if kv == "q8_0" else contextlib.nullcontext()):
         ref = np.concatenate([wide(ids[:, :260], cache)[0, -20:].numpy()] +
                              [wide(ids[:, i:i + 1], cache)[0].numpy() for i in range(260, 300)])
     arrays = native.arrays_from_model(wide, "f32")

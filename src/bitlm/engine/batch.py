@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import BitlmError
-from .native import NativeModel, _zeros_small_pages, kv_row
+from .native import KV_TILE, NativeModel, _zeros_small_pages, kv_row
 
 DEFAULT_KV_BUDGET = 2 << 30  # bytes of KV pool when kv_blocks is None (see the module docstring)
 _NS = 4  # bitnet.h BN_NS: n, pos, n_out, block table pointer per sequence
@@ -84,6 +84,9 @@ class BatchEngine:
                         ("max_len", max_len)):
             if v is not None and (not isinstance(v, (int, np.integer)) or v < 1):
                 raise BitlmError(f"BatchEngine: {name} must be a positive integer, got {v!r}")
+        if nm.kv == "q8_0" and block_size % KV_TILE:
+            raise BitlmError(f"BatchEngine: block_size {block_size} with a q8_0 KV cache must be a multiple of "
+                             f"{KV_TILE} (its keys are cached in tiles of {KV_TILE}); pass e.g. block_size=16")
         if max_len is not None and max_len > nm.max_len:
             raise BitlmError(f"BatchEngine: max_len {max_len} exceeds the native model's context {nm.max_len}; "
                              "load the model with a larger max_len")

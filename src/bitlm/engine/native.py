@@ -86,6 +86,9 @@ def check_kv(kv: str) -> str:
     return kv
 
 
+KV_TILE = 16  # kernels/bitnet_impl.h BN_KT: q8_0 keys are cached in tiles of 16 (formats/q8_0.py tile_keys)
+
+
 def kv_row(kv: str, head_dim: int) -> tuple[type, int]:
     """(dtype, elements) of one cached row of head_dim keys or values."""
     from ..formats import q8_0
@@ -310,7 +313,8 @@ class NativeModel:
         flts = [c.rms_norm_eps]
         norm_sizes = dict(zip(NORMS, (H, H, c.q_size, c.intermediate_size)))
         kv_dtype, kv_elems = kv_row(kv, c.head_dim)
-        kv_shape = (c.num_key_value_heads, self.max_len, kv_elems)
+        # positions rounded up to whole tiles of KV_TILE keys (q8_0 keys are cached in tiles: formats/q8_0.py)
+        kv_shape = (c.num_key_value_heads, -(-self.max_len // KV_TILE) * KV_TILE, kv_elems)
         try:
             self._kv_map, kv_arrays = _zeros_small_pages(2 * c.num_hidden_layers, kv_shape, kv_dtype)
         except MemoryError as e:

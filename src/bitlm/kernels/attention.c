@@ -50,7 +50,13 @@ static void rope_part(void *ctx, int part, int np) {
         for (int h = 0; h < m->nh; h++) rope(qt + (size_t)h * hd, c, sn, hd);
         for (int h = 0; h < m->nkv; h++) {
             rope(kt + (size_t)h * hd, c, sn, hd);
-            m->kv_put(kt + (size_t)h * hd, hd, bn_kv_row(m, a->pool, sp, a->l, 0, h, ps));
+            if (m->kv_kind == BN_Q8_0) { /* the key's row into its lane of its tile */
+                uint8_t row[BN_Q8_0_BYTES * (1024 / BN_Q8_0_BLOCK)];
+                m->kv_put(kt + (size_t)h * hd, hd, row);
+                bn_kt_put(row, m->kv_row, bn_kv_row(m, a->pool, sp, a->l, 0, h, ps / BN_KT * BN_KT), ps % BN_KT);
+            } else {
+                m->kv_put(kt + (size_t)h * hd, hd, bn_kv_row(m, a->pool, sp, a->l, 0, h, ps));
+            }
             m->kv_put(vt + (size_t)h * hd, hd, bn_kv_row(m, a->pool, sp, a->l, 1, h, ps));
         }
     }
@@ -162,8 +168,14 @@ bn_attn_plan *bn_attention_plan(const bn_model *m, const bn_span *spans, int nsp
 
 static size_t partials(const bn_model *m, const bn_attn_plan *p) { return (size_t)p->T * p->nch * m->nh; }
 
+/* over q8_0 keys, q's heads as the tile scores take them: [T][nh][bn_kt_query_bytes(hd)] bytes, in floats */
+static size_t ktq_floats(const bn_model *m, const bn_attn_plan *p) {
+    return m->kv_kind == BN_Q8_0 ? ((size_t)p->T * m->nh * bn_kt_query_bytes(m->hd) + 3) / 4 : 0;
+}
+
 size_t bn_attention_scratch(const bn_model *m, const bn_attn_plan *p) {
-    return partials(m, p) * ((size_t)m->hd + 2) + (size_t)p->nparts * (m->nh / m->nkv) * ATT_CHUNK + 64;
+    return partials(m, p) * ((size_t)m->hd + 2) + (size_t)p->nparts * (m->nh / m->nkv) * ATT_CHUNK +
+           ktq_floats(m, p) + 64;
 }
 
 typedef struct {
@@ -173,6 +185,7 @@ typedef struct {
     const bn_attn_plan *plan;
     const float *q; /* [T, ldq]: the q heads first in each row */
     size_t ldq;
+    uint8_t *ktq;   /* q8_0 keys: q's heads for the tile scores [T][nh][bn_kt_query_bytes(hd)], else NULL */
     float *po, *pms; /* partials: o [T][nch][nh][hd], (m, l) [T][nch][nh][2] */
     float *sc;       /* [nparts][group][ATT_CHUNK] scores, then probabilities */
     float *out;      /* [T, nh*hd] */
@@ -204,7 +217,9 @@ static void attend_unit(const attn_task *a, const att_unit *u, const att_unit *n
     for (int t = u->ta; t < u->tb; t++) {
         int pos = sp->pos + (t - sp->row0), n = pos + 1 - j0;
         n = n < ATT_CHUNK ? n : ATT_CHUNK;
-        const float *q = a->q + (size_t)t * a->ldq + (size_t)u->kvh * group * hd;
+        const void *q = a->ktq ? (const void *)(a->ktq + ((size_t)t * m->nh + (size_t)u->kvh * group) *
+                                                             bn_kt_query_bytes(hd))
+                               : (const void *)(a->q + (size_t)t * a->ldq + (size_t)u->kvh * group * hd);
         size_t slot = ((size_t)t * a->plan->nch + u->c) * m->nh + (size_t)u->kvh * group;
         float *o = a->po + slot * hd, *ms = a->pms + slot * 2;
         if (t == u->ta) prefetch_run(m, a->pool, sp, a->l, 1, u->kvh, j0, n, bs);
@@ -276,14 +291,32 @@ static void merge_part(void *ctx, int part, int np) {
     merge_rows(a, (int)((long)a->plan->T * part / np), (int)((long)a->plan->T * (part + 1) / np));
 }
 
+/* fn over the step's rows: in this thread for fewer than 4, else in parts over the pool */
+static void over_rows(i2v_task_fn fn, attn_task *at) {
+    int parts = at->plan->T < 4 ? 1 : 2 * i2v_pool_threads();
+    if (parts > at->plan->T) parts = at->plan->T;
+    if (parts <= 1) fn(at, 0, 1);
+    else i2v_pool_run(fn, at, parts);
+}
+
+/* the q heads of rows t0 .. t1 as the tile scores take them */
+static void ktq_part(void *ctx, int part, int np) {
+    const attn_task *a = (const attn_task *)ctx;
+    const bn_model *m = a->m;
+    size_t qb = bn_kt_query_bytes(m->hd);
+    for (int t = (int)((long)a->plan->T * part / np), t1 = (int)((long)a->plan->T * (part + 1) / np); t < t1; t++)
+        for (int h = 0; h < m->nh; h++)
+            bn_kt_query(m->kv_put, a->q + (size_t)t * a->ldq + (size_t)h * m->hd, m->hd,
+                        a->ktq + ((size_t)t * m->nh + h) * qb);
+}
+
 void bn_attention(const bn_model *m, int l, const bn_pool *pool, const bn_attn_plan *plan, const float *qkv,
                   size_t ldqkv, float *out, float *work) {
     size_t np = partials(m, plan);
     float *po = work, *pms = po + np * m->hd, *sc = pms + np * 2;
-    attn_task at = {m, l, pool, plan, qkv, ldqkv, po, pms, sc, out};
+    float *ktq = sc + (size_t)plan->nparts * (m->nh / m->nkv) * ATT_CHUNK;
+    attn_task at = {m, l, pool, plan, qkv, ldqkv, ktq_floats(m, plan) ? (uint8_t *)ktq : NULL, po, pms, sc, out};
+    if (at.ktq) over_rows(ktq_part, &at);
     i2v_pool_run(attn_part, &at, plan->nparts);
-    int parts = plan->T < 4 ? 1 : 2 * i2v_pool_threads();
-    if (parts > plan->T) parts = plan->T;
-    if (parts <= 1) merge_rows(&at, 0, plan->T);
-    else i2v_pool_run(merge_part, &at, parts);
+    over_rows(merge_part, &at);
 }

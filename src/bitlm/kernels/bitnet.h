@@ -37,7 +37,7 @@ enum {
 };
 enum { BN_L_ATTN_NORM, BN_L_FFN_NORM, BN_L_ATTN_SUB_NORM, BN_L_FFN_SUB_NORM,
        BN_L_Q, BN_L_K, BN_L_V, BN_L_O, BN_L_GATE, BN_L_UP, BN_L_DOWN, /* packed weights (BN_I_WFMT) */
-       BN_L_KCACHE, BN_L_VCACHE,        /* [kv_heads, max_len, row], rows of head_dim BN_I_KV_KIND elements (bn_forward's
+       BN_L_KCACHE, BN_L_VCACHE,        /* [kv_heads, max_len rounded up to 16, row], rows of head_dim BN_I_KV_KIND elements (bn_forward's
                                            cache; bn_forward_paged uses its pool instead) */
        BN_NL };
 enum { BN_F32 = 0, BN_BF16 = 1, BN_Q8 = 2, BN_F16 = 3, BN_Q6 = 4, BN_Q8_0 = 5 };

@@ -23,11 +23,15 @@ typedef float (*dot_fn)(const float *, const float *, int);
 typedef float (*expsum_fn)(float *s, int n, float mx);
 typedef float (*rowmax_fn)(const float *s, int n); /* max of s[0 .. n), n >= 1 */
 /* attention over a run of n keys of one kv head, rows of the KV element kind (kvops.c):
- * scores: out[r * ldo + j] = scale * (q_r . k_j), q_r = q + r * hd (r < nq), k_j = k + j * ldk bytes
+ * scores: out[r * ldo + j] = scale * (q_r . k_j), q_r = q + r * hd floats (r < nq), k_j = k + j * ldk bytes;
+ *         over q8_0 keys, which the cache holds in tiles of BN_KT keys (kvops.c), k is the first key's tile
+ *         (a key j % BN_KT == 0), ldk a row's bytes, and q_r = q + r * bn_kt_query_bytes(hd) bytes is q's
+ *         head r quantized to q8_0 (bn_kt_query): the integer dot of llama.cpp
  * pv:     o_r += sum over j < n of p[r * ldp + j] * v_j, v_j = v + j * ldv bytes.
  * Each o element takes its n terms one after another in j order, so a call over keys 0..n equals two
- * calls over 0..a and a..n bit for bit (attention relies on it to follow a paged cache's blocks). */
-typedef void (*scores_fn)(const float *q, int nq, int hd, const void *k, size_t ldk, int n, float scale, float *out,
+ * calls over 0..a and a..n bit for bit (attention relies on it to follow a paged cache's blocks; over q8_0
+ * keys a % BN_KT == 0). */
+typedef void (*scores_fn)(const void *q, int nq, int hd, const void *k, size_t ldk, int n, float scale, float *out,
                           size_t ldo);
 typedef void (*pv_fn)(float *o, int nq, int hd, const float *p, size_t ldp, const void *v, size_t ldv, int n);
 /* one cache row of n values from float32 x (f32 copied, f16 rounded to nearest even, q8_0 quantized) */
@@ -42,7 +46,7 @@ typedef struct {
 typedef struct {
     const float *attn_norm, *ffn_norm, *attn_sub_norm, *ffn_sub_norm;
     bn_linear proj[7]; /* q k v o gate up down */
-    void *kc, *vc;     /* [kv_heads, max_len] rows of head_dim BN_I_KV_KIND elements */
+    void *kc, *vc;     /* [kv_heads, bn_kv_rows(max_len)] rows of head_dim BN_I_KV_KIND elements */
 } bn_layer;
 
 enum { P_Q, P_K, P_V, P_O, P_GATE, P_UP, P_DOWN };
@@ -86,8 +90,20 @@ float bn_dot_bf16(const uint16_t *a, const float *b, int n);
 /* ---- kvops.c: the KV cache's rows ---- */
 #define BN_Q8_0_BLOCK 32 /* q8_0 (formats/q8_0.py): 32 values as an f16 scale and 32 int8 */
 #define BN_Q8_0_BYTES 34
+/* q8_0 keys are cached in tiles of BN_KT keys, lanes = keys (formats/q8_0.py tile_keys): for each q8_0
+ * block of the row, the BN_KT keys' f16 scales, then 8 groups of 4 elements, each as BN_KT keys x 4 int8.
+ * A tile takes the bytes of its BN_KT rows, from where its first key's row would start. */
+#define BN_KT 16
 size_t bn_kv_row_bytes(int kind, int hd);
 void bn_q8_0_row(const float *x, int n, uint8_t *dst);
+/* a q8_0 row (bn_q8_0_row, ld bytes) into its lane of a tile of BN_KT keys */
+void bn_kt_put(const uint8_t *row, size_t ld, uint8_t *tile, int lane);
+/* q's head x [hd] as the tile scores take it (bn_kt_query_bytes(hd) bytes): its q8_0 row by put (the
+ * cache's quantizer), then each block's sum of int8 as int32 */
+size_t bn_kt_query_bytes(int hd);
+void bn_kt_query(kvput_fn put, const float *x, int hd, uint8_t *dst);
+/* positions per kv head in the model's own cache: max_len rounded up to whole tiles */
+static inline int bn_kv_rows(int max_len) { return (max_len + BN_KT - 1) / BN_KT * BN_KT; }
 /* the attention kernels and the row store of a path for a KV kind and head_dim; returns the kernels'
  * instruction set's name */
 const char *bn_pick_kv(int path, int kind, int hd, scores_fn *scores, pv_fn *pv, kvput_fn *put);
@@ -118,11 +134,12 @@ typedef struct {
 
 /* the row of kv head h at position p of sequence sp in layer l, kv 0 = keys, 1 = values: the paged pool
  * holds a block as [layers][2][kv_heads][bs][head_dim] elements; the model's cache, per layer,
- * [kv_heads][max_len][head_dim] (bitnet.h BN_L_KCACHE) */
+ * [kv_heads][bn_kv_rows(max_len)][head_dim] (bitnet.h BN_L_KCACHE). q8_0 keys: the tile of p is the row
+ * of p rounded down to a multiple of BN_KT (a pool's bs is one) */
 static inline void *bn_kv_row(const bn_model *m, const bn_pool *pool, const bn_span *sp, int l, int kv, int h, int p) {
     if (!pool->base) {
         const bn_layer *y = &m->layers[l];
-        return (char *)(kv ? y->vc : y->kc) + ((size_t)h * m->max_len + p) * m->kv_row;
+        return (char *)(kv ? y->vc : y->kc) + ((size_t)h * bn_kv_rows(m->max_len) + p) * m->kv_row;
     }
     size_t bs = (size_t)pool->bs, b = (size_t)sp->blocks[p / pool->bs];
     size_t row = (((b * m->L + l) * 2 + kv) * m->nkv + h) * bs + (size_t)(p % pool->bs);

@@ -245,6 +245,7 @@ int bn_forward_hidden(const bn_model *m, const int32_t *tokens, int T, int pos, 
 int bn_forward_paged(const bn_model *m, const int32_t *tokens, const int64_t *seqs, int nseq, void *pool,
                      int block_size, int n_blocks, float *logits) {
     if (nseq <= 0 || !pool || block_size <= 0 || n_blocks <= 0) return -1;
+    if (m->kv_kind == BN_Q8_0 && block_size % BN_KT) return -1; /* q8_0 keys: whole tiles a block */
     bn_span *spans = (bn_span *)malloc((size_t)nseq * sizeof *spans);
     if (!spans) return -2;
     int T = 0, rc = 0;

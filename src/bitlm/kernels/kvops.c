@@ -1,30 +1,26 @@
 /* The inner loops of attention over the KV cache (bitnet_impl.h scores_fn, pv_fn), per KV element type
  * (BN_F32, BN_F16, BN_Q8_0) and instruction set, and the q8_0 row quantizer of the KV store.
  *
- * Elements are widened to float32 in registers as they are loaded (no f32 copy of the cache): f16 by
- * vcvtph2ps (NEON: fcvtl), q8_0 (formats/q8_0.py: per 32 values an f16 scale d and 32 int8 q) as d * q,
- * which is exact in float32 (an 11-bit by 8-bit product). So every path computes on exactly the values
- * formats/q8_0.dequantize gives, and q and the probabilities stay float32.
- * The cost: at the 2B4T shape a key (or value) row of one kv head is 512 multiply-adds for its 4 q heads
- * (32 AVX-512 FMAs) against 256 bytes of f16 or 136 of q8_0, plus the widening (2-3 instructions a 16
- * elements) and the scores' sums across lanes, all on the same two vector ports as the FMAs. On the 2-vCPU
- * Xeon of benchmarks/README.md one core ran the two loops at 37-48 G multiply-adds a second with the
- * cache in L2 (10 GB/s of q8_0, 24 of f16), a third to a half of the core's FMA rate
- * (benchmarks/port_probe.c: ~6.4 G zmm FMAs a second, 100 G multiply-adds), and from DRAM at 5.8 GB/s of
- * q8_0 and 8.0 of f16 (c3785e5's kernels; ~6.8 of q8_0 since p.v's blocks and the longer prefetches),
- * where a plain read of the same bytes streams 12: from DRAM a key costs about the
- * sum of its arithmetic and its bytes, not the larger. Integer scores over q8_0 keys as llama.cpp computes
- * them (q quantized to q8_0) cut the scores' arithmetic but moved decode at 4,000 positions by 1-3% over
- * this row layout (benchmarks/README.md, "Integer scores over q8_0 keys"); over keys in tiles of 16 (a
- * prototype, "fifth session") they ran 5x faster in cache and 1.3x from DRAM. Neither is used
- * (benchmarks/kv_attention_c.c measures the loops).
+ * Values, and f32 and f16 keys, are widened to float32 in registers as they are loaded (no f32 copy of the
+ * cache): f16 by vcvtph2ps (NEON: fcvtl), q8_0 (formats/q8_0.py: per 32 values an f16 scale d and 32 int8
+ * q) as d * q, exact in float32 (an 11-bit by 8-bit product). So p.v computes on exactly the values
+ * formats/q8_0.dequantize gives, with float32 probabilities.
+ * q8_0 keys are cached in tiles of 16 keys (below, "q8_0 keys in tiles") and scored as llama.cpp scores
+ * q8_0 keys: q quantized to q8_0 too, exact int8 dot products per block, then float steps in a fixed order
+ * (every path gives the scalar reference's bits). Over rows, each key's 512 products for its 4 q heads
+ * took 32 AVX-512 FMAs plus the widening and a sum across lanes, and one core ran the scores at 9 GB/s of
+ * q8_0 in L2 and 5.9-7 from DRAM, where a plain read streams 12: from DRAM a key cost about the sum of its
+ * arithmetic and its bytes. Over tiles it is 8 vpdpbusd a key for its 4 q heads (lanes = keys, no sums
+ * across lanes): 5x the rows' rate in L2 and 1.3x from DRAM (benchmarks/README.md, "sixth session").
+ * p.v's arithmetic stays float: 32 FMAs a value row at the 2B4T shape, 11 GB/s of q8_0 in L2 and ~6.8 from
+ * DRAM (benchmarks/kv_attention_c.c measures the loops; benchmarks/port_probe.c the core's FMA rate).
  *
  * Shapes: q [nq, hd] (the nq q heads of one kv head, rows hd apart), k_j = k + j * ldk bytes (key j's
  * row of hd elements), p [nq, ldp] (probabilities), o [nq, hd].
  * Fixed order: each score is one dot product summed in an order fixed by hd and the path (never by
- * the key's place in a call: a key batch short of a whole group repeats its last key), and pv adds
- * each o element's terms one after another in key order, so calls over keys 0..a and a..n give the
- * bits of one call over 0..n. */
+ * the key's place in a call: a key batch short of a whole group repeats its last key; q8_0 tiles in the
+ * order of every path), and pv adds each o element's terms one after another in key order, so calls over
+ * keys 0..a and a..n give the bits of one call over 0..n (q8_0 keys: a % 16 == 0, a call starts at a tile). */
 #include <math.h>
 #include <string.h>
 
@@ -107,17 +103,13 @@ static inline void pv_scalar(int kind, float *o, int nq, int hd, const float *p,
 }
 
 #define KINDS(ATTR, isa)                                                                                          \
-    ATTR static void scores_##isa##_f32(const float *q, int nq, int hd, const void *k, size_t ldk, int n, float s, \
+    ATTR static void scores_##isa##_f32(const void *q, int nq, int hd, const void *k, size_t ldk, int n, float s, \
                                    float *out, size_t ldo) {                                                \
-        scores_##isa(BN_F32, q, nq, hd, (const uint8_t *)k, ldk, n, s, out, ldo);                            \
+        scores_##isa(BN_F32, (const float *)q, nq, hd, (const uint8_t *)k, ldk, n, s, out, ldo);             \
     }                                                                                                          \
-    ATTR static void scores_##isa##_f16(const float *q, int nq, int hd, const void *k, size_t ldk, int n, float s, \
+    ATTR static void scores_##isa##_f16(const void *q, int nq, int hd, const void *k, size_t ldk, int n, float s, \
                                    float *out, size_t ldo) {                                                \
-        scores_##isa(BN_F16, q, nq, hd, (const uint8_t *)k, ldk, n, s, out, ldo);                            \
-    }                                                                                                          \
-    ATTR static void scores_##isa##_q8_0(const float *q, int nq, int hd, const void *k, size_t ldk, int n, float s, \
-                                    float *out, size_t ldo) {                                               \
-        scores_##isa(BN_Q8_0, q, nq, hd, (const uint8_t *)k, ldk, n, s, out, ldo);                           \
+        scores_##isa(BN_F16, (const float *)q, nq, hd, (const uint8_t *)k, ldk, n, s, out, ldo);             \
     }                                                                                                          \
     ATTR static void pv_##isa##_f32(float *o, int nq, int hd, const float *p, size_t ldp, const void *v, size_t ldv, \
                                int n) {                                                                     \
@@ -133,6 +125,94 @@ static inline void pv_scalar(int kind, float *o, int nq, int hd, const float *p,
     }
 
 KINDS(, scalar)
+
+/* ---- q8_0 keys in tiles of BN_KT = 16 keys (bitnet_impl.h; formats/q8_0.py tile_keys draws it) ----
+ * For each q8_0 block b of the row, KT_BLK = 544 bytes (its 16 rows' share of the tile):
+ *   bytes 0 .. 31                    the 16 keys' f16 scales, in key order
+ *   byte 32 + 64 g + 4 key + e       element 4 g + e of the block (g = 0 .. 7, e = 0 .. 3) of key `key`
+ * so a 64-byte load holds 4 elements of 16 keys and a 32-bit lane holds one key's 4: the dot products run
+ * with lanes = keys (vpdpbusd; pmaddubsw + pmaddwd; NEON's widening multiplies), with no sums across
+ * lanes, where over rows each key's 128 products had to be summed across a register. The scores are
+ * llama.cpp's q8_0 dot (q quantized to q8_0 too, scale d_q), in float steps every path takes in this
+ * order, so every path gives the scalar reference's bits:
+ *   s = 0; for each block b: s = fma((float)isum_b, d_k,b * (d_q,b * scale), s)
+ * with isum_b the exact int32 dot of the block's int8 (|isum_b| <= 32 * 127^2 < 2^24: exact in float). */
+#define KT_BLK (BN_KT * BN_Q8_0_BYTES)
+
+void bn_kt_put(const uint8_t *row, size_t ld, uint8_t *tile, int lane) {
+    for (size_t b = 0; b < ld / BN_Q8_0_BYTES; b++) {
+        const uint8_t *src = row + b * BN_Q8_0_BYTES;
+        uint8_t *t = tile + b * KT_BLK;
+        memcpy(t + 2 * lane, src, 2);
+        for (int g = 0; g < 8; g++) memcpy(t + 32 + 64 * g + 4 * lane, src + 2 + 4 * g, 4);
+    }
+}
+
+/* q for the tile kernels (bn_kt_query): each q head as its q8_0 row, then the row's blocks' sums of int8 as
+ * int32 (for vpdpbusd's unsigned offset), made once a step by attention.c for all the calls over its keys */
+size_t bn_kt_query_bytes(int hd) { return (size_t)(hd + BN_Q8_0_BLOCK - 1) / BN_Q8_0_BLOCK * (BN_Q8_0_BYTES + 4); }
+
+void bn_kt_query(kvput_fn put, const float *x, int hd, uint8_t *dst) {
+    int nb = (hd + BN_Q8_0_BLOCK - 1) / BN_Q8_0_BLOCK;
+    put(x, hd, dst);
+    for (int b = 0; b < nb; b++) {
+        int32_t sum = 0;
+        for (int i = 0; i < BN_Q8_0_BLOCK; i++) sum += (int8_t)dst[b * BN_Q8_0_BYTES + 2 + i];
+        memcpy(dst + (size_t)nb * BN_Q8_0_BYTES + 4 * (size_t)b, &sum, 4);
+    }
+}
+
+/* q's rows r0 .. r0 + 3 of a call (a short group repeats row r0, computed and not stored): their rows,
+ * d_q * scale and 128 x the sum of each block */
+typedef struct {
+    const uint8_t *row[4];
+    int32_t sum128[4][32];
+    float dqs[4][32];
+} kt_query;
+
+static inline int kt_query_rows(const uint8_t *q, int hd, int nq, int r0, float scale, kt_query *z) {
+    int nr = nq - r0 < 4 ? nq - r0 : 4, nb = (hd + BN_Q8_0_BLOCK - 1) / BN_Q8_0_BLOCK;
+    size_t ld = bn_kt_query_bytes(hd);
+    for (int r = 0; r < 4; r++) {
+        const uint8_t *qr = z->row[r] = q + (size_t)(r0 + (r < nr ? r : 0)) * ld;
+        for (int b = 0; b < nb; b++) {
+            int32_t sum;
+            memcpy(&sum, qr + (size_t)nb * BN_Q8_0_BYTES + 4 * (size_t)b, 4);
+            z->sum128[r][b] = 128 * sum;
+            z->dqs[r][b] = f16_to_f32(qr + (size_t)b * BN_Q8_0_BYTES) * scale;
+        }
+    }
+    return nr;
+}
+
+/* elements 4 g .. 4 g + 3 of block b of a q row, as one int32 */
+static inline int32_t kt_q4(const uint8_t *row, int b, int g) {
+    int32_t v;
+    memcpy(&v, row + (size_t)b * BN_Q8_0_BYTES + 2 + 4 * g, 4);
+    return v;
+}
+
+static void scores_scalar_kt(const void *q, int nq, int hd, const void *k, size_t ldk, int n, float scale, float *out,
+                             size_t ldo) {
+    const uint8_t *q8 = (const uint8_t *)q, *kt = (const uint8_t *)k;
+    int nb = (hd + BN_Q8_0_BLOCK - 1) / BN_Q8_0_BLOCK;
+    for (int j = 0; j < n; j++) {
+        const uint8_t *tile = kt + (size_t)(j / BN_KT) * BN_KT * ldk;
+        int lane = j % BN_KT;
+        for (int r = 0; r < nq; r++) {
+            float s = 0.0f;
+            for (int b = 0; b < nb; b++) {
+                const uint8_t *t = tile + (size_t)b * KT_BLK;
+                const uint8_t *qb = q8 + (size_t)r * bn_kt_query_bytes(hd) + (size_t)b * BN_Q8_0_BYTES;
+                int32_t isum = 0;
+                for (int i = 0; i < BN_Q8_0_BLOCK; i++)
+                    isum += (int8_t)t[32 + 64 * (i / 4) + 4 * lane + i % 4] * (int8_t)qb[2 + i];
+                s = fmaf((float)isum, f16_to_f32(t + 2 * lane) * (f16_to_f32(qb) * scale), s);
+            }
+            out[(size_t)r * ldo + j] = s;
+        }
+    }
+}
 
 /* ---- shared by the SIMD kernels ---- */
 
@@ -150,6 +230,14 @@ KINDS(, scalar)
 static inline void prefetch_rows(const uint8_t *base, size_t ld, int j, int nrows, int n) {
     for (int x = j; x < j + nrows && x < n; x++)
         for (size_t b = 0; b < ld; b += 64) __builtin_prefetch(base + (size_t)x * ld + b, 0, 2);
+}
+
+/* the tile KV_PREFETCH keys on from key j's (when it holds keys of the call), for the tile kernels: a
+ * tile's keys are interleaved, so the whole tile */
+static inline void prefetch_tile(const uint8_t *k, size_t ldk, int j, int n) {
+    int t = (j + KV_PREFETCH) / BN_KT * BN_KT;
+    if (t < n)
+        for (size_t b = 0; b < BN_KT * ldk; b += 64) __builtin_prefetch(k + (size_t)t * ldk + b, 0, 2);
 }
 
 /* p.v's rows r0 .. r0 + 3 of p [nq, ldp] and o [nq, hd], in pr and orow. Short groups repeat their
@@ -322,6 +410,41 @@ T512 void pv_avx512(int kind, float *o, int nq, int hd, const float *p, size_t l
 
 KINDS(__attribute__((target("avx512f,avx512bw,avx512vl,f16c,fma"))), avx512)
 
+/* q8_0 tiles, 4 q rows by a tile of 16 keys a pass: per block, 8 vpdpbusd a row (k + 128 unsigned, the
+ * offset taken off with the block's 128 x sum of q), then the float step of kvops.c's tiles */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma"))) static void
+scores_avx512_kt(const void *q, int nq, int hd, const void *k, size_t ldk, int n, float scale, float *out, size_t ldo) {
+    const uint8_t *kt = (const uint8_t *)k;
+    const int nb = (hd + BN_Q8_0_BLOCK - 1) / BN_Q8_0_BLOCK;
+    const __m512i x80 = _mm512_set1_epi8((char)0x80);
+    kt_query z;
+    for (int r0 = 0; r0 < nq; r0 += 4) {
+        int nr = kt_query_rows((const uint8_t *)q, hd, nq, r0, scale, &z);
+        for (int j = 0; j < n; j += BN_KT) {
+            const uint8_t *tile = kt + (size_t)j * ldk;
+            prefetch_tile(kt, ldk, j, n);
+            __m512 s[4];
+            for (int r = 0; r < 4; r++) s[r] = _mm512_setzero_ps();
+            for (int b = 0; b < nb; b++) {
+                const uint8_t *t = tile + (size_t)b * KT_BLK;
+                __m512i acc[4];
+                for (int r = 0; r < 4; r++) acc[r] = _mm512_setzero_si512();
+                for (int g = 0; g < 8; g++) {
+                    __m512i kv = _mm512_xor_si512(_mm512_loadu_si512(t + 32 + 64 * g), x80);
+                    for (int r = 0; r < 4; r++) acc[r] = _mm512_dpbusd_epi32(acc[r], kv, _mm512_set1_epi32(kt_q4(z.row[r], b, g)));
+                }
+                __m512 dk = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)t));
+                for (int r = 0; r < 4; r++) {
+                    __m512 x = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r], _mm512_set1_epi32(z.sum128[r][b])));
+                    s[r] = _mm512_fmadd_ps(x, _mm512_mul_ps(dk, _mm512_set1_ps(z.dqs[r][b])), s[r]);
+                }
+            }
+            __mmask16 keys = (__mmask16)(n - j >= BN_KT ? 0xFFFFu : (1u << (n - j)) - 1);
+            for (int r = 0; r < nr; r++) _mm512_mask_storeu_ps(out + (size_t)(r0 + r) * ldo + j, keys, s[r]);
+        }
+    }
+}
+
 /* bn_q8_0_row in registers, bit for bit: the same amax, d = amax / 127 and 1 / d in float32, the same
  * products x * (1 / d), and roundf's half-away-from-zero as t = trunc(y), t + sign(y) where |y - t| >= 0.5
  * (exact: y - t is exact for |y| <= 127) */
@@ -450,6 +573,50 @@ T256 void pv_avx2(int kind, float *o, int nq, int hd, const float *p, size_t ldp
 
 KINDS(__attribute__((target("avx2,f16c,fma"))), avx2)
 
+/* q8_0 tiles, 4 q rows by 8 keys (half a tile) a pass: |k| x (q with k's sign) by pmaddubsw (pairs at
+ * most 2 x 127^2, no saturation), pairs to the key's 4-element sums by pmaddwd */
+__attribute__((target("avx2,f16c,fma"))) static void scores_avx2_kt(const void *q, int nq, int hd, const void *k,
+                                                                     size_t ldk, int n, float scale, float *out,
+                                                                     size_t ldo) {
+    const uint8_t *kt = (const uint8_t *)k;
+    const int nb = (hd + BN_Q8_0_BLOCK - 1) / BN_Q8_0_BLOCK;
+    const __m256i ones = _mm256_set1_epi16(1);
+    kt_query z;
+    for (int r0 = 0; r0 < nq; r0 += 4) {
+        int nr = kt_query_rows((const uint8_t *)q, hd, nq, r0, scale, &z);
+        for (int j = 0; j < n; j += 8) {
+            const uint8_t *tile = kt + (size_t)(j / BN_KT) * BN_KT * ldk;
+            int half = (j % BN_KT) / 8;
+            if (!half) prefetch_tile(kt, ldk, j, n);
+            __m256 s[4];
+            for (int r = 0; r < 4; r++) s[r] = _mm256_setzero_ps();
+            for (int b = 0; b < nb; b++) {
+                const uint8_t *t = tile + (size_t)b * KT_BLK;
+                __m256i acc[4];
+                for (int r = 0; r < 4; r++) acc[r] = _mm256_setzero_si256();
+                for (int g = 0; g < 8; g++) {
+                    __m256i kv = _mm256_loadu_si256((const __m256i *)(t + 32 + 64 * g + 32 * half));
+                    __m256i ak = _mm256_sign_epi8(kv, kv);
+                    for (int r = 0; r < 4; r++) {
+                        __m256i qs = _mm256_sign_epi8(_mm256_set1_epi32(kt_q4(z.row[r], b, g)), kv);
+                        acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_maddubs_epi16(ak, qs), ones));
+                    }
+                }
+                __m256 dk = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(t + 16 * half)));
+                for (int r = 0; r < 4; r++)
+                    s[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), _mm256_mul_ps(dk, _mm256_set1_ps(z.dqs[r][b])),
+                                           s[r]);
+            }
+            int m = n - j < 8 ? n - j : 8;
+            for (int r = 0; r < nr; r++) {
+                float v[8];
+                _mm256_storeu_ps(v, s[r]);
+                memcpy(out + (size_t)(r0 + r) * ldo + j, v, sizeof(float) * (size_t)m);
+            }
+        }
+    }
+}
+
 __attribute__((target("avx,f16c"))) static void put_f16_f16c(const float *x, int n, void *dst) {
     int i = 0;
     for (; i + 8 <= n; i += 8)
@@ -541,6 +708,46 @@ static inline void pv_neon(int kind, float *o, int nq, int hd, const float *p, s
 
 KINDS(, neon)
 
+/* q8_0 tiles, 4 q rows by 4 keys (a quarter tile) a pass: int8 x int8 by smull/smull2, pairs added (at
+ * most 2 x 127^2 in int16), then pairs of pairs into the key's int32 lane by sadalp */
+static void scores_neon_kt(const void *q, int nq, int hd, const void *k, size_t ldk, int n, float scale, float *out,
+                           size_t ldo) {
+    const uint8_t *kt = (const uint8_t *)k;
+    const int nb = (hd + BN_Q8_0_BLOCK - 1) / BN_Q8_0_BLOCK;
+    kt_query z;
+    for (int r0 = 0; r0 < nq; r0 += 4) {
+        int nr = kt_query_rows((const uint8_t *)q, hd, nq, r0, scale, &z);
+        for (int j = 0; j < n; j += 4) {
+            const uint8_t *tile = kt + (size_t)(j / BN_KT) * BN_KT * ldk;
+            int quarter = (j % BN_KT) / 4;
+            if (!quarter) prefetch_tile(kt, ldk, j, n);
+            float32x4_t s[4];
+            for (int r = 0; r < 4; r++) s[r] = vdupq_n_f32(0.0f);
+            for (int b = 0; b < nb; b++) {
+                const uint8_t *t = tile + (size_t)b * KT_BLK;
+                int32x4_t acc[4];
+                for (int r = 0; r < 4; r++) acc[r] = vdupq_n_s32(0);
+                for (int g = 0; g < 8; g++) {
+                    const int8x16_t kv = vld1q_s8((const int8_t *)(t + 32 + 64 * g + 16 * quarter));
+                    for (int r = 0; r < 4; r++) {
+                        const int8x16_t qv = vreinterpretq_s8_s32(vdupq_n_s32(kt_q4(z.row[r], b, g)));
+                        int16x8_t pairs = vpaddq_s16(vmull_s8(vget_low_s8(kv), vget_low_s8(qv)), vmull_high_s8(kv, qv));
+                        acc[r] = vpadalq_s16(acc[r], pairs);
+                    }
+                }
+                const float32x4_t dk = vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(t + 8 * quarter)));
+                for (int r = 0; r < 4; r++) s[r] = vfmaq_f32(s[r], vcvtq_f32_s32(acc[r]), vmulq_n_f32(dk, z.dqs[r][b]));
+            }
+            int m = n - j < 4 ? n - j : 4;
+            for (int r = 0; r < nr; r++) {
+                float v[4];
+                vst1q_f32(v, s[r]);
+                memcpy(out + (size_t)(r0 + r) * ldo + j, v, sizeof(float) * (size_t)m);
+            }
+        }
+    }
+}
+
 /* the f16 store, rounding to nearest even as the scalar cast */
 static void put_f16_neon(const float *x, int n, void *dst) {
     int i = 0;
@@ -551,7 +758,7 @@ static void put_f16_neon(const float *x, int n, void *dst) {
 
 #define PICK(isa)                                                                                       \
     do {                                                                                                \
-        *scores = kind == BN_F16 ? scores_##isa##_f16 : kind == BN_Q8_0 ? scores_##isa##_q8_0 : scores_##isa##_f32; \
+        *scores = kind == BN_F16 ? scores_##isa##_f16 : kind == BN_Q8_0 ? scores_##isa##_kt : scores_##isa##_f32; \
         *pv = kind == BN_F16 ? pv_##isa##_f16 : kind == BN_Q8_0 ? pv_##isa##_q8_0 : pv_##isa##_f32;     \
     } while (0)
 

@@ -317,6 +317,17 @@ static void check_kv(int kind, int nq, int hd, int n, int cut) {
     const size_t nqh = (size_t)nq * hd, sz = (size_t)nq * ldo, fb = sizeof(float);
     uint8_t *K = kv_rows(kind, hd, n, ld), *V = kv_rows(kind, hd, n, ld);
     float *kf = kv_floats(kind, hd, K, ld, n), *vf = kv_floats(kind, hd, V, ld, n);
+    /* q8_0 keys: in tiles of BN_KT (rows packed, ldk = a row's bytes; a call starts at a tile: cut too), the
+     * last tile's unused lanes junk; q as the tile scores take it (bn_kt_query), its values dequantized */
+    size_t ldk = ld;
+    uint8_t *Karg = K, *qk = NULL;
+    if (kind == BN_Q8_0) {
+        ldk = bn_kv_row_bytes(kind, hd);
+        Karg = malloc((size_t)(n + BN_KT - 1) / BN_KT * BN_KT * ldk);
+        for (size_t i = 0; i < (size_t)(n + BN_KT - 1) / BN_KT * BN_KT * ldk; i++) Karg[i] = (uint8_t)next();
+        for (int j = 0; j < n; j++) bn_kt_put(K + (size_t)j * ld, ldk, Karg + (size_t)j / BN_KT * BN_KT * ldk, j % BN_KT);
+        cut = cut / BN_KT * BN_KT;
+    }
     const int guard = 16; /* floats past o's rows, which p.v must leave alone */
     float *q = malloc(fb * nqh), *o0 = malloc(fb * nqh), *oref = malloc(fb * nqh), *o1 = malloc(fb * (nqh + guard));
     float *o2 = malloc(fb * (nqh + guard)), *p = malloc(fb * sz), *ref = malloc(fb * sz), *got = malloc(fb * sz);
@@ -328,7 +339,36 @@ static void check_kv(int kind, int nq, int hd, int n, int cut) {
     pv_fn pv;
     kvput_fn put, ref_put;
     bn_pick_kv(I2V_PATH_SCALAR, kind, hd, &sc, &pv, &ref_put);
-    sc(q, nq, hd, K, ld, n, 0.125f, ref, ldo);
+    const void *qarg = q;
+    float *qf = q;
+    if (kind == BN_Q8_0) {
+        size_t qb = bn_kt_query_bytes(hd);
+        qk = malloc((size_t)nq * qb);
+        for (int r = 0; r < nq; r++) bn_kt_query(ref_put, q + (size_t)r * hd, hd, qk + (size_t)r * qb);
+        qf = kv_floats(BN_Q8_0, hd, qk, qb, nq);
+        for (int r = 0; r < nq; r++) /* the block sums the tile kernels take */
+            for (int b = 0; b < (hd + 31) / 32; b++) {
+                int32_t sum = 0, got;
+                for (int i = 0; i < 32; i++) sum += (int8_t)qk[(size_t)r * qb + 34 * (size_t)b + 2 + i];
+                memcpy(&got, qk + (size_t)r * qb + 34 * (size_t)((hd + 31) / 32) + 4 * (size_t)b, 4);
+                if (got != sum) printf("MISMATCH bn_kt_query's block sum: hd %d row %d block %d\n", hd, r, b), bad[I2V_PATH_SCALAR] = 1;
+            }
+        qarg = qk;
+    }
+    sc(qarg, nq, hd, Karg, ldk, n, 0.125f, ref, ldo);
+    if (kind == BN_Q8_0) /* the scalar tile scores against a double dot of the values they take */
+        for (int r = 0; r < nq; r++)
+            for (int j = 0; j < n; j++) {
+                double dot = 0, terms = 0;
+                for (int i = 0; i < hd; i++) {
+                    dot += (double)qf[r * hd + i] * kf[(size_t)j * hd + i];
+                    terms += fabs((double)qf[r * hd + i] * kf[(size_t)j * hd + i]);
+                }
+                if (fabs(ref[(size_t)r * ldo + j] - 0.125 * dot) > (hd + 2) * 0x1p-23 * (1 + 0.125 * terms)) {
+                    printf("MISMATCH q8_0 tile scores (scalar) against a double dot: nq %d hd %d n %d\n", nq, hd, n);
+                    bad[I2V_PATH_SCALAR] = 1;
+                }
+            }
     memcpy(oref, o0, fb * nqh);
     pv(oref, nq, hd, p, ldo, V, ld, n);
     for (int path = 0; path < I2V_NPATHS; path++) {
@@ -336,9 +376,9 @@ static void check_kv(int kind, int nq, int hd, int n, int cut) {
         const char *name = bn_pick_kv(path, kind, hd, &sc, &pv, &put);
         int wrong = 0;
         for (size_t i = 0; i < sz; i++) memcpy(&got[i], &junk, fb), memcpy(&two[i], &junk, fb);
-        sc(q, nq, hd, K, ld, n, 0.125f, got, ldo);
-        sc(q, nq, hd, K + (size_t)cut * ld, ld, n - cut, 0.125f, two + cut, ldo);
-        sc(q, nq, hd, K, ld, cut, 0.125f, two, ldo);
+        sc(qarg, nq, hd, Karg, ldk, n, 0.125f, got, ldo);
+        sc(qarg, nq, hd, Karg + (size_t)cut * ldk, ldk, n - cut, 0.125f, two + cut, ldo);
+        sc(qarg, nq, hd, Karg, ldk, cut, 0.125f, two, ldo);
         memcpy(o1, o0, fb * nqh);
         memcpy(o2, o0, fb * nqh);
         for (int i = 0; i < guard; i++) memcpy(&o1[nqh + i], &junk, fb), memcpy(&o2[nqh + i], &junk, fb);
@@ -348,10 +388,10 @@ static void check_kv(int kind, int nq, int hd, int n, int cut) {
         for (int r = 0; r < nq; r++) {
             for (int j = 0; j < n; j++) {
                 double terms = 0;
-                for (int i = 0; i < hd; i++) terms += fabs((double)q[r * hd + i] * kf[(size_t)j * hd + i]) * 0.125;
+                for (int i = 0; i < hd; i++) terms += fabs((double)qf[r * hd + i] * kf[(size_t)j * hd + i]) * 0.125;
                 size_t at = (size_t)r * ldo + j;
                 wrong |= fabs((double)got[at] - ref[at]) > (hd + 2) * 0x1p-23 * (1 + terms) ||
-                         memcmp(&got[at], &two[at], fb);
+                         memcmp(&got[at], &two[at], fb) || (kind == BN_Q8_0 && memcmp(&got[at], &ref[at], fb));
             }
             for (size_t j = (size_t)n; j < ldo; j++) /* the padding of each row of scores */
                 wrong |= memcmp(&got[(size_t)r * ldo + j], &junk, fb) || memcmp(&two[(size_t)r * ldo + j], &junk, fb);
@@ -382,6 +422,7 @@ static void check_kv(int kind, int nq, int hd, int n, int cut) {
     }
     free(K), free(V), free(kf), free(vf), free(q), free(o0), free(oref), free(o1), free(o2), free(p), free(ref);
     free(got), free(two);
+    if (kind == BN_Q8_0) free(Karg), free(qk), free(qf);
 }
 
 int main(void) {
@@ -416,7 +457,8 @@ int main(void) {
     }
 #endif
     static const int kvshapes[][4] = {{4, 128, 37, 13}, {5, 64, 4, 1}, {4, 48, 1, 0}, {3, 40, 20, 16},
-                                      {2, 20, 9, 4}, {8, 128, 300, 256}};  /* nq, hd, n, cut */
+                                      {2, 20, 9, 4}, {8, 128, 300, 256}, {4, 128, 48, 32}, {6, 96, 47, 40},
+                                      {1, 1024, 17, 16}};  /* nq, hd, n, cut (q8_0 keys: cut / 16 * 16) */
     for (int kind = 0; kind <= BN_Q8_0; kind++) {
         if (kind != BN_F32 && kind != BN_F16 && kind != BN_Q8_0) continue;
         for (int i = 0; i < (int)(sizeof kvshapes / sizeof kvshapes[0]); i++)
