@@ -11,7 +11,7 @@
  * took 32 AVX-512 FMAs plus the widening and a sum across lanes, and one core ran the scores at 9 GB/s of
  * q8_0 in L2 and 5.9-7 from DRAM, where a plain read streams 12: from DRAM a key cost about the sum of its
  * arithmetic and its bytes. Over tiles it is 8 vpdpbusd a key for its 4 q heads (lanes = keys, no sums
- * across lanes): 5x the rows' rate in L2 and 1.3x from DRAM (benchmarks/README.md, "sixth session").
+ * across lanes): 3-4x the rows' rate in L2 and ~1.5x from DRAM (benchmarks/README.md, "sixth session").
  * p.v's arithmetic stays float: 32 FMAs a value row at the 2B4T shape, 11 GB/s of q8_0 in L2 and ~6.8 from
  * DRAM (benchmarks/kv_attention_c.c measures the loops; benchmarks/port_probe.c the core's FMA rate).
  *
