@@ -64,7 +64,7 @@ int main(int argc, char **argv) {
     }
     int kind = !strcmp(argv[1], "f16") ? BN_F16 : !strcmp(argv[1], "q8_0") ? BN_Q8_0 : BN_F32;
     long keys = atol(argv[2]);
-    if (kind == BN_Q8_0) keys = keys / BN_KT * BN_KT; /* q8_0 keys: whole tiles (kvops.c) */
+    if (kind == BN_Q8_0) keys = keys < BN_KT ? BN_KT : keys / BN_KT * BN_KT; /* q8_0 keys: whole tiles (kvops.c) */
     int reps = atoi(argv[3]), hd = 128, nq = 4, nkv = 5;
     size_t ld = bn_kv_row_bytes(kind, hd), bytes = (size_t)keys * nkv * ld;
     scores_fn sc;

@@ -18,7 +18,7 @@ native = pytest.importorskip("bitlm.engine.native")
 if not __import__("bitlm.kernels", fromlist=["available"]).available():
     pytest.skip("native kernels not built", allow_module_level=True)
 from bitlm import kernels  # noqa: E402
-from bitlm.engine.batch import BatchEngine  # noqa: E402
+from bitlm.engine.batch import BatchEngine, kv_block_bytes  # noqa: E402
 
 PATHS = kernels.info()["paths"]
 SHAPES = {
@@ -130,6 +130,26 @@ def test_block_sizes_that_cut_the_attention_blocks_anywhere(tiny, block_size):
             continue
         got = run_batched(BatchEngine(nm, max_seqs=5, block_size=block_size), p)
         assert_same(got, [run_alone(nm, c) for _, c in p], kv)
+
+
+def test_the_c_forward_refuses_a_q8_0_pool_of_partial_tiles(tiny):
+    """bn_forward_paged itself (BatchEngine checks first) refuses a q8_0 pool whose block_size is not a
+    multiple of 16, the keys' tile: its blocks could not hold whole tiles. The same call with 16 runs."""
+    nm = native.NativeModel(tiny.config, native.arrays_from_model(tiny, "q8"), max_len=64, kv="q8_0")
+    for bs, ok in ((8, False), (16, True)):
+        pool = np.zeros((4, kv_block_bytes(tiny.config, "q8_0", bs)), np.uint8)
+        blocks = np.arange(4, dtype=np.int32)
+        toks = np.array([1, 2, 3], np.int32)
+        seqs = np.array([[3, 0, 1, blocks.ctypes.data]], np.int64)
+        logits = np.empty((1, tiny.config.vocab_size), np.float32)
+        call = lambda: nm.n.forward_paged(nm._handle, toks.ctypes.data, seqs.ctypes.data, 1, pool.ctypes.data,  # noqa: E731
+                                          bs, 4, logits.ctypes.data)
+        if ok:
+            call()
+            assert np.isfinite(logits).all()
+        else:
+            with pytest.raises(ValueError, match="block_size not a multiple of 16"):
+                call()
 
 
 @pytest.mark.parametrize("kv", ["f16", "q8_0"])

@@ -10,7 +10,8 @@ rows ([last, d1 .. dk], whose k + 1 rows of logits are all returned: see step's 
 
 The KV cache is paged, as vLLM does it: one pool of kv_blocks blocks, each holding block_size
 positions of every layer's keys and values, [layers][2][kv_heads][block_size] rows of head_dim values
-in the NativeModel's kv type (f16, f32, or q8_0: ceil(head_dim / 32) blocks of 34 bytes). A sequence
+in the NativeModel's kv type (f16, f32, or q8_0: ceil(head_dim / 32) blocks of 34 bytes, the keys in
+tiles of 16 positions, formats/q8_0.py, so block_size is then a multiple of 16). A sequence
 takes a block from the pool when it reaches a new block_size positions and gives its blocks back when
 it is freed or truncated, so memory follows the tokens actually held, not max_seqs full contexts. Its
 block table (int32 block ids in position order) is passed to C with each step. At the 2B4T shape (30 layers, 5 KV heads, head_dim 128) a block of 16
@@ -77,7 +78,8 @@ class BatchEngine:
     def __init__(self, nm: NativeModel, max_seqs: int = 16, kv_blocks: int | None = None,
                  block_size: int = 16, max_len: int | None = None):
         """nm: a NativeModel (its weights are shared; its own single-sequence KV cache is not used).
-        max_seqs: sequences live at once. block_size: positions per KV block. kv_blocks: blocks in the
+        max_seqs: sequences live at once. block_size: positions per KV block (a multiple of 16 with a q8_0
+        cache: its keys are stored in tiles of 16). kv_blocks: blocks in the
         shared pool; None: enough for max_seqs full contexts, capped at DEFAULT_KV_BUDGET bytes (but at
         least one full context). max_len: the per-sequence context, at most (and by default) nm.max_len."""
         for name, v in (("max_seqs", max_seqs), ("block_size", block_size), ("kv_blocks", kv_blocks),

@@ -235,7 +235,8 @@ class NativeModel:
     def __init__(self, config, arrays: dict[str, np.ndarray], max_len: int | None = None, kv: str = "f16",
                  path: str | None = None, weights: str | None = None):
         """kv: the KV cache's element type (KV_KINDS), "f16" (half the bytes of f32, as llama.cpp keeps it),
-        "q8_0" (8-bit blocks, formats/q8_0.py: 0.53 of f16's bytes, for long contexts) or "f32".
+        "q8_0" (8-bit blocks, formats/q8_0.py: 0.53 of f16's bytes, for long contexts; the queries are
+        rounded to q8_0 too and scored with integer dots over the keys, as llama.cpp does) or "f32".
         path: the kernel path to run ("scalar", "avx2", ...; bitlm.kernels.info()["paths"]), None for the
         best this CPU has. weights: the format of the packed projections in arrays (WEIGHTS; a converted
         file's metadata says which); None: the format a NativeArrays dict records, else "i2v"."""

@@ -70,9 +70,11 @@ int bn_forward_hidden(const bn_model *m, const int32_t *tokens, int T, int pos, 
  * table: int32 block ids, entry b holding positions b*block_size .. (b+1)*block_size - 1, entries
  * for positions 0 .. pos+n-1. The pool: n_blocks blocks of block_size positions, each
  * [layers][2 (keys, values)][kv_heads][block_size] rows of head_dim BN_I_KV_KIND elements, one after
- * another. The projections run once over all rows; attention per sequence over its own blocks. A
- * row's logits do not depend on the other rows of the step, bit for bit, and equal bn_forward's for
- * the same tokens and positions. Returns as bn_forward (-1 also for a block id out of range). */
+ * another (q8_0 keys: in tiles of 16 positions, formats/q8_0.py, so block_size % 16 == 0 then). The
+ * projections run once over all rows; attention per sequence over its own blocks. A row's logits do not
+ * depend on the other rows of the step, bit for bit, and equal bn_forward's for the same tokens and
+ * positions. Returns as bn_forward (-1 also for a block id out of range, or a q8_0 block_size that is
+ * not a multiple of 16). */
 enum { BN_S_N, BN_S_POS, BN_S_NOUT, BN_S_BLOCKS /* pointer to int32 ids */, BN_NS };
 int bn_forward_paged(const bn_model *m, const int32_t *tokens, const int64_t *seqs, int nseq, void *pool,
                      int block_size, int n_blocks, float *logits);

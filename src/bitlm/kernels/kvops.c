@@ -16,7 +16,8 @@
  * DRAM (benchmarks/kv_attention_c.c measures the loops; benchmarks/port_probe.c the core's FMA rate).
  *
  * Shapes: q [nq, hd] (the nq q heads of one kv head, rows hd apart), k_j = k + j * ldk bytes (key j's
- * row of hd elements), p [nq, ldp] (probabilities), o [nq, hd].
+ * row of hd elements), p [nq, ldp] (probabilities), o [nq, hd]; over q8_0 keys q and k are as
+ * bitnet_impl.h's scores_fn says (bn_kt_query rows, tiles).
  * Fixed order: each score is one dot product summed in an order fixed by hd and the path (never by
  * the key's place in a call: a key batch short of a whole group repeats its last key; q8_0 tiles in the
  * order of every path), and pv adds each o element's terms one after another in key order, so calls over
@@ -758,15 +759,30 @@ static void put_f16_neon(const float *x, int n, void *dst) {
 
 #define PICK(isa)                                                                                       \
     do {                                                                                                \
-        *scores = kind == BN_F16 ? scores_##isa##_f16 : kind == BN_Q8_0 ? scores_##isa##_kt : scores_##isa##_f32; \
+        *scores = kind == BN_F16 ? scores_##isa##_f16 : kind == BN_Q8_0 ? kt : scores_##isa##_f32;     \
         *pv = kind == BN_F16 ? pv_##isa##_f16 : kind == BN_Q8_0 ? pv_##isa##_q8_0 : pv_##isa##_f32;     \
     } while (0)
 
 /* the kernels of a path for a KV kind and head_dim: AVX-512 on the AVX-512 paths when hd % 16 == 0, AVX2
- * on the x86 paths when hd % 8 == 0, NEON on the NEON path when hd % 16 == 0, else the scalar reference. The store: F16C for f16 and AVX-512 for
+ * on the x86 paths when hd % 8 == 0, NEON on the NEON path when hd % 16 == 0, else the scalar reference
+ * (q8_0 keys' tile scores: the path's own for any hd, pick_kt). The store: F16C for f16 and AVX-512 for
  * q8_0 on the x86 paths that have them (the scalar f16 cast is a software routine without F16C, and
  * roundf a libm call), each bit-exact with the scalar one. */
+/* the q8_0 tile scores of a path: they take whole padded blocks, so any hd */
+static scores_fn pick_kt(int path) {
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+    if (i2v_path_has_avx512vnni(path)) return scores_avx512_kt;
+    if (path == I2V_PATH_AVX2 && __builtin_cpu_supports("f16c")) return scores_avx2_kt;
+#endif
+#if defined(__aarch64__) && defined(__GNUC__)
+    if (path == I2V_PATH_NEON) return scores_neon_kt;
+#endif
+    (void)path;
+    return scores_scalar_kt;
+}
+
 const char *bn_pick_kv(int path, int kind, int hd, scores_fn *scores, pv_fn *pv, kvput_fn *put) {
+    const scores_fn kt = pick_kt(path);
     *put = kind == BN_F16 ? put_f16_scalar : kind == BN_Q8_0 ? put_q8_0_scalar : put_f32;
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
     int x86 = path == I2V_PATH_AVX2 || i2v_path_has_avx512vnni(path);

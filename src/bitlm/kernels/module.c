@@ -207,7 +207,7 @@ static PyObject *py_forward_paged(PyObject *self, PyObject *const *args, Py_ssiz
     rc = bn_forward_paged(m, PTR(const int32_t *, a[1]), PTR(const int64_t *, a[2]), (int)a[3], PTR(void *, a[4]),
                           (int)a[5], (int)a[6], PTR(float *, a[7]));
     Py_END_ALLOW_THREADS
-    if (rc == -1) return PyErr_Format(PyExc_ValueError, "bn_forward_paged: positions past the context, token ids or block ids out of range");
+    if (rc == -1) return PyErr_Format(PyExc_ValueError, "bn_forward_paged: positions past the context, token ids or block ids out of range, or a q8_0 cache's block_size not a multiple of 16");
     if (rc == -3) return PyErr_Format(PyExc_OSError, "bn_forward_paged: an embedding row could not be read from its file");
     if (rc) return PyErr_NoMemory();
     Py_RETURN_NONE;

@@ -22,7 +22,7 @@
 
 #include "bitnet_impl.h" /* bn_kv_row_bytes */
 
-enum { L = 2, I = 96, NH = 4, NKV = 2, V = 40, MAXLEN = 48, PREFILL = 37, STEPS = 6 };
+enum { L = 2, I = 96, NH = 4, NKV = 2, V = 40, MAXLEN = 44, PREFILL = 37, STEPS = 6 };
 static int H, HD; /* the shape being run: H = NH * HD */
 
 static uint64_t state = 0x9E3779B97F4A7C15ull;
@@ -108,8 +108,9 @@ static void build(desc *d, int fmt, int kv, int head, int path) {
             y[BN_L_Q + j] = (int64_t)(intptr_t)own(d, projection(fmt, shape[j][0], shape[j][1]));
             d->flts[1 + 7 * l + j] = 0.5 + 0.25 * frand();
         }
-        y[BN_L_KCACHE] = (int64_t)(intptr_t)own(d, calloc((size_t)NKV * MAXLEN, bn_kv_row_bytes(kv, HD)));
-        y[BN_L_VCACHE] = (int64_t)(intptr_t)own(d, calloc((size_t)NKV * MAXLEN, bn_kv_row_bytes(kv, HD)));
+        /* bn_kv_rows: positions rounded up to whole tiles of 16 (MAXLEN 44: a last tile part used) */
+        y[BN_L_KCACHE] = (int64_t)(intptr_t)own(d, calloc((size_t)NKV * bn_kv_rows(MAXLEN), bn_kv_row_bytes(kv, HD)));
+        y[BN_L_VCACHE] = (int64_t)(intptr_t)own(d, calloc((size_t)NKV * bn_kv_rows(MAXLEN), bn_kv_row_bytes(kv, HD)));
     }
 }
 
