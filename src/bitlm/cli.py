@@ -365,7 +365,8 @@ def cmd_serve(args) -> int:
     source = resolve_model_arg(args.model)
     settings = ServeSettings(model_name=args.served_model_name or served_name(source), host=args.host,
                              port=args.port, max_seqs=args.max_seqs, max_queue=args.max_queue,
-                             kv_blocks=args.kv_blocks, prefill_chunk=args.prefill_chunk, api_key=args.api_key,
+                             kv_blocks=args.kv_blocks, block_size=args.block_size,
+                             prefill_chunk=args.prefill_chunk, api_key=args.api_key,
                              drain_timeout=args.drain_timeout, engine=engine,
                              max_len=args.ctx_size if torch_model else None, speculative=speculative,
                              draft=args.draft, draft_max=args.draft_max, lookup_ngram=args.lookup_ngram)
@@ -556,8 +557,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", help="the model id of the API (default: the model directory's name)")
     p.add_argument("--max-seqs", type=int, default=16, help="requests generated at once (default 16)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 429 (default 64)")
-    p.add_argument("--kv-blocks", type=int, help="KV cache budget in blocks of 16 positions (default: max-seqs "
-                                                  "full contexts, at most 2 GiB with --engine batch)")
+    p.add_argument("--kv-blocks", type=int, help="KV cache budget in blocks of --block-size positions (default: "
+                                                  "max-seqs full contexts, at most 2 GiB with --engine batch)")
+    p.add_argument("--block-size", type=int, default=16,
+                   help="positions per KV cache block (default 16, as vLLM; a multiple of 16 with --kv q8_0; "
+                        "64 decodes faster at long contexts: benchmarks/README.md)")
     p.add_argument("--prefill-chunk", type=int, default=256,
                    help="prompt tokens per step, so long prompts do not stall running requests (default 256)")
     p.add_argument("--api-key", default=os.environ.get("BITLM_API_KEY"),

@@ -107,3 +107,22 @@ def test_refused_steps_consume_nothing(make, nm):
     c = eng.add_sequence()  # a freed slot is usable again, and starts empty
     row = eng.step([(c, [3, 4, 5])])[0]
     np.testing.assert_array_equal(row, alone(nm, [3, 4, 5])[-1])
+
+
+def test_serve_block_size_flag(tiny_model_dir, capsys):
+    """--block-size reaches the engine's blocks; a bad one is a one-line error naming the flag, and with a
+    q8_0 cache (keys in tiles of 16) one that is not a multiple of 16 names the rule."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from bitlm.cli import main
+    from bitlm.engine.batch import BatchEngine
+    from bitlm.serve.settings import ServeSettings
+    for args, pattern in ((["--block-size", "0"], r"bitlm serve: --block-size must be an integer >= 1, got 0"),
+                          (["-m", str(tiny_model_dir), "--kv", "q8_0", "--block-size", "24"],
+                           r"BatchEngine: block_size 24 with a q8_0 KV cache must be a multiple of 16 .*")):
+        assert main(["serve", "--port", "0", *args]) == 2
+        lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("bitlm: error:")]
+        assert len(lines) == 1 and __import__("re").fullmatch(rf"bitlm: error: {pattern}", lines[0]), lines
+    assert ServeSettings(model_name="m", block_size=64).block_size == 64
+    eng = BatchEngine(load_native(tiny_model_dir, kv="q8_0"), max_seqs=2, block_size=64)
+    assert eng.block_size == 64 and eng.pool.shape[-2] == 64

@@ -18,7 +18,7 @@ class ServeSettings:
     max_seqs: int = 16  # sequences generated at once
     max_queue: int = 64  # requests waiting for a sequence; beyond: 429
     kv_blocks: int | None = None  # KV cache budget in blocks (None: max_seqs full contexts)
-    block_size: int = 16  # positions per KV block
+    block_size: int = 16  # positions per KV block (--block-size)
     prefill_chunk: int = 256  # prompt tokens per engine step, over all requests reading their prompt
     api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer <api_key>"
     max_body_bytes: int = 1 << 20  # request bodies above: 413
@@ -44,7 +44,7 @@ class ServeSettings:
         for name in ("max_seqs", "max_queue", "block_size", "prefill_chunk", "max_body_bytes"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
-                flag = "--" + name.replace("_", "-") if name not in ("block_size", "max_body_bytes") else name
+                flag = "--" + name.replace("_", "-") if name != "max_body_bytes" else name
                 raise BitlmError(f"bitlm serve: {flag} must be an integer >= 1, got {v!r}")
         if self.max_len is not None and (not isinstance(self.max_len, int) or self.max_len < 1):
             raise BitlmError(f"bitlm serve: --ctx-size must be an integer >= 1, got {self.max_len!r}")
