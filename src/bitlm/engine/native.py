@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import BitlmError
-from ..formats import i2v, t5
+from ..formats import i2v, q8_0, t5
 
 HEADS = ("f32", "bf16", "q8", "q6")
 NORMS = ("input_layernorm", "post_attention_layernorm", "self_attn.attn_sub_norm", "mlp.ffn_sub_norm")
@@ -86,12 +86,11 @@ def check_kv(kv: str) -> str:
     return kv
 
 
-KV_TILE = 16  # kernels/bitnet_impl.h BN_KT: q8_0 keys are cached in tiles of 16 (formats/q8_0.py tile_keys)
+KV_TILE = q8_0.TILE  # kernels/bitnet_impl.h BN_KT: q8_0 keys are cached in tiles of 16 (formats/q8_0.py)
 
 
 def kv_row(kv: str, head_dim: int) -> tuple[type, int]:
     """(dtype, elements) of one cached row of head_dim keys or values."""
-    from ..formats import q8_0
     return KV_KINDS[check_kv(kv)][0], q8_0.row_bytes(head_dim) if kv == "q8_0" else head_dim
 
 

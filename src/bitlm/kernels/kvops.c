@@ -45,8 +45,11 @@ static inline float kv_at(int kind, const uint8_t *row, int i) {
     return f;
 }
 
+/* q8_0 blocks of a row of hd values (the last one padded with zeros) */
+static inline int q8_0_blocks(int hd) { return (hd + BN_Q8_0_BLOCK - 1) / BN_Q8_0_BLOCK; }
+
 size_t bn_kv_row_bytes(int kind, int hd) {
-    if (kind == BN_Q8_0) return (size_t)(hd + BN_Q8_0_BLOCK - 1) / BN_Q8_0_BLOCK * BN_Q8_0_BYTES;
+    if (kind == BN_Q8_0) return (size_t)q8_0_blocks(hd) * BN_Q8_0_BYTES;
     return (size_t)hd * (kind == BN_F16 ? 2 : 4);
 }
 
@@ -151,10 +154,10 @@ void bn_kt_put(const uint8_t *row, size_t ld, uint8_t *tile, int lane) {
 
 /* q for the tile kernels (bn_kt_query): each q head as its q8_0 row, then the row's blocks' sums of int8 as
  * int32 (for vpdpbusd's unsigned offset), made once a step by attention.c for all the calls over its keys */
-size_t bn_kt_query_bytes(int hd) { return (size_t)(hd + BN_Q8_0_BLOCK - 1) / BN_Q8_0_BLOCK * (BN_Q8_0_BYTES + 4); }
+size_t bn_kt_query_bytes(int hd) { return (size_t)q8_0_blocks(hd) * (BN_Q8_0_BYTES + 4); }
 
 void bn_kt_query(kvput_fn put, const float *x, int hd, uint8_t *dst) {
-    int nb = (hd + BN_Q8_0_BLOCK - 1) / BN_Q8_0_BLOCK;
+    int nb = q8_0_blocks(hd);
     put(x, hd, dst);
     for (int b = 0; b < nb; b++) {
         int32_t sum = 0;
@@ -172,7 +175,7 @@ typedef struct {
 } kt_query;
 
 static inline int kt_query_rows(const uint8_t *q, int hd, int nq, int r0, float scale, kt_query *z) {
-    int nr = nq - r0 < 4 ? nq - r0 : 4, nb = (hd + BN_Q8_0_BLOCK - 1) / BN_Q8_0_BLOCK;
+    int nr = nq - r0 < 4 ? nq - r0 : 4, nb = q8_0_blocks(hd);
     size_t ld = bn_kt_query_bytes(hd);
     for (int r = 0; r < 4; r++) {
         const uint8_t *qr = z->row[r] = q + (size_t)(r0 + (r < nr ? r : 0)) * ld;
@@ -196,7 +199,8 @@ static inline int32_t kt_q4(const uint8_t *row, int b, int g) {
 static void scores_scalar_kt(const void *q, int nq, int hd, const void *k, size_t ldk, int n, float scale, float *out,
                              size_t ldo) {
     const uint8_t *q8 = (const uint8_t *)q, *kt = (const uint8_t *)k;
-    int nb = (hd + BN_Q8_0_BLOCK - 1) / BN_Q8_0_BLOCK;
+    const int nb = q8_0_blocks(hd);
+    const size_t lq = bn_kt_query_bytes(hd);
     for (int j = 0; j < n; j++) {
         const uint8_t *tile = kt + (size_t)(j / BN_KT) * BN_KT * ldk;
         int lane = j % BN_KT;
@@ -204,7 +208,7 @@ static void scores_scalar_kt(const void *q, int nq, int hd, const void *k, size_
             float s = 0.0f;
             for (int b = 0; b < nb; b++) {
                 const uint8_t *t = tile + (size_t)b * KT_BLK;
-                const uint8_t *qb = q8 + (size_t)r * bn_kt_query_bytes(hd) + (size_t)b * BN_Q8_0_BYTES;
+                const uint8_t *qb = q8 + (size_t)r * lq + (size_t)b * BN_Q8_0_BYTES;
                 int32_t isum = 0;
                 for (int i = 0; i < BN_Q8_0_BLOCK; i++)
                     isum += (int8_t)t[32 + 64 * (i / 4) + 4 * lane + i % 4] * (int8_t)qb[2 + i];
@@ -416,7 +420,7 @@ KINDS(__attribute__((target("avx512f,avx512bw,avx512vl,f16c,fma"))), avx512)
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma"))) static void
 scores_avx512_kt(const void *q, int nq, int hd, const void *k, size_t ldk, int n, float scale, float *out, size_t ldo) {
     const uint8_t *kt = (const uint8_t *)k;
-    const int nb = (hd + BN_Q8_0_BLOCK - 1) / BN_Q8_0_BLOCK;
+    const int nb = q8_0_blocks(hd);
     const __m512i x80 = _mm512_set1_epi8((char)0x80);
     kt_query z;
     for (int r0 = 0; r0 < nq; r0 += 4) {
@@ -580,7 +584,7 @@ __attribute__((target("avx2,f16c,fma"))) static void scores_avx2_kt(const void *
                                                                      size_t ldk, int n, float scale, float *out,
                                                                      size_t ldo) {
     const uint8_t *kt = (const uint8_t *)k;
-    const int nb = (hd + BN_Q8_0_BLOCK - 1) / BN_Q8_0_BLOCK;
+    const int nb = q8_0_blocks(hd);
     const __m256i ones = _mm256_set1_epi16(1);
     kt_query z;
     for (int r0 = 0; r0 < nq; r0 += 4) {
@@ -714,7 +718,7 @@ KINDS(, neon)
 static void scores_neon_kt(const void *q, int nq, int hd, const void *k, size_t ldk, int n, float scale, float *out,
                            size_t ldo) {
     const uint8_t *kt = (const uint8_t *)k;
-    const int nb = (hd + BN_Q8_0_BLOCK - 1) / BN_Q8_0_BLOCK;
+    const int nb = q8_0_blocks(hd);
     kt_query z;
     for (int r0 = 0; r0 < nq; r0 += 4) {
         int nr = kt_query_rows((const uint8_t *)q, hd, nq, r0, scale, &z);
