@@ -257,8 +257,9 @@ def test_pool_blocks_hold_what_the_native_models_own_cache_holds(tiny):
     for p in range(23):
         block = eng.pool[table[p // 4]]
         for l in range(tiny.config.num_hidden_layers):
-            assert np.array_equal(block[l, 0, :, p % 4], nm.k_cache[l][:, p])
-            assert np.array_equal(block[l, 1, :, p % 4], nm.v_cache[l][:, p])
+            k, v = nm.kv_rows(l)
+            assert np.array_equal(block[l, 0, :, p % 4], k[:, p])
+            assert np.array_equal(block[l, 1, :, p % 4], v[:, p])
 
 
 def test_blocks_are_taken_on_demand_and_given_back(tiny):

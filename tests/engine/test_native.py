@@ -119,17 +119,18 @@ def test_q8_0_kv_store_bytes_equal_the_numpy_reference(model):
         q8.forward(ids[:30], n_out=0)
         for i in range(30, 40):
             q8.forward(ids[i:i + 1])
-        assert q8.k_cache[0].shape == (model.config.num_key_value_heads, 64, q8_0.row_bytes(hd))
-        assert q8.k_cache[0].dtype == np.uint8
-        want = q8_0.quantize(f32.v_cache[0][:, :40])
-        assert np.array_equal(q8.v_cache[0][:, :40], want), path
-        assert not q8.v_cache[0][:, 40:].any()
+        (k8, v8), (k32, v32) = q8.kv_rows(0), f32.kv_rows(0)
+        assert k8.shape == (model.config.num_key_value_heads, q8.n.KV_BLOCK, q8_0.row_bytes(hd))
+        assert k8.dtype == np.uint8
+        want = q8_0.quantize(v32[:, :40])
+        assert np.array_equal(v8[:, :40], want), path
+        assert not v8[:, 40:].any()
         # keys in tiles of 16 (q8_0.tile_keys): positions 40 .. 47 are the last tile's empty lanes
         keys = np.zeros((want.shape[0], 48, want.shape[2]), np.uint8)
-        keys[:, :40] = q8_0.quantize(f32.k_cache[0][:, :40])
-        assert np.array_equal(q8.k_cache[0][:, :48], q8_0.tile_keys(keys)), path
-        assert np.array_equal(q8_0.untile_keys(q8.k_cache[0][:, :48])[:, :40], keys[:, :40])
-        assert not q8.k_cache[0][:, 48:].any()
+        keys[:, :40] = q8_0.quantize(k32[:, :40])
+        assert np.array_equal(k8[:, :48], q8_0.tile_keys(keys)), path
+        assert np.array_equal(q8_0.untile_keys(k8[:, :48])[:, :40], keys[:, :40])
+        assert not k8[:, 48:].any()
 
 
 @pytest.mark.parametrize("n", [40, 150])
@@ -208,7 +209,7 @@ def test_fp16_kv_cache_equals_a_reference_that_rounds_its_cache(model):
             return super().update(layer, k.half().float(), v.half().float())
 
     nm = native.NativeModel.from_model(model, head="f32", max_len=64, kv="f16")
-    assert nm.k_cache[0].dtype == np.float16
+    assert nm.kv_cache.dtype == np.float16
     ids = torch.randint(0, model.config.vocab_size, (1, 20))
     cache = HalfCache(model.config, max_len=64)
     with torch.no_grad():

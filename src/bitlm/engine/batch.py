@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import BitlmError
-from .native import KV_TILE, NativeModel, _zeros_small_pages, kv_row
+from .native import KV_TILE, NativeModel, _zeros_pages, kv_row
 
 DEFAULT_KV_BUDGET = 2 << 30  # bytes of KV pool when kv_blocks is None (see the module docstring)
 _NS = 4  # bitnet.h BN_NS: n, pos, n_out, block table pointer per sequence
@@ -106,7 +106,7 @@ class BatchEngine:
         if kv_blocks is None:
             kv_blocks = min(self.max_seqs * per_seq, max(per_seq, DEFAULT_KV_BUDGET // self.block_bytes))
         self._n_blocks = int(kv_blocks)
-        self._pool_map, (self.pool,) = _zeros_small_pages(1, (self._n_blocks, *self.block_shape), dtype)
+        self._pool_map, (self.pool,) = _zeros_pages(1, (self._n_blocks, *self.block_shape), dtype, huge=True)
         self._lock = threading.RLock()
         self._free = list(range(self._n_blocks))  # a heap: the lowest free id first
         self._refs = np.zeros(self._n_blocks, np.int32)  # sequences holding each block (fork_sequence shares)

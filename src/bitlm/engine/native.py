@@ -73,7 +73,7 @@ def resolve_weights(weights: str, rows: int = 1) -> str:
         from ..kernels import info
         return "t5" if info()["path"] in ("avx512vnni", "amx") and rows <= 1 else "i2v"
     return check_weights(weights)
-_NI = 23  # bitnet.h: BN_NI
+_NI = 24  # bitnet.h: BN_NI
 # KV cache element types: numpy dtype of the cache array, bitnet.h BN_F32 / BN_F16 / BN_Q8_0. q8_0 rows are
 # bytes (formats/q8_0.py: ceil(head_dim / 32) blocks of 34 bytes, 0.53 of f16's bytes).
 KV_KINDS = {"f32": (np.float32, 0), "f16": (np.float16, 3), "q8_0": (np.uint8, 5)}
@@ -205,10 +205,15 @@ def _native():
     return n
 
 
-def _zeros_small_pages(n: int, shape: tuple, dtype) -> tuple[object, list[np.ndarray]]:
-    """n zeroed arrays in one anonymous mapping of ordinary pages. numpy asks for transparent huge
-    pages on large arrays, and a KV cache is written a row per position: each first row of a head
-    would make 2 MB resident (the 2B4T cache at 4,096 positions took 180 MB after one token)."""
+def _zeros_pages(n: int, shape: tuple, dtype, huge: bool = False) -> tuple[object, list[np.ndarray]]:
+    """n zeroed arrays in one anonymous mapping, untouched pages costing no memory. On ordinary pages
+    unless `huge`: numpy asks for transparent huge pages on large arrays, which suits only memory used
+    in order from its start. A KV cache laid out by position (a paged pool's blocks, the model's own
+    cache: kernels/bitnet.h BN_KV_BLOCK) is, and takes huge pages: attention reads it from memory with
+    fewer TLB misses (one core's scores over q8_0 keys in memory ran at 13.3 GB/s against 9.1 on 4 KB
+    pages, benchmarks/kv_attention_c.c; benchmarks/README.md, seventh session). Laid out by head it made
+    2 MB resident for each head's first row (the 2B4T cache at 4,096 positions took 180 MB after one
+    token) and stayed on ordinary pages."""
     import math
     import mmap
     count = math.prod(shape)  # Python ints: a context length from a file cannot wrap around
@@ -217,8 +222,9 @@ def _zeros_small_pages(n: int, shape: tuple, dtype) -> tuple[object, list[np.nda
         buf = mmap.mmap(-1, max(each * n, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     except (OSError, OverflowError) as e:
         raise MemoryError(f"{each * n / 2**30:.3g} GiB: {e}") from None
-    if hasattr(mmap, "MADV_NOHUGEPAGE"):
-        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    advice = "MADV_HUGEPAGE" if huge else "MADV_NOHUGEPAGE"
+    if hasattr(mmap, advice):
+        buf.madvise(getattr(mmap, advice))
     return buf, [np.frombuffer(buf, dtype, count, i * each).reshape(shape) for i in range(n)]
 
 
@@ -295,39 +301,39 @@ class NativeModel:
         # RoPE tables for every position, filled as positions are reached (_fill_rope): untouched pages of
         # the mapping cost no memory (4 MB at 4,096 positions of the 2B4T shape)
         try:
-            self._rope_map, (cos, sin) = _zeros_small_pages(2, (self.max_len, c.head_dim), np.float32)
+            self._rope_map, (cos, sin) = _zeros_pages(2, (self.max_len, c.head_dim), np.float32)
         except MemoryError as e:
             raise BitlmError(f"native model: the RoPE tables of {self.max_len} positions cannot be allocated "
                              f"({e}); pass a smaller context length (max_len, --ctx-size)") from None
         self._rope = (cos, sin)
         self._rope_filled = 0
         self.rope_chunk = 256  # positions filled at a time
+        # The KV cache: a paged pool of the model's own, its blocks in position order (kernels/bitnet.h
+        # BN_I_KV_CACHE): [blocks][layers][2][kv_heads][KV_BLOCK][row], positions rounded up to whole blocks
+        kv_dtype, kv_elems = kv_row(kv, c.head_dim)
+        kb = self.n.KV_BLOCK
+        kv_shape = (-(-self.max_len // kb), c.num_hidden_layers, 2, c.num_key_value_heads, kb, kv_elems)
+        try:
+            self._kv_map, (self.kv_cache,) = _zeros_pages(1, kv_shape, kv_dtype, huge=True)
+        except MemoryError as e:
+            raise BitlmError(f"native model: a KV cache of {self.max_len} positions cannot be allocated ({e}); "
+                             "pass a smaller context length (max_len, --ctx-size)") from None
         ints = [c.num_hidden_layers, H, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads,
                 c.head_dim, V, self.max_len, 0 if c.hidden_act == "relu2" else 1, cos.ctypes.data, sin.ctypes.data,
                 get("final_norm", np.float32, (H,)), embed_ptr, emb_kind, head_kind, *head_ptrs,
                 _kernel_path(path),
-                KV_KINDS[kv][1], *embed_fd, WEIGHTS.index(weights)]
+                KV_KINDS[kv][1], *embed_fd, WEIGHTS.index(weights), self.kv_cache.ctypes.data]
         assert len(ints) == _NI
         get("scales", np.float32, (c.num_hidden_layers, len(PROJS)))  # present, of that dtype and shape
         scales = arrays["scales"]
         flts = [c.rms_norm_eps]
         norm_sizes = dict(zip(NORMS, (H, H, c.q_size, c.intermediate_size)))
-        kv_dtype, kv_elems = kv_row(kv, c.head_dim)
-        # positions rounded up to whole tiles of KV_TILE keys (q8_0 keys are cached in tiles: formats/q8_0.py)
-        kv_shape = (c.num_key_value_heads, -(-self.max_len // KV_TILE) * KV_TILE, kv_elems)
-        try:
-            self._kv_map, kv_arrays = _zeros_small_pages(2 * c.num_hidden_layers, kv_shape, kv_dtype)
-        except MemoryError as e:
-            raise BitlmError(f"native model: a KV cache of {self.max_len} positions cannot be allocated ({e}); "
-                             "pass a smaller context length (max_len, --ctx-size)") from None
-        self.k_cache, self.v_cache = kv_arrays[0::2], kv_arrays[1::2]
         shapes = c.projection_shapes()
         for l in range(c.num_hidden_layers):
             ints += [get(f"{l}.{n}", np.float32, (norm_sizes[n],)) for n in NORMS]
             for j, name in enumerate(PROJS):
                 ints.append(get(f"{l}.{name}", np.uint8, WEIGHT_MODULES[weights].packed_shape(*shapes[name])))
                 flts.append(float(scales[l, j]))
-            ints += [self.k_cache[l].ctypes.data, self.v_cache[l].ctypes.data]
         self._ints = np.array(ints, dtype=np.int64)
         self._flts = np.array(flts, dtype=np.float64)
         self._handle = self.n.model_new(self._ints.ctypes.data, len(self._ints), self._flts.ctypes.data,
@@ -350,8 +356,15 @@ class NativeModel:
             kind = ("head" if k.startswith("head") else "embedding" if k == "embed" else
                     "ternary" if k.endswith("_proj") or k == "scales" else "norms")
             out[kind] += v.nbytes
-        out["kv_cache"] = sum(a.nbytes for a in self.k_cache + self.v_cache)
+        out["kv_cache"] = self.kv_cache.nbytes
         return out
+
+    def kv_rows(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Layer `layer`'s cached keys and values, each [kv_heads, positions, row] (copies out of the
+        cache's blocks; positions up to its whole blocks, those not reached zero). Rows as kv_row says;
+        q8_0 keys as the cache holds them, in tiles (formats/q8_0.py tile_keys)."""
+        k, v = self.kv_cache[:, layer].transpose(1, 2, 0, 3, 4)  # each [kv_heads, blocks, KV_BLOCK, row]
+        return tuple(x.reshape(x.shape[0], -1, x.shape[-1]) for x in (k, v))
 
     # ---- running -----------------------------------------------------------------------------------
     def reset(self) -> None:

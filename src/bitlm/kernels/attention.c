@@ -117,8 +117,8 @@ bn_attn_plan *bn_attention_plan(const bn_model *m, const bn_span *spans, int nsp
             const bn_span *sp = &spans[s];
             int last = sp->pos + sp->n - 1, nc = last / ATT_CHUNK + 1;
             if (nc > p->nch) p->nch = nc;
-            for (int h = 0; h < m->nkv; h++)
-                for (int c = 0; c < nc; c++) {
+            for (int c = 0; c < nc; c++)
+                for (int h = 0; h < m->nkv; h++) {
                     int t0 = c * ATT_CHUNK - sp->pos; /* the first row (of the span) that sees chunk c */
                     t0 = t0 > 0 ? t0 : 0;
                     for (int t = t0; t < sp->n; t += ATT_ROWS, n++) {
@@ -213,7 +213,7 @@ static void attend_unit(const attn_task *a, const att_unit *u, const att_unit *n
     const bn_span *sp = &a->plan->spans[u->span];
     int group = m->nh / m->nkv, hd = m->hd, j0 = u->c * ATT_CHUNK;
     float scale = 1.0f / sqrtf((float)hd);
-    int bs = a->pool->base ? a->pool->bs : m->max_len; /* positions contiguous in memory */
+    int bs = a->pool->bs; /* positions contiguous in memory */
     for (int t = u->ta; t < u->tb; t++) {
         int pos = sp->pos + (t - sp->row0), n = pos + 1 - j0;
         n = n < ATT_CHUNK ? n : ATT_CHUNK;

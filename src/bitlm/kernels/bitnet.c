@@ -91,19 +91,24 @@ bn_model *bn_model_new(const int64_t *ints, int nints, const double *flts, int n
     m->head = PTR(const void *, ints[BN_I_HEAD]);
     m->head_scale = PTR(const float *, ints[BN_I_HEAD_SCALE]);
     m->head_rowsum = PTR(const int32_t *, ints[BN_I_HEAD_ROWSUM]);
+    m->kv = PTR(char *, ints[BN_I_KV_CACHE]);
     if (m->H <= 0 || m->I <= 0 || m->nh <= 0 || m->nkv <= 0 || m->nh % m->nkv || m->hd <= 0 || m->hd % 2 ||
         m->V <= 0 || m->max_len <= 0 || m->hd > 1024 || (m->kv_kind != BN_F32 && m->kv_kind != BN_F16 && m->kv_kind != BN_Q8_0) || m->act < 0 || m->act > 1 || m->embed_kind < 0 || m->embed_kind > 1 ||
         m->head_kind < 0 || m->head_kind > 4 || m->head_kind == BN_F16 ||
         (m->head_kind == BN_Q8 && (!m->head_scale || !m->head_rowsum)) || (m->head_kind == BN_Q6 && !m->head_scale) ||
-        (!m->embed && m->embed_fd < 0) || m->embed_offset < 0 || !m->head || !m->cos || !m->sin || !m->final_norm) {
+        (!m->embed && m->embed_fd < 0) || m->embed_offset < 0 || !m->head || !m->cos || !m->sin || !m->final_norm || !m->kv) {
         free(m);
         return NULL;
     }
     m->layers = (bn_layer *)calloc((size_t)(L ? L : 1), sizeof(bn_layer));
-    if (!m->layers) {
+    m->own_blocks = (int32_t *)malloc((size_t)bn_kv_blocks(m->max_len) * sizeof(int32_t));
+    if (!m->layers || !m->own_blocks) {
+        free(m->layers);
+        free(m->own_blocks);
         free(m);
         return NULL;
     }
+    for (int b = 0; b < bn_kv_blocks(m->max_len); b++) m->own_blocks[b] = b;
     int q = m->nh * m->hd, kv = m->nkv * m->hd;
     int shapes[7][2] = {{q, m->H}, {kv, m->H}, {kv, m->H}, {m->H, q}, {m->I, m->H}, {m->I, m->H}, {m->H, m->I}};
     for (int l = 0; l < L; l++) {
@@ -119,8 +124,6 @@ bn_model *bn_model_new(const int64_t *ints, int nints, const double *flts, int n
             y->proj[j].K = shapes[j][1];
             y->proj[j].scale = (float)flts[1 + 7 * l + j];
         }
-        y->kc = PTR(void *, li[BN_L_KCACHE]);
-        y->vc = PTR(void *, li[BN_L_VCACHE]);
     }
     return m;
 }
@@ -129,6 +132,7 @@ void bn_model_free(bn_model *m) {
     if (!m) return;
     if (m->scratch) munmap(m->scratch, m->scratch_bytes);
     free(m->layers);
+    free(m->own_blocks);
     free(m);
 }
 

@@ -7,7 +7,7 @@
  *
  * Descriptor layout (all int64; pointers as integers, floats as float64 in a second array):
  *   ints[0..BN_NI)    config and global pointers, indexed by the BN_I_* names below
- *   ints[BN_NI + 13*l + j]   layer l, j = BN_L_* below
+ *   ints[BN_NI + 11*l + j]   layer l, j = BN_L_* below
  *   flts[0] = rms_norm_eps, flts[1 + 7*l + j] = weight scale of projection j (q k v o gate up down)
  */
 #ifndef BITLM_BITNET_H
@@ -33,13 +33,22 @@ enum {
                                            in the page cache instead of this process's resident set) */
     BN_I_WFMT,                          /* the projections' packed format: I2V_FMT_I2V (2 bits) or I2V_FMT_T5
                                            (1.6 bits), i2v.h; every projection of the model in that format */
+    BN_I_KV_CACHE,                      /* bn_forward's KV cache: bn_kv_blocks(max_len) blocks of BN_KV_BLOCK
+                                           positions, each laid out as a paged pool's block ([layers][2]
+                                           [kv_heads][BN_KV_BLOCK][row], rows of head_dim BN_I_KV_KIND
+                                           elements); block b holds positions b * BN_KV_BLOCK ..
+                                           (bn_forward_paged uses its pool instead) */
     BN_NI
 };
 enum { BN_L_ATTN_NORM, BN_L_FFN_NORM, BN_L_ATTN_SUB_NORM, BN_L_FFN_SUB_NORM,
        BN_L_Q, BN_L_K, BN_L_V, BN_L_O, BN_L_GATE, BN_L_UP, BN_L_DOWN, /* packed weights (BN_I_WFMT) */
-       BN_L_KCACHE, BN_L_VCACHE,        /* [kv_heads, max_len rounded up to 16, row], rows of head_dim BN_I_KV_KIND elements (bn_forward's
-                                           cache; bn_forward_paged uses its pool instead) */
        BN_NL };
+/* Positions per block of bn_forward's own cache (BN_I_KV_CACHE): the memory a sequence uses grows with
+ * its positions, all layers' rows of a block together, so the cache can live on huge pages
+ * (engine/native.py) without a first token making the whole cache resident; and a block is one attention
+ * chunk (ATT_CHUNK), each chunk's keys one contiguous run. A multiple of 16 (q8_0 key tiles) */
+#define BN_KV_BLOCK 256
+
 enum { BN_F32 = 0, BN_BF16 = 1, BN_Q8 = 2, BN_F16 = 3, BN_Q6 = 4, BN_Q8_0 = 5 };
 
 typedef struct bn_model bn_model;

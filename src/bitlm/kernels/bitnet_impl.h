@@ -46,7 +46,6 @@ typedef struct {
 typedef struct {
     const float *attn_norm, *ffn_norm, *attn_sub_norm, *ffn_sub_norm;
     bn_linear proj[7]; /* q k v o gate up down */
-    void *kc, *vc;     /* [kv_heads, bn_kv_rows(max_len)] rows of head_dim BN_I_KV_KIND elements */
 } bn_layer;
 
 enum { P_Q, P_K, P_V, P_O, P_GATE, P_UP, P_DOWN };
@@ -61,6 +60,8 @@ struct bn_model {
     const void *embed, *head;
     const float *head_scale;
     const int32_t *head_rowsum;
+    char *kv;            /* the own cache (bitnet.h BN_I_KV_CACHE) */
+    int32_t *own_blocks; /* its block table: 0, 1, .. bn_kv_blocks(max_len) - 1 */
     bn_layer *layers;
     dot_fn dot;
     expsum_fn expsum;
@@ -102,8 +103,9 @@ void bn_kt_put(const uint8_t *row, size_t ld, uint8_t *tile, int lane);
  * cache's quantizer), then each block's sum of int8 as int32 */
 size_t bn_kt_query_bytes(int hd);
 void bn_kt_query(kvput_fn put, const float *x, int hd, uint8_t *dst);
-/* positions per kv head in the model's own cache: max_len rounded up to whole tiles */
-static inline int bn_kv_rows(int max_len) { return (max_len + BN_KT - 1) / BN_KT * BN_KT; }
+/* blocks of BN_KV_BLOCK positions in the model's own cache (bitnet.h) */
+_Static_assert(BN_KV_BLOCK % BN_KT == 0, "the own cache's blocks hold whole q8_0 key tiles");
+static inline int bn_kv_blocks(int max_len) { return (max_len + BN_KV_BLOCK - 1) / BN_KV_BLOCK; }
 /* the attention kernels and the row store of a path for a KV kind and head_dim; returns the kernels'
  * instruction set's name */
 const char *bn_pick_kv(int path, int kind, int hd, scores_fn *scores, pv_fn *pv, kvput_fn *put);
@@ -117,30 +119,25 @@ static inline float bn_bf16_to_f32(uint16_t v) {
 
 /* ---- the rows of one step, by sequence ----
  * A step's T rows are the rows of one or more sequences, each sequence's rows consecutive and at
- * consecutive positions. The sequences' keys and values live either in the model's own cache (one
- * sequence: bn_forward) or in a paged pool (bn_forward_paged). */
+ * consecutive positions. The sequences' keys and values live in a paged pool: the model's own cache (one
+ * sequence: bn_forward; blocks in order) or the caller's (bn_forward_paged). */
 typedef struct {
     int row0, n;           /* rows row0 .. row0+n-1 of the step */
     int pos;               /* the position of row row0 */
     int n_out;             /* logits for the last n_out rows */
-    const int32_t *blocks; /* paged: the block ids of positions 0, bs, 2 bs, ... (NULL: the model's cache) */
+    const int32_t *blocks; /* the block ids of positions 0, bs, 2 bs, ... */
 } bn_span;
 
 typedef struct {
-    char *base;  /* NULL: the model's own cache; else block b at base + b * block_bytes */
-    int bs;      /* positions per block (max_len for the model's own cache: one block) */
+    char *base;  /* block b at base + b * block_bytes */
+    int bs;      /* positions per block (BN_KV_BLOCK for the model's own cache) */
     int n_blocks;
 } bn_pool;
 
-/* the row of kv head h at position p of sequence sp in layer l, kv 0 = keys, 1 = values: the paged pool
- * holds a block as [layers][2][kv_heads][bs][head_dim] elements; the model's cache, per layer,
- * [kv_heads][bn_kv_rows(max_len)][head_dim] (bitnet.h BN_L_KCACHE). q8_0 keys: the tile of p is the row
- * of p rounded down to a multiple of BN_KT (a pool's bs is one) */
+/* the row of kv head h at position p of sequence sp in layer l, kv 0 = keys, 1 = values: a pool holds
+ * a block as [layers][2][kv_heads][bs][head_dim] elements. q8_0 keys: the tile of p is the row of p
+ * rounded down to a multiple of BN_KT (a pool's bs is one) */
 static inline void *bn_kv_row(const bn_model *m, const bn_pool *pool, const bn_span *sp, int l, int kv, int h, int p) {
-    if (!pool->base) {
-        const bn_layer *y = &m->layers[l];
-        return (char *)(kv ? y->vc : y->kc) + ((size_t)h * bn_kv_rows(m->max_len) + p) * m->kv_row;
-    }
     size_t bs = (size_t)pool->bs, b = (size_t)sp->blocks[p / pool->bs];
     size_t row = (((b * m->L + l) * 2 + kv) * m->nkv + h) * bs + (size_t)(p % pool->bs);
     return pool->base + row * m->kv_row;

@@ -230,15 +230,15 @@ static int forward(bn_model *m, const int32_t *tokens, int T, const bn_span *spa
 
 int bn_forward(const bn_model *m, const int32_t *tokens, int T, int pos, float *logits, int n_out) {
     if (T <= 0 || pos < 0 || pos > m->max_len - T || n_out < 0 || n_out > T) return -1;
-    bn_span sp = {0, T, pos, n_out, NULL};
-    bn_pool own = {NULL, m->max_len, 1};
+    bn_span sp = {0, T, pos, n_out, m->own_blocks};
+    bn_pool own = {m->kv, BN_KV_BLOCK, bn_kv_blocks(m->max_len)};
     return forward((bn_model *)m, tokens, T, &sp, 1, &own, NULL, logits);
 }
 
 int bn_forward_hidden(const bn_model *m, const int32_t *tokens, int T, int pos, float *hidden) {
     if (T <= 0 || pos < 0 || pos > m->max_len - T) return -1;
-    bn_span sp = {0, T, pos, 0, NULL};
-    bn_pool own = {NULL, m->max_len, 1};
+    bn_span sp = {0, T, pos, 0, m->own_blocks};
+    bn_pool own = {m->kv, BN_KV_BLOCK, bn_kv_blocks(m->max_len)};
     return forward((bn_model *)m, tokens, T, &sp, 1, &own, hidden, NULL);
 }
 

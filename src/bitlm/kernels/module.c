@@ -257,7 +257,7 @@ static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_native", "bitlm 
 PyMODINIT_FUNC PyInit__native(void) {
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;
-    if (PyModule_AddIntConstant(m, "NPATHS", I2V_NPATHS) < 0) {
+    if (PyModule_AddIntConstant(m, "NPATHS", I2V_NPATHS) < 0 || PyModule_AddIntConstant(m, "KV_BLOCK", BN_KV_BLOCK) < 0) {
         Py_DECREF(m);
         return NULL;
     }

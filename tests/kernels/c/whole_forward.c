@@ -108,10 +108,10 @@ static void build(desc *d, int fmt, int kv, int head, int path) {
             y[BN_L_Q + j] = (int64_t)(intptr_t)own(d, projection(fmt, shape[j][0], shape[j][1]));
             d->flts[1 + 7 * l + j] = 0.5 + 0.25 * frand();
         }
-        /* bn_kv_rows: positions rounded up to whole tiles of 16 (MAXLEN 44: a last tile part used) */
-        y[BN_L_KCACHE] = (int64_t)(intptr_t)own(d, calloc((size_t)NKV * bn_kv_rows(MAXLEN), bn_kv_row_bytes(kv, HD)));
-        y[BN_L_VCACHE] = (int64_t)(intptr_t)own(d, calloc((size_t)NKV * bn_kv_rows(MAXLEN), bn_kv_row_bytes(kv, HD)));
     }
+    /* the own cache: whole blocks of BN_KV_BLOCK positions (MAXLEN 44: a block, its last q8_0 tile part used) */
+    n[BN_I_KV_CACHE] = (int64_t)(intptr_t)own(
+        d, calloc((size_t)bn_kv_blocks(MAXLEN) * L * 2 * NKV * BN_KV_BLOCK, bn_kv_row_bytes(kv, HD)));
 }
 
 /* the logits of a prefill of PREFILL tokens (all positions) and STEPS decode steps: [PREFILL + STEPS, V] */
