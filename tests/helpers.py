@@ -88,3 +88,17 @@ def first_layers(nm, n):
     draft = NativeLM(NativeModel(dataclasses.replace(nm.config, num_hidden_layers=n), arrays))
     draft.tokenizer = nm.tokenizer
     return draft
+
+
+def vm_flags(address: int) -> set[str]:
+    """The VmFlags of this process's mapping that holds `address` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return set(line.split()[1:])
+    raise AssertionError(f"no mapping holds {address:#x}")

@@ -1,6 +1,7 @@
 """The native runtime (kernels/bitnet.c) against the torch reference model, step for step."""
 
 import contextlib
+import sys
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 import bitlm
 from bitlm.errors import BitlmError
-from helpers import make_tiny_model_dir
+from helpers import make_tiny_model_dir, vm_flags
 
 native = pytest.importorskip("bitlm.engine.native")
 if not __import__("bitlm.kernels", fromlist=["available"]).available():
@@ -198,6 +199,34 @@ def test_rope_tables_filled_as_positions_are_reached(model):
     got = [nm.forward(ids[0, :12].numpy(), n_out=12)] + [nm.forward(ids[0, i:i + 1].numpy()) for i in range(12, 23)]
     assert rel(np.concatenate(got), ref) < 1e-5
     assert nm._rope_filled == 25 and not nm._rope[0][25:].any()  # the rest of the mapping untouched
+
+
+def resident_bytes(address: int, size: int) -> int:
+    """Bytes of [address, address + size) in memory (mincore: a page-aligned range of this process)."""
+    import ctypes
+    import mmap
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte))
+    vec = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
+    assert libc.mincore(ctypes.c_void_p(address), size, vec) == 0, ctypes.get_errno()
+    return sum(v & 1 for v in vec) * mmap.PAGESIZE
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and /proc/self/smaps are Linux's")
+def test_kv_cache_is_used_in_position_order_on_huge_pages(tmp_path):
+    """The own cache holds positions in blocks of KV_BLOCK, all layers' rows of a block together, on a
+    mapping that asks for 2 MB pages: a first token makes its block resident (and at most the rest of its
+    huge page), not the cache (laid out by head, every head's first row would take a huge page)."""
+    tiny = bitlm.load(make_tiny_model_dir(tmp_path, None, max_position_embeddings=1 << 16), tokenizer=False)
+    nm = native.NativeModel.from_model(tiny, head="f32", max_len=1 << 16, kv="f32")
+    block, huge = nm.kv_cache[0].nbytes, 2 << 20
+    assert nm.kv_cache.nbytes > 4 * (block + huge)  # so that a block and the cache tell apart
+    assert resident_bytes(nm.kv_cache.ctypes.data, nm.kv_cache.nbytes) == 0
+    nm.forward(np.array([3, 4, 5]))
+    assert "hg" in vm_flags(nm.kv_cache.ctypes.data)
+    assert 0 < resident_bytes(nm.kv_cache.ctypes.data, nm.kv_cache.nbytes) <= block + huge
+    k, v = nm.kv_rows(1)
+    assert k[:, :3].any() and not k[:, 3:].any() and v[:, :3].any() and not v[:, 3:].any()
 
 
 def test_fp16_kv_cache_equals_a_reference_that_rounds_its_cache(model):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from bitlm.io import st
+from helpers import vm_flags
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_HUGEPAGE"),
                                 reason="MADV_HUGEPAGE, mincore and /proc/self/smaps are Linux's")
@@ -38,20 +39,6 @@ def cached_page_set(path) -> set[int]:
         return {i for i, v in enumerate(vec) if v & 1}
     finally:
         libc.munmap(addr, size)
-
-
-def vm_flags(address: int) -> set[str]:
-    """The VmFlags of this process's mapping that holds `address` (/proc/self/smaps)."""
-    inside = False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                lo, hi = (int(x, 16) for x in head.split("-"))
-                inside = lo <= address < hi
-            elif inside and head == "VmFlags:":
-                return set(line.split()[1:])
-    raise AssertionError(f"no mapping holds {address:#x}")
 
 
 def write_file(path, n=3 << 20):
