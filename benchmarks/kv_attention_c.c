@@ -4,7 +4,8 @@
  * rate is the loops' arithmetic; with many it comes from memory (more than the L3 holds: 1048576 keys
  * are 1.4 GB of q8_0). Best of `reps` passes. Never part of the tests. Build at -O3 as setup.py builds the
  * runtime: at -O2 the scores' accumulators stay on the stack and the loops run 1.5-2x slower. q8_0 keys
- * are laid out in tiles of 16 and scored as integers, as the runtime does (kvops.c).
+ * are laid out in tiles of 16 and scored as integers, as the runtime does (kvops.c). K and V live on 2 MB
+ * pages as the runtime's cache does (engine/native.py; SMALL_PAGES=1 in the environment: on 4 KB pages).
  *
  *   K=src/bitlm/kernels; gcc -O3 -std=c11 -I$K benchmarks/kv_attention_c.c $K/kvops.c $K/dispatch.c \
  *       $K/pool.c $K/scalar.c $K/avx2.c $K/avx512vnni.c $K/avx512vbmi.c $K/amx.c $K/neon.c $K/convert.c \
@@ -19,6 +20,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -57,6 +61,18 @@ __attribute__((always_inline)) static inline void prefetch_first(const uint8_t *
     for (size_t b = 0; b < (size_t)n * ld; b += 64) __builtin_prefetch(row + b, 0, 3);
 }
 
+/* n bytes for K or V, on 2 MB pages unless SMALL_PAGES is set (as the runtime's cache: engine/native.py) */
+static uint8_t *cache_bytes(size_t n) {
+    size_t huge = (size_t)1 << 21;
+    n = (n + huge - 1) / huge * huge;
+    uint8_t *p = aligned_alloc(huge, n);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const char *small = getenv("SMALL_PAGES");
+    if (p && !(small && *small)) madvise(p, n, MADV_HUGEPAGE);
+#endif
+    return p;
+}
+
 int main(int argc, char **argv) {
     if (argc < 4) {
         fprintf(stderr, "usage: %s {f32,f16,q8_0} KEYS REPS [scores, pv or read]\n", argv[0]);
@@ -71,7 +87,7 @@ int main(int argc, char **argv) {
     pv_fn pv;
     kvput_fn put;
     const char *name = bn_pick_kv(i2v_best_path(), kind, hd, &sc, &pv, &put);
-    uint8_t *k = malloc(bytes), *v = malloc(bytes);
+    uint8_t *k = cache_bytes(bytes), *v = cache_bytes(bytes);
     float x[128], q[4 * 128], p[4 * ATT_CHUNK], o[4 * 128];
     for (long j = 0; j < keys * nkv; j++) {
         for (int i = 0; i < hd; i++) x[i] = (float)((j * 131 + i * 7) % 97) / 97.0f - 0.5f;
