@@ -1,5 +1,6 @@
 """Decode of one sequence at depth through the paged KV pool (BatchEngine, what `bitlm serve` runs),
-for several block sizes, beside the model's own contiguous cache, in one process, alternating.
+for several block sizes, beside the model's own cache (a pool of its own: blocks of 256 positions in
+order), in one process, alternating.
 
     python benchmarks/pool_decode.py [--shape 2b4t] [--depth 4000] [--steps 48] [--kv q8_0]
                                      [--block-size 16 64] [--rounds 3] [-t 2]

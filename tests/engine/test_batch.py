@@ -239,7 +239,7 @@ def test_a_request_alone_equals_it_among_15_others(tiny):
 
 def test_pool_blocks_hold_what_the_native_models_own_cache_holds(tiny):
     """The documented block layout, [layers][2][kv_heads][block_size][head_dim], read back from the pool
-    against the NativeModel's own cache [kv_heads, max_len, head_dim] per layer after the same tokens."""
+    against the NativeModel's own cache (read by head: kv_rows) after the same tokens."""
     V = tiny.config.vocab_size
     arrays = native.arrays_from_model(tiny, "q8")
     nm = native.NativeModel(tiny.config, arrays, max_len=64, kv="f16")
@@ -254,10 +254,10 @@ def test_pool_blocks_hold_what_the_native_models_own_cache_holds(tiny):
     nm.forward(ids)
     table = eng._seqs[sid].blocks[:6]
     assert sorted(table.tolist()) == list(range(2, 8))
+    rows = [nm.kv_rows(l) for l in range(tiny.config.num_hidden_layers)]
     for p in range(23):
         block = eng.pool[table[p // 4]]
-        for l in range(tiny.config.num_hidden_layers):
-            k, v = nm.kv_rows(l)
+        for l, (k, v) in enumerate(rows):
             assert np.array_equal(block[l, 0, :, p % 4], k[:, p])
             assert np.array_equal(block[l, 1, :, p % 4], v[:, p])
 

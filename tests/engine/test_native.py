@@ -212,7 +212,8 @@ def resident_bytes(address: int, size: int) -> int:
     return sum(v & 1 for v in vec) * mmap.PAGESIZE
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and /proc/self/smaps are Linux's")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(__import__("mmap"), "MADV_HUGEPAGE"),
+                    reason="MADV_HUGEPAGE, mincore and /proc/self/smaps are Linux's")
 def test_kv_cache_is_used_in_position_order_on_huge_pages(tmp_path):
     """The own cache holds positions in blocks of KV_BLOCK, all layers' rows of a block together, on a
     mapping that asks for 2 MB pages: a first token makes its block resident (and at most the rest of its

@@ -8,6 +8,7 @@
  * split by concern (bitnet_impl.h lists the files). */
 #define _POSIX_C_SOURCE 200809L /* clock_gettime under -std=c11 */
 #define _DEFAULT_SOURCE           /* MAP_ANONYMOUS, madvise */
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -93,7 +94,7 @@ bn_model *bn_model_new(const int64_t *ints, int nints, const double *flts, int n
     m->head_rowsum = PTR(const int32_t *, ints[BN_I_HEAD_ROWSUM]);
     m->kv = PTR(char *, ints[BN_I_KV_CACHE]);
     if (m->H <= 0 || m->I <= 0 || m->nh <= 0 || m->nkv <= 0 || m->nh % m->nkv || m->hd <= 0 || m->hd % 2 ||
-        m->V <= 0 || m->max_len <= 0 || m->hd > 1024 || (m->kv_kind != BN_F32 && m->kv_kind != BN_F16 && m->kv_kind != BN_Q8_0) || m->act < 0 || m->act > 1 || m->embed_kind < 0 || m->embed_kind > 1 ||
+        m->V <= 0 || m->max_len <= 0 || m->max_len > INT_MAX - BN_KV_BLOCK || m->hd > 1024 || (m->kv_kind != BN_F32 && m->kv_kind != BN_F16 && m->kv_kind != BN_Q8_0) || m->act < 0 || m->act > 1 || m->embed_kind < 0 || m->embed_kind > 1 ||
         m->head_kind < 0 || m->head_kind > 4 || m->head_kind == BN_F16 ||
         (m->head_kind == BN_Q8 && (!m->head_scale || !m->head_rowsum)) || (m->head_kind == BN_Q6 && !m->head_scale) ||
         (!m->embed && m->embed_fd < 0) || m->embed_offset < 0 || !m->head || !m->cos || !m->sin || !m->final_norm || !m->kv) {

@@ -33,7 +33,7 @@ enum {
                                            in the page cache instead of this process's resident set) */
     BN_I_WFMT,                          /* the projections' packed format: I2V_FMT_I2V (2 bits) or I2V_FMT_T5
                                            (1.6 bits), i2v.h; every projection of the model in that format */
-    BN_I_KV_CACHE,                      /* bn_forward's KV cache: bn_kv_blocks(max_len) blocks of BN_KV_BLOCK
+    BN_I_KV_CACHE,                      /* bn_forward's KV cache: ceil(max_len / BN_KV_BLOCK) blocks of BN_KV_BLOCK
                                            positions, each laid out as a paged pool's block ([layers][2]
                                            [kv_heads][BN_KV_BLOCK][row], rows of head_dim BN_I_KV_KIND
                                            elements); block b holds positions b * BN_KV_BLOCK ..
@@ -45,8 +45,9 @@ enum { BN_L_ATTN_NORM, BN_L_FFN_NORM, BN_L_ATTN_SUB_NORM, BN_L_FFN_SUB_NORM,
        BN_NL };
 /* Positions per block of bn_forward's own cache (BN_I_KV_CACHE): the memory a sequence uses grows with
  * its positions, all layers' rows of a block together, so the cache can live on huge pages
- * (engine/native.py) without a first token making the whole cache resident; and a block is one attention
- * chunk (ATT_CHUNK), each chunk's keys one contiguous run. A multiple of 16 (q8_0 key tiles) */
+ * (engine/native.py) without a first token making the whole cache resident; and a block is as long as an
+ * attention chunk (ATT_CHUNK), so each chunk's keys are one contiguous run. A multiple of 16 (q8_0 key
+ * tiles) */
 #define BN_KV_BLOCK 256
 
 enum { BN_F32 = 0, BN_BF16 = 1, BN_Q8 = 2, BN_F16 = 3, BN_Q6 = 4, BN_Q8_0 = 5 };
