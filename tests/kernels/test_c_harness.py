@@ -5,8 +5,9 @@ references, whatever CPU runs the tests.
 - the AVX-512 VNNI/VBMI kernels built on SIMDe's portable intrinsics (-DI2V_SIMDE, kernels/x86_avx512.h),
   run natively and under qemu-user as an AVX2-only CPU, so they are checked on any x86-64 CPU;
 - the NEON kernels for AArch64 through a cross compiler, under qemu-user;
-- on each, the attention kernels over the KV cache (kvops.c) against its scalar reference, natively built
-  ones only (not the SIMDe-emulated AVX-512 path);
+- on each, the attention kernels over the KV cache (kvops.c) against its scalar reference and the softmax
+  numerators (vecops.c) against exp in double, natively built ones only (not the SIMDe-emulated AVX-512
+  path);
 - tests/kernels/c/whole_forward.c: the whole forward (bitnet.h) of a small random model on every natively
   built path and on NEON under qemu, against the scalar path.
 
@@ -28,7 +29,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 KDIR = ROOT / "src" / "bitlm" / "kernels"
 HARNESS = ROOT / "tests" / "kernels" / "c" / "exact.c"
-LIBRARY = ["dispatch.c", "pool.c", "scalar.c", "avx2.c", "amx.c", "neon.c", "convert.c", "kvops.c"]
+LIBRARY = ["dispatch.c", "pool.c", "scalar.c", "avx2.c", "amx.c", "neon.c", "convert.c", "kvops.c", "vecops.c"]
 AVX512 = ["avx512vnni.c", "avx512vbmi.c"]
 APT = "apt-get install libsimde-dev gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user"
 CFLAGS = ["-std=c11", "-Wall", "-Werror", f"-I{KDIR}"]
@@ -131,7 +132,7 @@ def test_native_paths_exact(host, tmp_path):
     paths = _exact_paths(text)
     assert "scalar" in paths
     if "avx2" in paths:  # kvops.c's x86 loops ran (AVX-512 ones where the CPU has them)
-        assert re.search(r"^path avx2: exact .*attention kernels avx2", text, re.M), text
+        assert re.search(r"^path avx2: exact .*attention kernels and softmax avx2", text, re.M), text
     from bitlm import kernels
     if kernels.available():  # the harness ran every path the binding offers on this CPU (AMX where it is)
         assert sorted(paths) == sorted(kernels.info()["paths"]), text
@@ -162,7 +163,7 @@ def test_neon_path_exact_under_qemu(tmp_path):
     units = [(str(HARNESS), ["-O2"]), *_sources(LIBRARY + AVX512, ["-O2"])]
     text = _run([qemu, "-cpu", "max", str(_build(cc, tmp_path, units, ["-static"]))])
     assert sorted(_exact_paths(text)) == ["neon", "scalar"], text
-    assert re.search(r"^path neon: exact .*attention kernels neon", text, re.M), text  # kvops.c's NEON loops
+    assert re.search(r"^path neon: exact .*attention kernels and softmax neon", text, re.M), text  # kvops.c's NEON loops
     assert re.search(r"^path neon: exact .*q6 head kernel neon", text, re.M), text
 
 

@@ -312,6 +312,37 @@ static float *kv_floats(int kind, int hd, const uint8_t *rows, size_t ld, int n)
  * magnitude below one wrong or missing term; bit-equal when the keys come in two calls, cut .. n first and
  * then 0 .. cut, as in one (attention.c follows a paged cache's blocks so); nothing written past a call's
  * keys or o's rows; the f16 store bit-equal to the scalar cast */
+/* the softmax numerators (vecops.c expsum) of n scores below mx by up to 110, on every path run natively:
+ * each element within 2^-22 of exp of its float difference (0 where that is below -87.34, below the
+ * smallest normal float where the scalar path's expf goes subnormal), the sum within n 2^-22 of theirs, and
+ * the AVX-512 elements the AVX2 loop's bits where that runs its polynomial */
+static void check_expsum(int n) {
+    float *s = malloc(sizeof(float) * (size_t)n), *got = malloc(sizeof(float) * (size_t)n);
+    float *avx2 = malloc(sizeof(float) * (size_t)n), mx = 3.25f;
+    for (int j = 0; j < n; j++) s[j] = mx - 110.0f * (float)(next() % 100000) / 100000.0f;
+    s[n / 2] = mx;
+    int have_avx2 = 0;
+    for (int path = 0; path < I2V_NPATHS; path++) {
+        if (!i2v_path_supported(path) || EMULATED(path)) continue;
+        memcpy(got, s, sizeof(float) * (size_t)n);
+        float sum = bn_pick_expsum(path)(got, n, mx);
+        double want = 0;
+        int wrong = 0;
+        for (int j = 0; j < n; j++) {
+            float d = s[j] - mx;
+            double e = exp((double)d);
+            want += e;
+            wrong |= d >= -87.33654f ? fabs(got[j] - e) > 0x1p-22 * e : !(got[j] >= 0.0f && got[j] < 0x1p-126f);
+        }
+        wrong |= fabs(sum - want) > n * 0x1p-22 * want;
+        if (path == I2V_PATH_AVX2) memcpy(avx2, got, sizeof(float) * (size_t)n), have_avx2 = 1;
+        if (i2v_path_has_avx512vnni(path) && have_avx2) /* the AVX2 loop's vector part (its tail is expf) */
+            wrong |= memcmp(got, avx2, sizeof(float) * (size_t)(n / 8 * 8)) != 0;
+        if (wrong) printf("MISMATCH expsum path %s n %d\n", i2v_path_name(path), n), bad[path] = 1;
+    }
+    free(s), free(got), free(avx2);
+}
+
 static void check_kv(int kind, int nq, int hd, int n, int cut) {
     const size_t ld = bn_kv_row_bytes(kind, hd) + 6, ldo = (size_t)n + 3; /* rows not packed: ld is honoured */
     const size_t nqh = (size_t)nq * hd, sz = (size_t)nq * ldo, fb = sizeof(float);
@@ -464,6 +495,8 @@ int main(void) {
         for (int i = 0; i < (int)(sizeof kvshapes / sizeof kvshapes[0]); i++)
             check_kv(kind, kvshapes[i][0], kvshapes[i][1], kvshapes[i][2], kvshapes[i][3]);
     }
+    for (int n = 1; n <= 40; n++) check_expsum(n);
+    check_expsum(255), check_expsum(256), check_expsum(1000);
     int any = nested_bad;
     for (int path = 0; path < I2V_NPATHS; path++) {
         if (!i2v_path_supported(path)) continue;
@@ -472,7 +505,7 @@ int main(void) {
         pv_fn pv;
         kvput_fn put;
         printf("path %s: %s (gemm, gemm_multi, gemm_multi_f32 on i2v and t5, quantize; q6 head kernel %s; "
-               "attention kernels %s)%s\n", i2v_path_name(path), bad[path] ? "FAILED" : "exact",
+               "attention kernels and softmax %s)%s\n", i2v_path_name(path), bad[path] ? "FAILED" : "exact",
                i2v_q6_kernel_name(path), EMULATED(path) ? "not run" : bn_pick_kv(path, BN_F16, 128, &sc, &pv, &put),
                EMULATED(path) ? " [SIMDe emulation]" : "");
     }
