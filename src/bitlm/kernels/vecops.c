@@ -89,6 +89,21 @@ static float expsum_scalar(float *s, int n, float mx) {
 }
 
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+/* r = x - n ln 2 (ln 2 in two parts) and y = exp(r) by Cephes' polynomial, on registers of prefix P
+ * (_mm256 or _mm512): one list of steps and constants, so both widths give each element the same bits */
+#define EXP_POLY(P, x, n, r, y)                                                        \
+    do {                                                                               \
+        r = P##_fnmadd_ps(n, P##_set1_ps(0.693359375f), x);                            \
+        r = P##_fnmadd_ps(n, P##_set1_ps(-2.12194440e-4f), r);                         \
+        y = P##_set1_ps(1.9875691500e-4f);                                             \
+        y = P##_fmadd_ps(y, r, P##_set1_ps(1.3981999507e-3f));                         \
+        y = P##_fmadd_ps(y, r, P##_set1_ps(8.3334519073e-3f));                         \
+        y = P##_fmadd_ps(y, r, P##_set1_ps(4.1665795894e-2f));                         \
+        y = P##_fmadd_ps(y, r, P##_set1_ps(1.6666665459e-1f));                         \
+        y = P##_fmadd_ps(y, r, P##_set1_ps(5.0000001201e-1f));                         \
+        y = P##_fmadd_ps(y, P##_mul_ps(r, r), P##_add_ps(r, P##_set1_ps(1.0f)));       \
+    } while (0)
+
 /* exp(x) for x <= 0: Cephes' expf (x = n ln 2 + r, |r| <= ln 2 / 2, a degree-7 polynomial in r, then
  * 2^n into the exponent): within 1 ulp of the correctly rounded exp on every 64th float of (-87.3, 0]
  * (a throwaway check against double exp); 0 below -87.3 where the result would be subnormal */
@@ -98,15 +113,8 @@ __attribute__((target("avx2,fma"))) static inline __m256 exp_nonpos_avx2(__m256 
     x = _mm256_max_ps(x, lo);
     __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256 r, y;
+    EXP_POLY(_mm256, x, n, r, y);
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
 }
@@ -125,22 +133,15 @@ __attribute__((target("avx2,fma"))) static float expsum_avx2(float *s, int n, fl
     return _mm_cvtss_f32(h) + expsum_scalar(s + j, n - j, mx);
 }
 
-/* exp_nonpos_avx2's steps on 16 lanes: each element the same bits */
+/* exp_nonpos_avx2 on 16 lanes: the same steps (EXP_POLY), so each element the same bits */
 __attribute__((target("avx512f"))) static inline __m512 exp_nonpos_avx512(__m512 x) {
     const __m512 lo = _mm512_set1_ps(-87.33654f);
     __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ);
     x = _mm512_max_ps(x, lo);
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    __m512 r, y;
+    EXP_POLY(_mm512, x, n, r, y);
     __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
     return _mm512_maskz_mul_ps(keep, y, _mm512_castsi512_ps(e));
 }
