@@ -403,7 +403,7 @@ def cmd_doctor(args) -> int:
     print(f"kernel paths: {', '.join(info['paths'])}; in use: {info['path']}")
     print("kernel tests: amx is tested only on CPUs that have it (no emulator); avx512vnni/vbmi and neon are "
           "also tested in CI on any CPU, by emulation (SIMDe, qemu-user), except the AVX-512 attention loops "
-          "(only where the CPU has AVX-512)")
+          "and softmax (only where the CPU has AVX-512)")
     print(f"threads: {info['threads']}")
     return 0
 
