@@ -102,3 +102,16 @@ def vm_flags(address: int) -> set[str]:
             elif inside and head == "VmFlags:":
                 return set(line.split()[1:])
     raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def resident_pages(address: int, size: int) -> set[int]:
+    """The indices of the pages of [address, address + size) that are in memory (mincore; address
+    page-aligned, a range of this process's mappings)."""
+    import ctypes
+    import mmap
+    import os
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte))
+    vec = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
+    assert libc.mincore(ctypes.c_void_p(address), size, vec) == 0, os.strerror(ctypes.get_errno())
+    return {i for i, v in enumerate(vec) if v & 1}

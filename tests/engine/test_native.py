@@ -1,6 +1,7 @@
 """The native runtime (kernels/bitnet.c) against the torch reference model, step for step."""
 
 import contextlib
+import mmap
 import sys
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 
 import bitlm
 from bitlm.errors import BitlmError
-from helpers import make_tiny_model_dir, vm_flags
+from helpers import make_tiny_model_dir, resident_pages, vm_flags
 
 native = pytest.importorskip("bitlm.engine.native")
 if not __import__("bitlm.kernels", fromlist=["available"]).available():
@@ -201,18 +202,12 @@ def test_rope_tables_filled_as_positions_are_reached(model):
     assert nm._rope_filled == 25 and not nm._rope[0][25:].any()  # the rest of the mapping untouched
 
 
-def resident_bytes(address: int, size: int) -> int:
-    """Bytes of [address, address + size) in memory (mincore: a page-aligned range of this process)."""
-    import ctypes
-    import mmap
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte))
-    vec = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
-    assert libc.mincore(ctypes.c_void_p(address), size, vec) == 0, ctypes.get_errno()
-    return sum(v & 1 for v in vec) * mmap.PAGESIZE
+def resident_bytes(a: np.ndarray) -> int:
+    """Bytes of array a's memory that are resident (a starts a mapping: page-aligned)."""
+    return len(resident_pages(a.ctypes.data, a.nbytes)) * mmap.PAGESIZE
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(__import__("mmap"), "MADV_HUGEPAGE"),
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_HUGEPAGE"),
                     reason="MADV_HUGEPAGE, mincore and /proc/self/smaps are Linux's")
 def test_kv_cache_is_used_in_position_order_on_huge_pages(tmp_path):
     """The own cache holds positions in blocks of KV_BLOCK, all layers' rows of a block together, on a
@@ -222,10 +217,10 @@ def test_kv_cache_is_used_in_position_order_on_huge_pages(tmp_path):
     nm = native.NativeModel.from_model(tiny, head="f32", max_len=1 << 16, kv="f32")
     block, huge = nm.kv_cache[0].nbytes, 2 << 20
     assert nm.kv_cache.nbytes > 4 * (block + huge)  # so that a block and the cache tell apart
-    assert resident_bytes(nm.kv_cache.ctypes.data, nm.kv_cache.nbytes) == 0
+    assert resident_bytes(nm.kv_cache) == 0
     nm.forward(np.array([3, 4, 5]))
     assert "hg" in vm_flags(nm.kv_cache.ctypes.data)
-    assert 0 < resident_bytes(nm.kv_cache.ctypes.data, nm.kv_cache.nbytes) <= block + huge
+    assert 0 < resident_bytes(nm.kv_cache) <= block + huge
     k, v = nm.kv_rows(1)
     assert k[:, :3].any() and not k[:, 3:].any() and v[:, :3].any() and not v[:, 3:].any()
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from bitlm.io import st
-from helpers import vm_flags
+from helpers import resident_pages, vm_flags
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_HUGEPAGE"),
                                 reason="MADV_HUGEPAGE, mincore and /proc/self/smaps are Linux's")
@@ -25,7 +25,6 @@ def cached_page_set(path) -> set[int]:
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
     libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte))
     size = os.path.getsize(path)
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -34,9 +33,7 @@ def cached_page_set(path) -> set[int]:
     finally:
         os.close(fd)
     try:
-        vec = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
-        assert libc.mincore(addr, size, vec) == 0, os.strerror(ctypes.get_errno())
-        return {i for i, v in enumerate(vec) if v & 1}
+        return resident_pages(addr, size)
     finally:
         libc.munmap(addr, size)
 

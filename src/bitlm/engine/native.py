@@ -211,10 +211,10 @@ def _zeros_pages(n: int, shape: tuple, dtype, huge: bool = False) -> tuple[objec
     in order from its start. A KV cache laid out by position (a paged pool's blocks, the model's own
     cache: kernels/bitnet.h BN_KV_BLOCK) is, and takes huge pages: attention reads it from memory with
     fewer TLB misses (one core's scores over q8_0 keys in memory ran at 13.1-13.6 GB/s against 9.3 on
-    4 KB pages, benchmarks/kv_attention_c.c; benchmarks/README.md, seventh session). The advice is a
-    hint: a kernel without transparent huge pages refuses it, and the mapping stays as it is. Laid out by head it made
-    2 MB resident for each head's first row (the 2B4T cache at 4,096 positions took 180 MB after one
-    token) and stayed on ordinary pages."""
+    4 KB pages, benchmarks/kv_attention_c.c; benchmarks/README.md, seventh session). Laid out by head it
+    made 2 MB resident for each head's first row (the 2B4T cache at 4,096 positions took 180 MB after one
+    token) and stayed on ordinary pages. The advice is a hint: a kernel without transparent huge pages
+    refuses it, and the mapping stays as it is."""
     import contextlib
     import math
     import mmap
