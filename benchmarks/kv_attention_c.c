@@ -127,7 +127,7 @@ int main(int argc, char **argv) {
                     sum += read_bytes(kh + (size_t)j * ld, (size_t)n * ld) + read_bytes(vh + (size_t)j * ld, (size_t)n * ld);
                     continue;
                 }
-                /* as attention.c: the first rows of V requested before the scores, the next chunk's K before p.v */
+                /* as attention.c: the first rows of V requested before the scores, the next chunk's K along p.v */
                 if (strcmp(only, "pv")) {
                     if (strcmp(only, "scores")) prefetch_first(vh + (size_t)j * ld, ld, n);
                     sc(qarg, nq, hd, kh + (size_t)j * ld, ld, n, 0.088f, p, ATT_CHUNK);
@@ -135,10 +135,11 @@ int main(int argc, char **argv) {
                 for (int r = 0; r < nq; r++) /* stands for the softmax */
                     for (int i = 0; i < n; i++) p[r * ATT_CHUNK + i] = 1.0f / ATT_CHUNK;
                 if (strcmp(only, "scores")) {
+                    bn_ahead next = {NULL, 0}; /* the next chunk's keys, requested along p.v */
                     if (strcmp(only, "pv") && j + ATT_CHUNK < keys)
-                        prefetch_first(kh + (size_t)(j + ATT_CHUNK) * ld, ld,
-                                       keys - j - ATT_CHUNK < ATT_CHUNK ? (int)(keys - j - ATT_CHUNK) : ATT_CHUNK);
-                    pv(o, nq, hd, p, ATT_CHUNK, vh + (size_t)j * ld, ld, n);
+                        next = (bn_ahead){kh + (size_t)(j + ATT_CHUNK) * ld,
+                                          (keys - j - ATT_CHUNK < ATT_CHUNK ? (size_t)(keys - j - ATT_CHUNK) : ATT_CHUNK) * ld};
+                    pv(o, nq, hd, p, ATT_CHUNK, vh + (size_t)j * ld, ld, n, &next);
                 }
             }
         }

@@ -196,8 +196,9 @@ static inline int run_end(int j, int end, int bs) { return (j / bs + 1) * bs < e
 
 /* The first ATT_PREFETCH rows of a run of K or V requested before the loop that reads them starts: the
  * kernels prefetch their own rows ahead within a call (kvops.c), but the first ones of each stream would
- * start cold: V's after the scores, the next unit's K after p.v, and in a paged pool each next block's
- * (a pool block of 16 rows is one kernel call, shorter than the kernels' prefetch distance). Into L1, as
+ * start cold: V's after the scores, and in a paged pool each next block's (a pool block of 16 rows is one
+ * kernel call, shorter than the kernels' prefetch distance). The next unit's K comes with p.v instead
+ * (attend_unit, bn_ahead: spread over p.v, not at once). Into L1, as
  * measured. Inlined by force: GCC counts a function that only prefetches as pure and deletes the call */
 __attribute__((always_inline)) static inline void prefetch_run(const bn_model *m, const bn_pool *pool,
                                                                 const bn_span *sp, int l, int kv, int h, int j, int n,
@@ -236,16 +237,23 @@ static void attend_unit(const attn_task *a, const att_unit *u, const att_unit *n
             ms[2 * r + 1] = m->expsum(sr, n, mx);
         }
         memset(o, 0, sizeof(float) * (size_t)group * hd);
+        /* after the last row's p.v the next unit's scores: p.v requests their first run of keys (its
+         * contiguous rows, up to the chunk) into L2 along the way, each run of values its share */
+        bn_ahead next_keys = {NULL, 0};
         if (t == u->tb - 1 && next) {
             const bn_span *ns = &a->plan->spans[next->span];
             int nj0 = next->c * ATT_CHUNK, nn = ns->pos + (next->ta - ns->row0) + 1 - nj0;
-            prefetch_run(m, a->pool, ns, a->l, 0, next->kvh, nj0, nn, bs);
+            nn = nn < ATT_CHUNK ? nn : ATT_CHUNK;
+            next_keys.p = (const uint8_t *)bn_kv_row(m, a->pool, ns, a->l, 0, next->kvh, nj0);
+            next_keys.bytes = (size_t)(run_end(nj0, nj0 + nn, bs) - nj0) * m->kv_row;
         }
         for (int j = j0; j < j0 + n;) {
             int e = run_end(j, j0 + n, bs);
             if (t == u->ta && e < j0 + n) prefetch_run(m, a->pool, sp, a->l, 1, u->kvh, e, j0 + n - e, bs);
+            size_t from = next_keys.bytes * (size_t)(j - j0) / (size_t)n, to = next_keys.bytes * (size_t)(e - j0) / (size_t)n;
+            bn_ahead share = {next_keys.p ? next_keys.p + from : NULL, to - from};
             m->pv(o, group, hd, sc + (j - j0), ATT_CHUNK, bn_kv_row(m, a->pool, sp, a->l, 1, u->kvh, j), m->kv_row,
-                  e - j);
+                  e - j, &share);
             j = e;
         }
     }

@@ -27,13 +27,21 @@ typedef float (*rowmax_fn)(const float *s, int n); /* max of s[0 .. n), n >= 1 *
  *         over q8_0 keys, which the cache holds in tiles of BN_KT keys (kvops.c), k is the first key's tile
  *         (a key j % BN_KT == 0), ldk a row's bytes, and q_r = q + r * bn_kt_query_bytes(hd) bytes is q's
  *         head r quantized to q8_0 (bn_kt_query): the integer dot of llama.cpp
- * pv:     o_r += sum over j < n of p[r * ldp + j] * v_j, v_j = v + j * ldv bytes.
+ * pv:     o_r += sum over j < n of p[r * ldp + j] * v_j, v_j = v + j * ldv bytes. While it runs, the
+ *         SIMD kernels also request into L2 the bytes of `ahead` (NULL: none), a few lines a key, spread
+ *         evenly over the call: attention.c gives the next unit's keys, so that the scores after it read
+ *         them from cache. Requests only: the results are the same for any ahead.
  * Each o element takes its n terms one after another in j order, so a call over keys 0..n equals two
  * calls over 0..a and a..n bit for bit (attention relies on it to follow a paged cache's blocks; over q8_0
  * keys a % BN_KT == 0). */
 typedef void (*scores_fn)(const void *q, int nq, int hd, const void *k, size_t ldk, int n, float scale, float *out,
                           size_t ldo);
-typedef void (*pv_fn)(float *o, int nq, int hd, const float *p, size_t ldp, const void *v, size_t ldv, int n);
+typedef struct {
+    const uint8_t *p;
+    size_t bytes;
+} bn_ahead;
+typedef void (*pv_fn)(float *o, int nq, int hd, const float *p, size_t ldp, const void *v, size_t ldv, int n,
+                      const bn_ahead *ahead);
 /* one cache row of n values from float32 x (f32 copied, f16 rounded to nearest even, q8_0 quantized) */
 typedef void (*kvput_fn)(const float *x, int n, void *dst);
 

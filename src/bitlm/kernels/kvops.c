@@ -97,8 +97,10 @@ static inline void scores_scalar(int kind, const float *q, int nq, int hd, const
     }
 }
 
+/* the reference requests nothing (ahead: bitnet_impl.h) */
 static inline void pv_scalar(int kind, float *o, int nq, int hd, const float *p, size_t ldp, const uint8_t *v,
-                             size_t ldv, int n) {
+                             size_t ldv, int n, const bn_ahead *ahead) {
+    (void)ahead;
     for (int j = 0; j < n; j++)
         for (int i = 0; i < hd; i++) {
             float x = kv_at(kind, v + (size_t)j * ldv, i);
@@ -116,16 +118,16 @@ static inline void pv_scalar(int kind, float *o, int nq, int hd, const float *p,
         scores_##isa(BN_F16, (const float *)q, nq, hd, (const uint8_t *)k, ldk, n, s, out, ldo);             \
     }                                                                                                          \
     ATTR static void pv_##isa##_f32(float *o, int nq, int hd, const float *p, size_t ldp, const void *v, size_t ldv, \
-                               int n) {                                                                     \
-        pv_##isa(BN_F32, o, nq, hd, p, ldp, (const uint8_t *)v, ldv, n);                                     \
+                               int n, const bn_ahead *ahead) {                                              \
+        pv_##isa(BN_F32, o, nq, hd, p, ldp, (const uint8_t *)v, ldv, n, ahead);                              \
     }                                                                                                          \
     ATTR static void pv_##isa##_f16(float *o, int nq, int hd, const float *p, size_t ldp, const void *v, size_t ldv, \
-                               int n) {                                                                     \
-        pv_##isa(BN_F16, o, nq, hd, p, ldp, (const uint8_t *)v, ldv, n);                                     \
+                               int n, const bn_ahead *ahead) {                                              \
+        pv_##isa(BN_F16, o, nq, hd, p, ldp, (const uint8_t *)v, ldv, n, ahead);                              \
     }                                                                                                          \
     ATTR static void pv_##isa##_q8_0(float *o, int nq, int hd, const float *p, size_t ldp, const void *v,          \
-                                size_t ldv, int n) {                                                        \
-        pv_##isa(BN_Q8_0, o, nq, hd, p, ldp, (const uint8_t *)v, ldv, n);                                    \
+                                size_t ldv, int n, const bn_ahead *ahead) {                                 \
+        pv_##isa(BN_Q8_0, o, nq, hd, p, ldp, (const uint8_t *)v, ldv, n, ahead);                             \
     }
 
 KINDS(, scalar)
@@ -243,6 +245,41 @@ static inline void prefetch_tile(const uint8_t *k, size_t ldk, int j, int n) {
     int t = (j + KV_PREFETCH) / BN_KT * BN_KT;
     if (t < n)
         for (size_t b = 0; b < BN_KT * ldk; b += 64) __builtin_prefetch(k + (size_t)t * ldk + b, 0, 2);
+}
+
+/* prefetch_tile's lines a few at a time, lines y0 .. y1 - 1 of that tile: a kernel spreads them over its
+ * work on tile j, one line a step (all at once, the requests came in bursts the memory answered more
+ * slowly: AVX-512 tile scores from DRAM 14.0-15.1 GB/s spread, against 12.5-13.1, one core) */
+static inline void prefetch_tile_lines(const uint8_t *k, size_t ldk, int j, int n, size_t y0, size_t y1) {
+    int t = (j + KV_PREFETCH) / BN_KT * BN_KT;
+    if (t < n)
+        for (size_t y = y0; y < y1 && 64 * y < BN_KT * ldk; y++) __builtin_prefetch(k + (size_t)t * ldk + 64 * y, 0, 2);
+}
+
+/* p.v's walk over `ahead` (bitnet_impl.h): at each of the call's n keys (its first column pass), the
+ * next lines, L / n of them or one more (a running remainder, no division a key), so the L lines of the
+ * stream are requested evenly over the call. In bursts (the next unit's first rows requested at once
+ * before p.v) the memory answered more slowly: benchmarks/README.md, "eighth session" */
+typedef struct {
+    const uint8_t *p;
+    size_t per, rem, acc, n;
+} ahead_walk;
+
+static inline ahead_walk ahead_begin(const bn_ahead *a, int n) {
+    ahead_walk w = {NULL, 0, 0, 0, (size_t)(n > 0 ? n : 1)};
+    if (a && a->p && a->bytes && n > 0) {
+        size_t skew = (size_t)((uintptr_t)a->p & 63), lines = (skew + a->bytes + 63) / 64;
+        w.p = a->p - skew;
+        w.per = lines / w.n;
+        w.rem = lines % w.n;
+    }
+    return w;
+}
+
+static inline void ahead_step(ahead_walk *w) {
+    size_t k = w->per;
+    if ((w->acc += w->rem) >= w->n) w->acc -= w->n, k++;
+    for (; k; k--, w->p += 64) __builtin_prefetch(w->p, 0, 2);
 }
 
 /* p.v's rows r0 .. r0 + 3 of p [nq, ldp] and o [nq, hd], in pr and orow. Short groups repeat their
@@ -372,7 +409,8 @@ T512 void scores_avx512(int kind, const float *q, int nq, int hd, const uint8_t 
 /* 4 rows of o by 64 columns (then 16) in registers while a block of PV_KEYS value rows streams past, then
  * the next columns over the same rows, hd % 16 == 0 */
 T512 void pv_avx512(int kind, float *o, int nq, int hd, const float *p, size_t ldp, const uint8_t *v, size_t ldv,
-                    int n) {
+                    int n, const bn_ahead *ahead) {
+    ahead_walk aw = ahead_begin(ahead, hd >= 64 ? n : 0); /* a step a key of the 64-column pass */
     for (int r0 = 0; r0 < nq; r0 += 4) {
         const float *pr[4];
         float *orow[4];
@@ -385,7 +423,10 @@ T512 void pv_avx512(int kind, float *o, int nq, int hd, const float *p, size_t l
                     for (int x = 0; x < 4; x++) acc[4 * r + x] = _mm512_loadu_ps(orow[r] + c + 16 * x);
                 for (int j = jb; j < je; j++) {
                     const uint8_t *vj = v + (size_t)j * ldv;
-                    if (c == 0) prefetch_rows(v, ldv, j + KV_PREFETCH, 1, n);
+                    if (c == 0) {
+                        prefetch_rows(v, ldv, j + KV_PREFETCH, 1, n);
+                        if (r0 == 0) ahead_step(&aw);
+                    }
                     __m512 v0, v1, v2, v3;
                     ld32(kind, vj, c, &v0, &v1);
                     ld32(kind, vj, c + 32, &v2, &v3);
@@ -427,7 +468,7 @@ scores_avx512_kt(const void *q, int nq, int hd, const void *k, size_t ldk, int n
         int nr = kt_query_rows((const uint8_t *)q, hd, nq, r0, scale, &z);
         for (int j = 0; j < n; j += BN_KT) {
             const uint8_t *tile = kt + (size_t)j * ldk;
-            prefetch_tile(kt, ldk, j, n);
+            prefetch_tile_lines(kt, ldk, j, n, (size_t)nb * 8, SIZE_MAX); /* past a line a step of the blocks */
             __m512 s[4];
             for (int r = 0; r < 4; r++) s[r] = _mm512_setzero_ps();
             for (int b = 0; b < nb; b++) {
@@ -435,6 +476,7 @@ scores_avx512_kt(const void *q, int nq, int hd, const void *k, size_t ldk, int n
                 __m512i acc[4];
                 for (int r = 0; r < 4; r++) acc[r] = _mm512_setzero_si512();
                 for (int g = 0; g < 8; g++) {
+                    prefetch_tile_lines(kt, ldk, j, n, (size_t)(8 * b + g), (size_t)(8 * b + g) + 1);
                     __m512i kv = _mm512_xor_si512(_mm512_loadu_si512(t + 32 + 64 * g), x80);
                     for (int r = 0; r < 4; r++) acc[r] = _mm512_dpbusd_epi32(acc[r], kv, _mm512_set1_epi32(kt_q4(z.row[r], b, g)));
                 }
@@ -535,7 +577,8 @@ T256 void scores_avx2(int kind, const float *q, int nq, int hd, const uint8_t *k
 /* 4 rows of o by 16 columns (then 8) in registers over a block of PV_KEYS value rows, then the next
  * columns over the same rows, hd % 8 == 0 */
 T256 void pv_avx2(int kind, float *o, int nq, int hd, const float *p, size_t ldp, const uint8_t *v, size_t ldv,
-                  int n) {
+                  int n, const bn_ahead *ahead) {
+    ahead_walk aw = ahead_begin(ahead, hd >= 16 ? n : 0); /* a step a key of the 16-column pass */
     for (int r0 = 0; r0 < nq; r0 += 4) {
         const float *pr[4];
         float *orow[4];
@@ -550,7 +593,10 @@ T256 void pv_avx2(int kind, float *o, int nq, int hd, const float *p, size_t ldp
                 }
                 for (int j = jb; j < je; j++) {
                     const uint8_t *vj = v + (size_t)j * ldv;
-                    if (c == 0) prefetch_rows(v, ldv, j + KV_PREFETCH, 1, n);
+                    if (c == 0) {
+                        prefetch_rows(v, ldv, j + KV_PREFETCH, 1, n);
+                        if (r0 == 0) ahead_step(&aw);
+                    }
                     __m256 v0 = ld8(kind, vj, c), v1 = ld8(kind, vj, c + 8);
                     for (int r = 0; r < 4; r++) {
                         __m256 w = _mm256_broadcast_ss(pr[r] + j);
@@ -687,7 +733,8 @@ static inline void scores_neon(int kind, const float *q, int nq, int hd, const u
 
 /* 4 rows of o by 16 columns in registers while the keys' value rows stream past, hd % 16 == 0 */
 static inline void pv_neon(int kind, float *o, int nq, int hd, const float *p, size_t ldp, const uint8_t *v,
-                           size_t ldv, int n) {
+                           size_t ldv, int n, const bn_ahead *ahead) {
+    ahead_walk aw = ahead_begin(ahead, n); /* a step a key of the first 16 columns */
     for (int r0 = 0; r0 < nq; r0 += 4) {
         const float *pr[4];
         float *orow[4];
@@ -697,7 +744,10 @@ static inline void pv_neon(int kind, float *o, int nq, int hd, const float *p, s
             for (int r = 0; r < 4; r++)
                 for (int t = 0; t < 4; t++) acc[4 * r + t] = vld1q_f32(orow[r] + c + 4 * t);
             for (int j = 0; j < n; j++) {
-                if (c == 0) prefetch_rows(v, ldv, j + KV_PREFETCH, 1, n);
+                if (c == 0) {
+                    prefetch_rows(v, ldv, j + KV_PREFETCH, 1, n);
+                    if (r0 == 0) ahead_step(&aw);
+                }
                 float32x4_t x[4];
                 ld16n(kind, v + (size_t)j * ldv, c, x);
                 for (int r = 0; r < 4; r++) {

@@ -303,7 +303,7 @@ static float *kv_floats(int kind, int hd, const uint8_t *rows, size_t ld, int n)
     kvput_fn put;
     bn_pick_kv(I2V_PATH_SCALAR, kind, hd, &sc, &pv, &put);
     float *out = calloc((size_t)n * hd, sizeof(float)), one = 1.0f;
-    for (int j = 0; j < n; j++) pv(out + (size_t)j * hd, 1, hd, &one, 1, rows + (size_t)j * ld, ld, 1);
+    for (int j = 0; j < n; j++) pv(out + (size_t)j * hd, 1, hd, &one, 1, rows + (size_t)j * ld, ld, 1, NULL);
     return out;
 }
 
@@ -401,7 +401,7 @@ static void check_kv(int kind, int nq, int hd, int n, int cut) {
                 }
             }
     memcpy(oref, o0, fb * nqh);
-    pv(oref, nq, hd, p, ldo, V, ld, n);
+    pv(oref, nq, hd, p, ldo, V, ld, n, NULL);
     for (int path = 0; path < I2V_NPATHS; path++) {
         if (!i2v_path_supported(path) || EMULATED(path)) continue; /* kvops.c is built natively only */
         const char *name = bn_pick_kv(path, kind, hd, &sc, &pv, &put);
@@ -413,9 +413,12 @@ static void check_kv(int kind, int nq, int hd, int n, int cut) {
         memcpy(o1, o0, fb * nqh);
         memcpy(o2, o0, fb * nqh);
         for (int i = 0; i < guard; i++) memcpy(&o1[nqh + i], &junk, fb), memcpy(&o2[nqh + i], &junk, fb);
-        pv(o1, nq, hd, p, ldo, V, ld, n);
-        pv(o2, nq, hd, p, ldo, V, ld, cut);
-        pv(o2, nq, hd, p + cut, ldo, V + (size_t)cut * ld, ld, n - cut);
+        /* o1 requests the keys along (bitnet_impl.h's ahead, from an odd byte: lines counted from the one
+         * it falls in), o2 nothing: the same bits */
+        const bn_ahead keys_along = {Karg + 1, (size_t)n * ldk - 1};
+        pv(o1, nq, hd, p, ldo, V, ld, n, &keys_along);
+        pv(o2, nq, hd, p, ldo, V, ld, cut, NULL);
+        pv(o2, nq, hd, p + cut, ldo, V + (size_t)cut * ld, ld, n - cut, NULL);
         for (int r = 0; r < nq; r++) {
             for (int j = 0; j < n; j++) {
                 double terms = 0;
