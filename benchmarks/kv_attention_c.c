@@ -135,7 +135,9 @@ int main(int argc, char **argv) {
                 for (int r = 0; r < nq; r++) /* stands for the softmax */
                     for (int i = 0; i < n; i++) p[r * ATT_CHUNK + i] = 1.0f / ATT_CHUNK;
                 if (strcmp(only, "scores")) {
-                    bn_ahead next = {NULL, 0}; /* the next chunk's keys, requested along p.v */
+                    /* the next chunk's keys, requested along p.v (attention.c: the next unit's, of the next
+                     * kv head after a head's last chunk; here none there) */
+                    bn_ahead next = {NULL, 0};
                     if (strcmp(only, "pv") && j + ATT_CHUNK < keys)
                         next = (bn_ahead){kh + (size_t)(j + ATT_CHUNK) * ld,
                                           (keys - j - ATT_CHUNK < ATT_CHUNK ? (size_t)(keys - j - ATT_CHUNK) : ATT_CHUNK) * ld};

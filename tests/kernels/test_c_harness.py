@@ -9,7 +9,9 @@ references, whatever CPU runs the tests.
   numerators (vecops.c) against exp in double, natively built ones only (not the SIMDe-emulated AVX-512
   path);
 - tests/kernels/c/whole_forward.c: the whole forward (bitnet.h) of a small random model on every natively
-  built path and on NEON under qemu, against the scalar path.
+  built path and on NEON under qemu, against the scalar path;
+- tests/kernels/c/ahead_walk.c: the lines p.v requests of the next unit's keys (bitnet_impl.h's ahead),
+  recorded, natively and on NEON under qemu.
 
 The tools (Debian/Ubuntu): apt-get install libsimde-dev gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user
 (.ci/run installs them). Without them these tests skip on a developer's machine and fail in CI (CI set).
@@ -155,16 +157,46 @@ def test_avx512_kernels_exact_on_an_avx2_only_cpu(simde_harness):
     assert re.search(r"^path avx512vnni: exact .*q6 head kernel avx512vbmi.*SIMDe", text, re.M), text
 
 
-def test_neon_path_exact_under_qemu(tmp_path):
+def _cross_neon() -> tuple[str, str]:
+    """The AArch64 cross compiler and qemu-user to run what it builds (x86-64 hosts only)."""
     if not X86:
-        pytest.skip("the cross build targets AArch64 from x86-64; on ARM test_native_paths_exact runs NEON itself")
+        pytest.skip("the cross build targets AArch64 from x86-64; on ARM the native tests run NEON")
     cc = _require(_which("aarch64-linux-gnu-gcc"), "the AArch64 cross compiler (gcc-aarch64-linux-gnu)")
     qemu = _require(_which("qemu-aarch64", "qemu-aarch64-static"), "qemu-user (qemu-aarch64)")
+    return cc, qemu
+
+
+def test_neon_path_exact_under_qemu(tmp_path):
+    cc, qemu = _cross_neon()
     units = [(str(HARNESS), ["-O2"]), *_sources(LIBRARY + AVX512, ["-O2"])]
     text = _run([qemu, "-cpu", "max", str(_build(cc, tmp_path, units, ["-static"]))])
     assert sorted(_exact_paths(text)) == ["neon", "scalar"], text
     assert re.search(r"^path neon: exact .*attention kernels and softmax neon", text, re.M), text  # kvops.c's NEON loops
     assert re.search(r"^path neon: exact .*q6 head kernel neon", text, re.M), text
+
+
+AHEAD = ROOT / "tests" / "kernels" / "c" / "ahead_walk.c"
+
+
+def _ahead_walk(cc: str, d: Path, link: list[str]) -> Path:
+    """ahead_walk.c, which includes kvops.c itself (its prefetches recorded), and the rest of the library."""
+    units = [(str(AHEAD), ["-O2"]), *_sources([f for f in LIBRARY + AVX512 if f != "kvops.c"], ["-O2"])]
+    return _build(cc, d, units, link)
+
+
+def test_pv_requests_the_ahead_stream_line_by_line(tmp_path):
+    """tests/kernels/c/ahead_walk.c: each native p.v kernel requests exactly the lines of bitnet_impl.h's
+    `ahead` stream (the next unit's keys in attention.c), each once, over calls of every shape; the scalar
+    reference none."""
+    cc = _require(_which("gcc", "cc"), "a C compiler")
+    text = _run([str(_ahead_walk(cc, tmp_path, []))])
+    assert re.search(r"^ahead walk: \d+ calls exact$", text, re.M), text
+
+
+def test_neon_pv_requests_the_ahead_stream_under_qemu(tmp_path):
+    cc, qemu = _cross_neon()
+    text = _run([qemu, "-cpu", "max", str(_ahead_walk(cc, tmp_path, ["-static"]))])
+    assert re.search(r"^ahead walk: \d+ calls exact$", text, re.M), text
 
 
 def _runtime_files() -> list[str]:
@@ -205,10 +237,7 @@ def test_the_whole_forward_on_every_native_path(tmp_path):
 def test_the_whole_forward_on_neon_under_qemu(tmp_path):
     """The same for AArch64 under qemu-user: the NEON forward, attention and heads together (the only run
     of them: the Python package is built for the host)."""
-    if not X86:
-        pytest.skip("the cross build targets AArch64 from x86-64; on ARM the native test runs NEON")
-    cc = _require(_which("aarch64-linux-gnu-gcc"), "the AArch64 cross compiler (gcc-aarch64-linux-gnu)")
-    qemu = _require(_which("qemu-aarch64", "qemu-aarch64-static"), "qemu-user (qemu-aarch64)")
+    cc, qemu = _cross_neon()
     text = _run([qemu, "-cpu", "max", str(_build(cc, tmp_path, _forward_units(), ["-static"]))])
     assert _forward_paths(text) == {"neon"}, text
 

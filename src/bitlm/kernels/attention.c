@@ -197,9 +197,9 @@ static inline int run_end(int j, int end, int bs) { return (j / bs + 1) * bs < e
 /* The first ATT_PREFETCH rows of a run of K or V requested before the loop that reads them starts: the
  * kernels prefetch their own rows ahead within a call (kvops.c), but the first ones of each stream would
  * start cold: V's after the scores, and in a paged pool each next block's (a pool block of 16 rows is one
- * kernel call, shorter than the kernels' prefetch distance). The next unit's K comes with p.v instead
- * (attend_unit, bn_ahead: spread over p.v, not at once). Into L1, as
- * measured. Inlined by force: GCC counts a function that only prefetches as pure and deletes the call */
+ * kernel call, shorter than the kernels' prefetch distance). Into L1, as measured. (The next unit's keys
+ * come into L2 along p.v instead: attend_unit's bn_ahead.) Inlined by force: GCC counts a function that
+ * only prefetches as pure and deletes the call */
 __attribute__((always_inline)) static inline void prefetch_run(const bn_model *m, const bn_pool *pool,
                                                                 const bn_span *sp, int l, int kv, int h, int j, int n,
                                                                 int bs) {
@@ -245,7 +245,10 @@ static void attend_unit(const attn_task *a, const att_unit *u, const att_unit *n
             int nj0 = next->c * ATT_CHUNK, nn = ns->pos + (next->ta - ns->row0) + 1 - nj0;
             nn = nn < ATT_CHUNK ? nn : ATT_CHUNK;
             next_keys.p = (const uint8_t *)bn_kv_row(m, a->pool, ns, a->l, 0, next->kvh, nj0);
-            next_keys.bytes = (size_t)(run_end(nj0, nj0 + nn, bs) - nj0) * m->kv_row;
+            int rows = run_end(nj0, nj0 + nn, bs) - nj0;
+            if (m->kv_kind == BN_Q8_0) /* keys in tiles: the scores read the last one whole */
+                rows = (rows + BN_KT - 1) / BN_KT * BN_KT;
+            next_keys.bytes = (size_t)rows * m->kv_row;
         }
         for (int j = j0; j < j0 + n;) {
             int e = run_end(j, j0 + n, bs);

@@ -28,16 +28,17 @@ typedef float (*rowmax_fn)(const float *s, int n); /* max of s[0 .. n), n >= 1 *
  *         (a key j % BN_KT == 0), ldk a row's bytes, and q_r = q + r * bn_kt_query_bytes(hd) bytes is q's
  *         head r quantized to q8_0 (bn_kt_query): the integer dot of llama.cpp
  * pv:     o_r += sum over j < n of p[r * ldp + j] * v_j, v_j = v + j * ldv bytes. While it runs, the
- *         SIMD kernels also request into L2 the bytes of `ahead` (NULL: none), a few lines a key, spread
- *         evenly over the call: attention.c gives the next unit's keys, so that the scores after it read
- *         them from cache. Requests only: the results are the same for any ahead.
+ *         SIMD kernels also request into L2 the 64-byte lines that hold the bytes of `ahead`, L / n of
+ *         them a key, spread evenly over the call (the scalar reference requests nothing): attention.c
+ *         gives the next unit's keys, so that the scores after it read them from cache. Requests only:
+ *         the results are the same for any ahead.
  * Each o element takes its n terms one after another in j order, so a call over keys 0..n equals two
  * calls over 0..a and a..n bit for bit (attention relies on it to follow a paged cache's blocks; over q8_0
  * keys a % BN_KT == 0). */
 typedef void (*scores_fn)(const void *q, int nq, int hd, const void *k, size_t ldk, int n, float scale, float *out,
                           size_t ldo);
 typedef struct {
-    const uint8_t *p;
+    const uint8_t *p; /* any alignment; NULL or bytes = 0: nothing */
     size_t bytes;
 } bn_ahead;
 typedef void (*pv_fn)(float *o, int nq, int hd, const float *p, size_t ldp, const void *v, size_t ldv, int n,

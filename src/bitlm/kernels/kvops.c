@@ -247,29 +247,30 @@ static inline void prefetch_tile(const uint8_t *k, size_t ldk, int j, int n) {
         for (size_t b = 0; b < BN_KT * ldk; b += 64) __builtin_prefetch(k + (size_t)t * ldk + b, 0, 2);
 }
 
-/* prefetch_tile's lines a few at a time, lines y0 .. y1 - 1 of that tile: a kernel spreads them over its
- * work on tile j, one line a step (all at once, the requests came in bursts the memory answered more
- * slowly: AVX-512 tile scores from DRAM 14.0-15.1 GB/s spread, against 12.5-13.1, one core) */
-static inline void prefetch_tile_lines(const uint8_t *k, size_t ldk, int j, int n, size_t y0, size_t y1) {
+/* the tile prefetch_tile requests, for a kernel that requests it a line at a time over its work on tile
+ * j (all at once, the requests came in bursts the memory answered more slowly: AVX-512 tile scores from
+ * DRAM 14.0-15.1 GB/s spread, against 12.5-13.1, one core): NULL when it holds no key of the call */
+static inline const uint8_t *next_tile(const uint8_t *k, size_t ldk, int j, int n) {
     int t = (j + KV_PREFETCH) / BN_KT * BN_KT;
-    if (t < n)
-        for (size_t y = y0; y < y1 && 64 * y < BN_KT * ldk; y++) __builtin_prefetch(k + (size_t)t * ldk + 64 * y, 0, 2);
+    return t < n ? k + (size_t)t * ldk : NULL;
 }
 
-/* p.v's walk over `ahead` (bitnet_impl.h): at each of the call's n keys (its first column pass), the
- * next lines, L / n of them or one more (a running remainder, no division a key), so the L lines of the
- * stream are requested evenly over the call. In bursts (the next unit's first rows requested at once
- * before p.v) the memory answered more slowly: benchmarks/README.md, "eighth session" */
+/* p.v's walk over `ahead` (bitnet_impl.h): at each of the call's n keys (in its first column pass, the
+ * first group of q rows), the next lines of the stream, L / n of them or one more (a running remainder,
+ * no division a key), so that its L lines (from the one p falls in) are requested evenly over the call.
+ * Requested at once before p.v (the next unit's first rows, before), the memory answered more slowly:
+ * benchmarks/README.md, "eighth session". Addresses as integers: the first line may start before p. */
 typedef struct {
-    const uint8_t *p;
-    size_t per, rem, acc, n;
+    uintptr_t line;          /* the next line to request */
+    size_t per, rem, acc, n; /* L / n, L % n, the remainder so far, and n steps */
 } ahead_walk;
 
 static inline ahead_walk ahead_begin(const bn_ahead *a, int n) {
-    ahead_walk w = {NULL, 0, 0, 0, (size_t)(n > 0 ? n : 1)};
+    ahead_walk w = {0, 0, 0, 0, (size_t)(n > 0 ? n : 1)};
     if (a && a->p && a->bytes && n > 0) {
-        size_t skew = (size_t)((uintptr_t)a->p & 63), lines = (skew + a->bytes + 63) / 64;
-        w.p = a->p - skew;
+        uintptr_t first = (uintptr_t)a->p & ~(uintptr_t)63, end = (uintptr_t)a->p + a->bytes;
+        size_t lines = (size_t)((end - first + 63) / 64);
+        w.line = first;
         w.per = lines / w.n;
         w.rem = lines % w.n;
     }
@@ -279,7 +280,7 @@ static inline ahead_walk ahead_begin(const bn_ahead *a, int n) {
 static inline void ahead_step(ahead_walk *w) {
     size_t k = w->per;
     if ((w->acc += w->rem) >= w->n) w->acc -= w->n, k++;
-    for (; k; k--, w->p += 64) __builtin_prefetch(w->p, 0, 2);
+    for (; k; k--, w->line += 64) __builtin_prefetch((const void *)w->line, 0, 2);
 }
 
 /* p.v's rows r0 .. r0 + 3 of p [nq, ldp] and o [nq, hd], in pr and orow. Short groups repeat their
@@ -410,7 +411,7 @@ T512 void scores_avx512(int kind, const float *q, int nq, int hd, const uint8_t 
  * the next columns over the same rows, hd % 16 == 0 */
 T512 void pv_avx512(int kind, float *o, int nq, int hd, const float *p, size_t ldp, const uint8_t *v, size_t ldv,
                     int n, const bn_ahead *ahead) {
-    ahead_walk aw = ahead_begin(ahead, hd >= 64 ? n : 0); /* a step a key of the 64-column pass */
+    ahead_walk aw = ahead_begin(ahead, n); /* a step a key of the pass over columns 0 .. */
     for (int r0 = 0; r0 < nq; r0 += 4) {
         const float *pr[4];
         float *orow[4];
@@ -445,6 +446,7 @@ T512 void pv_avx512(int kind, float *o, int nq, int hd, const float *p, size_t l
                 __m512 acc[4];
                 for (int r = 0; r < 4; r++) acc[r] = _mm512_loadu_ps(orow[r] + c);
                 for (int j = jb; j < je; j++) {
+                    if (c == 0 && r0 == 0) ahead_step(&aw); /* hd < 64: this is the first pass */
                     __m512 v0 = ld16(kind, v + (size_t)j * ldv, c);
                     for (int r = 0; r < 4; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(pr[r][j]), v0, acc[r]);
                 }
@@ -468,7 +470,9 @@ scores_avx512_kt(const void *q, int nq, int hd, const void *k, size_t ldk, int n
         int nr = kt_query_rows((const uint8_t *)q, hd, nq, r0, scale, &z);
         for (int j = 0; j < n; j += BN_KT) {
             const uint8_t *tile = kt + (size_t)j * ldk;
-            prefetch_tile_lines(kt, ldk, j, n, (size_t)nb * 8, SIZE_MAX); /* past a line a step of the blocks */
+            /* the next tile, 8.5 lines a block: 8 a block in the loop below, the last nb / 2 here */
+            const uint8_t *next = next_tile(kt, ldk, j, n);
+            for (size_t y = 64 * 8 * (size_t)nb; next && y < BN_KT * ldk; y += 64) __builtin_prefetch(next + y, 0, 2);
             __m512 s[4];
             for (int r = 0; r < 4; r++) s[r] = _mm512_setzero_ps();
             for (int b = 0; b < nb; b++) {
@@ -476,7 +480,7 @@ scores_avx512_kt(const void *q, int nq, int hd, const void *k, size_t ldk, int n
                 __m512i acc[4];
                 for (int r = 0; r < 4; r++) acc[r] = _mm512_setzero_si512();
                 for (int g = 0; g < 8; g++) {
-                    prefetch_tile_lines(kt, ldk, j, n, (size_t)(8 * b + g), (size_t)(8 * b + g) + 1);
+                    if (next) __builtin_prefetch(next + 64 * (size_t)(8 * b + g), 0, 2);
                     __m512i kv = _mm512_xor_si512(_mm512_loadu_si512(t + 32 + 64 * g), x80);
                     for (int r = 0; r < 4; r++) acc[r] = _mm512_dpbusd_epi32(acc[r], kv, _mm512_set1_epi32(kt_q4(z.row[r], b, g)));
                 }
@@ -578,7 +582,7 @@ T256 void scores_avx2(int kind, const float *q, int nq, int hd, const uint8_t *k
  * columns over the same rows, hd % 8 == 0 */
 T256 void pv_avx2(int kind, float *o, int nq, int hd, const float *p, size_t ldp, const uint8_t *v, size_t ldv,
                   int n, const bn_ahead *ahead) {
-    ahead_walk aw = ahead_begin(ahead, hd >= 16 ? n : 0); /* a step a key of the 16-column pass */
+    ahead_walk aw = ahead_begin(ahead, n); /* a step a key of the pass over columns 0 .. */
     for (int r0 = 0; r0 < nq; r0 += 4) {
         const float *pr[4];
         float *orow[4];
@@ -613,6 +617,7 @@ T256 void pv_avx2(int kind, float *o, int nq, int hd, const float *p, size_t ldp
                 __m256 acc[4];
                 for (int r = 0; r < 4; r++) acc[r] = _mm256_loadu_ps(orow[r] + c);
                 for (int j = jb; j < je; j++) {
+                    if (c == 0 && r0 == 0) ahead_step(&aw); /* hd < 16: this is the first pass */
                     __m256 v0 = ld8(kind, v + (size_t)j * ldv, c);
                     for (int r = 0; r < 4; r++) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(pr[r] + j), v0, acc[r]);
                 }
@@ -734,7 +739,7 @@ static inline void scores_neon(int kind, const float *q, int nq, int hd, const u
 /* 4 rows of o by 16 columns in registers while the keys' value rows stream past, hd % 16 == 0 */
 static inline void pv_neon(int kind, float *o, int nq, int hd, const float *p, size_t ldp, const uint8_t *v,
                            size_t ldv, int n, const bn_ahead *ahead) {
-    ahead_walk aw = ahead_begin(ahead, n); /* a step a key of the first 16 columns */
+    ahead_walk aw = ahead_begin(ahead, n); /* a step a key of the pass over columns 0 .. 15 */
     for (int r0 = 0; r0 < nq; r0 += 4) {
         const float *pr[4];
         float *orow[4];
