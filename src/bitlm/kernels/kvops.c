@@ -239,20 +239,19 @@ static inline void prefetch_rows(const uint8_t *base, size_t ld, int j, int nrow
         for (size_t b = 0; b < ld; b += 64) __builtin_prefetch(base + (size_t)x * ld + b, 0, 2);
 }
 
-/* the tile KV_PREFETCH keys on from key j's (when it holds keys of the call), for the tile kernels: a
- * tile's keys are interleaved, so the whole tile */
-static inline void prefetch_tile(const uint8_t *k, size_t ldk, int j, int n) {
-    int t = (j + KV_PREFETCH) / BN_KT * BN_KT;
-    if (t < n)
-        for (size_t b = 0; b < BN_KT * ldk; b += 64) __builtin_prefetch(k + (size_t)t * ldk + b, 0, 2);
-}
-
-/* the tile prefetch_tile requests, for a kernel that requests it a line at a time over its work on tile
- * j (all at once, the requests came in bursts the memory answered more slowly: AVX-512 tile scores from
- * DRAM 14.0-15.1 GB/s spread, against 12.5-13.1, one core): NULL when it holds no key of the call */
+/* the tile KV_PREFETCH keys on from key j's, for the tile kernels to request while they work on tile j;
+ * NULL when it holds no key of the call */
 static inline const uint8_t *next_tile(const uint8_t *k, size_t ldk, int j, int n) {
     int t = (j + KV_PREFETCH) / BN_KT * BN_KT;
     return t < n ? k + (size_t)t * ldk : NULL;
+}
+
+/* next_tile whole at once (a tile's keys are interleaved, so all of it): the AVX2 and NEON tile scores.
+ * The AVX-512 ones request it a line at a time over their work instead: in bursts the memory answered
+ * more slowly (tile scores from DRAM 14.0-15.1 GB/s spread, against 12.5-13.1, one core) */
+static inline void prefetch_tile(const uint8_t *k, size_t ldk, int j, int n) {
+    const uint8_t *t = next_tile(k, ldk, j, n);
+    for (size_t b = 0; t && b < BN_KT * ldk; b += 64) __builtin_prefetch(t + b, 0, 2);
 }
 
 /* p.v's walk over `ahead` (bitnet_impl.h): at each of the call's n keys (in its first column pass, the
