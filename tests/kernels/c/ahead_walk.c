@@ -40,8 +40,7 @@ int main(void) {
                 pv_fn pv;
                 kvput_fn put;
                 const char *name = bn_pick_kv(path, kind, hd, &sc, &pv, &put);
-                size_t ldv = kind == BN_F32 ? 4 * (size_t)hd : kind == BN_F16 ? 2 * (size_t)hd
-                                                                           : (size_t)q8_0_blocks(hd) * BN_Q8_0_BYTES;
+                size_t ldv = bn_kv_row_bytes(kind, hd);
                 for (size_t qi = 0; qi < sizeof nqs / sizeof *nqs; qi++)
                     for (size_t ni = 0; ni < sizeof ns / sizeof *ns; ni++)
                         for (size_t li = 0; li < sizeof lens / sizeof *lens; li++)
