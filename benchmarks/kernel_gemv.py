@@ -1,6 +1,7 @@
 """Micro-benchmark of the native ternary GEMV (decode) at the 2B4T shapes, against the read-bandwidth bound.
 
-    python benchmarks/kernel_gemv.py [--threads 1,2] [--paths avx512vnni,avx2] [--pool-mb 2048] [--prefill 128]
+    python benchmarks/kernel_gemv.py [--threads 1,2] [--paths avx512vnni,avx2] [--weights i2v,t5] [--pool-mb 2048]
+        [--prefill 128]
 
 Weights are cold, as in decode: each call reads the next of enough copies of the matrix to fill
 --pool-mb (past the last-level cache), so every byte comes from memory. The bound is the machine's
@@ -48,13 +49,13 @@ def read_bandwidth(buf: torch.Tensor, threads: int, repeats: int) -> float:
     return buf.numel() * buf.element_size() / median_time(lambda: kernels.read_bandwidth_probe(buf), repeats) / 1e9
 
 
-def cold_copies(k: int, n: int, pool_bytes: int) -> tuple[torch.Tensor, list[kernels.PackedTernary]]:
-    """(the pool, views of it): enough copies of one random n x k matrix to fill pool_bytes."""
+def cold_copies(k: int, n: int, pool_bytes: int, fmt: str = "i2v") -> tuple[torch.Tensor, list[kernels.PackedTernary]]:
+    """(the pool, views of it): enough copies of one random n x k matrix in format fmt to fill pool_bytes."""
     w = torch.randint(-1, 2, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(n + k))
-    one = kernels.pack(w)
+    one = kernels.pack(w, fmt)
     copies = max(2, -(-pool_bytes // one.nbytes))
     big = one.data.reshape(1, -1).expand(copies, -1).contiguous()
-    return big, [kernels.PackedTernary(big[i].view(one.data.shape), n, k) for i in range(copies)]
+    return big, [kernels.PackedTernary(big[i].view(one.data.shape), n, k, fmt) for i in range(copies)]
 
 
 def time_gemv(big: torch.Tensor, mats: list[kernels.PackedTernary], path: str, repeats: int) -> tuple[float, float, float]:
@@ -139,6 +140,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--prefill", type=int, default=128, help="M for one prefill GEMM row per shape (0: skip)")
     ap.add_argument("--no-peer", action="store_true", help="skip the torch bf16 GEMV rows")
+    ap.add_argument("--weights", default="i2v", help="comma-separated weight formats: i2v (2 bits), t5 (1.6 bits)")
     args = ap.parse_args()
     if not kernels.available():
         raise SystemExit(f"native kernels not available: {kernels.info()['error']}")
@@ -164,36 +166,40 @@ def main() -> None:
     overhead = median_time(lambda: [kernels.gemm(xt, tiny, out=yt) for _ in range(1000)], args.repeats) / 1000
     print(f"per-call overhead from Python (a 16 x 16 GEMV, included in every row below): {overhead * 1e6:.1f} us\n")
 
-    header = (f"{'shape (in->out)':>16} {'MB':>6} {'threads':>7} {'path':>11} {'us/call':>9} {'GB/s':>7} "
-              f"{'probe GB/s':>10} {'% of BW':>8}")
+    fmts = args.weights.split(",")
+    header = (f"{'shape (in->out)':>16} {'weights':>7} {'MB':>6} {'threads':>7} {'path':>11} {'us/call':>9} "
+              f"{'GB/s':>7} {'probe GB/s':>10} {'% of BW':>8}")
     print(header)
     print("-" * len(header))
     per_call = {}
     for k, n in SHAPES_2B4T:
-        big, mats = cold_copies(k, n, args.pool_mb << 20)
-        for t in threads:
-            kernels.set_num_threads(t)
-            for p in gemv_paths:
-                sec, probe, ratio = time_gemv(big, mats, p, args.repeats)
-                per_call[(k, n, t, p)] = (sec, sec * ratio)  # time, and the bound in the same window
-                gbs = mats[0].nbytes / sec / 1e9
-                print(f"{f'{k}->{n}':>16} {mats[0].nbytes / 1e6:6.2f} {t:7d} {p:>11} {sec * 1e6:9.1f} {gbs:7.1f} "
-                      f"{probe:10.1f} {100 * ratio:7.0f}%")
-        del big, mats
+        for f in fmts:
+            big, mats = cold_copies(k, n, args.pool_mb << 20, f)
+            for t in threads:
+                kernels.set_num_threads(t)
+                for p in gemv_paths:
+                    sec, probe, ratio = time_gemv(big, mats, p, args.repeats)
+                    per_call[(k, n, t, p, f)] = (sec, sec * ratio)  # time, and the bound in the same window
+                    gbs = mats[0].nbytes / sec / 1e9
+                    print(f"{f'{k}->{n}':>16} {f:>7} {mats[0].nbytes / 1e6:6.2f} {t:7d} {p:>11} {sec * 1e6:9.1f} "
+                          f"{gbs:7.1f} {probe:10.1f} {100 * ratio:7.0f}%")
+            del big, mats
         if not args.no_peer:  # the peer: a bf16 GEMV in torch, what transformers' bf16 model runs
             for t, sec, nbytes in time_torch_bf16(k, n, threads, args.pool_mb << 20, args.repeats):
-                ours = min(per_call[(k, n, t, p)][0] for p in gemv_paths)
-                print(f"{f'{k}->{n}':>16} {nbytes / 1e6:6.2f} {t:7d} {'torch bf16':>11} {sec * 1e6:9.1f} "
+                ours = min(per_call[(k, n, t, p, f)][0] for p in gemv_paths for f in fmts)
+                print(f"{f'{k}->{n}':>16} {'bf16':>7} {nbytes / 1e6:6.2f} {t:7d} {'torch':>11} {sec * 1e6:9.1f} "
                       f"{nbytes / sec / 1e9:7.1f} {'':>10} {'':>8}  ({sec / ours:.1f}x our time)")
 
     print("\ndecode, all 210 ternary projections of the 2B4T model (no head, no attention):")
-    layer_bytes = sum(cnt * kernels.pack(torch.zeros(n, k, dtype=torch.int8)).nbytes for (k, n), cnt in LAYER_MIX.items())
-    for t in threads:
-        for p in gemv_paths:
-            sec = LAYERS * sum(cnt * per_call[(k, n, t, p)][0] for (k, n), cnt in LAYER_MIX.items())
-            bound = LAYERS * sum(cnt * per_call[(k, n, t, p)][1] for (k, n), cnt in LAYER_MIX.items())
-            print(f"  {t} thread(s) {p:>11}: {sec * 1e3:6.2f} ms/token for {LAYERS * layer_bytes / 1e6:.0f} MB "
-                  f"(paired bound {bound * 1e3:.2f} ms: {100 * bound / sec:.0f}% of the bandwidth bound)")
+    for f in fmts:
+        layer_bytes = sum(cnt * kernels.pack(torch.zeros(n, k, dtype=torch.int8), f).nbytes
+                          for (k, n), cnt in LAYER_MIX.items())
+        for t in threads:
+            for p in gemv_paths:
+                sec = LAYERS * sum(cnt * per_call[(k, n, t, p, f)][0] for (k, n), cnt in LAYER_MIX.items())
+                bound = LAYERS * sum(cnt * per_call[(k, n, t, p, f)][1] for (k, n), cnt in LAYER_MIX.items())
+                print(f"  {f} {t} thread(s) {p:>11}: {sec * 1e3:6.2f} ms/token for {LAYERS * layer_bytes / 1e6:.0f} "
+                      f"MB (paired bound {bound * 1e3:.2f} ms: {100 * bound / sec:.0f}% of the bandwidth bound)")
 
     print("\noutput head 128256 x 2560 in Q6 rows (formats/q6.py, 246 MB), cold, paired with the probe:")
     head = q6_head_copies(args.pool_mb << 20)
@@ -207,13 +213,14 @@ def main() -> None:
     if args.prefill:
         print(f"\nprefill GEMM, M = {args.prefill} (weights warm), GOPS = 2*M*N*K / time:")
         for k, n in SHAPES_2B4T:
-            mat = kernels.pack(torch.randint(-1, 2, (n, k), dtype=torch.int8))
-            for t in threads:
-                kernels.set_num_threads(t)
-                for p in paths:
-                    sec = time_gemm(mat, args.prefill, p, max(3, args.repeats // 2))
-                    print(f"  {k}->{n} {t} thread(s) {p:>11}: {sec * 1e3:7.2f} ms  "
-                          f"{2 * args.prefill * n * k / sec / 1e9:6.0f} GOPS")
+            for f in fmts:
+                mat = kernels.pack(torch.randint(-1, 2, (n, k), dtype=torch.int8), f)
+                for t in threads:
+                    kernels.set_num_threads(t)
+                    for p in paths:
+                        sec = time_gemm(mat, args.prefill, p, max(3, args.repeats // 2))
+                        print(f"  {k}->{n} {f} {t} thread(s) {p:>11}: {sec * 1e3:7.2f} ms  "
+                              f"{2 * args.prefill * n * k / sec / 1e9:6.0f} GOPS")
     kernels.set_num_threads(0)
 
 

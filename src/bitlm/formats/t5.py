@@ -19,7 +19,10 @@ tests/formats/test_t5.py. (The same base-3 byte as llama.cpp's TQ1_0 uses; the b
 
 Because t_j = (3 y_j - y_{j+1}) / 256 exactly, sum_j x_j t_j = (3 sum_j x_j y_j - sum_j x_j y_{j+1}) / 256:
 the AVX-512 decode multiplies the raw bytes y_j (unsigned, as vpdpbusd wants) and never isolates a
-code; the other kernels extract t_j with two unsigned comparisons (y >= 86, y >= 171).
+code. The AVX2 decode uses the same identity one level up: with F_j = floor(3^j q / 256) (F_0 = 0),
+t_j = F_{j+1} - 3 F_j, so sum_j x_j t_j = sum_{j=1..5} F_j (x_{j-1} - 3 x_j) with x_5 = 0, each F_j one
+16-bit multiply-high of q << 8 by 3^j. The other kernels extract t_j with two unsigned comparisons
+(y >= 86, y >= 171).
 
 Blocks
 ------

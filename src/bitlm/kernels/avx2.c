@@ -419,12 +419,25 @@ T256 uint64_t i2v_read_avx2(const uint8_t *p, size_t n) {
            (uint64_t)_mm256_extract_epi64(a, 2) ^ (uint64_t)_mm256_extract_epi64(a, 3);
 }
 /* ==== T5, the 1.6-bit layout (formats/t5.py) ==========================================================
- * A ymm takes half a block (rows 0..7 or 8..15) as for I2V. Each digit step extracts the codes exactly,
- * t_j = (y_j >= 86) + (y_j >= 171) (each comparison as min(y - c saturated, 1): AVX2 has no unsigned
- * byte compare), then y_{j+1} = 3 y_j mod 256 by two byte adds, and vpmaddubsw multiplies t_j with the
- * broadcast x[20kb + 4j .. +3]. (The raw bytes cannot go to vpmaddubsw as on AVX-512: 2 * 255 * 128
- * saturates its int16 pairs.) int16 bound: the 5 steps of a block sum to at most 5 * 2 * 2 * 128 = 2560
- * before they are widened to int32, once per block. */
+ * A ymm takes half a block (rows 0..7 or 8..15) as for I2V.
+ *
+ * Decode (M = 1) never isolates a digit. With F_j = floor(3^j q / 256) (F_0 = 0; F_5 <= 242), the
+ * identities 3^j q = 256 F_j + y_j and 3 y_j = 256 t_j + y_{j+1} give t_j = F_{j+1} - 3 F_j exactly, for
+ * any byte q, so a byte's five products are
+ *     sum_j x[4j+i] t_j = sum_{j=1..5} F_j c_j,   c_j = x[4(j-1)+i] - 3 x[4j+i]   (x[20+i] read as 0)
+ * F_j of 16 bytes at once is vpmulhuw of (q << 8) by 3^j (the even bytes of a 16-bit lane shifted up,
+ * the odd ones masked), and vpmaddwd multiplies it by the int16 pair (|c_j| <= 511) of the lane's two
+ * columns and adds the two products into the row's int32 lane: two multiplies per digit and 16 bytes,
+ * where extracting the digit by comparisons cost five ALU operations before its vpmaddubsw (this form
+ * streams 1.3x the bytes a second on Zen 3, benchmarks/README.md). The pairs depend on the activations
+ * only: t5_avx2_coefs makes them once a call, broadcast, as T5_COEFS ymm a block:
+ *     coefs[10 kb + 2 (j-1) + h]   pair (c_j of column 4j+h, c_j of column 4j+h+2), h = 0 even, 1 odd bytes
+ *
+ * Prefill (M > 1) extracts the digits once per chunk of blocks into planes, t_j = (y_j >= 86) + (y_j >= 171)
+ * (each comparison as min(y - c saturated, 1): AVX2 has no unsigned byte compare), y_{j+1} = 3 y_j mod 256
+ * by two byte adds, and vpmaddubsw multiplies them with the broadcast x[20kb + 4j .. +3]. (The raw bytes
+ * cannot go to vpmaddubsw as on AVX-512: 2 * 255 * 128 saturates its int16 pairs.) int16 bound: the 5
+ * steps of a block sum to at most 5 * 2 * 2 * 128 = 2560 before they are widened to int32, once per block. */
 INLINE T256 __m256i t5_digit(__m256i y, __m256i one, __m256i c85, __m256i c170) {
     return _mm256_add_epi8(_mm256_min_epu8(_mm256_subs_epu8(y, c85), one),
                            _mm256_min_epu8(_mm256_subs_epu8(y, c170), one));
@@ -432,32 +445,48 @@ INLINE T256 __m256i t5_digit(__m256i y, __m256i one, __m256i c85, __m256i c170) 
 
 INLINE T256 __m256i t5_times3(__m256i y) { return _mm256_add_epi8(y, _mm256_add_epi8(y, y)); }
 
-/* Decode (M = 1): two row blocks side by side share the activation broadcasts */
+size_t t5_avx2_coefs_bytes(int Kb) { return (size_t)Kb * T5_COEFS * sizeof(__m256i); }
+
+T256 void t5_avx2_coefs(const int8_t *x, int Kb, void *out) {
+    __m256i *o = (__m256i *)out;
+    for (int kb = 0; kb < Kb; kb++) {
+        const int8_t *xk = x + (size_t)kb * T5_COLS;
+        for (int j = 1; j <= 5; j++)
+            for (int h = 0; h < 2; h++) {
+                int c0 = xk[4 * (j - 1) + h] - 3 * (j < 5 ? xk[4 * j + h] : 0);
+                int c1 = xk[4 * (j - 1) + h + 2] - 3 * (j < 5 ? xk[4 * j + h + 2] : 0);
+                o[(size_t)kb * T5_COEFS + 2 * (j - 1) + h] =
+                    _mm256_set1_epi32((int32_t)(((uint32_t)(uint16_t)c1 << 16) | (uint16_t)c0));
+            }
+    }
+}
+
+/* Decode: two row blocks side by side share the coefficient loads */
 INLINE T256 void t5_gemv_rows(const i2v_gemm_args *a, int rb, const int NR) {
     const size_t stride = (size_t)a->Kb * I2V_BLOCK;
-    const __m256i one = _mm256_set1_epi8(1), c85 = _mm256_set1_epi8(85), c170 = _mm256_set1_epi8((char)170),
-                  ones = _mm256_set1_epi16(1);
+    const __m256i *coefs = (const __m256i *)a->coefs, hi8 = _mm256_set1_epi16((short)0xFF00);
+    static const short pow3[5] = {3, 9, 27, 81, 243};
     __m256i acc[2][2];
 #pragma GCC unroll 2
     for (int r = 0; r < NR; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
     for (int kb = 0; kb < a->Kb; kb++) {
-        const int8_t *xk = a->x + kb * T5_COLS;
-        __m256i xs[5];
-#pragma GCC unroll 5
-        for (int j = 0; j < 5; j++) xs[j] = bcast4(xk + 4 * j);
+        const __m256i *c = coefs + (size_t)kb * T5_COEFS;
 #pragma GCC unroll 2
         for (int r = 0; r < NR; r++) {
             const uint8_t *blk = a->w + (rb + r) * stride + (size_t)kb * I2V_BLOCK;
             _mm_prefetch((const char *)(blk + PF_DIST * I2V_BLOCK), _MM_HINT_T0);
 #pragma GCC unroll 2
             for (int h = 0; h < 2; h++) {
-                __m256i y = _mm256_loadu_si256((const __m256i *)(blk + 32 * h)), p = _mm256_setzero_si256();
+                __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 32 * h));
+                __m256i qe = _mm256_slli_epi16(q, 8), qo = _mm256_and_si256(q, hi8);
+                __m256i se = acc[r][h], so = _mm256_setzero_si256();
 #pragma GCC unroll 5
                 for (int j = 0; j < 5; j++) {
-                    p = _mm256_add_epi16(p, _mm256_maddubs_epi16(t5_digit(y, one, c85, c170), xs[j]));
-                    y = t5_times3(y);
+                    __m256i p3 = _mm256_set1_epi16(pow3[j]);
+                    se = _mm256_add_epi32(se, _mm256_madd_epi16(_mm256_mulhi_epu16(qe, p3), c[2 * j]));
+                    so = _mm256_add_epi32(so, _mm256_madd_epi16(_mm256_mulhi_epu16(qo, p3), c[2 * j + 1]));
                 }
-                acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(p, ones));
+                acc[r][h] = _mm256_add_epi32(se, so);
             }
         }
     }
@@ -473,7 +502,7 @@ INLINE T256 void t5_gemv_rows(const i2v_gemm_args *a, int rb, const int NR) {
 #define T5_CH 16
 
 T256 void t5_gemm_avx2(const i2v_gemm_args *a, int rb0, int rb1) {
-    if (a->M == 1) {
+    if (a->M == 1 && a->coefs) {  /* without the coefficients (not made: out of memory), the prefill loop */
         int rb = rb0;
         for (; rb + 2 <= rb1; rb += 2) t5_gemv_rows(a, rb, 2);
         for (; rb < rb1; rb++) t5_gemv_rows(a, rb, 1);

@@ -178,10 +178,15 @@ static void gemm_padded(const int8_t *x, size_t ldx, const int32_t *xsum, int M,
     t.wscale = wscale;
     t.s = s;
     t.first[0] = 0;
+    void *coefs = NULL;  /* T5 decode on AVX2: the activations' coefficient vectors, made once for every part */
+#if defined(__x86_64__) || defined(__i386__)
+    if (path == I2V_PATH_AVX2 && fmt == I2V_FMT_T5 && M == 1 && (coefs = aligned_alloc(32, t5_avx2_coefs_bytes(Kb))))
+        t5_avx2_coefs(x, Kb, coefs);
+#endif
     long blocks = 0;
     for (int i = 0; i < nmat; i++) {
         int Nb = (N[i] + I2V_ROWS - 1) / I2V_ROWS;
-        i2v_gemm_args a = {x, ldx, xsum, M, w[i], Kb, N[i], y[i], ldy[i]};
+        i2v_gemm_args a = {x, ldx, xsum, M, w[i], Kb, N[i], y[i], ldy[i], coefs};
         t.a[i] = a;
         t.first[i + 1] = t.first[i] + (Nb + 3) / 4;
         blocks += (long)M * Nb * Kb;
@@ -193,6 +198,7 @@ static void gemm_padded(const int8_t *x, size_t ldx, const int32_t *xsum, int M,
     if (parts > t.first[nmat]) parts = t.first[nmat];
     if (threads == 1 || parts < 1) parts = 1;
     i2v_pool_run(gemm_part, &t, parts);
+    free(coefs);
 }
 
 /* the entry points' common checks: the path to use (path < 0: the best), or -1 if the path is

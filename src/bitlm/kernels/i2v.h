@@ -42,6 +42,7 @@ typedef struct {
     int N;                /* real outputs: columns n >= N of the last row block are not stored */
     int32_t *y;           /* [M, N] int32, row stride ldy elements                            */
     size_t ldy;
+    const void *coefs;    /* T5 on AVX2 with M = 1: t5_avx2_coefs(x), made once a call; else NULL      */
 } i2v_gemm_args;
 
 typedef void (*i2v_kernel_fn)(const i2v_gemm_args *a, int rb0, int rb1);
@@ -124,6 +125,10 @@ static inline int i2v_amx_min_m(int fmt) { return fmt == I2V_FMT_T5 ? 16 : 20; }
 void t5_gemm_scalar(const i2v_gemm_args *a, int rb0, int rb1);
 #if defined(__x86_64__) || defined(__i386__)
 void t5_gemm_avx2(const i2v_gemm_args *a, int rb0, int rb1);
+/* the decode kernel's activation coefficients (avx2.c), T5_COEFS 32-byte vectors a block, 32-aligned */
+#define T5_COEFS 10
+size_t t5_avx2_coefs_bytes(int Kb);
+void t5_avx2_coefs(const int8_t *x, int Kb, void *out);
 void t5_gemm_avx512vnni(const i2v_gemm_args *a, int rb0, int rb1);
 /* AMX: activations zero-padded to [ceil(M/32)*32, ldx >= 64 * ceil(20 Kb / 64)] when M >= 16 */
 void t5_gemm_amx(const i2v_gemm_args *a, int rb0, int rb1);
