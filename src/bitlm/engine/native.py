@@ -63,7 +63,7 @@ def resolve_weights(weights: str, rows: int = 1) -> str:
     benchmarks/cpu_inference.py and bitlm bench measured it (benchmarks/README.md), for a workload of up
     to `rows` sequences decoded a step. t5 where the products run on AVX-512 VNNI (with or without AMX)
     and one sequence decodes at a time: 1.6 bits read per weight, decode bandwidth-bound, prefill as fast.
-    i2v elsewhere: on AVX2 a T5 GEMV costs 1.6-1.9x I2V's time (Zen 3), and a step of several rows (a server's batch)
+    i2v elsewhere: on AVX2 a T5 GEMV costs 1.6-2.1x I2V's time (Zen 3), and a step of several rows (a server's batch)
     turns T5 compute-bound (decoding its digits), where I2V's cheaper unpacking wins (2B4T shape, 2
     threads: 4 rows a step 125 against 107 t/s, 8 rows 186-197 against 158). Speculative decoding's
     verify rows are not counted (rows = 1 for generate: T5's single rows are 10% faster, its verify rows
