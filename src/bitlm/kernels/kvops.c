@@ -526,16 +526,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) static void put_q8_0_a
 /* ---- AVX2: 8 elements a register ---- */
 #define T256 __attribute__((target("avx2,f16c,fma"), always_inline)) static inline
 
+/* 8 f16 or f32 elements of a row from column i (q8_0: ld8_q8 below, its scale applied by the caller) */
 T256 __m256 ld8(int kind, const uint8_t *row, int i) {
     if (kind == BN_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 2 * (size_t)i)));
-    if (kind == BN_Q8_0) {
-        const uint8_t *b = row + (size_t)(i / BN_Q8_0_BLOCK) * BN_Q8_0_BYTES;
-        __m128i q = _mm_loadl_epi64((const __m128i *)(b + 2 + i % BN_Q8_0_BLOCK));
-        __m256 x = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
-        uint16_t h;
-        memcpy(&h, b, 2);
-        return _mm256_mul_ps(x, _mm256_set1_ps(_cvtsh_ss(h)));
-    }
     return _mm256_loadu_ps((const float *)(const void *)(row + 4 * (size_t)i));
 }
 
@@ -577,50 +570,73 @@ T256 void scores_avx2(int kind, const float *q, int nq, int hd, const uint8_t *k
     }
 }
 
+/* 8 q8_0 values of a row from column i (i % 8 == 0) as floats, unscaled */
+T256 __m256 ld8_q8(const uint8_t *row, int i) {
+    const uint8_t *b = row + (size_t)(i / BN_Q8_0_BLOCK) * BN_Q8_0_BYTES + 2 + i % BN_Q8_0_BLOCK;
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)b)));
+}
+
 /* 4 rows of o by 16 columns (then 8) in registers over a block of PV_KEYS value rows, then the next
- * columns over the same rows, hd % 8 == 0 */
+ * columns over the same rows, hd % 8 == 0. q8_0 values: each row's weight p[r][j] times the value block's
+ * scale once for the block's 32 columns (w), so that a value costs its widening and the multiply-adds only
+ * (o += (p d) v, where f16 and f32 take o += p v); the block's rows are requested before its columns. */
 T256 void pv_avx2(int kind, float *o, int nq, int hd, const float *p, size_t ldp, const uint8_t *v, size_t ldv,
                   int n, const bn_ahead *ahead) {
-    ahead_walk aw = ahead_begin(ahead, n); /* a step a key of the pass over columns 0 .. */
+    ahead_walk aw = ahead_begin(ahead, n); /* a step a key, in the first group of q rows */
+    float w[4][PV_KEYS];                   /* q8_0: p[r][j] x the scale of row j's block at column c */
     for (int r0 = 0; r0 < nq; r0 += 4) {
         const float *pr[4];
         float *orow[4];
         group_rows(r0, nq, p, ldp, o, hd, pr, orow);
         for (int jb = 0; jb < n; jb += PV_KEYS) {
             int je = jb + PV_KEYS < n ? jb + PV_KEYS : n, c = 0;
-            for (; c + 16 <= hd; c += 16) {
+            for (int j = jb; j < je; j++) {
+                prefetch_rows(v, ldv, j + KV_PREFETCH, 1, n);
+                if (r0 == 0) ahead_step(&aw);
+            }
+            for (; c < hd; c += 16) {
+                const int wide = c + 16 <= hd; /* else the last 8 columns */
+                if (kind == BN_Q8_0 && c % BN_Q8_0_BLOCK == 0) {
+                    const uint8_t *vb = v + (size_t)(c / BN_Q8_0_BLOCK) * BN_Q8_0_BYTES;
+                    uint16_t h[PV_KEYS] = {0};
+                    for (int j = jb; j < je; j++) memcpy(&h[j - jb], vb + (size_t)j * ldv, 2);
+                    __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
+                    if (je - jb == PV_KEYS)
+                        for (int r = 0; r < 4; r++) _mm256_storeu_ps(w[r], _mm256_mul_ps(_mm256_loadu_ps(pr[r] + jb), d));
+                    else { /* the call's last keys: p's row may end before 8 more */
+                        float ds[PV_KEYS];
+                        _mm256_storeu_ps(ds, d);
+                        for (int r = 0; r < 4; r++)
+                            for (int j = jb; j < je; j++) w[r][j - jb] = pr[r][j] * ds[j - jb];
+                    }
+                }
                 __m256 acc[8];
                 for (int r = 0; r < 4; r++) {
                     acc[2 * r] = _mm256_loadu_ps(orow[r] + c);
-                    acc[2 * r + 1] = _mm256_loadu_ps(orow[r] + c + 8);
+                    acc[2 * r + 1] = wide ? _mm256_loadu_ps(orow[r] + c + 8) : _mm256_setzero_ps();
                 }
                 for (int j = jb; j < je; j++) {
                     const uint8_t *vj = v + (size_t)j * ldv;
-                    if (c == 0) {
-                        prefetch_rows(v, ldv, j + KV_PREFETCH, 1, n);
-                        if (r0 == 0) ahead_step(&aw);
-                    }
-                    __m256 v0 = ld8(kind, vj, c), v1 = ld8(kind, vj, c + 8);
-                    for (int r = 0; r < 4; r++) {
-                        __m256 w = _mm256_broadcast_ss(pr[r] + j);
-                        acc[2 * r] = _mm256_fmadd_ps(w, v0, acc[2 * r]);
-                        acc[2 * r + 1] = _mm256_fmadd_ps(w, v1, acc[2 * r + 1]);
+                    if (kind == BN_Q8_0) {
+                        __m256 v0 = ld8_q8(vj, c), v1 = wide ? ld8_q8(vj, c + 8) : v0;
+                        for (int r = 0; r < 4; r++) {
+                            __m256 wr = _mm256_broadcast_ss(&w[r][j - jb]);
+                            acc[2 * r] = _mm256_fmadd_ps(wr, v0, acc[2 * r]);
+                            if (wide) acc[2 * r + 1] = _mm256_fmadd_ps(wr, v1, acc[2 * r + 1]);
+                        }
+                    } else {
+                        __m256 v0 = ld8(kind, vj, c), v1 = wide ? ld8(kind, vj, c + 8) : v0;
+                        for (int r = 0; r < 4; r++) {
+                            __m256 pj = _mm256_broadcast_ss(pr[r] + j);
+                            acc[2 * r] = _mm256_fmadd_ps(pj, v0, acc[2 * r]);
+                            if (wide) acc[2 * r + 1] = _mm256_fmadd_ps(pj, v1, acc[2 * r + 1]);
+                        }
                     }
                 }
                 for (int r = 3; r >= 0; r--) {
                     _mm256_storeu_ps(orow[r] + c, acc[2 * r]);
-                    _mm256_storeu_ps(orow[r] + c + 8, acc[2 * r + 1]);
+                    if (wide) _mm256_storeu_ps(orow[r] + c + 8, acc[2 * r + 1]);
                 }
-            }
-            for (; c < hd; c += 8) {
-                __m256 acc[4];
-                for (int r = 0; r < 4; r++) acc[r] = _mm256_loadu_ps(orow[r] + c);
-                for (int j = jb; j < je; j++) {
-                    if (c == 0 && r0 == 0) ahead_step(&aw); /* hd < 16: this is the first pass */
-                    __m256 v0 = ld8(kind, v + (size_t)j * ldv, c);
-                    for (int r = 0; r < 4; r++) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(pr[r] + j), v0, acc[r]);
-                }
-                for (int r = 3; r >= 0; r--) _mm256_storeu_ps(orow[r] + c, acc[r]);
             }
         }
     }
