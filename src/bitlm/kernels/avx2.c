@@ -428,10 +428,10 @@ T256 uint64_t i2v_read_avx2(const uint8_t *p, size_t n) {
  * F_j of 16 bytes at once is vpmulhuw of (q << 8) by 3^j (the even bytes of a 16-bit lane shifted up,
  * the odd ones masked), and vpmaddwd multiplies it by the int16 pair (|c_j| <= 511) of the lane's two
  * columns and adds the two products into the row's int32 lane: two multiplies per digit and 16 bytes,
- * where extracting the digit by comparisons cost five ALU operations before its vpmaddubsw (this form
- * streams 1.3x the bytes a second on Zen 3, benchmarks/README.md). The pairs depend on the activations
- * only: t5_avx2_coefs makes them once a call, broadcast, as T5_COEFS ymm a block:
- *     coefs[10 kb + 2 (j-1) + h]   pair (c_j of column 4j+h, c_j of column 4j+h+2), h = 0 even, 1 odd bytes
+ * where extracting the digit by comparisons cost five ALU operations before its vpmaddubsw (the T5
+ * projections ran 1.26x faster at 1 thread and 1.13x at 2 on Zen 3, benchmarks/README.md). The pairs
+ * depend on the activations only: t5_avx2_coefs makes them once a call, broadcast, as T5_COEFS ymm a block:
+ *     coefs[10 kb + 2 (j-1) + h]   pair (c_j of byte i = h, c_j of byte i = h+2) of a lane, h = 0 even, 1 odd
  *
  * Prefill (M > 1) extracts the digits once per chunk of blocks into planes, t_j = (y_j >= 86) + (y_j >= 171)
  * (each comparison as min(y - c saturated, 1): AVX2 has no unsigned byte compare), y_{j+1} = 3 y_j mod 256

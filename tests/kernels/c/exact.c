@@ -492,7 +492,9 @@ int main(void) {
 #endif
     static const int kvshapes[][4] = {{4, 128, 37, 13}, {5, 64, 4, 1}, {4, 48, 1, 0}, {3, 40, 20, 16},
                                       {2, 20, 9, 4}, {8, 128, 300, 256}, {4, 128, 48, 32}, {6, 96, 47, 40},
-                                      {1, 1024, 17, 16}};  /* nq, hd, n, cut (q8_0 keys: cut / 16 * 16) */
+                                      {1, 1024, 17, 16}, {2, 56, 9, 4}, {1, 8, 3, 1}};
+    /* nq, hd, n, cut (q8_0 keys: cut / 16 * 16); hd 56: an 8-column slice at c % 32 == 16 (AVX2 p.v reuses
+     * the block's weights there) */
     for (int kind = 0; kind <= BN_Q8_0; kind++) {
         if (kind != BN_F32 && kind != BN_F16 && kind != BN_Q8_0) continue;
         for (int i = 0; i < (int)(sizeof kvshapes / sizeof kvshapes[0]); i++)
