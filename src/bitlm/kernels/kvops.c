@@ -526,9 +526,14 @@ __attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) static void put_q8_0_a
 /* ---- AVX2: 8 elements a register ---- */
 #define T256 __attribute__((target("avx2,f16c,fma"), always_inline)) static inline
 
-/* 8 f16 or f32 elements of a row from column i (q8_0: ld8_q8 below, its scale applied by the caller) */
+/* 8 elements of a row from column i (i % 8 == 0) as floats; q8_0 values unscaled (p.v applies the block's
+ * scale through its row weights) */
 T256 __m256 ld8(int kind, const uint8_t *row, int i) {
     if (kind == BN_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 2 * (size_t)i)));
+    if (kind == BN_Q8_0) {
+        const uint8_t *b = row + (size_t)(i / BN_Q8_0_BLOCK) * BN_Q8_0_BYTES + 2 + i % BN_Q8_0_BLOCK;
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)b)));
+    }
     return _mm256_loadu_ps((const float *)(const void *)(row + 4 * (size_t)i));
 }
 
@@ -568,12 +573,6 @@ T256 void scores_avx2(int kind, const float *q, int nq, int hd, const uint8_t *k
             }
         }
     }
-}
-
-/* 8 q8_0 values of a row from column i (i % 8 == 0) as floats, unscaled */
-T256 __m256 ld8_q8(const uint8_t *row, int i) {
-    const uint8_t *b = row + (size_t)(i / BN_Q8_0_BLOCK) * BN_Q8_0_BYTES + 2 + i % BN_Q8_0_BLOCK;
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)b)));
 }
 
 /* 4 rows of o by 16 columns (then 8) in registers over a block of PV_KEYS value rows, then the next
@@ -617,20 +616,11 @@ T256 void pv_avx2(int kind, float *o, int nq, int hd, const float *p, size_t ldp
                 }
                 for (int j = jb; j < je; j++) {
                     const uint8_t *vj = v + (size_t)j * ldv;
-                    if (kind == BN_Q8_0) {
-                        __m256 v0 = ld8_q8(vj, c), v1 = wide ? ld8_q8(vj, c + 8) : v0;
-                        for (int r = 0; r < 4; r++) {
-                            __m256 wr = _mm256_broadcast_ss(&w[r][j - jb]);
-                            acc[2 * r] = _mm256_fmadd_ps(wr, v0, acc[2 * r]);
-                            if (wide) acc[2 * r + 1] = _mm256_fmadd_ps(wr, v1, acc[2 * r + 1]);
-                        }
-                    } else {
-                        __m256 v0 = ld8(kind, vj, c), v1 = wide ? ld8(kind, vj, c + 8) : v0;
-                        for (int r = 0; r < 4; r++) {
-                            __m256 pj = _mm256_broadcast_ss(pr[r] + j);
-                            acc[2 * r] = _mm256_fmadd_ps(pj, v0, acc[2 * r]);
-                            if (wide) acc[2 * r + 1] = _mm256_fmadd_ps(pj, v1, acc[2 * r + 1]);
-                        }
+                    __m256 v0 = ld8(kind, vj, c), v1 = wide ? ld8(kind, vj, c + 8) : v0;
+                    for (int r = 0; r < 4; r++) {
+                        __m256 wr = _mm256_broadcast_ss(kind == BN_Q8_0 ? &w[r][j - jb] : pr[r] + j);
+                        acc[2 * r] = _mm256_fmadd_ps(wr, v0, acc[2 * r]);
+                        if (wide) acc[2 * r + 1] = _mm256_fmadd_ps(wr, v1, acc[2 * r + 1]);
                     }
                 }
                 for (int r = 3; r >= 0; r--) {
