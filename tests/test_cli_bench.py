@@ -93,6 +93,8 @@ def test_bench_depth_runs_each_test_after_that_much_context(capsys):
     records = bench.run(nm, 1, 8, 4, 2, depth=20)
     assert [(r["n_prompt"], r["n_gen"], r["n_depth"]) for r in records] == [(8, 0, 20), (0, 4, 20)]
     assert nm.pos == 20 + 4  # the last run decoded its 4 tokens at positions 20 .. 23, after the kept context
+    nm.reset()
+    assert bench.run(nm, 1, 0, 0, 2, depth=20) == [] and nm.pos == 0  # `-p 0`: no test, no 20-token fill
     assert main(["bench", "--shape", "tiny", "-p", "8", "-n", "4", "-r", "1", "-d", "0,16"]) == 0
     out = capsys.readouterr().out
     assert all(f"| {t} |" in out for t in ("pp8", "tg4", "pp8 @ d16", "tg4 @ d16")), out

@@ -116,7 +116,10 @@ def run(nm, threads: int, n_prompt: int, n_gen: int, reps: int, seed: int = 0, d
     """llama-bench's two tests: pp<n_prompt> (one batch) and tg<n_gen> (one token at a time, each next
     token the argmax of the last logits); one warm-up run of each first. depth (llama-bench's -d): the
     tests start after `depth` tokens already in the context (filled once, untimed; each run rolls the
-    cache back to them), as a long conversation or document does; 0, an empty context."""
+    cache back to them), as a long conversation or document does; 0, an empty context. With no test
+    to run (n_prompt and n_gen 0, as `bitlm bench -p 0` asks), nothing is filled or run."""
+    if not n_prompt and not n_gen:
+        return []
     from ..kernels import set_num_threads
     set_num_threads(threads)
     rng = _TokenSource(seed, nm.config.vocab_size)
