@@ -234,6 +234,11 @@ static void scores_scalar_kt(const void *q, int nq, int hd, const void *k, size_
  * the rows stream in all through the loop (one pass a slice over the whole call read them in the first
  * pass only, and the memory idled during the others) */
 #define PV_KEYS 8
+/* AVX2's block: 16 rows, each column pass requesting its share of the next block's rows (2 of 16 at 128
+ * columns) and of the ahead stream, not all at the block's start: at d = 4000 on Zen 3, p.v took 8-10%
+ * less time against the scores than 8 rows requested at once (16 at once: 15-20% more; benchmarks/README.md,
+ * twelfth session) */
+#define PV_KEYS_AVX2 16
 static inline void prefetch_rows(const uint8_t *base, size_t ld, int j, int nrows, int n) {
     for (int x = j; x < j + nrows && x < n; x++)
         for (size_t b = 0; b < ld; b += 64) __builtin_prefetch(base + (size_t)x * ld + b, 0, 2);
@@ -575,38 +580,42 @@ T256 void scores_avx2(int kind, const float *q, int nq, int hd, const uint8_t *k
     }
 }
 
-/* 4 rows of o by 16 columns (then 8) in registers over a block of PV_KEYS value rows, then the next
+/* 4 rows of o by 16 columns (then 8) in registers over a block of PV_KEYS_AVX2 value rows, then the next
  * columns over the same rows, hd % 8 == 0. q8_0 values: each row's weight p[r][j] times the value block's
  * scale once for the block's 32 columns (w), so that a value costs its widening and the multiply-adds only
- * (o += (p d) v, where f16 and f32 take o += p v); the block's rows are requested before its columns. */
+ * (o += (p d) v, where f16 and f32 take o += p v); the next block's rows are requested along the passes. */
 T256 void pv_avx2(int kind, float *o, int nq, int hd, const float *p, size_t ldp, const uint8_t *v, size_t ldv,
                   int n, const bn_ahead *ahead) {
     ahead_walk aw = ahead_begin(ahead, n); /* a step a key, in the first group of q rows */
-    float w[4][PV_KEYS];                   /* q8_0: p[r][j] x the scale of row j's block at column c */
+    float w[4][PV_KEYS_AVX2];              /* q8_0: p[r][j] x the scale of row j's block at column c */
     for (int r0 = 0; r0 < nq; r0 += 4) {
         const float *pr[4];
         float *orow[4];
         group_rows(r0, nq, p, ldp, o, hd, pr, orow);
-        for (int jb = 0; jb < n; jb += PV_KEYS) {
-            int je = jb + PV_KEYS < n ? jb + PV_KEYS : n, c = 0;
-            for (int j = jb; j < je; j++) {
-                prefetch_rows(v, ldv, j + KV_PREFETCH, 1, n);
-                if (r0 == 0) ahead_step(&aw);
-            }
+        for (int jb = 0; jb < n; jb += PV_KEYS_AVX2) {
+            int je = jb + PV_KEYS_AVX2 < n ? jb + PV_KEYS_AVX2 : n, c = 0;
+            const int per = (PV_KEYS_AVX2 + (hd + 15) / 16 - 1) / ((hd + 15) / 16); /* rows a column pass */
             for (; c < hd; c += 16) {
+                for (int j = jb + c / 16 * per; j < jb + (c / 16 + 1) * per && j < je; j++) {
+                    prefetch_rows(v, ldv, j + KV_PREFETCH, 1, n);
+                    if (r0 == 0) ahead_step(&aw);
+                }
                 const int wide = c + 16 <= hd; /* else the last 8 columns */
                 if (kind == BN_Q8_0 && c % BN_Q8_0_BLOCK == 0) {
                     const uint8_t *vb = v + (size_t)(c / BN_Q8_0_BLOCK) * BN_Q8_0_BYTES;
-                    uint16_t h[PV_KEYS] = {0};
+                    uint16_t h[PV_KEYS_AVX2] = {0};
                     for (int j = jb; j < je; j++) memcpy(&h[j - jb], vb + (size_t)j * ldv, 2);
-                    __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
-                    if (je - jb == PV_KEYS)
-                        for (int r = 0; r < 4; r++) _mm256_storeu_ps(w[r], _mm256_mul_ps(_mm256_loadu_ps(pr[r] + jb), d));
-                    else { /* the call's last keys: p's row may end before 8 more */
-                        float ds[PV_KEYS];
-                        _mm256_storeu_ps(ds, d);
-                        for (int r = 0; r < 4; r++)
-                            for (int j = jb; j < je; j++) w[r][j - jb] = pr[r][j] * ds[j - jb];
+                    for (int g = 0; g < je - jb; g += 8) {
+                        __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + g)));
+                        if (je - jb - g >= 8)
+                            for (int r = 0; r < 4; r++)
+                                _mm256_storeu_ps(w[r] + g, _mm256_mul_ps(_mm256_loadu_ps(pr[r] + jb + g), d));
+                        else { /* the call's last keys: p's row may end before 8 more */
+                            float ds[8];
+                            _mm256_storeu_ps(ds, d);
+                            for (int r = 0; r < 4; r++)
+                                for (int j = jb + g; j < je; j++) w[r][j - jb] = pr[r][j] * ds[j - jb - g];
+                        }
                     }
                 }
                 __m256 acc[8];
