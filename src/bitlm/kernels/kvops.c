@@ -251,9 +251,10 @@ static inline const uint8_t *next_tile(const uint8_t *k, size_t ldk, int j, int 
     return t < n ? k + (size_t)t * ldk : NULL;
 }
 
-/* next_tile whole at once (a tile's keys are interleaved, so all of it): the AVX2 and NEON tile scores.
- * The AVX-512 ones request it a line at a time over their work instead: in bursts the memory answered
- * more slowly (tile scores from DRAM 14.0-15.1 GB/s spread, against 12.5-13.1, one core) */
+/* next_tile whole at once (a tile's keys are interleaved, so all of it): the NEON tile scores. The AVX-512
+ * and AVX2 ones request it a line at a time over their work instead: in bursts the memory answered more
+ * slowly (AVX-512 tile scores from DRAM 14.0-15.1 GB/s spread, against 12.5-13.1, one core; AVX2 on Zen 3
+ * at d = 4000, 7% less time against p.v: benchmarks/README.md, twelfth session) */
 static inline void prefetch_tile(const uint8_t *k, size_t ldk, int j, int n) {
     const uint8_t *t = next_tile(k, ldk, j, n);
     for (size_t b = 0; t && b < BN_KT * ldk; b += 64) __builtin_prefetch(t + b, 0, 2);
@@ -657,7 +658,9 @@ __attribute__((target("avx2,f16c,fma"))) static void scores_avx2_kt(const void *
         for (int j = 0; j < n; j += 8) {
             const uint8_t *tile = kt + (size_t)(j / BN_KT) * BN_KT * ldk;
             int half = (j % BN_KT) / 8;
-            if (!half) prefetch_tile(kt, ldk, j, n);
+            /* the next tile, 8.5 lines a block: in the first half's loop 8 a block, the last nb / 2 here */
+            const uint8_t *next = half ? NULL : next_tile(kt, ldk, j, n);
+            for (size_t y = 64 * 8 * (size_t)nb; next && y < BN_KT * ldk; y += 64) __builtin_prefetch(next + y, 0, 2);
             __m256 s[4];
             for (int r = 0; r < 4; r++) s[r] = _mm256_setzero_ps();
             for (int b = 0; b < nb; b++) {
@@ -665,6 +668,7 @@ __attribute__((target("avx2,f16c,fma"))) static void scores_avx2_kt(const void *
                 __m256i acc[4];
                 for (int r = 0; r < 4; r++) acc[r] = _mm256_setzero_si256();
                 for (int g = 0; g < 8; g++) {
+                    if (next) __builtin_prefetch(next + 64 * (size_t)(8 * b + g), 0, 2);
                     __m256i kv = _mm256_loadu_si256((const __m256i *)(t + 32 + 64 * g + 32 * half));
                     __m256i ak = _mm256_sign_epi8(kv, kv);
                     for (int r = 0; r < 4; r++) {
