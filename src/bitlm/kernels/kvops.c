@@ -236,7 +236,7 @@ static void scores_scalar_kt(const void *q, int nq, int hd, const void *k, size_
 #define PV_KEYS 8
 /* AVX2's block: 16 rows, each column pass requesting its share of the next block's rows (2 of 16 at 128
  * columns) and of the ahead stream, not all at the block's start: at d = 4000 on Zen 3, p.v took 8-10%
- * less time against the scores than 8 rows requested at once (16 at once: 15-20% more; benchmarks/README.md,
+ * less time against the scores than 8 rows requested at once (16 at once: 11-20% more; benchmarks/README.md,
  * twelfth session) */
 #define PV_KEYS_AVX2 16
 static inline void prefetch_rows(const uint8_t *base, size_t ld, int j, int nrows, int n) {
@@ -252,19 +252,21 @@ static inline const uint8_t *next_tile(const uint8_t *k, size_t ldk, int j, int 
 }
 
 /* next_tile whole at once (a tile's keys are interleaved, so all of it): the NEON tile scores. The AVX-512
- * and AVX2 ones request it a line at a time over their work instead: in bursts the memory answered more
- * slowly (AVX-512 tile scores from DRAM 14.0-15.1 GB/s spread, against 12.5-13.1, one core; AVX2 on Zen 3
- * at d = 4000, 7% less time against p.v: benchmarks/README.md, twelfth session) */
+ * and AVX2 ones request it a line at a time over their work instead (AVX2: over the first half of the
+ * tile's keys): in bursts the memory answered more slowly (AVX-512 tile scores from DRAM 14.0-15.1 GB/s
+ * spread, against 12.5-13.1, one core; AVX2 on Zen 3 at d = 4000, 7% less time against p.v:
+ * benchmarks/README.md, twelfth session) */
 static inline void prefetch_tile(const uint8_t *k, size_t ldk, int j, int n) {
     const uint8_t *t = next_tile(k, ldk, j, n);
     for (size_t b = 0; t && b < BN_KT * ldk; b += 64) __builtin_prefetch(t + b, 0, 2);
 }
 
-/* p.v's walk over `ahead` (bitnet_impl.h): at each of the call's n keys (in its first column pass, the
- * first group of q rows), the next lines of the stream, L / n of them or one more (a running remainder,
- * no division a key), so that its L lines (from the one p falls in) are requested evenly over the call.
- * Requested at once before p.v (the next unit's first rows, before), the memory answered more slowly:
- * benchmarks/README.md, "eighth session". Addresses as integers: the first line may start before p. */
+/* p.v's walk over `ahead` (bitnet_impl.h): at each of the call's n keys (in the first group of q rows; in
+ * its first column pass, or for the AVX2 p.v spread over its column passes), the next lines of the stream,
+ * L / n of them or one more (a running remainder, no division a key), so that its L lines (from the one p
+ * falls in) are requested evenly over the call. Requested at once before p.v (the next unit's first rows,
+ * before), the memory answered more slowly: benchmarks/README.md, "eighth session". Addresses as integers:
+ * the first line may start before p. */
 typedef struct {
     uintptr_t line;          /* the next line to request */
     size_t per, rem, acc, n; /* L / n, L % n, the remainder so far, and n steps */
@@ -475,7 +477,8 @@ scores_avx512_kt(const void *q, int nq, int hd, const void *k, size_t ldk, int n
         int nr = kt_query_rows((const uint8_t *)q, hd, nq, r0, scale, &z);
         for (int j = 0; j < n; j += BN_KT) {
             const uint8_t *tile = kt + (size_t)j * ldk;
-            /* the next tile, 8.5 lines a block: 8 a block in the loop below, the last nb / 2 here */
+            /* the next tile, 8.5 lines a block: 8 a block in the loop below, the rest (nb / 2 rounded up)
+             * here */
             const uint8_t *next = next_tile(kt, ldk, j, n);
             for (size_t y = 64 * 8 * (size_t)nb; next && y < BN_KT * ldk; y += 64) __builtin_prefetch(next + y, 0, 2);
             __m512 s[4];
@@ -658,7 +661,8 @@ __attribute__((target("avx2,f16c,fma"))) static void scores_avx2_kt(const void *
         for (int j = 0; j < n; j += 8) {
             const uint8_t *tile = kt + (size_t)(j / BN_KT) * BN_KT * ldk;
             int half = (j % BN_KT) / 8;
-            /* the next tile, 8.5 lines a block: in the first half's loop 8 a block, the last nb / 2 here */
+            /* the next tile, 8.5 lines a block: in the first half's loop 8 a block, the rest (nb / 2 rounded
+             * up) here */
             const uint8_t *next = half ? NULL : next_tile(kt, ldk, j, n);
             for (size_t y = 64 * 8 * (size_t)nb; next && y < BN_KT * ldk; y += 64) __builtin_prefetch(next + y, 0, 2);
             __m256 s[4];
