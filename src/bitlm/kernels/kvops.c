@@ -261,6 +261,14 @@ static inline void prefetch_tile(const uint8_t *k, size_t ldk, int j, int n) {
     for (size_t b = 0; t && b < BN_KT * ldk; b += 64) __builtin_prefetch(t + b, 0, 2);
 }
 
+/* The line-at-a-time form: the next tile's lines past 8 a block (its last nb / 2, rounded up) now; the
+ * kernel requests line 8 b + g of the tile returned (NULL: none) at its step (b, g) */
+static inline const uint8_t *prefetch_tile_tail(const uint8_t *k, size_t ldk, int j, int n, int nb) {
+    const uint8_t *t = next_tile(k, ldk, j, n);
+    for (size_t y = 64 * 8 * (size_t)nb; t && y < BN_KT * ldk; y += 64) __builtin_prefetch(t + y, 0, 2);
+    return t;
+}
+
 /* p.v's walk over `ahead` (bitnet_impl.h): at each of the call's n keys (in the first group of q rows; in
  * its first column pass, or for the AVX2 p.v spread over its column passes), the next lines of the stream,
  * L / n of them or one more (a running remainder, no division a key), so that its L lines (from the one p
@@ -477,10 +485,7 @@ scores_avx512_kt(const void *q, int nq, int hd, const void *k, size_t ldk, int n
         int nr = kt_query_rows((const uint8_t *)q, hd, nq, r0, scale, &z);
         for (int j = 0; j < n; j += BN_KT) {
             const uint8_t *tile = kt + (size_t)j * ldk;
-            /* the next tile, 8.5 lines a block: 8 a block in the loop below, the rest (nb / 2 rounded up)
-             * here */
-            const uint8_t *next = next_tile(kt, ldk, j, n);
-            for (size_t y = 64 * 8 * (size_t)nb; next && y < BN_KT * ldk; y += 64) __builtin_prefetch(next + y, 0, 2);
+            const uint8_t *next = prefetch_tile_tail(kt, ldk, j, n, nb); /* 8 lines a block in the loop below */
             __m512 s[4];
             for (int r = 0; r < 4; r++) s[r] = _mm512_setzero_ps();
             for (int b = 0; b < nb; b++) {
@@ -592,13 +597,13 @@ T256 void pv_avx2(int kind, float *o, int nq, int hd, const float *p, size_t ldp
                   int n, const bn_ahead *ahead) {
     ahead_walk aw = ahead_begin(ahead, n); /* a step a key, in the first group of q rows */
     float w[4][PV_KEYS_AVX2];              /* q8_0: p[r][j] x the scale of row j's block at column c */
+    const int passes = (hd + 15) / 16, per = (PV_KEYS_AVX2 + passes - 1) / passes; /* rows a column pass */
     for (int r0 = 0; r0 < nq; r0 += 4) {
         const float *pr[4];
         float *orow[4];
         group_rows(r0, nq, p, ldp, o, hd, pr, orow);
         for (int jb = 0; jb < n; jb += PV_KEYS_AVX2) {
             int je = jb + PV_KEYS_AVX2 < n ? jb + PV_KEYS_AVX2 : n, c = 0;
-            const int per = (PV_KEYS_AVX2 + (hd + 15) / 16 - 1) / ((hd + 15) / 16); /* rows a column pass */
             for (; c < hd; c += 16) {
                 for (int j = jb + c / 16 * per; j < jb + (c / 16 + 1) * per && j < je; j++) {
                     prefetch_rows(v, ldv, j + KV_PREFETCH, 1, n);
@@ -661,10 +666,8 @@ __attribute__((target("avx2,f16c,fma"))) static void scores_avx2_kt(const void *
         for (int j = 0; j < n; j += 8) {
             const uint8_t *tile = kt + (size_t)(j / BN_KT) * BN_KT * ldk;
             int half = (j % BN_KT) / 8;
-            /* the next tile, 8.5 lines a block: in the first half's loop 8 a block, the rest (nb / 2 rounded
-             * up) here */
-            const uint8_t *next = half ? NULL : next_tile(kt, ldk, j, n);
-            for (size_t y = 64 * 8 * (size_t)nb; next && y < BN_KT * ldk; y += 64) __builtin_prefetch(next + y, 0, 2);
+            /* 8 lines a block in the first half's loop below */
+            const uint8_t *next = half ? NULL : prefetch_tile_tail(kt, ldk, j, n, nb);
             __m256 s[4];
             for (int r = 0; r < 4; r++) s[r] = _mm256_setzero_ps();
             for (int b = 0; b < nb; b++) {
